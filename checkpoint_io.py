@@ -1,0 +1,236 @@
+"""Checkpoint I/O shared by train.py and generate.py.
+
+Formats:
+  * ours, training:  OUTPUT/EXP/checkpoints/{step:07d}.pt = {"model", "ema", "steps", "config", "args"}
+                     (tensors, numbers, strings and lists only: loads with weights_only=True)
+  * ours, release:   ema_{step:07d}.safetensors + ema_{step:07d}.json (the model config)
+  * official REG/REPA .pt files: {"model", "ema", "opt", "steps", "args": argparse.Namespace}; the
+    Namespace is allow-listed for the weights_only unpickler, nothing else is.
+  * the HF hub repo Martinser/REG ("hf:Martinser/REG" or "hf:Martinser/REG/FILE").
+
+Writes are atomic: a temporary file in the same folder, fsync, then os.replace, so a process
+killed at any moment leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.sit import SIZES, SiT, build_model
+
+OFFICIAL_HUB_REPO = "Martinser/REG"
+# Keyword arguments of models.sit.SiT that a config may carry.
+MODEL_KWARGS = ("input_size", "in_channels", "num_classes", "z_dims", "encoder_depth", "projector_dim",
+                "use_cls_token", "cls_token_dim", "qk_norm", "fused_attn", "class_dropout_prob")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), fsync it, then rename over `path` (atomic on POSIX file systems)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json_dump(obj: Any, path: str | os.PathLike) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True; argparse.Namespace (in official files) is the one allowed class."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise RuntimeError(f"could not load checkpoint {path} safely (weights_only=True): {e}") from None
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the wrappers' prefixes: DDP's 'module.' and torch.compile's '_orig_mod.'."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def save_training_checkpoint(path: str | os.PathLike, *, model: dict, ema: dict, steps: int,
+                             config: dict, args: dict) -> None:
+    atomic_torch_save({"model": model, "ema": ema, "steps": int(steps), "config": config, "args": args}, path)
+
+
+def export_safetensors(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+    """Write the shareable weights (.safetensors) and the model config (.json beside it)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "config": json.dumps(config)}))
+    atomic_json_dump(config, path.with_suffix(".json"))
+
+
+# ----------------------------------------------------------------------------- model configs
+
+def model_kwargs(config: dict) -> dict:
+    return {k: config[k] for k in MODEL_KWARGS if k in config}
+
+
+def build_model_from_config(config: dict) -> SiT:
+    return build_model(config["model"], **model_kwargs(config))
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> dict:
+    """Read what a SiT state_dict fixes: sizes, patch, channels, projectors, class token, qk-norm."""
+    if "x_embedder.proj.weight" not in sd:
+        raise ValueError("this does not look like a SiT state_dict (no x_embedder.proj.weight)")
+    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    size = next((name for name, (d, h, _) in SIZES.items() if (d, h) == (depth, hidden)), None)
+    if size is None:
+        raise ValueError(f"no registry size has depth {depth} and width {hidden}")
+    use_cls = "cls_projectors2.weight" in sd
+    n_tokens = sd["pos_embed"].shape[1] - int(use_cls)
+    grid = int(round(n_tokens ** 0.5))
+    n_proj = len({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.", k))})
+    cfg = {
+        "model": f"SiT-{size}/{p}",
+        "input_size": grid * p,
+        "in_channels": in_ch,
+        # the table holds num_classes + 1 rows (the null label) whenever labels were dropped in training
+        "num_classes": sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+        "class_dropout_prob": 0.1,
+        "z_dims": [sd[f"projectors.{k}.4.weight"].shape[0] for k in range(n_proj)],
+        "projector_dim": sd["projectors.0.0.weight"].shape[0] if n_proj else 2048,
+        "use_cls_token": use_cls,
+        "qk_norm": "blocks.0.attn.q_norm.weight" in sd,
+    }
+    if use_cls:
+        cfg["cls_token_dim"] = sd["cls_projectors2.weight"].shape[1]
+    return cfg
+
+
+def _config_from_official_args(args: Any) -> dict:
+    """Pick the settings an official Namespace (or our args dict) holds that the weights don't."""
+    get = (lambda k: args.get(k)) if isinstance(args, dict) else (lambda k: getattr(args, k, None))
+    out = {}
+    for key in ("encoder_depth", "fused_attn", "path_type", "resolution", "enc_type"):
+        if get(key) is not None:
+            out[key] = get(key)
+    return out
+
+
+# ----------------------------------------------------------------------------- resolving and loading
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A local path, or 'hf:OWNER/REPO[/FILE]' downloaded (and cached) from the HF hub."""
+    if not spec.startswith("hf:"):
+        path = Path(os.path.expanduser(spec))
+        if not path.exists():
+            raise FileNotFoundError(
+                f"checkpoint {spec} does not exist. Give a local .pt/.safetensors file, or "
+                f"'hf:{OFFICIAL_HUB_REPO}' for the released REG weights.")
+        return path
+    from huggingface_hub import hf_hub_download, list_repo_files
+    parts = spec[3:].split("/")
+    repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        if not fname:
+            files = [f for f in list_repo_files(repo) if f.endswith((".pt", ".pth", ".safetensors"))]
+            if len(files) != 1:
+                raise ValueError(f"{repo} holds {len(files)} weight files {files}; name one: hf:{repo}/FILE")
+            fname = files[0]
+        return Path(hf_hub_download(repo_id=repo, filename=fname, local_files_only=offline))
+    except ValueError:
+        raise
+    except Exception as e:
+        raise FileNotFoundError(
+            f"could not fetch {spec} from the HF hub ({type(e).__name__}). On a machine with network access run\n"
+            f"  huggingface-cli download {repo} {fname or ''}\n"
+            f"then copy the HF cache (~/.cache/huggingface) here, or pass the downloaded file to --ckpt.") from None
+
+
+def load_weights(spec: str, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint in any supported format -> (state_dict, partial config from its metadata)."""
+    path = resolve_checkpoint(spec)
+    meta: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+        side = path.with_suffix(".json")
+        if side.is_file():
+            meta = json.loads(side.read_text())
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("config", "{}"))
+        return clean_state_dict(sd), meta
+    obj = torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if "ema" in obj or "model" in obj:
+        key = "ema" if (use_ema and "ema" in obj) or "model" not in obj else "model"
+        sd = obj[key]
+        if isinstance(obj.get("config"), dict):
+            meta.update(obj["config"])
+        elif "args" in obj:
+            meta.update(_config_from_official_args(obj["args"]))
+    else:
+        sd = obj  # a bare state_dict
+    return clean_state_dict(sd), meta
+
+
+def load_generator(spec: str, *, use_ema: bool = True, overrides: dict | None = None,
+                   device: torch.device | str = "cpu") -> tuple[SiT, dict]:
+    """Build the model a checkpoint describes and load it strictly; returns (model in eval mode, config).
+
+    Precedence for each setting: what the weights fix (sizes) > the checkpoint's own metadata >
+    `overrides` (e.g. generate.py's flags) > defaults.
+    """
+    sd, meta = load_weights(spec, use_ema=use_ema)
+    inferred = infer_config(sd)
+    config = {"encoder_depth": 8, "fused_attn": True, "path_type": "linear", "latents_scale": 0.18215,
+              "vae": "ema"}
+    config.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config.update(meta)
+    if (overrides or {}).get("num_classes") is not None and inferred["num_classes"] + 1 == overrides["num_classes"]:
+        inferred["num_classes"], inferred["class_dropout_prob"] = overrides["num_classes"], 0.0  # no null row
+    config.update(inferred)
+    depth = SIZES[config["model"].split("-")[1].split("/")[0]][0]
+    config["encoder_depth"] = min(int(config["encoder_depth"]), depth)
+    if "resolution" not in config:
+        config["resolution"] = config["input_size"] * 8
+    model = build_model_from_config(config)
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval(), config
