@@ -1,0 +1,151 @@
+"""CustomDataset: the SPEC §4 layout, folder and zip, and every start-up / read-time error."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from dataset import CustomDataset
+
+
+def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None, vae=None, seed: int = 0):
+    """Write DATA/imagenet_{res}_vae/ and DATA/vae-sd/ by hand; return (images, moments, labels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+    moments = rng.standard_normal((n, 2 * channels, res // 8, res // 8)).astype(np.float32)
+    labels = list(rng.integers(0, 10, n)) if labels is None else labels
+    entries = []
+    for i in range(n):
+        s = f"{i:08d}"
+        img_path = os.path.join(root, f"imagenet_{res}_vae", s[:5], f"img{s}.png")
+        npy_name = f"{s[:5]}/img-mean-std-{s}.npy"
+        os.makedirs(os.path.dirname(img_path), exist_ok=True)
+        os.makedirs(os.path.join(root, "vae-sd", s[:5]), exist_ok=True)
+        PIL.Image.fromarray(images[i]).save(img_path)
+        np.save(os.path.join(root, "vae-sd", npy_name), moments[i])
+        entries.append([npy_name, int(labels[i])])
+    meta = {"labels": entries}
+    if vae is not None:
+        meta["vae"] = vae
+    with open(os.path.join(root, "vae-sd", "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    return images, moments, labels
+
+
+def zip_folder(folder, archive, prefix: str = ""):
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:
+        for dirpath, _dirs, files in os.walk(folder):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                z.write(path, prefix + os.path.relpath(path, folder).replace(os.sep, "/"))
+
+
+def test_items_match_files(tmp_path):
+    images, moments, labels = make_data(tmp_path, n=5, res=32)
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    assert len(ds) == 5 and ds.latent_channels == ds.num_channels == 4
+    assert ds.vae_info["latent_channels"] == 4 and ds.vae_info["scaling_factor"] == 0.18215  # SD defaults
+    for i in range(5):
+        image, mom, label = ds[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+        assert mom.dtype == torch.float32 and mom.shape == (8, 4, 4)
+        assert label.dtype == torch.int64 and label.shape == ()
+        assert torch.equal(image, torch.from_numpy(images[i]).permute(2, 0, 1))
+        assert torch.equal(mom, torch.from_numpy(moments[i]))
+        assert int(label) == labels[i]
+
+
+def test_vae_entry_sets_channels(tmp_path):
+    vae = {"name": "pixel-unshuffle", "latent_channels": 192, "scaling_factor": 1.0, "resolution": 32}
+    make_data(tmp_path, n=2, res=32, channels=192, vae=vae)
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    assert ds.latent_channels == 192 and ds.vae_info["scaling_factor"] == 1.0
+    assert ds[1][1].shape == (384, 4, 4)
+    with pytest.raises(ValueError, match="resolution 32"):
+        CustomDataset(str(tmp_path), resolution=64, num_classes=10)
+
+
+@pytest.mark.parametrize("prefix", ["", "top"])
+def test_zip_matches_folder(tmp_path, prefix):
+    make_data(tmp_path / "dir", n=7, res=32)
+    os.makedirs(tmp_path / "zip")
+    for base in ("imagenet_32_vae", "vae-sd"):
+        # prefix "top": zipped as `zip -r vae-sd.zip vae-sd`, everything under "vae-sd/"
+        zip_folder(tmp_path / "dir" / base, tmp_path / "zip" / f"{base}.zip", f"{base}/" if prefix else "")
+    ref = CustomDataset(str(tmp_path / "dir"), resolution=32, num_classes=10)
+    ds = CustomDataset(str(tmp_path / "zip"), resolution=32, num_classes=10)
+    assert ds.images.is_zip and ds.latents.is_zip and len(ds) == 7
+    # Two forked workers: each must open its own zip handle.
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    got = [torch.cat(t) for t in zip(*[(x, m, y) for x, m, y in loader])]
+    want = [torch.stack([ref[i][k] for i in range(len(ref))]) for k in range(3)]
+    for g, w in zip(got, want):
+        assert torch.equal(g.reshape(w.shape), w)
+
+
+def test_missing_folder(tmp_path):
+    make_data(tmp_path, n=2, res=32)
+    with pytest.raises(FileNotFoundError, match="imagenet_64_vae"):
+        CustomDataset(str(tmp_path), resolution=64)
+    os.rename(tmp_path / "vae-sd", tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"vae-sd.*vae-sd\.zip"):
+        CustomDataset(str(tmp_path), resolution=32)
+
+
+def test_count_mismatch_gives_both_counts(tmp_path):
+    make_data(tmp_path, n=4, res=32)
+    os.remove(tmp_path / "imagenet_32_vae" / "00000" / "img00000002.png")
+    with pytest.raises(ValueError, match=r"3 images.*4 \.npy"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+
+
+def test_latent_without_label_is_named(tmp_path):
+    make_data(tmp_path, n=4, res=32)
+    path = tmp_path / "vae-sd" / "dataset.json"
+    meta = json.loads(path.read_text())
+    del meta["labels"][2]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="00000/img-mean-std-00000002.npy"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_label_out_of_range(tmp_path, bad):
+    make_data(tmp_path, n=3, res=32, labels=[0, bad, 9])
+    with pytest.raises(ValueError, match=rf"outside \[0, 10\).*img-mean-std-00000001.npy.*{bad}"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    if bad > 0:  # fine once num_classes covers it
+        assert len(CustomDataset(str(tmp_path), resolution=32, num_classes=1000)) == 3
+
+
+def test_wrong_channel_count(tmp_path):
+    make_data(tmp_path, n=3, res=32, channels=3)  # 6-channel moments, but no "vae" entry => SD's 4 expected
+    with pytest.raises(ValueError, match=r"shape \(6, 4, 4\), expected \(8, 4, 4\)"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    with pytest.raises(ValueError, match="latent_channels=16"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10, latent_channels=16)
+
+
+def test_wrong_channel_count_later_file_is_named(tmp_path):
+    make_data(tmp_path, n=3, res=32)
+    np.save(tmp_path / "vae-sd" / "00000" / "img-mean-std-00000002.npy", np.zeros((6, 4, 4), np.float32))
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10)  # start-up reads the first header only
+    with pytest.raises(ValueError, match="img-mean-std-00000002.npy has shape"):
+        ds[2]
+
+
+def test_corrupt_files_are_named(tmp_path):
+    make_data(tmp_path, n=3, res=32)
+    (tmp_path / "imagenet_32_vae" / "00000" / "img00000001.png").write_bytes(b"not a png")
+    (tmp_path / "vae-sd" / "00000" / "img-mean-std-00000002.npy").write_bytes(b"\x93NUMPY garbage")
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    ds[0]
+    with pytest.raises(RuntimeError, match="img00000001.png"):
+        ds[1]
+    with pytest.raises(RuntimeError, match="img-mean-std-00000002.npy"):
+        ds[2]

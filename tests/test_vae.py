@@ -1,0 +1,96 @@
+"""models/vae.py: loading through load_vae, moments equal to diffusers', pixel-unshuffle, offline errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.vae import SD_VAES, PixelUnshuffleCodec, load_vae
+from preprocessing.synthetic import save_tiny_vae
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    return save_tiny_vae(str(tmp_path_factory.mktemp("vae") / "tiny-vae"), seed=0)
+
+
+def random_images(n: int, res: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, res, res), generator=g, dtype=torch.uint8)
+
+
+def test_local_dir_matches_raw_diffusers(tiny_vae_dir):
+    from diffusers import AutoencoderKL
+
+    codec = load_vae(tiny_vae_dir)
+    assert (codec.latent_channels, codec.downsample, codec.scaling_factor) == (4, 8, 0.18215)
+    assert codec.name.endswith("tiny-vae")
+    raw = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    images = random_images(3)
+    mean, std = codec.encode_moments(images)
+    assert mean.dtype == std.dtype == torch.float32 and mean.shape == std.shape == (3, 4, 4, 4)
+    with torch.no_grad():
+        posterior = raw.encode(images.float() / 127.5 - 1).latent_dist  # SPEC §4 input map
+        decoded = raw.decode(posterior.mean).sample
+    assert (mean - posterior.mean).abs().max() <= 1e-6
+    assert (std - posterior.std).abs().max() <= 1e-6
+    assert torch.all(std > 0)
+    out = codec.decode(mean)
+    assert out.shape == (3, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    assert (out - decoded.clamp(-1, 1)).abs().max() <= 1e-6
+
+
+def test_batched_equals_single(tiny_vae_dir):
+    codec = load_vae(tiny_vae_dir)
+    images = random_images(8, seed=1)
+    mean, std = codec.encode_moments(images)
+    singles = [codec.encode_moments(images[i:i + 1]) for i in range(8)]
+    assert (mean - torch.cat([m for m, _ in singles])).abs().max() <= 1e-5
+    assert (std - torch.cat([s for _, s in singles])).abs().max() <= 1e-5
+
+
+def test_bf16_outputs_float32(tiny_vae_dir):
+    ref = load_vae(tiny_vae_dir)
+    codec = load_vae(tiny_vae_dir, dtype=torch.bfloat16)
+    assert next(codec.parameters()).dtype == torch.bfloat16
+    images = random_images(2, seed=2)
+    mean, std = codec.encode_moments(images)
+    assert mean.dtype == torch.float32
+    assert (mean - ref.encode_moments(images)[0]).abs().max() < 0.1  # bf16 rounding, not garbage
+
+
+def test_pixel_unshuffle_round_trip_is_exact():
+    codec = load_vae("pixel-unshuffle")
+    assert isinstance(codec, PixelUnshuffleCodec)
+    assert (codec.latent_channels, codec.downsample, codec.scaling_factor) == (192, 8, 1.0)
+    images = random_images(2, res=64, seed=3)
+    mean, std = codec.encode_moments(images)
+    assert mean.shape == (2, 192, 8, 8) and torch.all(std == 0)
+    assert mean.min() >= -1 and mean.max() <= 1
+    back = codec.decode(mean)
+    assert torch.equal(((back + 1) * 127.5).round().to(torch.uint8), images)
+    # the first channel of the 8x8 block at (0, 0) is the top-left red pixel
+    assert mean[0, 0, 0, 0] == images[0, 0, 0, 0].float() / 127.5 - 1
+
+
+def test_missing_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_vae("ema")
+    msg = str(info.value)
+    assert SD_VAES["ema"] in msg and "huggingface-cli download stabilityai/sd-vae-ft-ema" in msg
+    assert "HF_HUB_OFFLINE" in msg and "save_pretrained" in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no hub stack trace attached
+    with pytest.raises(FileNotFoundError, match="some-org/no-such-vae"):
+        load_vae("some-org/no-such-vae")
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local AutoencoderKL directory nor a hub id"):
+        load_vae("no-such-thing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_vae(str(tmp_path))
+    with pytest.raises(TypeError, match="uint8"):
+        load_vae("pixel-unshuffle").encode_moments(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="multiple of"):
+        load_vae("pixel-unshuffle").encode_moments(torch.zeros(1, 3, 12, 12, dtype=torch.uint8))
