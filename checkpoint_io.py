@@ -86,9 +86,11 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_training_checkpoint(path: str | os.PathLike, *, model: dict, ema: dict, steps: int,
+def save_training_checkpoint(path: str | os.PathLike, *, model: dict, ema: dict, opt: dict, steps: int,
                              config: dict, args: dict) -> None:
-    atomic_torch_save({"model": model, "ema": ema, "steps": int(steps), "config": config, "args": args}, path)
+    """The original's layout (model, ema, opt, steps, args), with args and config as plain dicts."""
+    atomic_torch_save({"model": model, "ema": ema, "opt": opt, "steps": int(steps), "config": config,
+                       "args": args}, path)
 
 
 def export_safetensors(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> None:

@@ -1,0 +1,106 @@
+"""Checkpoint I/O: atomic writes, official files with a pickled Namespace, safetensors export."""
+import argparse
+import pickle
+
+import pytest
+import torch
+
+from checkpoint_io import (atomic_torch_save, clean_state_dict, export_safetensors, infer_config, load_generator,
+                           load_weights, torch_load)
+from models.sit import SiT, SiT_models
+
+TINY = dict(input_size=4, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
+
+
+def tiny():
+    torch.manual_seed(0)
+    m = SiT_models["SiT-T/2"](**TINY)
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    return m
+
+
+def test_official_checkpoint_with_namespace_loads_safely(tmp_path):
+    model = tiny()
+    ema_sd = {k: v + 1 for k, v in model.state_dict().items()}
+    ns = argparse.Namespace(model="SiT-T/2", encoder_depth=2, qk_norm=False, fused_attn=True, resolution=32,
+                            path_type="linear", enc_type="dinov2-vit-s", cls=0.03)
+    path = tmp_path / "official.pt"
+    torch.save({"model": model.state_dict(), "ema": ema_sd, "opt": {}, "steps": 7, "args": ns}, path)
+    obj = torch_load(path)  # weights_only with only argparse.Namespace allowed
+    assert obj["args"].model == "SiT-T/2" and obj["steps"] == 7
+    loaded, config = load_generator(str(path))
+    assert config["model"] == "SiT-T/2" and config["encoder_depth"] == 2 and config["num_classes"] == 10
+    assert config["use_cls_token"] and config["cls_token_dim"] == 32 and config["input_size"] == 4
+    assert all(torch.equal(loaded.state_dict()[k], ema_sd[k]) for k in ema_sd)  # the EMA weights, by default
+    raw, _ = load_generator(str(path), use_ema=False)
+    assert torch.equal(raw.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
+    assert not loaded.training
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": tiny().state_dict(), "args": Evil()}, path)
+    with pytest.raises(RuntimeError, match="weights_only"):
+        torch_load(path)
+
+
+def test_safetensors_export_roundtrip_and_prefixes(tmp_path):
+    model = tiny()
+    config = {"model": "SiT-T/2", **TINY, "use_cls_token": True, "path_type": "cosine", "latents_scale": 1.0}
+    export_safetensors(tmp_path / "ema.safetensors", model.state_dict(), config)
+    loaded, cfg = load_generator(str(tmp_path / "ema.safetensors"))
+    assert cfg["path_type"] == "cosine" and cfg["latents_scale"] == 1.0
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    (tmp_path / "ema.json").unlink()  # the config also travels inside the safetensors metadata
+    _, cfg = load_generator(str(tmp_path / "ema.safetensors"))
+    assert cfg["path_type"] == "cosine"
+    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    assert set(clean_state_dict(wrapped)) == set(model.state_dict())
+
+
+def test_infer_config_for_repa_and_plain_sit():
+    repa = SiT_models["SiT-S/4"](input_size=16, z_dims=[768, 1024], encoder_depth=3, use_cls_token=False)
+    cfg = infer_config(repa.state_dict())
+    assert cfg["model"] == "SiT-S/4" and cfg["z_dims"] == [768, 1024] and not cfg["use_cls_token"]
+    assert cfg["input_size"] == 16 and cfg["num_classes"] == 1000
+    plain = SiT_models["SiT-T/8"](input_size=16, z_dims=[], use_cls_token=False, qk_norm=True)
+    cfg = infer_config(plain.state_dict())
+    assert cfg["z_dims"] == [] and cfg["qk_norm"] and cfg["model"] == "SiT-T/8"
+    with pytest.raises(ValueError, match="does not look like a SiT"):
+        infer_config({"foo": torch.zeros(1)})
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"steps": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"steps": 2, "x": Boom()}, path)
+    assert torch.load(path, weights_only=True) == {"steps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_missing_and_hub_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist.*hf:Martinser/REG"):
+        load_weights(str(tmp_path / "nope.pt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download Martinser/REG"):
+        load_weights("hf:Martinser/REG/last.pt")
+    # a checkpoint of another size names the mismatch
+    small = tiny()
+    bad = {k: v for k, v in small.state_dict().items()}
+    bad["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
+    torch.save({"ema": bad}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint \(3, 3\)"):
+        load_generator(str(tmp_path / "bad.pt"))

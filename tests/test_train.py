@@ -1,0 +1,248 @@
+"""train.py on CPU with tiny settings: learning, exact resume, SIGKILL survival, 2-process launch,
+ablation modes, NaN handling and flag validation."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from preprocessing import dataset_tools
+from preprocessing.synthetic import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps a process-wide singleton; each in-process main() gets a fresh one."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
+    d = tmp_path_factory.mktemp("data")
+    write_dataset(str(d / "imagenet_32_vae"), num_images=64, resolution=32, num_classes=4, seed=0)
+    dataset_tools.main(dataset_tools.parse_args(
+        ["encode", "--source", str(d / "imagenet_32_vae"), "--dest", str(d / "vae-sd"),
+         "--model-url", "pixel-unshuffle", "--batch-size", "32"]))
+    return d
+
+
+def tiny_argv(data_dir, out, exp="run", *extra):
+    return ["--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32", "--num-classes", "4",
+            "--batch-size", "8", "--enc-type", "dinov2-vit-s", "--enc-weights", "random", "--encoder-depth", "2",
+            "--output-dir", str(out), "--exp-name", exp, "--num-workers", "0", "--report-to", "none",
+            "--log-every", "2", *extra]
+
+
+def test_loss_falls(data_dir, tmp_path):
+    args = train.parse_args(tiny_argv(data_dir, tmp_path, "learn", "--max-train-steps", "20",
+                                      "--learning-rate", "1e-3", "--checkpointing-steps", "100"))
+    result = train.main(args)
+    hist = result["history"]
+    assert result["steps"] == 20 and len(hist) == 10
+    first, last = hist[0], hist[-1]
+    assert last["loss"] < first["loss"] and last["loss_denoise"] < first["loss_denoise"]
+    for key in ("loss_proj", "loss_cls", "grad_norm", "img_per_s", "step_time_s", "lr"):
+        assert np.isfinite(last[key])
+    run = tmp_path / "learn"
+    assert json.loads((run / "args.json").read_text())["model"] == "SiT-T/2"
+    config = json.loads((run / "config.json").read_text())
+    assert config["use_cls_token"] and config["z_dims"] == [384] and config["in_channels"] == 192
+    log = (run / "log.txt").read_text()
+    assert "step 0000020 loss=" in log and "loss_cls=" in log and "RANDOM" in log
+    # the last step always writes a checkpoint, loadable without unpickling anything
+    ckpt = torch.load(run / "checkpoints" / "0000020.pt", weights_only=True)
+    assert ckpt["steps"] == 20 and set(ckpt) >= {"model", "ema", "opt", "config", "args"}
+    from safetensors.torch import load_file
+    ema = load_file(str(run / "checkpoints" / "ema_0000020.safetensors"))
+    assert all(torch.equal(ema[k], v) for k, v in ckpt["ema"].items())
+    assert json.loads((run / "checkpoints" / "ema_0000020.json").read_text()) == ckpt["config"]
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    common = ["--checkpointing-steps", "3", "--learning-rate", "1e-3", "--keep-last", "10"]
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "straight", "--max-train-steps", "6", *common)))
+    # half, then the same command with the full step count resumes from step 3
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "split", "--max-train-steps", "3", *common)))
+    result = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "split", "--max-train-steps", "6", *common)))
+    assert result["steps"] == 6
+    a = torch.load(tmp_path / "straight/checkpoints/0000006.pt", weights_only=True)
+    b = torch.load(tmp_path / "split/checkpoints/0000006.pt", weights_only=True)
+    for key in ("ema", "model"):
+        diffs = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not diffs, f"{key} differs after resume: {diffs[:5]}"
+    assert "resumed from" in (tmp_path / "split/log.txt").read_text()
+    # --resume-step N restarts from that exact checkpoint
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "split", "--max-train-steps", "6",
+                                          "--resume-step", "3", *common)))
+    c = torch.load(tmp_path / "split/checkpoints/0000006.pt", weights_only=True)
+    assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+    with pytest.raises(FileNotFoundError, match="--resume-step 5"):
+        train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "split", "--max-train-steps", "6",
+                                              "--resume-step", "5", *common)))
+
+
+def test_sigkill_then_rerun_finishes_with_intact_checkpoints(data_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), *tiny_argv(data_dir, tmp_path, "killed", "--max-train-steps", "30",
+                                                             "--checkpointing-steps", "2", "--keep-last", "3")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ckpts = tmp_path / "killed" / "checkpoints"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(ckpts.glob("0000004.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside the next steps or a checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in (tmp_path / "killed" / "log.txt").read_text()
+    pts = sorted(ckpts.glob("*.pt"))
+    assert (ckpts / "0000030.pt").is_file() and not list(ckpts.glob(".*.tmp"))
+    for f in pts:
+        torch.load(f, weights_only=True)  # every file left is complete
+    assert len([f for f in pts if f.name[0].isdigit() and ".rng" not in f.name]) == 3  # keep-last
+
+
+def test_two_process_cpu_launch(data_dir, tmp_path):
+    # accelerate's --cpu flag alone starts one process (multi-CPU needs MPI); its torchrun launcher with
+    # train.py's cpu fallback gives real 2-process DDP over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+           *tiny_argv(data_dir, tmp_path, "ddp", "--max-train-steps", "2", "--checkpointing-steps", "100")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpts = tmp_path / "ddp" / "checkpoints"
+    assert sorted(f.name for f in ckpts.glob("[0-9]*.pt")) == ["0000002.pt", "0000002.rng0.pt", "0000002.rng1.pt"]
+    assert "2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("method", ["repa", "sit"])
+def test_ablation_modes(data_dir, tmp_path, method):
+    extra = ["--max-train-steps", "2", "--method", method]
+    if method == "sit":  # the encoder is not even loaded: a bogus weights path is never touched
+        extra += ["--enc-weights", str(tmp_path / "does-not-exist.pth")]
+    argv = tiny_argv(data_dir, tmp_path, method, *extra)
+    result = train.main(train.parse_args(argv))
+    config = json.loads((tmp_path / method / "config.json").read_text())
+    assert result["steps"] == 2 and not config["use_cls_token"]
+    assert config["z_dims"] == ([384] if method == "repa" else [])
+    last = result["history"][-1]
+    assert last["loss_cls"] == 0 and (last["loss_proj"] == 0) == (method == "sit")
+
+
+def test_bf16_autocast_training_step(data_dir, tmp_path):
+    result = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "bf16", "--max-train-steps", "2",
+                                                   "--mixed-precision", "bf16")))
+    assert result["steps"] == 2 and np.isfinite(result["history"][-1]["loss"])
+
+
+def _nan_copy(data_dir, dest, which):
+    shutil.copytree(data_dir, dest)
+    files = sorted((dest / "vae-sd").rglob("*.npy"))
+    for f in (files if which == "all" else files[:1]):
+        a = np.load(f)
+        a[:] = np.nan
+        np.save(f, a)
+    return dest
+
+
+def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path):
+    bad = _nan_copy(data_dir, tmp_path / "data1", "one")
+    result = train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan1", "--max-train-steps", "8")))
+    assert result["steps"] == 8 and result["skipped"] == 1  # the one poisoned image is met once in 8 x 8 samples
+    ckpt = torch.load(tmp_path / "nan1/checkpoints/0000008.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+    assert "non-finite loss" in (tmp_path / "nan1/log.txt").read_text()
+
+
+def test_consecutive_nan_steps_stop_the_run(data_dir, tmp_path):
+    bad = _nan_copy(data_dir, tmp_path / "data2", "all")
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses.*--max-bad-steps"):
+        train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan2", "--max-train-steps", "8", "--max-bad-steps", "3")))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--resolution", "30"], "multiple of 16"),
+    (["--model", "SiT-Q/2"], "unknown --model"),
+    (["--encoder-depth", "7"], r"--encoder-depth must be in \[1, 6\]"),
+    (["--method", "sit", "--proj-coeff", "0.5"], "no alignment loss"),
+    (["--enc-type", "dinov3-vit-b"], "unknown encoder"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--cfg-prob", "1.5"], "--cfg-prob"),
+    (["--prediction", "noise"], "invalid choice"),
+])
+def test_bad_flags(tmp_path, capsys, flags, message):
+    argv = tiny_argv(tmp_path, tmp_path) + flags
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_missing_data_is_named(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="vae-sd"):
+        train.main(train.parse_args(tiny_argv(tmp_path / "nowhere", tmp_path, "x", "--max-train-steps", "1")))
+
+
+def test_ema_foreach_equals_plain_formula():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(7)]
+    ema = [torch.randn(5, 3), torch.randn(7)]
+    want = [e.clone() for e in ema]
+    for e, p in zip(want, params):
+        e.mul_(0.9999).add_(p, alpha=1 - 0.9999)  # the original's per-name loop
+    train.ema_update(ema, params, 0.9999)
+    assert all(torch.equal(a, b) for a, b in zip(ema, want))
+
+
+def test_step_sampler_resumes_at_the_same_position():
+    full = train.StepSampler(40, local_batch=4, rank=1, world=2, seed=3)
+    it = iter(full)
+    seq = [next(it) for _ in range(4 * 12)]  # 12 batches: crosses the 5-batch epoch boundary twice
+    resumed = train.StepSampler(40, local_batch=4, rank=1, world=2, seed=3, start_batch=7)
+    it2 = iter(resumed)
+    assert [next(it2) for _ in range(4 * 5)] == seq[4 * 7:]
+    other = iter(train.StepSampler(40, local_batch=4, rank=0, world=2, seed=3))
+    first_epoch = set(seq[:20]) | {next(other) for _ in range(20)}
+    assert first_epoch == set(range(40))  # the two ranks split each epoch without overlap
+
+
+def test_train_sh_passes_every_flag_and_extra_arguments():
+    env = {**os.environ, "DRY_RUN": "1", "PRESET": "B", "NUM_GPUS": "4", "NUM_NODES": "2", "NODE_RANK": "1",
+           "MAIN_ADDR": "10.0.0.1", "ENC_WEIGHTS": "/w/dinov2_vitb14_pretrain.pth"}
+    out = subprocess.run(["bash", str(ROOT / "train.sh"), "--max-train-steps", "5"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    for piece in ("--num_processes 8", "--num_machines 2", "--machine_rank 1", "--main_process_ip 10.0.0.1",
+                  "--multi_gpu", "--model SiT-B/2", "--encoder-depth 4", "--proj-coeff 0.5", "--cls 0.03",
+                  "--batch-size 256", "--enc-weights /w/dinov2_vitb14_pretrain.pth", "--max-train-steps 5"):
+        assert piece in out, piece
+    assert out.index("--cls 0.03") < out.index("--max-train-steps 5")  # extra flags come last and win
+    bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "PRESET": "Q"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown PRESET" in bad.stderr
+
+
+def test_train_sh_runs_one_step_on_cpu(data_dir, tmp_path):
+    env = {**os.environ, "NUM_GPUS": "1", "PRECISION": "no", "REPORT_TO": "none", "DATA_DIR": str(data_dir),
+           "OUTPUT_DIR": str(tmp_path), "EXP_NAME": "sh", "PYTHONWARNINGS": "ignore"}
+    extra = ["--model", "SiT-T/2", "--resolution", "32", "--num-classes", "4", "--batch-size", "8",
+             "--enc-type", "dinov2-vit-s", "--enc-weights", "random", "--encoder-depth", "2", "--num-workers", "0",
+             "--max-train-steps", "1"]
+    done = subprocess.run(["bash", str(ROOT / "train.sh"), *extra], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "sh" / "checkpoints" / "0000001.pt").is_file()

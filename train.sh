@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Train SiT + REG with the paper's settings (SPEC: batch 256, AdamW 1e-4, EMA 0.9999, linear path,
+# v-prediction, uniform t, DINOv2-B, proj-coeff 0.5, cls 0.03).
+#
+#   bash train.sh                                   # SiT-XL/2 + REG on one 8-GPU node
+#   PRESET=B bash train.sh --max-train-steps 400000 # SiT-B/2 (encoder depth 4); extra flags go to train.py
+#   NUM_NODES=4 NODE_RANK=$RANK MAIN_ADDR=$MASTER_ADDR bash train.sh   # on every node
+#
+# Environment: PRESET (B|L|XL), NUM_GPUS (per node), NUM_NODES, NODE_RANK, MAIN_ADDR, MAIN_PORT,
+# DATA_DIR, OUTPUT_DIR, EXP_NAME, PRECISION (bf16|fp16|no), REPORT_TO (tensorboard|wandb|none),
+# ENC_WEIGHTS (local DINOv2 weights for offline clusters), DRY_RUN=1 (print the command only).
+# Re-running the same command resumes from the newest checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${PRESET:-XL}
+case "$PRESET" in
+  B)  MODEL=SiT-B/2;  ENC_DEPTH=4 ;;
+  L)  MODEL=SiT-L/2;  ENC_DEPTH=8 ;;
+  XL) MODEL=SiT-XL/2; ENC_DEPTH=8 ;;
+  *)  echo "train.sh: unknown PRESET=$PRESET (use B, L or XL)" >&2; exit 2 ;;
+esac
+NUM_GPUS=${NUM_GPUS:-8}
+NUM_NODES=${NUM_NODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
+MAIN_PORT=${MAIN_PORT:-29500}
+DATA_DIR=${DATA_DIR:-data}
+OUTPUT_DIR=${OUTPUT_DIR:-exps}
+EXP_NAME=${EXP_NAME:-${MODEL//\//-}-reg-linear-dinov2-b-enc${ENC_DEPTH}}
+PRECISION=${PRECISION:-bf16}
+REPORT_TO=${REPORT_TO:-tensorboard}
+
+# Flags live in an array, one per line: no line-continuation backslashes, so no comment can cut the
+# list short (the original train.sh lost every flag after "--encoder-depth=4 \   #comment").
+flags=(
+  --report-to "$REPORT_TO"
+  --allow-tf32
+  --mixed-precision "$PRECISION"
+  --seed 0
+  --path-type linear
+  --prediction v
+  --weighting uniform
+  --model "$MODEL"
+  --enc-type dinov2-vit-b
+  --proj-coeff 0.5
+  --encoder-depth "$ENC_DEPTH"   # 4 for SiT-B, 8 for SiT-L/XL
+  --output-dir "$OUTPUT_DIR"
+  --exp-name "$EXP_NAME"
+  --batch-size 256
+  --data-dir "$DATA_DIR"
+  --cls 0.03
+)
+if [[ -n "${ENC_WEIGHTS:-}" ]]; then flags+=(--enc-weights "$ENC_WEIGHTS"); fi
+
+total=$((NUM_GPUS * NUM_NODES))
+launch=(accelerate launch --num_machines "$NUM_NODES" --num_processes "$total" --machine_rank "$NODE_RANK"
+        --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" --dynamo_backend no)
+if (( total > 1 )); then launch+=(--multi_gpu); fi
+
+cmd=("${launch[@]}" train.py "${flags[@]}" "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"
