@@ -1,0 +1,750 @@
+"""ADM-exact FID / sFID / Inception Score / Precision / Recall, in PyTorch (no TensorFlow).
+
+Every number in this field is reported with OpenAI's ADM evaluator (guided-diffusion/evaluations,
+TensorFlow 1 graph of Inception-v3 2015-12-05). This module reproduces it (SPEC §5):
+
+- Network: torch-fidelity's `FeatureExtractorInceptionV3`, an exact port of that graph (TF1 bilinear
+  resize to 299, (x - 128) / 128, same weights `weights-inception-2015-12-05-6726825d.pth`).
+- FID on pool_3 (2048-d); sFID on `mixed_6/conv` = `Mixed_6d.branch1x1` after BN+ReLU, first 7
+  channels, flattened channels-last (17*17*7 = 2023-d); IS on softmax(pool_3 @ W), W the 2048x1008
+  logits weight without bias; precision/recall with ADM's k-NN manifolds (k=3).
+
+Usage (ADM's positional form; REG's eval.sh flag form works too):
+
+    python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz samples.npz --save-path out.json
+    python -m evaluations.evaluator --ref_batch REF.npz --sample_batch SAMPLE.npz
+    python -m evaluations.evaluator REF.npz --save-stats ref_stats.npz   # features of one batch, once
+
+The metric functions (`frechet_distance`, `inception_score`, `precision_recall`) are importable and
+work on plain NumPy arrays.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import struct
+import sys
+import threading
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch_fidelity.feature_extractor_inceptionv3 as tfi
+from tqdm import tqdm
+
+INCEPTION_URL = tfi.URL_INCEPTION_V3
+INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+WEIGHTS_ENV = "REG_INCEPTION_WEIGHTS"
+
+POOL_DIM = 2048      # pool_3
+SPATIAL_DIM = 2023   # mixed_6/conv[..., :7], 17 * 17 * 7
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
+               "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+FEATURES_KEY = "pool_3"  # per-image pool_3 features, written by --save-stats (precision/recall need them)
+
+
+class EvalInputError(ValueError):
+    """An input file that would give wrong numbers: the message names the file and the problem."""
+
+
+class InceptionWeightsError(FileNotFoundError):
+    """The Inception weights are missing or unreadable; the message says what to fetch and where."""
+
+
+def _log(msg: str, verbose: bool = True) -> None:
+    if verbose:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (SPEC §5). Plain NumPy in, Python floats out.
+# ----------------------------------------------------------------------------------------------
+
+def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ADM's statistics: mean (in the features' dtype, float32 for ours) and np.cov(rowvar=False)."""
+    features = np.asarray(features)
+    if features.ndim != 2 or len(features) < 2:
+        raise EvalInputError(f"statistics need a (N>=2, D) feature array, got shape {features.shape}")
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Fréchet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), exactly as ADM computes it.
+
+    The 1e-6 diagonal offset is added only when the first sqrtm is non-finite, and a small imaginary
+    part from sqrtm is dropped (an imaginary diagonal above 1e-3 raises). ADM passes `disp=False`
+    to sqrtm; scipy >= 1.18 removed that argument, and the plain call returns the same matrix.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mean vectors have different lengths: {mu1.shape} vs {mu2.shape}")
+    if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
+        raise ValueError(f"covariance shapes {sigma1.shape}, {sigma2.shape} do not match mean {mu1.shape}")
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(a).all():
+            raise EvalInputError(f"{name} contains NaN/inf: the statistics are broken (too few images, "
+                                 "or non-finite features); refusing to report a Fréchet distance")
+
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"Fréchet distance: singular product, adding {eps} to the covariance diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: sqrtm has an imaginary component "
+                             f"{np.max(np.abs(covmean.imag)):.3g} on the diagonal")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """ADM's Inception Score: float32 softmax of the 1008-way logits (pool_3 @ W, no bias), then
+    exp(E[KL(p(y|x) || p(y))]) per contiguous block of `split_size` in file order, averaged.
+
+    One deliberate difference: 0 * log 0 is taken as 0. ADM (and improved-gan) would return NaN for
+    a probability that underflows to exactly 0 in float32; whenever ADM's result is finite, ours is
+    identical.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or len(logits) == 0:
+        raise EvalInputError(f"inception_score expects (N>0, classes) logits, got shape {logits.shape}")
+    if not np.isfinite(logits).all():
+        raise EvalInputError("inception_score: logits contain NaN/inf")
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    probs = e / e.sum(axis=1, keepdims=True)  # float32, like tf.nn.softmax in ADM's graph
+
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i:i + split_size]
+        marginal = np.mean(part, axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), np.float32(0))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ADM's DistanceBlock: pairwise squared L2 distances (rows of u vs rows of v) as float32.
+
+    ADM evaluates max(|u|^2 - 2 u.v + |v|^2, 0) in fp16, op by op, and recomputes the block in fp32
+    when any fp16 value is non-finite. We round to fp16 after every op the same way; the matmul and
+    the norm reductions accumulate in fp32 and round once (as TF/cuBLAS do), so CPU and GPU round
+    identically (up to fp32 summation order inside the matmul).
+    """
+    u16, v16 = u.half(), v.half()
+    nu = (u16 * u16).float().sum(1).half()
+    nv = (v16 * v16).float().sum(1).half()
+    uv = (u16.float() @ v16.float().T).half()
+    d = (nu[:, None] - 2 * uv + nv[None, :]).clamp_min(0)
+    if torch.isfinite(d).all():
+        return d.float()
+    nu, nv = (u * u).sum(1), (v * v).sum(1)
+    return (nu[:, None] - 2 * (u @ v.T) + nv[None, :]).clamp_min(0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = 3, block_size: int = 10000) -> torch.Tensor:
+    """Radius of each point's k-NN ball: the (k+1)-th smallest squared distance in its row, self
+    (distance ~0) included, i.e. ADM's `np.partition(row, k)[k]`. Rows and columns go in blocks;
+    a running top-(k+1) replaces ADM's full (block, N) distance row, with the same result."""
+    n = len(features)
+    radii = torch.empty(n, dtype=torch.float32, device=features.device)
+    for r0 in range(0, n, block_size):
+        rows = features[r0:r0 + block_size]
+        best = None
+        for c0 in range(0, n, block_size):
+            d = squared_distances(rows, features[c0:c0 + block_size])
+            cand = d if best is None else torch.cat([best, d], dim=1)
+            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values  # sorted ascending
+        radii[r0:r0 + block_size] = best[:, k]
+    return radii
+
+
+@torch.no_grad()
+def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = 3,
+                     block_size: int = 10000, device: Optional[torch.device | str] = None) -> tuple[float, float]:
+    """Improved precision/recall (Kynkäänniemi et al.) with ADM's ManifoldEstimator semantics.
+
+    precision = fraction of samples inside the reference manifold, recall = fraction of references
+    inside the sample manifold; "inside" means d^2(x, c) <= radius(c) for some centre c (note `<=`).
+    Distances go in blocks of `block_size` x `block_size`, on the GPU when there is one.
+    """
+    ref_features = np.asarray(ref_features, dtype=np.float32)
+    sample_features = np.asarray(sample_features, dtype=np.float32)
+    for name, f in (("ref_features", ref_features), ("sample_features", sample_features)):
+        if f.ndim != 2:
+            raise EvalInputError(f"precision_recall: {name} must be (N, D), got shape {tuple(f.shape)}")
+        if len(f) < k + 1:
+            raise EvalInputError(f"precision_recall with k={k} needs at least {k + 1} points per set "
+                                 f"(the k-th neighbour besides the point itself); {name} has {len(f)}")
+    if ref_features.shape[1] != sample_features.shape[1]:
+        raise EvalInputError(f"feature dims differ: {ref_features.shape[1]} vs {sample_features.shape[1]}")
+    device = torch.device(device) if device is not None else _default_device()
+
+    with ieee_fp32():
+        ref = torch.as_tensor(ref_features, device=device)
+        sam = torch.as_tensor(sample_features, device=device)
+        ref_radii = manifold_radii(ref, k, block_size)
+        sam_radii = manifold_radii(sam, k, block_size)
+        ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+        sam_in = torch.zeros(len(sam), dtype=torch.bool, device=device)
+        for r0 in range(0, len(ref), block_size):
+            r1 = r0 + block_size
+            for s0 in range(0, len(sam), block_size):
+                s1 = s0 + block_size
+                d = squared_distances(ref[r0:r1], sam[s0:s1])  # (refs, samples), as ADM orients it
+                sam_in[s0:s1] |= (d <= ref_radii[r0:r1, None]).any(dim=0)
+                ref_in[r0:r1] |= (d <= sam_radii[None, s0:s1]).any(dim=1)
+    return sam_in.double().mean().item(), ref_in.double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading npz files without loading them whole.
+# ----------------------------------------------------------------------------------------------
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    if not os.path.isfile(path):
+        raise EvalInputError(f"{path}: no such file")
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise EvalInputError(f"{path}: not an .npz file (expected np.savez output with arr_0)") from None
+
+
+def npz_keys(path: str) -> list[str]:
+    with _open_zip(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def check_images(shape: tuple, dtype: np.dtype, path: str) -> None:
+    """ADM's format: arr_0 uint8 NHWC, 3 channels. Anything else would silently give wrong numbers."""
+    if dtype != np.uint8:
+        hint = (" Float images must be converted first, e.g. ((x + 1) * 127.5).round().clip(0, 255)"
+                ".astype(np.uint8) for [-1, 1] data." if np.issubdtype(dtype, np.floating) else "")
+        raise EvalInputError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images in [0, 255].{hint}")
+    if len(shape) != 4:
+        raise EvalInputError(f"{path}: arr_0 has shape {shape}, expected (N, H, W, 3) uint8")
+    if shape[-1] != 3:
+        if shape[1] == 3:
+            raise EvalInputError(f"{path}: arr_0 has shape {shape}, which looks channels-first (N, 3, H, W); "
+                                 "expected channels-last (N, H, W, 3): save x.transpose(0, 2, 3, 1)")
+        raise EvalInputError(f"{path}: arr_0 has shape {shape}, expected 3 RGB channels last (N, H, W, 3)")
+    if shape[0] == 0:
+        raise EvalInputError(f"{path}: arr_0 holds no images")
+
+
+def _read_exact(f, size: int, path: str) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = f.read(size - len(buf))
+        if not chunk:
+            raise EvalInputError(f"{path}: arr_0 is truncated (wanted {size} more bytes)")
+        buf += chunk
+    return bytes(buf)
+
+
+class NpzImageReader:
+    """Batches of `arr_0` from an .npz, never the whole array in RAM.
+
+    np.savez stores members uncompressed: the array is then memory-mapped at the member's offset in
+    the zip. A compressed npz (np.savez_compressed) is decompressed sequentially, one batch at a time.
+    """
+
+    def __init__(self, path: str, key: str = "arr_0"):
+        self.path, self.member = path, f"{key}.npy"
+        with _open_zip(path) as zf:
+            if self.member not in zf.namelist():
+                keys = [n[:-4] for n in zf.namelist()]
+                raise EvalInputError(f"{path}: no '{key}' array in this npz (found {keys}); expected the "
+                                     f"images as {key}, uint8 (N, H, W, 3), as written by np.savez(path, images)")
+            info = zf.getinfo(self.member)
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise EvalInputError(f"{path}: unsupported .npy format version {version} for {key}")
+                self._header_len = f.tell()
+        check_images(shape, dtype, path)
+        self.shape, self.dtype = tuple(shape), dtype
+
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if info.file_size < self._header_len + nbytes:
+            raise EvalInputError(f"{path}: {key} is truncated ({info.file_size} bytes for shape {shape})")
+        self._memmap = None
+        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+            offset = self._member_data_offset(path, info) + self._header_len
+            self._memmap = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=self.shape,
+                                     order="F" if fortran else "C")
+        elif fortran:
+            raise EvalInputError(f"{path}: {key} is Fortran-ordered inside a compressed npz and cannot be "
+                                 "streamed; re-save it with np.savez(path, np.ascontiguousarray(x))")
+
+    @staticmethod
+    def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
+        # The local header's extra field (zip64 sizes, written by np.savez) may differ from the central
+        # directory's, so read its lengths from the local header itself.
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise EvalInputError(f"{path}: corrupt zip local header for {info.filename}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return info.header_offset + 30 + name_len + extra_len
+
+    @property
+    def memory_mapped(self) -> bool:
+        return self._memmap is not None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Yield (B, H, W, 3) uint8 arrays in file order (views into the memmap, or fresh buffers)."""
+        n = len(self)
+        if self._memmap is not None:
+            for i in range(0, n, batch_size):
+                yield self._memmap[i:i + batch_size]
+            return
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+            _read_exact(f, self._header_len, self.path)
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                data = _read_exact(f, b * row_bytes, self.path)
+                yield np.frombuffer(data, dtype=self.dtype).reshape(b, *self.shape[1:])
+
+
+def read_stored_statistics(path: str) -> Optional[dict[str, np.ndarray]]:
+    """`mu, sigma, mu_s, sigma_s` stored in the npz (ADM's reference batches carry them), or None."""
+    with np.load(path, allow_pickle=False) as npz:
+        present = [k for k in STAT_KEYS if k in npz.files]
+        if not present:
+            return None
+        if len(present) != len(STAT_KEYS):
+            missing = [k for k in STAT_KEYS if k not in present]
+            raise EvalInputError(f"{path}: has stored statistics {present} but not {missing}; "
+                                 f"ADM's format needs all of {list(STAT_KEYS)}")
+        stats = {k: npz[k] for k in STAT_KEYS}
+    for k, a in stats.items():
+        if a.shape != STAT_SHAPES[k]:
+            raise EvalInputError(f"{path}: stored '{k}' has shape {a.shape}, expected {STAT_SHAPES[k]}")
+        if not np.isfinite(a).all():
+            raise EvalInputError(f"{path}: stored '{k}' contains NaN/inf; these statistics are broken, "
+                                 "delete them from the npz (or recompute with --save-stats)")
+    return stats
+
+
+def read_stored_meta(path: str) -> Optional[dict]:
+    """JSON metadata that --save-stats writes next to the statistics (never pickle)."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "meta" not in npz.files:
+            return None
+        return json.loads(str(npz["meta"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception-v3 (torch-fidelity's TF-exact port) with the sFID hook.
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """TF32 off for matmuls and convolutions (restored afterwards): ADM's graph runs in true fp32."""
+    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+
+
+_RANDOM_INIT = object()  # stands in for a state dict: keep (seeded) random weights
+
+
+class _TorchFidelityInception(tfi.FeatureExtractorInceptionV3):
+    """torch-fidelity's network, whose constructor insists on loading weights itself (with
+    weights_only=False, or by downloading). `build_inception` hands it a state dict we loaded with
+    weights_only=True instead, or the random-init marker."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if state_dict is _RANDOM_INIT:
+            _random_init_(self)
+            return None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _random_init_(net: nn.Module, seed: int = 0) -> None:
+    """Seeded so that two runs (e.g. --save-stats, then evaluation) see the same random network;
+    fan-in normal init keeps activations O(1) through the 90+ conv layers."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5, generator=g)
+            nn.init.normal_(m.bias, generator=g)  # non-zero, so biased and unbiased logits differ
+
+
+def default_weights_path() -> str:
+    """Where torch-fidelity's own download lands: <torch hub dir>/checkpoints/<file name>."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILENAME)
+
+
+def _weights_help(path: str) -> str:
+    return (f"Fetch {INCEPTION_FILENAME} from\n  {INCEPTION_URL}\non a machine with internet access and "
+            f"either put it at\n  {path}\n(torch-fidelity's torch-hub checkpoints dir; set TORCH_HOME to "
+            f"move it) or pass --inception-weights /path/to/{INCEPTION_FILENAME} (or set {WEIGHTS_ENV}).")
+
+
+def resolve_weights(spec: Optional[str]) -> Optional[str]:
+    """--inception-weights beats $REG_INCEPTION_WEIGHTS beats torch-fidelity's default location."""
+    if spec:
+        return spec
+    return os.environ.get(WEIGHTS_ENV) or None
+
+
+def _load_state_dict(spec: Optional[str], verbose: bool = True):
+    if spec == "random":
+        return _RANDOM_INIT
+    if spec is not None:
+        path = os.path.expanduser(spec)
+        if not os.path.isfile(path):
+            raise InceptionWeightsError(f"Inception weights file {path} does not exist.\n"
+                                        + _weights_help(default_weights_path()))
+    else:
+        path = default_weights_path()
+        if not os.path.isfile(path):
+            _log(f"downloading {INCEPTION_URL} to {path}", verbose)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(INCEPTION_URL, path, progress=verbose)
+            except Exception as e:  # URLError, HTTPError, timeouts, SSL, disk: all mean "not there"
+                raise InceptionWeightsError(
+                    f"Inception weights are not at {path} and downloading them failed "
+                    f"({type(e).__name__}: {e}).\n" + _weights_help(path)) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InceptionWeightsError(f"cannot read Inception weights {path} ({type(e).__name__}: {e}).\n"
+                                    + _weights_help(default_weights_path())) from None
+
+
+class InceptionV3(nn.Module):
+    """pool_3 (2048), spatial (2023, channels-last) and logits (1008, no bias) for uint8 NCHW images."""
+
+    def __init__(self, net: tfi.FeatureExtractorInceptionV3, random_weights: bool, weights: str):
+        super().__init__()
+        self.net, self.random_weights, self.weights = net, random_weights, weights
+        self._spatial: Optional[torch.Tensor] = None
+        # mixed_6/conv:0 in the TF graph is the ReLU output of Mixed_6d's 1x1 branch.
+        net.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
+
+    def _grab_spatial(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self._spatial = output
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pool, logits = self.net(images)
+        spatial, self._spatial = self._spatial, None
+        if spatial is None or tuple(spatial.shape[1:]) != (192, 17, 17):
+            raise RuntimeError(f"Mixed_6d.branch1x1 hook gave {None if spatial is None else spatial.shape}, "
+                               "expected (N, 192, 17, 17)")
+        # TF tensors are NHWC: ADM's spatial[..., :7] then reshape(N, -1) flattens (h, w, c).
+        spatial = spatial[:, :7].permute(0, 2, 3, 1).reshape(len(spatial), SPATIAL_DIM)
+        return pool, spatial.float(), logits
+
+    @torch.no_grad()
+    def logits_from_pool(self, pool: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """pool_3 @ W (no bias), the same product as torch-fidelity's 'logits_unbiased' output."""
+        w = self.net.fc.weight
+        with ieee_fp32():
+            out = [(torch.as_tensor(pool[i:i + batch_size], device=w.device) @ w.T).cpu().numpy()
+                   for i in range(0, len(pool), batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+
+def build_inception(weights: Optional[str] = None, device: torch.device | str = "cpu",
+                    verbose: bool = True) -> InceptionV3:
+    """Inception-v3 2015-12-05. `weights`: None (torch-fidelity's default file, downloaded if
+    missing), a local .pth path, or "random" (smoke tests only: the numbers mean nothing)."""
+    state = _load_state_dict(weights, verbose)
+    if state is _RANDOM_INIT:
+        banner = "!" * 78
+        msg = ("USING RANDOM INCEPTION WEIGHTS: FID/sFID/IS/precision/recall below are MEANINGLESS "
+               "(smoke test only)")
+        _log(f"{banner}\n{msg}\n{banner}")
+        warnings.warn(msg)
+    # The constructor fetches weights through this module-level name; hand it ours instead.
+    original = tfi.load_state_dict_from_url
+    tfi.load_state_dict_from_url = lambda *args, **kwargs: state
+    try:
+        net = _TorchFidelityInception("inception-v3-adm", ["2048", "logits_unbiased"])
+    except RuntimeError as e:  # wrong keys/shapes: not the Inception-2015 weights
+        detail = str(e) if len(str(e)) < 300 else str(e)[:300] + " ..."  # the key lists run long
+        raise InceptionWeightsError(f"{weights or default_weights_path()} does not hold the expected Inception-v3 "
+                                    f"weights ({detail}).\n" + _weights_help(default_weights_path())) from None
+    finally:
+        tfi.load_state_dict_from_url = original
+    label = "random" if state is _RANDOM_INIT else (weights or default_weights_path())
+    return InceptionV3(net, random_weights=state is _RANDOM_INIT, weights=label).to(device).eval()
+
+
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Read/decompress the next batches on a thread while the network runs."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def worker():
+        try:
+            for item in it:
+                q.put(item)
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+@torch.no_grad()
+def extract_features(reader: NpzImageReader, model: InceptionV3, batch_size: int = 100,
+                     verbose: bool = True) -> dict[str, np.ndarray]:
+    """pool_3 / spatial / logits for every image of `reader`, in file order, float32."""
+    device = next(model.parameters()).device
+    out: dict[str, list] = {"pool": [], "spatial": [], "logits": []}
+    with ieee_fp32():
+        batches = _prefetch(np.array(b) for b in reader.batches(batch_size))  # copy: memmap is read-only
+        for batch in tqdm(batches, total=-(-len(reader) // batch_size), desc=os.path.basename(reader.path),
+                          file=sys.stderr, disable=not verbose, unit="batch"):
+            x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            for name, feat in zip(("pool", "spatial", "logits"), model(x)):
+                out[name].append(feat.cpu().numpy())
+    feats = {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in out.items()}
+    if not all(np.isfinite(f).all() for f in feats.values()):
+        raise EvalInputError(f"{reader.path}: Inception produced non-finite features")
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# One batch (images or stored features), and the full evaluation.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class BatchInfo:
+    """What an input npz holds, checked before any expensive work."""
+    path: str
+    keys: list[str]
+    num_images: int
+    image_shape: Optional[tuple]  # (H, W, 3), None for a features-only stats file
+    stored_stats: bool
+
+
+def inspect_batch(path: str) -> BatchInfo:
+    keys = npz_keys(path)
+    stored = read_stored_statistics(path) is not None  # also validates shapes / NaN
+    if "arr_0" in keys:
+        reader = NpzImageReader(path)  # validates dtype / layout
+        return BatchInfo(path, keys, len(reader), reader.shape[1:], stored)
+    if FEATURES_KEY in keys:
+        with np.load(path, allow_pickle=False) as npz:
+            shape = npz[FEATURES_KEY].shape
+        if len(shape) != 2 or shape[1] != POOL_DIM:
+            raise EvalInputError(f"{path}: '{FEATURES_KEY}' has shape {shape}, expected (N, {POOL_DIM})")
+        if not stored:
+            raise EvalInputError(f"{path}: has '{FEATURES_KEY}' but no stored {list(STAT_KEYS)}; "
+                                 "sFID needs either the images (arr_0) or the statistics")
+        return BatchInfo(path, keys, shape[0], None, stored)
+    raise EvalInputError(f"{path}: no 'arr_0' array in this npz (found {keys}); expected the images as "
+                         "arr_0, uint8 (N, H, W, 3), as written by np.savez(path, images) "
+                         f"(or a stats file from --save-stats, holding '{FEATURES_KEY}' and {list(STAT_KEYS)})")
+
+
+@dataclass
+class BatchFeatures:
+    info: BatchInfo
+    pool: np.ndarray              # (N, 2048) pool_3, for precision/recall
+    logits: Optional[np.ndarray]  # (N, 1008), for the Inception Score
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+
+
+def load_batch(info: BatchInfo, model: InceptionV3, batch_size: int = 100, need_logits: bool = True,
+               verbose: bool = True) -> BatchFeatures:
+    """Features of one input, and its statistics: stored ones when present (as ADM does)."""
+    meta = read_stored_meta(info.path)
+    if meta is not None and meta.get("random_inception_weights", False) != model.random_weights:
+        raise EvalInputError(f"{info.path}: its stored features were computed with "
+                             f"{'random' if meta.get('random_inception_weights') else 'real'} Inception weights, "
+                             f"but this run uses {'random' if model.random_weights else 'real'} ones")
+    stored = read_stored_statistics(info.path)
+    if info.image_shape is not None:
+        _log(f"computing activations of {info.path} ({info.num_images} images)", verbose)
+        feats = extract_features(NpzImageReader(info.path), model, batch_size, verbose)
+        pool, logits = feats["pool"], feats["logits"]
+        spatial = feats["spatial"]
+    else:
+        with np.load(info.path, allow_pickle=False) as npz:
+            pool = npz[FEATURES_KEY].astype(np.float32)
+        spatial = None
+        logits = model.logits_from_pool(pool) if need_logits else None
+    if stored is not None:
+        _log(f"using the statistics stored in {info.path}", verbose)
+        return BatchFeatures(info, pool, logits, **stored)
+    mu, sigma = compute_statistics(pool)
+    mu_s, sigma_s = compute_statistics(spatial)
+    return BatchFeatures(info, pool, logits, mu, sigma, mu_s, sigma_s)
+
+
+def compute_metrics(ref: BatchFeatures, sample: BatchFeatures, k: int = 3,
+                    device: Optional[torch.device | str] = None) -> dict[str, float]:
+    """ADM's five numbers; Fréchet distances are taken sample-first, as ADM's main() does."""
+    precision, recall = precision_recall(ref.pool, sample.pool, k=k, device=device)
+    return {
+        "inception_score": inception_score(sample.logits),
+        "fid": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma),
+        "sfid": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def save_statistics(path: str, batch: BatchFeatures, model: InceptionV3) -> None:
+    """mu/sigma/mu_s/sigma_s (ADM's keys) + per-image pool_3 features for precision/recall, so the
+    file can stand in for its batch later (e.g. a reference batch, computed once)."""
+    meta = {"source": os.path.basename(batch.info.path), "num_images": batch.info.num_images,
+            "inception_weights": model.weights, "random_inception_weights": model.random_weights}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, mu=batch.mu, sigma=batch.sigma, mu_s=batch.mu_s, sigma_s=batch.sigma_s,
+             **{FEATURES_KEY: batch.pool.astype(np.float32)}, meta=np.array(json.dumps(meta)))
+
+
+def _describe(info: BatchInfo) -> dict:
+    return {"file": os.path.basename(info.path), "path": os.path.abspath(info.path),
+            "size_bytes": os.path.getsize(info.path), "num_images": info.num_images,
+            "image_shape": list(info.image_shape) if info.image_shape else None,
+            "stored_statistics": info.stored_stats}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluations.evaluator",
+        description="ADM-exact FID / sFID / IS / precision / recall without TensorFlow (SPEC §5).")
+    g = p.add_argument_group("inputs")
+    g.add_argument("batches", nargs="*", metavar="NPZ",
+                   help="REF.npz SAMPLE.npz (ADM's order), or one NPZ together with --save-stats")
+    g.add_argument("--ref_batch", "--ref-batch", default=None, help="reference batch (flag form of REF.npz)")
+    g.add_argument("--sample_batch", "--sample-batch", default=None, help="sample batch (flag form of SAMPLE.npz)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save-path", "--save_path", default=None, help="write the metrics as JSON here")
+    g.add_argument("--save-stats", "--save_stats", default=None,
+                   help="write mu/sigma/mu_s/sigma_s + pool_3 features of the sample batch (or of the only "
+                        "batch given) to this .npz; pass it later instead of the images")
+    g = p.add_argument_group("Inception network")
+    g.add_argument("--inception-weights", default=None,
+                   help=f"local {INCEPTION_FILENAME}, or 'random' (smoke tests only). Default: "
+                        f"${WEIGHTS_ENV}, else torch-fidelity's download into the torch hub checkpoints dir")
+    g.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
+    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    g.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    args = p.parse_args(argv)
+
+    positional = list(args.batches)
+    if args.ref_batch is None and positional:
+        args.ref_batch = positional.pop(0)
+    if args.sample_batch is None and positional:
+        args.sample_batch = positional.pop(0)
+    if positional:
+        p.error(f"too many input files: {args.batches} (give REF.npz SAMPLE.npz)")
+    if args.ref_batch is None or (args.sample_batch is None and args.save_stats is None):
+        p.error("need REF.npz and SAMPLE.npz (or one NPZ with --save-stats)")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    start = time.time()
+    verbose = not args.quiet
+    device = torch.device(args.device) if args.device else _default_device()
+    k = 3
+
+    # Check every input before the expensive part, so a bad file fails in seconds.
+    infos = [inspect_batch(p) for p in (args.ref_batch, args.sample_batch) if p is not None]
+    if len(infos) == 2:
+        for info in infos:
+            if info.num_images < k + 1:
+                raise EvalInputError(f"{info.path}: {info.num_images} images, but precision/recall with k={k} "
+                                     f"needs at least {k + 1} per batch (ADM uses 50000 samples, 10000 refs)")
+
+    model = build_inception(resolve_weights(args.inception_weights), device, verbose)
+    if len(infos) == 1:  # stats-only mode: one batch in, its statistics out
+        batch = load_batch(infos[0], model, args.batch_size, need_logits=False, verbose=verbose)
+        save_statistics(args.save_stats, batch, model)
+        _log(f"wrote statistics of {infos[0].path} to {args.save_stats}", verbose)
+        return {"saved_stats": args.save_stats}
+
+    ref = load_batch(infos[0], model, args.batch_size, need_logits=False, verbose=verbose)
+    sample = load_batch(infos[1], model, args.batch_size, need_logits=True, verbose=verbose)
+    if args.save_stats:
+        save_statistics(args.save_stats, sample, model)
+        _log(f"wrote statistics of {sample.info.path} to {args.save_stats}", verbose)
+
+    _log("computing evaluations...", verbose)
+    metrics = compute_metrics(ref, sample, k=k, device=device)
+    print("Inception Score:", metrics["inception_score"])
+    print("FID:", metrics["fid"])
+    print("sFID:", metrics["sfid"])
+    print("Precision:", metrics["precision"])
+    print("Recall:", metrics["recall"])
+
+    result = dict(metrics)
+    result.update({"ref_batch": _describe(ref.info), "sample_batch": _describe(sample.info),
+                   "inception_weights": model.weights, "k": k, "device": str(device),
+                   "seconds": round(time.time() - start, 2)})
+    if model.random_weights:
+        result["warning"] = "random Inception weights: these numbers are meaningless"
+    if args.save_path:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_path)), exist_ok=True)
+        with open(args.save_path, "w") as f:
+            json.dump(result, f, indent=2)
+        _log(f"wrote {args.save_path}", verbose)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (EvalInputError, InceptionWeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
