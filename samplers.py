@@ -1,0 +1,306 @@
+"""Samplers for REG: latents and the class token are generated jointly from pure noise (SPEC §3).
+
+Two samplers, both pure functions returning ``(latents, cls_token)``:
+
+* ``euler_maruyama_sampler``: the reverse SDE used for every number in the REPA and REG papers.
+* ``euler_sampler``: the probability-flow ODE, Euler or Heun.
+
+"The model" is any callable with the SiT forward signature
+``model(x, t, y, cls_token=c) -> (velocity, zs, cls_velocity)``. ``cls_velocity`` is ``None``
+for models without the class token (REPA/SiT checkpoints); then pass ``cls_latents=None`` and
+``None`` comes back as the class token.
+
+Conventions (shared with the loss through ``interpolant.py``): t = 1 is noise, t = 0 is data,
+x_t = alpha(t) x0 + sigma(t) eps. The sampler state is float64; the model runs in its own
+dtype (the dtype of its parameters, or of ``latents`` for a parameter-free callable). The
+label ``model.num_classes`` is the null label for classifier-free guidance (CFG). CFG runs the
+conditional and unconditional halves in one batched forward, and only on steps whose current
+time t satisfies ``guidance_low <= t <= guidance_high`` (and ``cfg_scale > 1``, as in REPA/REG).
+
+Randomness (SDE only) comes from, in order of precedence:
+
+* ``noise_fn(x) -> eps``: a callable that receives the float64 state tensor (N, ...) and
+  returns standard normal noise of the same shape. Full control, e.g. for tests.
+* ``generator``: a ``torch.Generator`` (one stream for the whole batch), or a sequence of N
+  generators, one per sample. With per-sample generators, sample i draws its latent noise and
+  then its class-token noise from ``generator[i]`` on every step, so its trajectory depends
+  only on its own generator: a sample comes out the same whatever batch it is in.
+  ``generate.py`` uses this to make image i depend only on (global seed, i).
+* neither: torch's default generator.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from interpolant import check_path_type, interpolant
+
+# SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REPA/REG).
+T_LAST = 0.04
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise
+
+
+def sample_noise(shape: Sequence[int], generator: Generators = None, *,
+                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (N, ...) from one generator or N per-sample generators.
+
+    With a sequence of generators, row i is drawn from ``generator[i]`` alone, on that
+    generator's device, and then moved to ``device``. CPU generators thus give the same noise
+    on any accelerator.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = device if generator is None else generator.device
+        noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device)
+        return noise.to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} per-sample generators for a batch of {shape[0]}")
+    rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
+            for g in generator]
+    return torch.stack(rows).to(device)
+
+
+def _noise_like(x: torch.Tensor, generator: Generators, noise_fn: NoiseFn | None) -> torch.Tensor:
+    if noise_fn is not None:
+        eps = noise_fn(x)
+        if eps.shape != x.shape:
+            raise ValueError(f"noise_fn returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
+        return eps.to(device=x.device, dtype=x.dtype)
+    return sample_noise(x.shape, generator, dtype=x.dtype, device=x.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model evaluation with batched classifier-free guidance
+
+
+def _model_dtype(model, latents: torch.Tensor) -> torch.dtype:
+    """The dtype the model computes in: its first floating parameter's, else that of latents."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return latents.dtype
+
+
+def _check_model(model, y: torch.Tensor, guided: bool) -> int | None:
+    """Refuse a model in train mode (SiT drops labels at random there); return the null label."""
+    if isinstance(model, torch.nn.Module) and model.training:
+        raise ValueError("the sampler got a model in train mode, where SiT drops labels at random; "
+                         "call model.eval() first")
+    if not guided:
+        return None
+    null_label = getattr(model, "num_classes", None)
+    if null_label is None:
+        raise ValueError("CFG needs the null label: the model must have a `num_classes` attribute")
+    if bool((y == null_label).any()):
+        raise ValueError(f"y contains the null label {null_label}; pass real class labels")
+    return int(null_label)
+
+
+class _Prediction:
+    """Velocities at one time, in float64, split into conditional / unconditional halves."""
+
+    def __init__(self, v, v_uncond, vc, vc_uncond):
+        self.v, self.v_uncond, self.vc, self.vc_uncond = v, v_uncond, vc, vc_uncond
+
+
+def _predict(model, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor, t: float, *,
+             guided: bool, null_label: int | None, model_dtype: torch.dtype) -> _Prediction:
+    """One forward at time t; under CFG the cond and uncond halves share one batched call."""
+    if guided:
+        x_in = torch.cat([x, x])
+        c_in = None if c is None else torch.cat([c, c])
+        y_in = torch.cat([y, torch.full_like(y, null_label)])
+    else:
+        x_in, c_in, y_in = x, c, y
+    t_in = torch.full((x_in.shape[0],), t, dtype=model_dtype, device=x.device)
+    out = model(x_in.to(model_dtype), t_in, y_in,
+                cls_token=None if c_in is None else c_in.to(model_dtype))
+    v, vc = out[0].to(torch.float64), out[2]
+    if c is None and vc is not None:
+        raise ValueError("the model predicts a class token but cls_latents is None; "
+                         "draw cls_latents ~ N(0, I) of shape (N, model.cls_dim)")
+    if c is not None and vc is None:
+        raise ValueError("cls_latents were given but the model returned no class-token velocity "
+                         "(a model built with use_cls_token=False); pass cls_latents=None")
+    vc = None if vc is None else vc.to(torch.float64)
+    if not guided:
+        return _Prediction(v, None, vc, None)
+    v, v_u = v.chunk(2)
+    vc, vc_u = (None, None) if vc is None else vc.chunk(2)
+    return _Prediction(v, v_u, vc, vc_u)
+
+
+def _cfg(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """uncond + scale (cond - uncond); the conditional term alone outside guided steps."""
+    return cond if uncond is None else uncond + scale * (cond - uncond)
+
+
+def _cls_cfg(cond: torch.Tensor | None, uncond: torch.Tensor | None, cls_cfg_scale: float):
+    """Class-token guidance (REG): its own scale if > 0, else the conditional term only."""
+    if cond is None or uncond is None or cls_cfg_scale <= 0:
+        return cond
+    return uncond + cls_cfg_scale * (cond - uncond)
+
+
+def _in_interval(t: float, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
+    return cfg_scale > 1.0 and guidance_low <= t <= guidance_high
+
+
+# ----------------------------------------------------------------------------------------------
+# SDE
+
+
+def diffusion_coefficient(t: torch.Tensor | float):
+    """g(t) = 2t (REPA/REG), the *variance* rate of the reverse SDE: noise is sqrt(g |dt|) eps."""
+    return 2 * t
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                        path_type: str = "linear") -> torch.Tensor:
+    """Score of p_t from the velocity (SPEC §3): s = (a/a' v - x) / (sigma^2 - a/a' sigma' sigma).
+
+    Follows from v = a' E[x0|x] + sigma' E[eps|x] and x = a E[x0|x] + sigma E[eps|x] with
+    s = -E[eps|x] / sigma. For the linear path: s = -((1-t) v + x) / t. Needs a' != 0, which
+    holds on the SDE grid (t >= 0.04) for both paths.
+    """
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path_type)
+    ratio = alpha / d_alpha
+    return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)
+
+
+def _sde_drift(v: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor, path_type: str):
+    """Reverse-SDE drift d = v - g/2 s, integrated with dt < 0 (SPEC §3)."""
+    if v is None:
+        return None
+    return v - 0.5 * diffusion_coefficient(t) * score_from_velocity(v, x, t, path_type)
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(
+    model,
+    latents: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    cls_latents: torch.Tensor | None = None,
+    num_steps: int = 250,
+    cfg_scale: float = 1.0,
+    cls_cfg_scale: float = 0.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    path_type: str = "linear",
+    generator: Generators = None,
+    noise_fn: NoiseFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Euler-Maruyama on the reverse SDE, jointly for the latents and the class token (SPEC §3).
+
+    Time grid linspace(1, 0.04, num_steps) then 0: num_steps model evaluations (twice the batch
+    on guided steps). Each of the first num_steps - 1 steps is
+        x <- x + d dt + sqrt(g(t)) sqrt(|dt|) eps,   d = v - g/2 s,   g(t) = 2t,
+    and the last one, 0.04 -> 0, is the deterministic mean step x <- x + d dt (as in REPA).
+    CFG acts on the drift: d = d_u + cfg_scale (d_c - d_u); the class token uses cls_cfg_scale
+    if > 0, else its conditional drift. The class token gets its own noise.
+
+    latents: (N, C, H, W) initial noise; cls_latents: (N, z) initial noise or None; y: (N,)
+    labels. Returns the final (latents, cls_token) in the dtypes of the inputs (cls_token None
+    if cls_latents is None). See the module docstring for ``generator`` / ``noise_fn``.
+    """
+    check_path_type(path_type)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    null_label = _check_model(model, y, cfg_scale > 1.0)
+    model_dtype = _model_dtype(model, latents)
+    x = latents.to(torch.float64)
+    c = None if cls_latents is None else cls_latents.to(torch.float64)
+
+    t_steps = torch.cat([torch.linspace(1.0, T_LAST, num_steps, dtype=torch.float64),
+                         torch.zeros(1, dtype=torch.float64)])
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        dt = t_next - t_cur
+        guided = _in_interval(float(t_cur), cfg_scale, guidance_low, guidance_high)
+        pred = _predict(model, x, c, y, float(t_cur), guided=guided, null_label=null_label,
+                        model_dtype=model_dtype)
+        # Drifts are affine in v with the same coefficients for both halves (same x and t),
+        # so guiding the drift equals guiding the velocity; we guide the drift as SPEC says.
+        d = _cfg(_sde_drift(pred.v, x, t_cur, path_type),
+                 _sde_drift(pred.v_uncond, x, t_cur, path_type), cfg_scale)
+        dc = _cls_cfg(_sde_drift(pred.vc, c, t_cur, path_type),
+                      _sde_drift(pred.vc_uncond, c, t_cur, path_type), cls_cfg_scale)
+        last = i == num_steps - 1
+        if last:  # deterministic mean step to t = 0
+            x = x + d * dt
+            c = None if c is None else c + dc * dt
+            break
+        # Draw latent noise before class-token noise: per-sample streams rely on this order.
+        noise_scale = torch.sqrt(diffusion_coefficient(t_cur)) * torch.sqrt(dt.abs())
+        eps = _noise_like(x, generator, noise_fn)
+        eps_c = None if c is None else _noise_like(c, generator, noise_fn)
+        x = x + d * dt + noise_scale * eps
+        c = None if c is None else c + dc * dt + noise_scale * eps_c
+
+    return x.to(latents.dtype), None if c is None else c.to(cls_latents.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# ODE
+
+
+@torch.no_grad()
+def euler_sampler(
+    model,
+    latents: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    cls_latents: torch.Tensor | None = None,
+    num_steps: int = 50,
+    cfg_scale: float = 1.0,
+    cls_cfg_scale: float = 0.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    path_type: str = "linear",
+    heun: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probability-flow ODE dx/dt = v, Euler or Heun, jointly for latents and class token.
+
+    Time grid linspace(1, 0, num_steps + 1). Guidance acts on the velocity. Heun adds the
+    trapezoidal corrector (evaluated at t_next) on every step except the last, which would need
+    the model at t = 0; so Heun costs 2 num_steps - 1 evaluations. As in REPA, whether a step
+    is guided is decided by its start time t_cur, for the predictor and corrector alike.
+    The path only enters through the model: the ODE update itself is path-agnostic.
+    Returns (latents, cls_token) as ``euler_maruyama_sampler`` does; it draws no randomness.
+    """
+    check_path_type(path_type)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    null_label = _check_model(model, y, cfg_scale > 1.0)
+    model_dtype = _model_dtype(model, latents)
+    x = latents.to(torch.float64)
+    c = None if cls_latents is None else cls_latents.to(torch.float64)
+
+    def velocity(x_, c_, t: float, guided: bool):
+        pred = _predict(model, x_, c_, y, t, guided=guided, null_label=null_label,
+                        model_dtype=model_dtype)
+        return _cfg(pred.v, pred.v_uncond, cfg_scale), _cls_cfg(pred.vc, pred.vc_uncond, cls_cfg_scale)
+
+    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    for i in range(num_steps):
+        t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
+        dt = t_next - t_cur
+        guided = _in_interval(t_cur, cfg_scale, guidance_low, guidance_high)
+        v, vc = velocity(x, c, t_cur, guided)
+        x_next = x + dt * v
+        c_next = None if c is None else c + dt * vc
+        if heun and i < num_steps - 1:
+            v2, vc2 = velocity(x_next, c_next, t_next, guided)
+            x_next = x + dt * 0.5 * (v + v2)
+            c_next = None if c is None else c + dt * 0.5 * (vc + vc2)
+        x, c = x_next, c_next
+
+    return x.to(latents.dtype), None if c is None else c.to(cls_latents.dtype)

@@ -1,0 +1,196 @@
+"""End-to-end tests of generate.py on CPU: a tiny SiT saved in our checkpoint format and in the
+official REG format (ema + pickled argparse.Namespace), a randomly initialised tiny diffusers
+AutoencoderKL saved to disk, and the user-facing parse_args/main path."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate
+from checkpoint_io import save_training_checkpoint
+from models.sit import SiT_models
+
+NUM_CLASSES = 4
+LATENT = 4  # latent side; images are 32 x 32 with the 8x VAE
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tensors are tiny: on a busy machine OpenMP threads spin against other processes and
+    make the tests 10x slower, so run single-threaded (and restore the setting afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_sit(use_cls_token: bool = True, in_channels: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = SiT_models["SiT-T/2"](input_size=LATENT, in_channels=in_channels, num_classes=NUM_CLASSES,
+                                  z_dims=[32], encoder_depth=1, projector_dim=64, use_cls_token=use_cls_token)
+    # adaLN-Zero makes a fresh SiT predict exactly 0; perturb every weight so samples depend on it.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Our training checkpoint, an official-format one with the same weights, and a tiny VAE dir."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(root / "vae")
+
+    sd = tiny_sit().state_dict()
+    config = {"model": "SiT-T/2", "encoder_depth": 1, "path_type": "linear", "latents_scale": 0.18215,
+              "vae": str(root / "vae")}
+    save_training_checkpoint(root / "0000100.pt", model=sd, ema=sd, opt={}, steps=100, config=config, args={})
+    official_args = argparse.Namespace(model="SiT-T/2", encoder_depth=1, path_type="linear", resolution=32,
+                                       fused_attn=True, qk_norm=False, cls=0.03)
+    torch.save({"model": sd, "ema": sd, "opt": {}, "steps": 100, "args": official_args}, root / "official.pt")
+    repa_sd = tiny_sit(use_cls_token=False).state_dict()
+    torch.save({"ema": repa_sd, "args": official_args}, root / "repa.pt")
+    return root
+
+
+def run(assets, out, *extra):
+    argv = ["--ckpt", str(assets / "0000100.pt"), "--sample-dir", str(out), "--num-fid-samples", "6",
+            "--num-steps", "6", "--cfg-scale", "2.0", "--cls-cfg-scale", "1.5", "--guidance-high", "0.7",
+            "--global-seed", "3", "--device", "cpu", "--run-name", "run", "--precision", "fp64", *extra]
+    return generate.main(generate.parse_args(argv))
+
+
+def test_npz_byte_identical_across_batch_sizes_and_adm_format(assets, tmp_path):
+    a = run(assets, tmp_path / "a", "--per-proc-batch-size", "2")
+    b = run(assets, tmp_path / "b", "--per-proc-batch-size", "4", "--vae", str(assets / "vae"))
+    npz_a, npz_b = (tmp_path / d / "run.npz" for d in "ab")
+    assert npz_a.read_bytes() == npz_b.read_bytes()
+    assert a["generated"] == b["generated"] == 6 and a["images_per_second"] > 0
+
+    with np.load(npz_a) as data:
+        assert sorted(data.files) == ["arr_0", "arr_1"]
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)
+    assert labels.dtype == np.int64 and labels.tolist() == generate.class_labels(
+        list(range(6)), global_seed=3, num_classes=NUM_CLASSES, balanced=False).tolist()
+    assert images.std() > 1  # not a constant image
+    assert len({im.tobytes() for im in images}) == 6  # every image has its own noise
+    for i in range(6):  # the npz is the PNGs, in index order
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "run" / f"{i:06d}.png")), images[i])
+
+    meta = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert meta["cfg_scale"] == 2.0 and meta["cls_cfg_scale"] == 1.5 and meta["guidance_high"] == 0.7
+    assert meta["mode"] == "sde" and meta["num_steps"] == 6 and meta["global_seed"] == 3
+    assert meta["model_config"]["model"] == "SiT-T/2" and meta["model_config"]["use_cls_token"]
+    assert meta["result"]["shape"] == [6, 32, 32, 3]
+
+    # fp32: the same noise and labels; the batch-size-dependent matmul kernels may move a rare
+    # pixel by one level (see generate.py's docstring), nothing more.
+    for batch in ("2", "4"):
+        f32 = run(assets, tmp_path / f"fp32-{batch}", "--per-proc-batch-size", batch, "--precision", "fp32")
+        with np.load(f32["npz"]) as data:
+            diff = np.abs(data["arr_0"].astype(int) - images)
+            assert data["arr_1"].tolist() == labels.tolist()
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+    # Another seed gives other images.
+    c = run(assets, tmp_path / "c", "--global-seed", "4")
+    with np.load(c["npz"]) as data:
+        assert not np.array_equal(data["arr_0"], images)
+
+
+def test_resume_skips_finished_images(assets, tmp_path):
+    run(assets, tmp_path, "--per-proc-batch-size", "4")
+    run_dir = tmp_path / "run"
+    full = (tmp_path / "run.npz").read_bytes()
+    # Preempted job: two images never written, a half-written temporary file left behind.
+    for i in (1, 4):
+        (run_dir / f"{i:06d}.png").unlink()
+    (run_dir / ".000001.png.123.tmp").write_bytes(b"partial")
+    mtime = (run_dir / "000000.png").stat().st_mtime_ns
+    again = run(assets, tmp_path, "--per-proc-batch-size", "3")
+    assert again["generated"] == 2
+    assert (run_dir / "000000.png").stat().st_mtime_ns == mtime  # untouched
+    assert (tmp_path / "run.npz").read_bytes() == full
+
+    # Extending the run to more images keeps the first ones.
+    more = run(assets, tmp_path, "--num-fid-samples", "8")
+    assert more["generated"] == 2
+    with np.load(tmp_path / "run.npz") as data, np.load(_bytes_npz(tmp_path, full)) as old:
+        assert np.array_equal(data["arr_0"][:6], old["arr_0"]) and data["arr_0"].shape[0] == 8
+
+    # Different sampling settings into the same folder are refused.
+    with pytest.raises(ValueError, match="other settings.*cfg_scale"):
+        run(assets, tmp_path, "--cfg-scale", "3.0")
+
+
+def _bytes_npz(tmp_path, data: bytes):
+    path = tmp_path / "old.npz"
+    path.write_bytes(data)
+    return path
+
+
+def test_official_checkpoint_with_namespace_gives_the_same_images(assets, tmp_path):
+    ours = run(assets, tmp_path / "ours", "--per-proc-batch-size", "3")
+    official = run(assets, tmp_path / "official", "--ckpt", str(assets / "official.pt"),
+                   "--vae", str(assets / "vae"), "--model", "SiT-T/2", "--cls", "32",
+                   "--projector-embed-dims", "32", "--encoder-depth", "1")
+    with np.load(ours["npz"]) as a, np.load(official["npz"]) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    # Flags that contradict the weights are errors, not silent rebuilds.
+    with pytest.raises(ValueError, match="--model SiT-S/2 does not match"):
+        run(assets, tmp_path / "bad", "--ckpt", str(assets / "official.pt"), "--vae", str(assets / "vae"),
+            "--model", "SiT-S/2")
+
+
+def test_ode_heun_balanced_grid_without_class_token(assets, tmp_path):
+    """A REPA-style checkpoint (no class token, only the ema key), ODE Heun, balanced classes."""
+    out = generate.main(generate.parse_args([
+        "--ckpt", str(assets / "repa.pt"), "--vae", str(assets / "vae"), "--sample-dir", str(tmp_path),
+        "--num-fid-samples", "8", "--per-proc-batch-size", "3", "--mode", "ode", "--heun", "--num-steps", "4",
+        "--cfg-scale", "1.5", "--balanced", "--grid", "4", "--device", "cpu", "--resolution", "32"]))
+    name = out["npz"].rsplit("/", 1)[-1][:-4]
+    assert name == "SiT-T-2-repa-size-32-vae-vae-cfg-1.5-clscfg-0.0-gl-0.0-gh-1.0-seed-0-ode-4-heun-balanced"
+    with np.load(out["npz"]) as data:
+        assert data["arr_1"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+        assert data["arr_0"].shape == (8, 32, 32, 3)
+    grid = Image.open(tmp_path / f"{name}-grid.png")
+    assert grid.size == (64, 64)
+    meta = json.loads((tmp_path / f"{name}.json").read_text())
+    assert meta["heun"] and meta["balanced"] and not meta["model_config"]["use_cls_token"]
+
+    # bf16 autocast: a separate run folder, and the same pictures up to bf16 rounding.
+    with pytest.warns(UserWarning, match="2 is not a multiple of 4 classes"):
+        bf16 = generate.main(generate.parse_args([
+            "--ckpt", str(assets / "repa.pt"), "--vae", str(assets / "vae"), "--sample-dir", str(tmp_path),
+            "--num-fid-samples", "2", "--mode", "ode", "--heun", "--num-steps", "4", "--cfg-scale", "1.5",
+            "--balanced", "--device", "cpu", "--precision", "bf16"]))
+    assert bf16["npz"].endswith("-balanced-bf16.npz")
+    with np.load(out["npz"]) as a, np.load(bf16["npz"]) as b:
+        diff = np.abs(a["arr_0"][:2].astype(float) - b["arr_0"])
+        assert 0 < diff.mean() < 3, diff.mean()
+
+
+def test_per_image_seeds_and_labels():
+    seeds = {generate.image_seed(0, i) for i in range(1000)} | {generate.image_seed(1, i) for i in range(1000)}
+    assert len(seeds) == 2000  # no collisions between indices or neighbouring global seeds
+    assert generate.image_seed(5, 7) == generate.image_seed(5, 7)
+    assert generate.image_seed(5, 7, generate.LABEL_STREAM) != generate.image_seed(5, 7)
+    labels = generate.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
+    assert set(labels.tolist()) == {0, 1, 2, 3} and abs(labels.float().mean().item() - 1.5) < 0.1
+    # A label depends on its index only, not on which other indices are asked for.
+    assert generate.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
+        [labels[17].item(), labels[3].item()]
+    balanced = generate.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
+    assert torch.bincount(balanced).tolist() == [100] * 10

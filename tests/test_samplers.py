@@ -1,0 +1,353 @@
+"""Analytic checks of the samplers against a closed-form velocity field.
+
+For x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps, (x0, eps, x_t) are jointly Gaussian and
+    E[v | x_t] = d_alpha E[x0 | x_t] + d_sigma E[eps | x_t],
+    E[x0 | x_t] = mu + alpha s^2 / V (x_t - alpha mu),  E[eps | x_t] = sigma / V (x_t - alpha mu),
+with V = alpha^2 s^2 + sigma^2. That is the exact "model" a perfect network would learn, so
+the samplers must reproduce N(mu, s^2) up to discretisation and sampling error. With one
+Gaussian per class (a mixture for the null label) it also tests classifier-free guidance.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from interpolant import interpolant
+from samplers import euler_maruyama_sampler, euler_sampler, sample_noise, score_from_velocity
+
+X_SHAPE = (2, 2, 2)  # (C, H, W) latents
+CLS_DIM = 3
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tensors are tiny: on a busy machine OpenMP threads spin against other processes and
+    make the tests 10x slower, so run single-threaded (and restore the setting afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class GaussianVelocity:
+    """Exact velocity of a per-class Gaussian (x0, c0), independent given the class.
+
+    Labels 0..K-1 are the classes; label K (= num_classes) is the null label, whose exact
+    velocity is that of the equal-weight mixture (class posterior from x and c jointly).
+    Returns (v, zs, v_cls) like SiT; v_cls is None when called with cls_token=None.
+    """
+
+    def __init__(self, mu_x, s_x, mu_c, s_c, path_type="linear"):
+        self.mu_x, self.s_x = mu_x.double(), s_x  # (K, C, H, W)
+        self.mu_c, self.s_c = mu_c.double(), s_c  # (K, CLS_DIM)
+        self.num_classes = mu_x.shape[0]
+        self.path_type = path_type
+        self.batch_sizes: list[int] = []
+        self.labels: list[torch.Tensor] = []
+
+    @staticmethod
+    def _per_class(x, t, mu, s, path_type):
+        """Velocity and log-likelihood of x under each class: (N, K, ...) and (N, K)."""
+        a, sig, da, dsig = (q.reshape(-1, 1, *[1] * (x.dim() - 1)) for q in interpolant(t, path_type))
+        var = a**2 * s**2 + sig**2
+        r = x[:, None] - a * mu[None]
+        v = da * (mu[None] + a * s**2 / var * r) + dsig * sig / var * r
+        dims = tuple(range(2, r.dim()))
+        loglik = (-0.5 * r**2 / var - 0.5 * torch.log(var)).sum(dims)
+        return v, loglik
+
+    def __call__(self, x, t, y, cls_token=None):
+        self.batch_sizes.append(x.shape[0])
+        self.labels.append(y.clone())
+        t = t.double()
+        vx, lx = self._per_class(x.double(), t, self.mu_x, self.s_x, self.path_type)
+        w = torch.softmax(lx, dim=1)
+        vc = lc = None
+        if cls_token is not None:
+            vc, lc = self._per_class(cls_token.double(), t, self.mu_c, self.s_c, self.path_type)
+            w = torch.softmax(lx + lc, dim=1)
+        null = y == self.num_classes
+        onehot = torch.nn.functional.one_hot(y.clamp(max=self.num_classes - 1), self.num_classes).double()
+        weights = torch.where(null[:, None], w, onehot)  # (N, K)
+
+        def mix(v):
+            return (weights.reshape(*weights.shape, *[1] * (v.dim() - 2)) * v).sum(1)
+
+        return mix(vx).to(x.dtype), [], None if vc is None else mix(vc).to(x.dtype)
+
+
+def two_class_model(path_type="linear"):
+    mu_x = torch.stack([torch.linspace(-1.0, 0.5, 8).reshape(X_SHAPE),
+                        torch.linspace(1.5, 0.0, 8).reshape(X_SHAPE)])
+    mu_c = torch.tensor([[-2.0, 0.5, 1.0], [2.0, -0.5, 3.0]])
+    return GaussianVelocity(mu_x, 0.5, mu_c, 1.5, path_type)
+
+
+def initial_noise(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, *X_SHAPE, generator=g, dtype=torch.float64),
+            torch.randn(n, CLS_DIM, generator=g, dtype=torch.float64))
+
+
+def standardized(samples, mu, s):
+    """Pool (sample - mu) / s over samples and dimensions: should be N(0, 1)."""
+    return ((samples - mu) / s).flatten()
+
+
+def assert_gaussian(z, mean_tol, std_tol, what):
+    assert abs(z.mean().item()) < mean_tol, f"{what}: standardized mean {z.mean().item():.4f}"
+    assert abs(z.std().item() - 1) < std_tol, f"{what}: standardized std {z.std().item():.4f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic check: both samplers reach the target distribution (cfg 1 = each class's own target)
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler", ["sde", "ode_heun"])
+def test_reaches_each_class_target(sampler, path_type):
+    model = two_class_model(path_type)
+    n = 3000
+    x1, c1 = initial_noise(2 * n, seed=1)
+    y = torch.arange(2).repeat_interleave(n)
+    torch.manual_seed(0)
+    if sampler == "sde":
+        x0, c0 = euler_maruyama_sampler(model, x1, y, cls_latents=c1, num_steps=250, cfg_scale=1.0,
+                                        path_type=path_type)
+    else:
+        x0, c0 = euler_sampler(model, x1, y, cls_latents=c1, num_steps=50, heun=True,
+                               cfg_scale=1.0, path_type=path_type)
+    assert x0.dtype == torch.float64 and x0.shape == x1.shape and c0.shape == c1.shape
+    # Pooled over 2 * 3000 samples x 8 (resp. 3) dims: the std error of the mean is ~0.005
+    # (~0.008 for the class token); allow 4 of them plus a little discretisation bias.
+    for k in range(2):
+        sel = y == k
+        assert_gaussian(standardized(x0[sel], model.mu_x[k], model.s_x), 0.03, 0.03, f"latents class {k}")
+        assert_gaussian(standardized(c0[sel], model.mu_c[k], model.s_c), 0.05, 0.04, f"cls class {k}")
+        # Per-dimension means too (catches a shift in one dimension hidden by pooling).
+        se = 5 * model.s_x / math.sqrt(n)
+        assert torch.allclose(x0[sel].mean(0), model.mu_x[k], atol=se + 0.01)
+        assert torch.allclose(c0[sel].mean(0), model.mu_c[k], atol=5 * model.s_c / math.sqrt(n) + 0.01)
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_ode_is_the_exact_gaussian_flow(path_type):
+    """The exact flow maps eps at t=1 to mu + s eps at t=0; Heun is 2nd order, Euler 1st."""
+    model = two_class_model(path_type)
+    x1, c1 = initial_noise(64, seed=2)
+    y = torch.arange(2).repeat(32)
+    target_x = model.mu_x[y] + model.s_x * x1
+    target_c = model.mu_c[y] + model.s_c * c1
+    errors = {}
+    for heun, steps in [(False, 50), (True, 50), (False, 100)]:
+        x0, c0 = euler_sampler(model, x1, y, cls_latents=c1, num_steps=steps, heun=heun, path_type=path_type)
+        errors[heun, steps] = max((x0 - target_x).abs().max().item(), (c0 - target_c).abs().max().item())
+    assert errors[True, 50] < 2e-3
+    assert errors[True, 50] < errors[False, 50] / 5
+    # Euler's global error halves with twice the steps (first order).
+    assert 0.35 < errors[False, 100] / errors[False, 50] < 0.65
+
+
+def test_score_from_velocity_is_exact():
+    """s = -E[eps | x] / sigma for the linear path: check the SPEC formula on a Gaussian."""
+    model = two_class_model("linear")
+    x, c = initial_noise(16, seed=3)
+    y = torch.zeros(16, dtype=torch.long)
+    for tv in [0.04, 0.3, 0.9, 1.0]:
+        t = torch.full((16,), tv, dtype=torch.float64)
+        v, _, _ = model(x, t, y, cls_token=c)
+        a, sig = 1 - tv, tv
+        var = a**2 * model.s_x**2 + sig**2
+        exact = -(x - a * model.mu_x[0]) / var  # score of N(a mu, var)
+        torch.testing.assert_close(score_from_velocity(v, x, t.reshape(-1, 1, 1, 1)), exact)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance
+
+
+def class_means(samples, y):
+    return torch.stack([samples[y == k].mean(0) for k in range(2)])
+
+
+@pytest.mark.parametrize("sampler", ["sde", "ode"])
+def test_cfg_pushes_class_means_away_from_unconditional_mean(sampler):
+    model = two_class_model()
+    n = 1500
+    x1, c1 = initial_noise(2 * n, seed=4)
+    y = torch.arange(2).repeat_interleave(n)
+
+    def run(cfg, cls_cfg):
+        torch.manual_seed(5)
+        kw = dict(cls_latents=c1, cfg_scale=cfg, cls_cfg_scale=cls_cfg)
+        if sampler == "sde":
+            return euler_maruyama_sampler(model, x1, y, num_steps=100, **kw)
+        return euler_sampler(model, x1, y, num_steps=30, heun=True, **kw)
+
+    x_1, c_1 = run(1.0, 1.0)
+    x_g, c_g = run(3.0, 3.0)
+    x_c, c_c = run(3.0, 0.0)  # latents guided, class token conditional only
+    uncond_x, uncond_c = model.mu_x.mean(0), model.mu_c.mean(0)  # mean of the 50/50 mixture
+
+    def push(samples, k, target, uncond):
+        """Class-k mean projected on (class mean - unconditional mean): 1 = on target."""
+        direction = target - uncond
+        return (((class_means(samples, y)[k] - uncond) * direction).sum() / (direction**2).sum()).item()
+
+    for k in range(2):
+        for name, guided, plain, target, uncond in [("latents", x_g, x_1, model.mu_x[k], uncond_x),
+                                                   ("cls", c_g, c_1, model.mu_c[k], uncond_c)]:
+            p_1, p_g = push(plain, k, target, uncond), push(guided, k, target, uncond)
+            # cfg 1 lands on the class mean (sampling error ~0.01-0.02 here) ...
+            assert abs(p_1 - 1) < 0.04, f"{name} class {k}: cfg 1 mean at {p_1:.3f}"
+            # ... and cfg 3 overshoots it, away from the unconditional mean (~1.07-1.5 here;
+            # same noise in both runs, so the difference is nearly free of sampling error).
+            assert p_g > 1.04 and p_g > p_1 + 0.04, f"{name} class {k}: cfg 3 mean at {p_g:.3f}"
+        # cls_cfg_scale = 0: the class token follows its conditional drift, so it still reaches
+        # its own target even though the latents are guided.
+        assert abs(push(c_c, k, model.mu_c[k], uncond_c) - 1) < 0.04
+        assert push(x_c, k, model.mu_x[k], uncond_x) > 1.04
+
+
+def test_cfg_is_one_batched_forward_inside_the_interval_only():
+    model = two_class_model()
+    x1, c1 = initial_noise(6, seed=6)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    steps = 20
+    torch.manual_seed(0)
+    euler_maruyama_sampler(model, x1, y, cls_latents=c1, num_steps=steps, cfg_scale=2.0,
+                           guidance_low=0.3, guidance_high=0.7)
+    t_grid = torch.linspace(1, 0.04, steps, dtype=torch.float64)
+    expect = [12 if 0.3 <= t <= 0.7 else 6 for t in t_grid.tolist()]
+    assert model.batch_sizes == expect
+    for labels, size in zip(model.labels, model.batch_sizes):
+        assert labels[:6].tolist() == y.tolist()
+        if size == 12:  # second half is the null label
+            assert (labels[6:] == model.num_classes).all()
+
+    # An empty interval is exactly unguided sampling with the same noise.
+    out = []
+    for cfg, high in [(4.0, -1.0), (1.0, 1.0)]:
+        torch.manual_seed(7)
+        out.append(euler_maruyama_sampler(model, x1, y, cls_latents=c1, num_steps=steps,
+                                          cfg_scale=cfg, cls_cfg_scale=4.0, guidance_high=high))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness, dtypes, models without the class token
+
+
+def test_per_sample_generators_make_samples_batch_independent():
+    model = two_class_model()
+    x1, c1 = initial_noise(4, seed=8)
+    y = torch.tensor([0, 1, 1, 0])
+
+    def gens(idx):
+        return [torch.Generator().manual_seed(100 + i) for i in idx]
+
+    kw = dict(num_steps=15, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_high=0.8)
+    full = euler_maruyama_sampler(model, x1, y, cls_latents=c1, generator=gens(range(4)), **kw)
+    # Same images in two batches of 2, in another order, with the global RNG disturbed.
+    torch.manual_seed(123)
+    a = euler_maruyama_sampler(model, x1[[2, 0]], y[[2, 0]], cls_latents=c1[[2, 0]], generator=gens([2, 0]), **kw)
+    b = euler_maruyama_sampler(model, x1[[3, 1]], y[[3, 1]], cls_latents=c1[[3, 1]], generator=gens([3, 1]), **kw)
+    torch.testing.assert_close(full[0][[2, 0, 3, 1]], torch.cat([a[0], b[0]]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(full[1][[2, 0, 3, 1]], torch.cat([a[1], b[1]]), rtol=0, atol=1e-12)
+    # A different generator gives a different sample.
+    other = euler_maruyama_sampler(model, x1, y, cls_latents=c1, generator=gens(range(10, 14)), **kw)
+    assert not torch.allclose(other[0], full[0])
+
+    with pytest.raises(ValueError, match="per-sample generators"):
+        euler_maruyama_sampler(model, x1, y, cls_latents=c1, generator=gens(range(3)), **kw)
+
+
+def test_sample_noise_rows_come_from_their_own_generator():
+    g = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    noise = sample_noise((3, 2, 5), g, dtype=torch.float64)
+    for i, s in enumerate((1, 2, 3)):
+        expected = torch.randn(2, 5, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        assert torch.equal(noise[i], expected)
+
+
+def test_default_rng_single_generator_and_noise_fn():
+    model = two_class_model()
+    x1, c1 = initial_noise(4, seed=9)
+    y = torch.tensor([0, 1, 0, 1])
+    kw = dict(cls_latents=c1, num_steps=10)
+    torch.manual_seed(11)
+    a = euler_maruyama_sampler(model, x1, y, **kw)
+    torch.manual_seed(11)
+    b = euler_maruyama_sampler(model, x1, y, **kw)
+    c = euler_maruyama_sampler(model, x1, y, generator=torch.Generator().manual_seed(11), **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(c[0], a[0])  # CPU default RNG == seeded generator
+
+    # noise_fn replaces the RNG: zero noise makes the SDE deterministic, and it sees both states.
+    shapes = []
+
+    def zero_noise(x):
+        shapes.append(tuple(x.shape))
+        return torch.zeros_like(x)
+
+    d = euler_maruyama_sampler(model, x1, y, noise_fn=zero_noise, **kw)
+    e = euler_maruyama_sampler(model, x1, y, noise_fn=zero_noise, **kw)
+    assert torch.equal(d[0], e[0]) and not torch.equal(d[0], a[0])
+    assert shapes[:2] == [(4, *X_SHAPE), (4, CLS_DIM)] and len(shapes) == 2 * 2 * (10 - 1)
+
+
+def test_without_class_token_and_float32_io():
+    model = two_class_model()
+    x1, _ = initial_noise(8, seed=10)
+    x1 = x1.float()
+    y = torch.arange(2).repeat(4)
+    for out in [euler_maruyama_sampler(model, x1, y, num_steps=8, cfg_scale=2.0),
+                euler_sampler(model, x1, y, num_steps=8, heun=True, cfg_scale=2.0)]:
+        latents, cls = out
+        assert cls is None and latents.dtype == torch.float32 and latents.shape == x1.shape
+        assert torch.isfinite(latents).all()
+
+
+class TinyModule(torch.nn.Module):
+    """A parameterised stand-in for SiT that records the dtypes it is called with."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.num_classes = 3
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=dtype))
+        self.seen = []
+
+    def forward(self, x, t, y, cls_token=None):
+        self.seen.append((x.dtype, t.dtype, None if cls_token is None else cls_token.dtype))
+        return -x * self.scale, [], None if cls_token is None else -cls_token * self.scale
+
+
+def test_model_runs_in_its_own_dtype_and_must_be_in_eval_mode():
+    model = TinyModule(torch.bfloat16).eval()
+    x1, c1 = initial_noise(2, seed=11)
+    y = torch.tensor([0, 2])
+    x0, c0 = euler_maruyama_sampler(model, x1.float(), y, cls_latents=c1.float(), num_steps=5, cfg_scale=1.5)
+    assert set(model.seen) == {(torch.bfloat16, torch.bfloat16, torch.bfloat16)}
+    assert x0.dtype == torch.float32 and c0.dtype == torch.float32  # state stays high precision
+    model.train()
+    with pytest.raises(ValueError, match="train mode"):
+        euler_sampler(model, x1, y, num_steps=2)
+
+
+def test_mismatched_class_token_is_an_error():
+    model = two_class_model()
+    x1, c1 = initial_noise(2, seed=12)
+    y = torch.tensor([0, 1])
+    no_cls = TinyModule(torch.float64).eval()
+    no_cls.forward = lambda x, t, y, cls_token=None: (-x, [], None)
+    with pytest.raises(ValueError, match="use_cls_token=False"):
+        euler_sampler(no_cls, x1, y, cls_latents=c1, num_steps=2)
+
+    def needs_cls(x, t, y, cls_token=None):
+        return -x, [], torch.zeros(x.shape[0], CLS_DIM, dtype=x.dtype)
+
+    with pytest.raises(ValueError, match="cls_latents is None"):
+        euler_maruyama_sampler(needs_cls, x1, y, num_steps=2)
+    with pytest.raises(ValueError, match="unknown path type"):
+        euler_sampler(model, x1, y, num_steps=2, path_type="vp")
