@@ -424,6 +424,9 @@ def main(args: argparse.Namespace) -> dict:
             if args.report_to != "none":
                 accelerator.log(record, step=step)
             log.info(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            if accelerator.is_main_process:  # machine-readable twin of log.txt, for plots
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **record}) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             sums.zero_()
             count, last_time, last_step = 0, now, step

@@ -63,6 +63,8 @@ def test_loss_falls(data_dir, tmp_path):
     assert config["use_cls_token"] and config["z_dims"] == [384] and config["in_channels"] == 192
     log = (run / "log.txt").read_text()
     assert "step 0000020 loss=" in log and "loss_cls=" in log and "RANDOM" in log
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(2, 21, 2)) and lines[-1]["loss"] == last["loss"]
     # the last step always writes a checkpoint, loadable without unpickling anything
     ckpt = torch.load(run / "checkpoints" / "0000020.pt", weights_only=True)
     assert ckpt["steps"] == 20 and set(ckpt) >= {"model", "ema", "opt", "config", "args"}
