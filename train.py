@@ -280,7 +280,7 @@ def main(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-        fused=cuda,  # one kernel for the whole update on GPU
+        fused=cuda, foreach=not cuda,  # one fused kernel on GPU; multi-tensor kernels on CPU
     )
 
     # ---- resume: --resume-step N, or the newest complete checkpoint
