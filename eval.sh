@@ -15,8 +15,8 @@ set -euo pipefail
 CKPT=${CKPT:-hf:Martinser/REG}
 REF_BATCH=${REF_BATCH:-VIRTUAL_imagenet256_labeled.npz}
 NUM_GPUS=${NUM_GPUS:-1}
-MODEL=${MODEL:-SiT-XL/2}
-RESOLUTION=${RESOLUTION:-256}
+MODEL=${MODEL:-}           # empty: inferred from the checkpoint (checked when given)
+RESOLUTION=${RESOLUTION:-} # empty: inferred from the checkpoint
 MODE=${MODE:-sde}
 NUM_STEPS=${NUM_STEPS:-250}
 CFG_SCALE=${CFG_SCALE:-2.3}
@@ -26,16 +26,16 @@ GUIDANCE_HIGH=${GUIDANCE_HIGH:-0.85}
 NUM_FID_SAMPLES=${NUM_FID_SAMPLES:-50000}
 PER_PROC_BATCH_SIZE=${PER_PROC_BATCH_SIZE:-64}
 GLOBAL_SEED=${GLOBAL_SEED:-0}
-PATH_TYPE=${PATH_TYPE:-linear}
+PATH_TYPE=${PATH_TYPE:-}   # empty: the checkpoint's interpolant (linear for the official weights)
 VAE=${VAE:-}               # empty: the checkpoint's VAE (ema for the official weights)
 PRECISION=${PRECISION:-fp32}
 SAMPLE_DIR=${SAMPLE_DIR:-samples}
 SKIP_EVAL=${SKIP_EVAL:-0}  # 1: only generate
 CKPT_NAME=$(basename "${CKPT%.*}")
-RUN_NAME=${RUN_NAME:-${MODEL//\//-}-${CKPT_NAME}-size-${RESOLUTION}-${MODE}-${NUM_STEPS}-cfg-${CFG_SCALE}-clscfg-${CLS_CFG_SCALE}-gl-${GUIDANCE_LOW}-gh-${GUIDANCE_HIGH}-seed-${GLOBAL_SEED}}
+RUN_NAME=${RUN_NAME:-${CKPT_NAME}-${MODE}-${NUM_STEPS}-cfg-${CFG_SCALE}-clscfg-${CLS_CFG_SCALE}-gl-${GUIDANCE_LOW}-gh-${GUIDANCE_HIGH}-seed-${GLOBAL_SEED}}
 
 if [[ "$SKIP_EVAL" != 1 && ! -f "$REF_BATCH" ]]; then
-    echo "eval.sh: reference batch REF_BATCH=$REF_BATCH not found (get VIRTUAL_imagenet${RESOLUTION}_labeled.npz" \
+    echo "eval.sh: reference batch REF_BATCH=$REF_BATCH not found (get VIRTUAL_imagenet${RESOLUTION:-256}_labeled.npz" \
          "from openai/guided-diffusion's evaluations page), or set SKIP_EVAL=1" >&2
     exit 1
 fi
@@ -50,9 +50,6 @@ fi
 
 gen_args=(
     --ckpt "$CKPT"
-    --model "$MODEL"
-    --resolution "$RESOLUTION"
-    --path-type "$PATH_TYPE"
     --mode "$MODE"
     --num-steps "$NUM_STEPS"
     --cfg-scale "$CFG_SCALE"
@@ -66,9 +63,10 @@ gen_args=(
     --sample-dir "$SAMPLE_DIR"
     --run-name "$RUN_NAME"
 )
-if [[ -n "$VAE" ]]; then
-    gen_args+=(--vae "$VAE")
-fi
+[[ -n "$VAE" ]] && gen_args+=(--vae "$VAE")
+[[ -n "$MODEL" ]] && gen_args+=(--model "$MODEL")
+[[ -n "$RESOLUTION" ]] && gen_args+=(--resolution "$RESOLUTION")
+[[ -n "$PATH_TYPE" ]] && gen_args+=(--path-type "$PATH_TYPE")
 
 "${launch[@]}" generate.py "${gen_args[@]}" "$@"
 
