@@ -257,3 +257,13 @@ def test_train_sh_runs_one_step_on_cpu(data_dir, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "sh" / "checkpoints" / "0000001.pt").is_file()
+
+
+def test_sample_grids_and_tensorboard(data_dir, tmp_path):
+    argv = tiny_argv(data_dir, tmp_path, "grid", "--max-train-steps", "2", "--sample-every", "2")
+    argv[argv.index("--report-to") + 1] = "tensorboard"
+    train.main(train.parse_args(argv))
+    from PIL import Image
+    grid = Image.open(tmp_path / "grid" / "samples" / "0000002.png")
+    assert grid.size == (4 * 32, 4 * 32)  # 16 EMA samples decoded by the dataset's (pixel-unshuffle) codec
+    assert list((tmp_path / "grid" / "logs").rglob("events.out.tfevents.*"))
