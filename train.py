@@ -381,11 +381,11 @@ def main(args: argparse.Namespace) -> dict:
                 grad_norm = torch.zeros((), device=device)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model_params, args.max_grad_norm)
-                    # One scalar host sync per step: a non-finite loss/gradient (on any rank, since the
-                    # gradients are all-reduced) must skip the update on every rank alike.
-                    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(out.loss.detach()))
-                    if finite:
-                        opt.step()
+                    # One scalar host sync per step. The gradients are all-reduced, so a non-finite loss on
+                    # any rank makes this norm non-finite on every rank, and all of them skip alike.
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite or accelerator.scaler is not None:
+                        opt.step()  # under fp16 the GradScaler skips the step itself and lowers its scale
                 opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
@@ -400,7 +400,9 @@ def main(args: argparse.Namespace) -> dict:
         else:
             bad_run += 1
             bad_total += 1
-            log.info(f"step {step}: non-finite loss or gradient, update skipped ({bad_run} in a row, {bad_total} in all)")
+            hint = " (fp16 loss-scale overflows are normal in the first steps)" if accelerator.scaler is not None else ""
+            log.info(f"step {step}: non-finite loss or gradient, update skipped ({bad_run} in a row, "
+                     f"{bad_total} in all){hint}")
             if bad_run >= args.max_bad_steps:
                 last = find_checkpoints(ckpt_dir)
                 raise RuntimeError(
