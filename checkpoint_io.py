@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from models.hub import hub_offline
 from models.sit import SIZES, SiT, build_model
 
 OFFICIAL_HUB_REPO = "Martinser/REG"
@@ -166,14 +167,13 @@ def resolve_checkpoint(spec: str) -> Path:
     from huggingface_hub import hf_hub_download, list_repo_files
     parts = spec[3:].split("/")
     repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         if not fname:
             files = [f for f in list_repo_files(repo) if f.endswith((".pt", ".pth", ".safetensors"))]
             if len(files) != 1:
                 raise ValueError(f"{repo} holds {len(files)} weight files {files}; name one: hf:{repo}/FILE")
             fname = files[0]
-        return Path(hf_hub_download(repo_id=repo, filename=fname, local_files_only=offline))
+        return Path(hf_hub_download(repo_id=repo, filename=fname, local_files_only=hub_offline()))
     except ValueError:
         raise
     except Exception as e:

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.hub import hub_offline
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -156,9 +158,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     from huggingface_hub import hf_hub_download
     repo = f"timm/{spec.timm_name}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        path = hf_hub_download(repo_id=repo, filename="model.safetensors", local_files_only=offline)
+        path = hf_hub_download(repo_id=repo, filename="model.safetensors", local_files_only=hub_offline())
     except Exception as e:  # offline, gated, missing: give one clear message, not a hub stack trace
         raise WeightsNotFoundError(
             f"pretrained weights for encoder {name!r} are not available ({type(e).__name__}).\n"

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.hub import hub_offline
+
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SD_SCALING_FACTOR = 0.18215  # SPEC §2: z = (mean + std * eps) * 0.18215
 PIXEL_UNSHUFFLE = "pixel-unshuffle"
@@ -115,11 +117,6 @@ class PixelUnshuffleCodec(LatentCodec):
         return F.pixel_shuffle(z.float(), self.downsample).clamp(-1, 1)
 
 
-def _hub_offline() -> bool:
-    # Read the variable at call time: huggingface_hub only reads it once, at import.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _from_pretrained(repo_or_dir: str, **kwargs):
     from diffusers import AutoencoderKL  # lazy: importing diffusers takes seconds
 
@@ -139,7 +136,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
         return _from_pretrained(repo, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass  # not in the local cache
-    if _hub_offline():
+    if hub_offline():
         reason = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
     else:
         try:

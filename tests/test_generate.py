@@ -19,14 +19,7 @@ NUM_CLASSES = 4
 LATENT = 4  # latent side; images are 32 x 32 with the 8x VAE
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: on a busy machine OpenMP threads spin against other processes and
-    make the tests 10x slower, so run single-threaded (and restore the setting afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 def tiny_sit(use_cls_token: bool = True, in_channels: int = 4) -> torch.nn.Module:

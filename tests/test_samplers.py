@@ -21,14 +21,7 @@ X_SHAPE = (2, 2, 2)  # (C, H, W) latents
 CLS_DIM = 3
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: on a busy machine OpenMP threads spin against other processes and
-    make the tests 10x slower, so run single-threaded (and restore the setting afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 class GaussianVelocity:

@@ -19,14 +19,7 @@ from preprocessing.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster single-threaded, and far faster when the 2 cores are contended."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(autouse=True)
