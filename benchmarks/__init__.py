@@ -1,0 +1,1 @@
+"""Speed benchmarks (issue 8): `python -m benchmarks.run --help`."""
