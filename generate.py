@@ -386,8 +386,9 @@ def main(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     device = info.device
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
+    precision = "tf32" if args.tf32 else "ieee"  # the fp32_precision API (legacy allow_tf32 must not be mixed in)
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
     model, config = load_model(args, device)
     using_cfg = args.cfg_scale > 1.0

@@ -240,8 +240,9 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     log = Logger(accelerator, run_dir)
     if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # the fp32_precision API: mixing it with the legacy allow_tf32 flags raises in torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     if args.batch_size % accelerator.num_processes:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
     local_batch = args.batch_size // accelerator.num_processes

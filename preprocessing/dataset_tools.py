@@ -285,8 +285,8 @@ def encode(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     if dtype == torch.float32 and state.device.type == "cuda":
         # fp32 means fp32: TF32 convolutions would make the moments depend on the batch size.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
 
     source = FileTree(args.source)
     names = [n for n in source.list() if is_image_name(n)]
