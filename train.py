@@ -278,6 +278,11 @@ def main(args: argparse.Namespace) -> dict:
     ema = build_model_from_config(config).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
+    token_dim = model.in_channels * model.patch_size ** 2
+    if token_dim > model.hidden_size:  # the final layer cannot reach every latent direction of a token
+        log.info(f"WARNING: a token holds {token_dim} latent numbers ({model.in_channels} channels x patch "
+                 f"{model.patch_size}^2) but {args.model} is {model.hidden_size} wide: samples keep noise in the "
+                 f"{token_dim - model.hidden_size} directions it cannot reach (use a wider model or a smaller codec)")
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,

@@ -11,6 +11,8 @@ latent is z = (mean + std * eps) * scaling_factor (SPEC §2); the sampler decode
     a local directory     saved with `AutoencoderKL.save_pretrained` (config.json + weights)
     "pixel-unshuffle"     demo only: exact space-to-depth by 8 of x/127.5-1 (192 channels, std = 0),
                           so the offline quick start can make real pictures without pretrained weights.
+    "pixel-unshuffle-lowpass"  demo only: 2x2 box average, then space-to-depth by 4 (48 channels),
+                          sized for the tiny SiT-T/2 of the quick start (see PixelUnshuffleCodec).
 Hub ids are looked up in the local HF cache first; the network is only tried when HF_HUB_OFFLINE
 is not set. A missing model gives a short error that says what to fetch, not a hub stack trace.
 """
@@ -28,6 +30,7 @@ from models.hub import hub_offline
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SD_SCALING_FACTOR = 0.18215  # SPEC §2: z = (mean + std * eps) * 0.18215
 PIXEL_UNSHUFFLE = "pixel-unshuffle"
+PIXEL_UNSHUFFLE_LOWPASS = "pixel-unshuffle-lowpass"
 
 
 def images_to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -91,30 +94,45 @@ class SDVAE(LatentCodec):
 
 
 class PixelUnshuffleCodec(LatentCodec):
-    """Weight-free, exactly invertible space-to-depth by 8: (3, H, W) -> (192, H/8, W/8).
+    """Weight-free demo codec: a pool x pool box average, then space-to-depth by 8 / pool.
 
-    Demo only. The posterior is a point mass (std = 0). scaling_factor = 1.0 because the values
-    are already in [-1, 1] with roughly unit-order spread, so no rescaling is needed.
+    pool = 1 ("pixel-unshuffle"): exactly invertible, (3, H, W) -> (192, H/8, W/8).
+    pool = 2 ("pixel-unshuffle-lowpass"): (3, H, W) -> (48, H/8, W/8). Sized for tiny models: a SiT
+        token at patch 2 holds 4 x latent_channels numbers, 768 with pool 1, four times SiT-T's width
+        192, so its final linear layer reaches only a 192-dim subspace of each token and the sampler
+        never removes the noise in the rest (speckled samples). With 48 channels a token is 192
+        numbers. decode repeats each value over its 2 x 2 block: encode(decode(z)) == z, and images
+        that are constant on 2 x 2 blocks round-trip exactly.
+    Demo only. The posterior is a point mass (std = 0); scaling_factor = 1.0 because the values are
+    already in [-1, 1] with roughly unit-order spread.
     """
 
-    def __init__(self, downsample: int = 8):
+    def __init__(self, downsample: int = 8, pool: int = 1):
         super().__init__()
-        self.name = PIXEL_UNSHUFFLE
-        self.downsample = downsample
-        self.latent_channels = 3 * downsample * downsample
+        if downsample % pool:
+            raise ValueError(f"downsample {downsample} is not a multiple of the pooling {pool}")
+        self.name = PIXEL_UNSHUFFLE if pool == 1 else PIXEL_UNSHUFFLE_LOWPASS
+        self.downsample, self.pool = downsample, pool
+        self.latent_channels = 3 * (downsample // pool) ** 2
         self.scaling_factor = 1.0
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_size(images)
-        mean = F.pixel_unshuffle(images_to_unit(images), self.downsample)
+        x = images_to_unit(images)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
+        mean = F.pixel_unshuffle(x, self.downsample // self.pool)
         return mean, torch.zeros_like(mean)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected latents (N, {self.latent_channels}, h, w), got {tuple(z.shape)}")
-        return F.pixel_shuffle(z.float(), self.downsample).clamp(-1, 1)
+        x = F.pixel_shuffle(z.float(), self.downsample // self.pool)
+        if self.pool > 1:
+            x = F.interpolate(x, scale_factor=self.pool, mode="nearest")
+        return x.clamp(-1, 1)
 
 
 def _from_pretrained(repo_or_dir: str, **kwargs):
@@ -156,8 +174,8 @@ def load_vae(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
 
     `dtype` is the compute dtype of the SD-VAE; outputs are float32 either way.
     """
-    if spec == PIXEL_UNSHUFFLE:
-        return PixelUnshuffleCodec().to(device)
+    if spec in (PIXEL_UNSHUFFLE, PIXEL_UNSHUFFLE_LOWPASS):
+        return PixelUnshuffleCodec(pool=1 if spec == PIXEL_UNSHUFFLE else 2).to(device)
     repo_or_dir = SD_VAES.get(spec, spec)
     if os.path.isdir(repo_or_dir):
         if not os.path.isfile(os.path.join(repo_or_dir, "config.json")):
@@ -168,7 +186,7 @@ def load_vae(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     elif os.path.exists(repo_or_dir) or repo_or_dir.startswith((".", "/", "~")) or repo_or_dir.count("/") == 0:
         raise FileNotFoundError(
             f"VAE {spec!r} is neither a local AutoencoderKL directory nor a hub id "
-            f"(expected 'ema', 'mse', 'org/name', a directory, or {PIXEL_UNSHUFFLE!r})")
+            f"(expected 'ema', 'mse', 'org/name', a directory, {PIXEL_UNSHUFFLE!r} or {PIXEL_UNSHUFFLE_LOWPASS!r})")
     else:
         vae = _load_hub(repo_or_dir, dtype)
         name = repo_or_dir

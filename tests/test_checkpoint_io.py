@@ -1,6 +1,6 @@
 """Checkpoint I/O: atomic writes, official files with a pickled Namespace, safetensors export."""
 import argparse
-import pickle
+import os
 
 import pytest
 import torch
@@ -87,6 +87,9 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_torch_save({"steps": 2, "x": Boom()}, path)
     assert torch.load(path, weights_only=True) == {"steps": 1}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
 
 

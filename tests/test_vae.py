@@ -72,6 +72,21 @@ def test_pixel_unshuffle_round_trip_is_exact():
     assert mean[0, 0, 0, 0] == images[0, 0, 0, 0].float() / 127.5 - 1
 
 
+def test_pixel_unshuffle_lowpass_codec():
+    codec = load_vae("pixel-unshuffle-lowpass")
+    assert (codec.latent_channels, codec.downsample, codec.name) == (48, 8, "pixel-unshuffle-lowpass")
+    images = random_images(2, res=32, seed=4)
+    mean, std = codec.encode_moments(images)
+    assert mean.shape == (2, 48, 4, 4) and torch.all(std == 0)
+    unit = images.float() / 127.5 - 1
+    assert torch.allclose(mean[0, 0, 0, 0], unit[0, 0, :2, :2].mean())  # a 2x2 average of the top-left red pixels
+    assert torch.allclose(codec.encode_moments(((codec.decode(mean) + 1) * 127.5).round().to(torch.uint8))[0],
+                          mean, atol=1 / 127.5)  # encode(decode(z)) == z up to uint8 rounding
+    blocky = images[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)  # constant on 2x2 blocks
+    back = codec.decode(codec.encode_moments(blocky)[0])
+    assert torch.equal(((back + 1) * 127.5).round().to(torch.uint8), blocky)
+
+
 def test_missing_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

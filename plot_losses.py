@@ -1,0 +1,103 @@
+"""Plot the loss terms of a training run from its metrics.jsonl (written by train.py).
+
+    python plot_losses.py exps/NAME/metrics.jsonl --out exps/NAME/losses.png
+
+metrics.jsonl holds one JSON object per log interval: step, loss, loss_denoise, loss_proj,
+loss_cls, grad_norm, lr, ... (each loss is the mean over that interval). Each term gets its own
+panel, because their scales differ: loss_proj is a negative cosine similarity (-1 is perfect
+alignment) while the others are mean squared errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+DEFAULT_KEYS = ("loss", "loss_denoise", "loss_proj", "loss_cls")
+TITLES = {
+    "loss": "total loss",
+    "loss_denoise": "denoising (velocity MSE)",
+    "loss_proj": "alignment (-cos to encoder features)",
+    "loss_cls": "class-token velocity MSE",
+}
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file, in step order. Blank lines are skipped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metrics file {path} does not exist (train.py writes it every --log-every steps)")
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if "step" not in record:
+                raise ValueError(f"{path}:{lineno}: record has no 'step' key (keys: {sorted(record)})")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records: has the run logged anything yet?")
+    # A resumed run appends; keep the last record of each step so a replayed interval is drawn once.
+    by_step = {int(r["step"]): r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_KEYS, title: str | None = None) -> list[str]:
+    """Draw one panel per key present in the records into the PNG `out`; return the keys drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed (CI, ssh, laptops without a GUI backend)
+    import matplotlib.pyplot as plt
+
+    # A key is drawn if some record has a finite value for it (e.g. loss_cls is 0 for --method repa but present).
+    drawn = [k for k in keys if any(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for r in records)]
+    if not drawn:
+        raise ValueError(f"none of the keys {list(keys)} are in the metrics (found {sorted(records[0])})")
+    cols = min(len(drawn), 2)
+    rows = math.ceil(len(drawn) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False, sharex=True)
+    for ax, key in zip(axes.flat, drawn):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        steps, values = zip(*pts)
+        ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_title(TITLES.get(key, key), fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(drawn):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", help="a run's metrics.jsonl")
+    p.add_argument("--out", default=None, help="output PNG (default: losses.png beside the metrics file)")
+    p.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics to draw, one panel each")
+    p.add_argument("--title", default=None, help="figure title (default: the run folder's name)")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> str:
+    records = read_metrics(args.metrics)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "losses.png")
+    title = args.title or os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))
+    keys = tuple(k.strip() for k in args.keys.split(",") if k.strip())
+    drawn = plot_losses(records, out, keys, title=title)
+    first, last = records[0], records[-1]
+    print(f"plot_losses: {', '.join(drawn)} over steps {first['step']}..{last['step']} "
+          f"({len(records)} points) -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())
