@@ -174,14 +174,19 @@ def _convert_one(task: tuple[int, str]) -> tuple[int, bytes | None, str | None]:
     return idx, None, None
 
 
-def convert(args: argparse.Namespace) -> dict:
+def list_source(args: argparse.Namespace) -> tuple[FileTree, list[str], dict[str, int] | None]:
+    """The source's image names (sorted, at most --max-images) and their labels, if it has any."""
     source = FileTree(args.source)
     names = [n for n in source.list() if is_image_name(n)]
     if args.max_images is not None:
         names = names[: args.max_images]
     if not names:
         raise ValueError(f"no images found in {args.source}")
-    labels = source_labels(source, names)
+    return source, names, source_labels(source, names)
+
+
+def convert(args: argparse.Namespace) -> dict:
+    source, names, labels = list_source(args)
     if labels is None:
         print(f"convert: warning: {args.source} has no dataset.json labels and no class folders; "
               "writing labels: null", file=sys.stderr)
@@ -288,13 +293,7 @@ def encode(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         torch.backends.cudnn.conv.fp32_precision = "ieee"
 
-    source = FileTree(args.source)
-    names = [n for n in source.list() if is_image_name(n)]
-    if args.max_images is not None:
-        names = names[: args.max_images]
-    if not names:
-        raise ValueError(f"no images found in {args.source}")
-    labels = source_labels(source, names)
+    source, names, labels = list_source(args)
     if labels is None:
         raise ValueError(f"{source.describe('dataset.json')} has no labels (and the images are not in class "
                          "folders); the training set needs a class label per image")
