@@ -103,6 +103,17 @@ def _check_model(model, y: torch.Tensor, guided: bool) -> int | None:
     return int(null_label)
 
 
+def _start(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None, *,
+           num_steps: int, cfg_scale: float, path_type: str):
+    """The checks both samplers share; returns (null label, model dtype, float64 latents, float64 class token)."""
+    check_path_type(path_type)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    null_label = _check_model(model, y, cfg_scale > 1.0)
+    c = None if cls_latents is None else cls_latents.to(torch.float64)
+    return null_label, _model_dtype(model, latents), latents.to(torch.float64), c
+
+
 class _Prediction:
     """Velocities at one time, in float64, split into conditional / unconditional halves."""
 
@@ -211,13 +222,8 @@ def euler_maruyama_sampler(
     labels. Returns the final (latents, cls_token) in the dtypes of the inputs (cls_token None
     if cls_latents is None). See the module docstring for ``generator`` / ``noise_fn``.
     """
-    check_path_type(path_type)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    null_label = _check_model(model, y, cfg_scale > 1.0)
-    model_dtype = _model_dtype(model, latents)
-    x = latents.to(torch.float64)
-    c = None if cls_latents is None else cls_latents.to(torch.float64)
+    null_label, model_dtype, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps,
+                                           cfg_scale=cfg_scale, path_type=path_type)
 
     t_steps = torch.cat([torch.linspace(1.0, T_LAST, num_steps, dtype=torch.float64),
                          torch.zeros(1, dtype=torch.float64)])
@@ -276,13 +282,8 @@ def euler_sampler(
     The path only enters through the model: the ODE update itself is path-agnostic.
     Returns (latents, cls_token) as ``euler_maruyama_sampler`` does; it draws no randomness.
     """
-    check_path_type(path_type)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    null_label = _check_model(model, y, cfg_scale > 1.0)
-    model_dtype = _model_dtype(model, latents)
-    x = latents.to(torch.float64)
-    c = None if cls_latents is None else cls_latents.to(torch.float64)
+    null_label, model_dtype, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps,
+                                           cfg_scale=cfg_scale, path_type=path_type)
 
     def velocity(x_, c_, t: float, guided: bool):
         pred = _predict(model, x_, c_, y, t, guided=guided, null_label=null_label,

@@ -11,6 +11,7 @@ exported as ema_{step:07d}.safetensors + .json, the file to share and to sample 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -275,8 +276,7 @@ def main(args: argparse.Namespace) -> dict:
         "method": args.method,
     }
     model = build_model_from_config(config).to(device)
-    ema = build_model_from_config(config).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     token_dim = model.in_channels * model.patch_size ** 2
     if token_dim > model.hidden_size:  # the final layer cannot reach every latent direction of a token
