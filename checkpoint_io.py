@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from models.hub import hub_offline
-from models.sit import SIZES, SiT, build_model
+from models.sit import SIZES, SiT, build_model, parse_model_name
 
 OFFICIAL_HUB_REPO = "Martinser/REG"
 # Keyword arguments of models.sit.SiT that a config may carry.
@@ -232,7 +232,7 @@ def load_generator(spec: str, *, use_ema: bool = True, overrides: dict | None = 
     if (overrides or {}).get("num_classes") is not None and inferred["num_classes"] + 1 == overrides["num_classes"]:
         inferred["num_classes"], inferred["class_dropout_prob"] = overrides["num_classes"], 0.0  # no null row
     config.update(inferred)
-    depth = SIZES[config["model"].split("-")[1].split("/")[0]][0]
+    depth = SIZES[parse_model_name(config["model"])[0]][0]
     config["encoder_depth"] = min(int(config["encoder_depth"]), depth)
     if "resolution" not in config:
         config["resolution"] = config["input_size"] * 8

@@ -26,8 +26,8 @@ from checkpoint_io import (atomic_json_dump, atomic_torch_save, build_model_from
                            save_training_checkpoint, torch_load)
 from dataset import CustomDataset
 from loss import encoder_targets, reg_loss, sample_latents
-from models.encoders import ENCODERS, encoder_resolution, load_encoders, parse_enc_type
-from models.sit import SIZES, SiT_models
+from models.encoders import ENCODERS, load_encoders, parse_enc_type
+from models.sit import SIZES, SiT_models, parse_model_name
 
 METHODS = ("reg", "repa", "sit")
 
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     if args.model not in SiT_models:
         raise ValueError(f"unknown --model {args.model!r}; choose from {', '.join(SiT_models)}")
-    depth = SIZES[args.model.split("-")[1].split("/")[0]][0]
+    depth = SIZES[parse_model_name(args.model)[0]][0]
     if args.resolution <= 0 or args.resolution % 16:
         raise ValueError(f"--resolution must be a positive multiple of 16, got {args.resolution}")
     if args.method == "sit":

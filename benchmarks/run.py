@@ -50,7 +50,7 @@ from evaluations.evaluator import (NpzImageReader, build_inception, extract_feat
                                    squared_distances)
 from loss import LossOutput, encoder_targets, reg_loss, sample_latents
 from models.encoders import ENCODERS, VisionEncoder, load_encoders, parse_enc_type
-from models.sit import SIZES, SiT, build_model
+from models.sit import SiT, build_model, parse_model_name
 from samplers import euler_maruyama_sampler
 from train import ema_update
 
@@ -194,13 +194,7 @@ def finalise_args(args: argparse.Namespace) -> None:
 
 def model_size(name: str) -> str:
     """'SiT-XL/2' -> 'XL', with a clear error for names outside the registry."""
-    try:
-        size = name.split("-", 1)[1].split("/")[0]
-        if size in SIZES and name.endswith(("/2", "/4", "/8")):
-            return size
-    except IndexError:
-        pass
-    raise ValueError(f"unknown model {name!r}; expected SiT-{{{','.join(SIZES)}}}/{{2,4,8}}")
+    return parse_model_name(name)[0]
 
 
 def encoder_depth_for(name: str) -> int:
@@ -497,7 +491,7 @@ def train_step(state: TrainState, batch: Batch, pinned: Pinned | None = None) ->
         return out, logs
 
     # train.py: one scalar finite-check per step (a non-finite step is skipped on every rank alike) ...
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(out.loss.detach()))
+    finite = bool(torch.isfinite(grad_norm))  # all-reduced gradients: NaN anywhere makes this NaN
     if finite:
         state.opt.step()
     state.opt.zero_grad(set_to_none=True)

@@ -412,8 +412,15 @@ def _make(size: str, patch: int):
 SiT_models = {f"SiT-{size}/{patch}": _make(size, patch) for size in SIZES for patch in (2, 4, 8)}
 
 
-def build_model(name: str, **kwargs) -> SiT:
-    """SiT_models[name](**kwargs) with a clear error for unknown names."""
+def parse_model_name(name: str) -> tuple[str, int]:
+    """'SiT-XL/2' -> ('XL', 2), with a clear error for names outside the registry."""
     if name not in SiT_models:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(SiT_models)}")
+    size, patch = name[len("SiT-"):].split("/")
+    return size, int(patch)
+
+
+def build_model(name: str, **kwargs) -> SiT:
+    """SiT_models[name](**kwargs) with a clear error for unknown names."""
+    parse_model_name(name)
     return SiT_models[name](**kwargs)
