@@ -24,46 +24,13 @@ from typing import Any, Callable
 import torch
 
 from models.hub import hub_offline
+from utils import atomic_json_dump, atomic_torch_save, atomic_write  # noqa: F401  (re-exported)
 from models.sit import SIZES, SiT, build_model, parse_model_name
 
 OFFICIAL_HUB_REPO = "Martinser/REG"
 # Keyword arguments of models.sit.SiT that a config may carry.
 MODEL_KWARGS = ("input_size", "in_channels", "num_classes", "z_dims", "encoder_depth", "projector_dim",
                 "use_cls_token", "cls_token_dim", "qk_norm", "fused_attn", "class_dropout_prob")
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), fsync it, then rename over `path` (atomic on POSIX file systems)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give them the usual permissions
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_json_dump(obj: Any, path: str | os.PathLike) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- safe loading

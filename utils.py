@@ -1,0 +1,101 @@
+"""Small helpers every stage shares: atomic file writes and the fp32 matmul precision switch.
+
+Ground floor: imports nothing from this repository, so the evaluator, the preprocessing tools,
+the checkpoint code and the entry points can all use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync: bool = True) -> None:
+    """Call write(tmp_path), fsync it, then rename over `path`.
+
+    The temporary file sits in the destination folder (same file system, so os.replace is atomic on
+    POSIX) and is named `.NAME.*.tmp`, the pattern `clean_stale_tmp` removes. A process killed at
+    any moment leaves either the old file or the new one, never half of one. New files get the
+    usual permissions (0666 & ~umask), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write, fsync=fsync)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json_dump(obj: Any, path: str | os.PathLike, *, sort_keys: bool = True) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def clean_stale_tmp(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """Remove `.NAME.*.tmp` files that a killed atomic_write left behind; returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for f in folder.glob(f".{name}.*.tmp"):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+# ----------------------------------------------------------------------------- fp32 matmul precision
+
+
+@contextlib.contextmanager
+def fp32_precision(mode: str) -> Iterator[None]:
+    """Set matmul and cuDNN conv fp32 precision to "tf32" or "ieee" inside the block, then restore.
+
+    Uses torch's fp32_precision API only: mixing it with the legacy `allow_tf32` flags raises.
+    """
+    if mode not in ("tf32", "ieee"):
+        raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    set_fp32_precision(mode)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def set_fp32_precision(mode: str) -> None:
+    """Process-wide form of `fp32_precision`, for entry points that keep one setting throughout."""
+    if mode not in ("tf32", "ieee"):
+        raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
