@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import io
 import json
 import os
 import queue
@@ -40,6 +42,10 @@ import torch
 import torch.nn as nn
 import torch_fidelity.feature_extractor_inceptionv3 as tfi
 from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script (`python evaluations/evaluator.py`, as REG's eval.sh does)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import atomic_json_dump, atomic_write, atomic_write_bytes, fp32_precision  # noqa: E402
 
 INCEPTION_URL = tfi.URL_INCEPTION_V3
 INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
@@ -199,7 +205,7 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: i
         raise EvalInputError(f"feature dims differ: {ref_features.shape[1]} vs {sample_features.shape[1]}")
     device = torch.device(device) if device is not None else _default_device()
 
-    with ieee_fp32():
+    with fp32_precision("ieee"):
         ref = torch.as_tensor(ref_features, device=device)
         sam = torch.as_tensor(sample_features, device=device)
         ref_radii = manifold_radii(ref, k, block_size)
@@ -367,37 +373,42 @@ def read_stored_meta(path: str) -> Optional[dict]:
 # Inception-v3 (torch-fidelity's TF-exact port) with the sFID hook.
 # ----------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def ieee_fp32():
-    """TF32 off for matmuls and convolutions (restored afterwards): ADM's graph runs in true fp32."""
-    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        torch.backends.cudnn.conv.fp32_precision = conv
+def ieee_fp32() -> contextlib.AbstractContextManager:
+    """TF32 off for matmuls and convolutions inside the block: ADM's graph runs in true fp32.
+    Kept for callers of the old name; it is utils.fp32_precision("ieee")."""
+    return fp32_precision("ieee")
 
 
-_RANDOM_INIT = object()  # stands in for a state dict: keep (seeded) random weights
+class _InceptionLayers(nn.Module):
+    """The parameterised layers of torch-fidelity 0.4.0's FeatureExtractorInceptionV3, same names and
+    order: only used to make a seeded random state dict. A drift from torch-fidelity's own list
+    fails its strict load_state_dict, loudly."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = tfi.BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = tfi.BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = tfi.BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = tfi.BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = tfi.BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = tfi.InceptionA(192, pool_features=32)
+        self.Mixed_5c = tfi.InceptionA(256, pool_features=64)
+        self.Mixed_5d = tfi.InceptionA(288, pool_features=64)
+        self.Mixed_6a = tfi.InceptionB(288)
+        self.Mixed_6b = tfi.InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = tfi.InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = tfi.InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = tfi.InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = tfi.InceptionD(768)
+        self.Mixed_7b = tfi.InceptionE_1(1280)
+        self.Mixed_7c = tfi.InceptionE_2(2048)
+        self.fc = nn.Linear(2048, 1008)
 
 
-class _TorchFidelityInception(tfi.FeatureExtractorInceptionV3):
-    """torch-fidelity's network, whose constructor insists on loading weights itself (with
-    weights_only=False, or by downloading). `build_inception` hands it a state dict we loaded with
-    weights_only=True instead, or the random-init marker."""
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if state_dict is _RANDOM_INIT:
-            _random_init_(self)
-            return None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def _random_init_(net: nn.Module, seed: int = 0) -> None:
+def _random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded so that two runs (e.g. --save-stats, then evaluation) see the same random network;
     fan-in normal init keeps activations O(1) through the 90+ conv layers."""
+    net = _InceptionLayers()
     g = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
@@ -405,6 +416,19 @@ def _random_init_(net: nn.Module, seed: int = 0) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=m.in_features ** -0.5, generator=g)
             nn.init.normal_(m.bias, generator=g)  # non-zero, so biased and unbiased logits differ
+    return net.state_dict()
+
+
+def _torch_fidelity_inception(state: dict[str, torch.Tensor]) -> tfi.FeatureExtractorInceptionV3:
+    """torch-fidelity's network built through its own constructor argument
+    `feature_extractor_weights_path`, which it reads with torch.load(weights_only=False). We never
+    hand it a user's file: it gets an in-memory copy of a state dict that we loaded with
+    weights_only=True (plain tensors, so unpickling it runs no code)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return tfi.FeatureExtractorInceptionV3("inception-v3-adm", ["2048", "logits_unbiased"],
+                                           feature_extractor_weights_path=buf)
 
 
 def default_weights_path() -> str:
@@ -425,9 +449,18 @@ def resolve_weights(spec: Optional[str]) -> Optional[str]:
     return os.environ.get(WEIGHTS_ENV) or None
 
 
-def _load_state_dict(spec: Optional[str], verbose: bool = True):
+def _load_error_text(e: BaseException) -> str:
+    """torch.load's message, minus its advice to retry with weights_only=False (we never do)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    return text[text.index(marker):].strip() if marker in text else text
+
+
+def _load_state_dict(spec: Optional[str], verbose: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, identity): the identity is "random" or the sha256 of the weights file, so cached
+    statistics can tell which network made them whatever the file is called."""
     if spec == "random":
-        return _RANDOM_INIT
+        return _random_state_dict(), "random"
     if spec is not None:
         path = os.path.expanduser(spec)
         if not os.path.isfile(path):
@@ -443,20 +476,28 @@ def _load_state_dict(spec: Optional[str], verbose: bool = True):
             except Exception as e:  # URLError, HTTPError, timeouts, SSL, disk: all mean "not there"
                 raise InceptionWeightsError(
                     f"Inception weights are not at {path} and downloading them failed "
-                    f"({type(e).__name__}: {e}).\n" + _weights_help(path)) from None
+                    f"({type(e).__name__}: {e}).\n" + _weights_help(path)) from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            data = f.read()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InceptionWeightsError(f"cannot read Inception weights {path} ({type(e).__name__}: {e}).\n"
-                                    + _weights_help(default_weights_path())) from None
+        raise InceptionWeightsError(f"cannot read Inception weights {path} ({type(e).__name__}: "
+                                    f"{_load_error_text(e)}).\n" + _weights_help(default_weights_path())) from e
+    if not isinstance(state, dict):
+        raise InceptionWeightsError(f"{path} holds a {type(state).__name__}, not an Inception-v3 state dict.\n"
+                                    + _weights_help(default_weights_path()))
+    return state, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class InceptionV3(nn.Module):
     """pool_3 (2048), spatial (2023, channels-last) and logits (1008, no bias) for uint8 NCHW images."""
 
-    def __init__(self, net: tfi.FeatureExtractorInceptionV3, random_weights: bool, weights: str):
+    def __init__(self, net: tfi.FeatureExtractorInceptionV3, random_weights: bool, weights: str,
+                 weights_id: str = "unknown"):
         super().__init__()
         self.net, self.random_weights, self.weights = net, random_weights, weights
+        self.weights_id = weights_id  # "random" or "sha256:<hex>" of the weights file
         self._spatial: Optional[torch.Tensor] = None
         # mixed_6/conv:0 in the TF graph is the ReLU output of Mixed_6d's 1x1 branch.
         net.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
@@ -479,7 +520,7 @@ class InceptionV3(nn.Module):
     def logits_from_pool(self, pool: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """pool_3 @ W (no bias), the same product as torch-fidelity's 'logits_unbiased' output."""
         w = self.net.fc.weight
-        with ieee_fp32():
+        with fp32_precision("ieee"):
             out = [(torch.as_tensor(pool[i:i + batch_size], device=w.device) @ w.T).cpu().numpy()
                    for i in range(0, len(pool), batch_size)]
         return np.concatenate(out).astype(np.float32)
@@ -489,26 +530,22 @@ def build_inception(weights: Optional[str] = None, device: torch.device | str = 
                     verbose: bool = True) -> InceptionV3:
     """Inception-v3 2015-12-05. `weights`: None (torch-fidelity's default file, downloaded if
     missing), a local .pth path, or "random" (smoke tests only: the numbers mean nothing)."""
-    state = _load_state_dict(weights, verbose)
-    if state is _RANDOM_INIT:
+    state, weights_id = _load_state_dict(weights, verbose)
+    random_weights = weights_id == "random"
+    if random_weights:
         banner = "!" * 78
         msg = ("USING RANDOM INCEPTION WEIGHTS: FID/sFID/IS/precision/recall below are MEANINGLESS "
                "(smoke test only)")
         _log(f"{banner}\n{msg}\n{banner}")
         warnings.warn(msg)
-    # The constructor fetches weights through this module-level name; hand it ours instead.
-    original = tfi.load_state_dict_from_url
-    tfi.load_state_dict_from_url = lambda *args, **kwargs: state
     try:
-        net = _TorchFidelityInception("inception-v3-adm", ["2048", "logits_unbiased"])
+        net = _torch_fidelity_inception(state)
     except RuntimeError as e:  # wrong keys/shapes: not the Inception-2015 weights
         detail = str(e) if len(str(e)) < 300 else str(e)[:300] + " ..."  # the key lists run long
         raise InceptionWeightsError(f"{weights or default_weights_path()} does not hold the expected Inception-v3 "
-                                    f"weights ({detail}).\n" + _weights_help(default_weights_path())) from None
-    finally:
-        tfi.load_state_dict_from_url = original
-    label = "random" if state is _RANDOM_INIT else (weights or default_weights_path())
-    return InceptionV3(net, random_weights=state is _RANDOM_INIT, weights=label).to(device).eval()
+                                    f"weights ({detail}).\n" + _weights_help(default_weights_path())) from e
+    label = "random" if random_weights else (weights or default_weights_path())
+    return InceptionV3(net, random_weights=random_weights, weights=label, weights_id=weights_id).to(device).eval()
 
 
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
@@ -531,23 +568,125 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
+def _as_nchw_uint8(images, device: torch.device) -> torch.Tensor:
+    """uint8 images as an (N, 3, H, W) tensor on `device`: torch (N, H, W, 3) or (N, 3, H, W), or
+    NumPy (N, H, W, 3) (ADM's npz layout). Anything else would give wrong features: refused."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise EvalInputError(f"FeatureAccumulator.add: NumPy images have dtype {images.dtype}, expected uint8 "
+                                 "in [0, 255] (e.g. ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise EvalInputError(f"FeatureAccumulator.add: NumPy images have shape {images.shape}, expected "
+                                 "(N, H, W, 3) uint8 (channels last, as in ADM's npz files)")
+        if not images.flags.writeable:  # e.g. a memmap view; torch.from_numpy wants a writable buffer
+            images = images.copy()
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+        return x.permute(0, 3, 1, 2).contiguous()
+    if not isinstance(images, torch.Tensor):
+        raise EvalInputError(f"FeatureAccumulator.add: expected a uint8 torch.Tensor or NumPy array, "
+                             f"got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise EvalInputError(f"FeatureAccumulator.add: images have dtype {images.dtype}, expected torch.uint8 in "
+                             "[0, 255] (e.g. ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))")
+    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise EvalInputError(f"FeatureAccumulator.add: images have shape {tuple(images.shape)}, expected "
+                             "(N, H, W, 3) or (N, 3, H, W)")
+    if images.shape[1] == 3 and images.shape[-1] == 3:
+        raise EvalInputError(f"FeatureAccumulator.add: shape {tuple(images.shape)} is ambiguous (3 pixels wide "
+                             "and 3 channels); pass NumPy (N, H, W, 3) instead")
+    x = images.to(device, non_blocking=True)
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous()
+
+
+class FeatureAccumulator:
+    """Inception features of images handed over in any number of pieces, straight from a decoder (no
+    PNG, no npz). Images are regrouped into forwards of exactly `batch_size`, in add() order, so the
+    features equal, bit for bit, those that the npz path (`extract_features`, same batch size) gives
+    for the same images.
+
+        acc = FeatureAccumulator(model)
+        for latents in ...: acc.add(decode(latents))     # uint8 (N, 3, H, W) on the GPU
+        metrics = compute_metrics(load_reference(REF, model), acc.finish())
+    """
+
+    def __init__(self, model: InceptionV3, batch_size: int = 100):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.batch_size = model, batch_size
+        self.device = next(model.parameters()).device
+        self.image_shape: Optional[tuple] = None  # (H, W, 3), as BatchInfo records it
+        self._pending: list[torch.Tensor] = []
+        self._pending_count = 0
+        self._out: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._out["pool"]) + self._pending_count
+
+    def add(self, images) -> None:
+        """uint8 images: torch (N, H, W, 3) or (N, 3, H, W), or NumPy (N, H, W, 3); any device."""
+        x = _as_nchw_uint8(images, self.device)
+        shape = (x.shape[2], x.shape[3], 3)
+        if self.image_shape is None:
+            self.image_shape = shape
+        elif shape != self.image_shape:  # one batch is one resolution, as in an npz
+            raise EvalInputError(f"FeatureAccumulator.add: images of {shape[0]}x{shape[1]} after "
+                                 f"{self.image_shape[0]}x{self.image_shape[1]} ones; one accumulator per resolution")
+        if len(x) == 0:
+            return
+        self._pending.append(x)
+        self._pending_count += len(x)
+        if self._pending_count >= self.batch_size:
+            x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            full = len(x) - len(x) % self.batch_size
+            for i in range(0, full, self.batch_size):
+                self._forward(x[i:i + self.batch_size])
+            rest = x[full:]
+            self._pending, self._pending_count = ([rest] if len(rest) else []), len(rest)
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor) -> None:
+        with fp32_precision("ieee"):
+            for name, feat in zip(("pool", "spatial", "logits"), self.model(x)):
+                self._out[name].append(feat.cpu().numpy())
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._forward(torch.cat(self._pending))
+            self._pending, self._pending_count = [], 0
+
+    def features(self) -> dict[str, np.ndarray]:
+        """{"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)} float32, in add() order.
+        Runs the last, partial batch; images added afterwards start a new batch."""
+        self._flush()
+        if not self._out["pool"]:
+            raise EvalInputError("FeatureAccumulator: no images were added")
+        feats = {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in self._out.items()}
+        self._out = {k: [v] for k, v in feats.items()}  # keep one array, not one per batch
+        if not all(np.isfinite(f).all() for f in feats.values()):
+            raise EvalInputError("FeatureAccumulator: Inception produced non-finite features")
+        return feats
+
+    def finish(self, name: str = "samples") -> "BatchFeatures":
+        """Features and ADM statistics of everything added, ready for compute_metrics()."""
+        f = self.features()
+        return batch_from_features(f["pool"], f["spatial"], f["logits"], name=name, image_shape=self.image_shape)
+
+
 @torch.no_grad()
 def extract_features(reader: NpzImageReader, model: InceptionV3, batch_size: int = 100,
                      verbose: bool = True) -> dict[str, np.ndarray]:
     """pool_3 / spatial / logits for every image of `reader`, in file order, float32."""
-    device = next(model.parameters()).device
-    out: dict[str, list] = {"pool": [], "spatial": [], "logits": []}
-    with ieee_fp32():
-        batches = _prefetch(np.array(b) for b in reader.batches(batch_size))  # copy: memmap is read-only
-        for batch in tqdm(batches, total=-(-len(reader) // batch_size), desc=os.path.basename(reader.path),
-                          file=sys.stderr, disable=not verbose, unit="batch"):
-            x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-            for name, feat in zip(("pool", "spatial", "logits"), model(x)):
-                out[name].append(feat.cpu().numpy())
-    feats = {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in out.items()}
-    if not all(np.isfinite(f).all() for f in feats.values()):
-        raise EvalInputError(f"{reader.path}: Inception produced non-finite features")
-    return feats
+    acc = FeatureAccumulator(model, batch_size)
+    batches = _prefetch(np.array(b) for b in reader.batches(batch_size))  # copy: memmap is read-only
+    for batch in tqdm(batches, total=-(-len(reader) // batch_size), desc=os.path.basename(reader.path),
+                      file=sys.stderr, disable=not verbose, unit="batch"):
+        acc.add(batch)
+    try:
+        return acc.features()
+    except EvalInputError as e:
+        raise EvalInputError(f"{reader.path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,14 +774,87 @@ def compute_metrics(ref: BatchFeatures, sample: BatchFeatures, k: int = 3,
     }
 
 
+def batch_from_features(pool, spatial, logits, name: str = "samples",
+                        image_shape: Optional[tuple] = None) -> BatchFeatures:
+    """A BatchFeatures (with ADM's statistics) from per-image features, e.g. FeatureAccumulator.features()
+    of every rank gathered in rank order. Arrays: pool (N, 2048), spatial (N, 2023), logits (N, 1008)
+    or None; NumPy or torch, any device."""
+    arrays = {}
+    for key, value, dim in (("pool", pool, POOL_DIM), ("spatial", spatial, SPATIAL_DIM), ("logits", logits, None)):
+        if value is None and key == "logits":
+            arrays[key] = None
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        value = np.asarray(value, dtype=np.float32)
+        if value.ndim != 2 or (dim is not None and value.shape[1] != dim):
+            raise EvalInputError(f"{name}: '{key}' features have shape {value.shape}, expected (N, {dim or 1008})")
+        if not np.isfinite(value).all():
+            raise EvalInputError(f"{name}: '{key}' features contain NaN/inf")
+        arrays[key] = value
+    counts = {k: len(v) for k, v in arrays.items() if v is not None}
+    if len(set(counts.values())) != 1:
+        raise EvalInputError(f"{name}: feature arrays hold different numbers of images {counts}")
+    n = counts["pool"]
+    if n < 2:
+        raise EvalInputError(f"{name}: {n} image(s); statistics need at least 2")
+    info = BatchInfo(name, [], n, tuple(image_shape) if image_shape is not None else None, False)
+    mu, sigma = compute_statistics(arrays["pool"])
+    mu_s, sigma_s = compute_statistics(arrays["spatial"])
+    return BatchFeatures(info, arrays["pool"], arrays["logits"], mu, sigma, mu_s, sigma_s)
+
+
+def _source_record(path: str) -> dict:
+    """What identifies an input file cheaply: its name, size and modification time."""
+    st = os.stat(path)
+    return {"source": os.path.basename(path), "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+
+
 def save_statistics(path: str, batch: BatchFeatures, model: InceptionV3) -> None:
     """mu/sigma/mu_s/sigma_s (ADM's keys) + per-image pool_3 features for precision/recall, so the
-    file can stand in for its batch later (e.g. a reference batch, computed once)."""
+    file can stand in for its batch later (e.g. a reference batch, computed once). Written atomically."""
     meta = {"source": os.path.basename(batch.info.path), "num_images": batch.info.num_images,
-            "inception_weights": model.weights, "random_inception_weights": model.random_weights}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=batch.mu, sigma=batch.sigma, mu_s=batch.mu_s, sigma_s=batch.sigma_s,
-             **{FEATURES_KEY: batch.pool.astype(np.float32)}, meta=np.array(json.dumps(meta)))
+            "inception_weights": model.weights, "inception_weights_id": model.weights_id,
+            "random_inception_weights": model.random_weights}
+    if os.path.isfile(batch.info.path):
+        meta.update(_source_record(batch.info.path))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, mu=batch.mu, sigma=batch.sigma, mu_s=batch.mu_s, sigma_s=batch.sigma_s,
+                     **{FEATURES_KEY: batch.pool.astype(np.float32)}, meta=np.array(json.dumps(meta)))
+    atomic_write(path, write)
+
+
+def load_reference(path: str, model: InceptionV3, *, cache_path: Optional[str] = None, batch_size: int = 100,
+                   verbose: bool = True) -> BatchFeatures:
+    """The reference side of compute_metrics(): an ADM reference npz (its stored statistics are used, as
+    ADM does) or a --save-stats file.
+
+    With `cache_path`, the reference's features are computed once: an existing cache is read if it was
+    made from this very file (name, size, modification time) with the same Inception weights (their
+    sha256, or "random"); a missing one is computed and written atomically. A cache made from another
+    file or other weights is refused, never overwritten (it may belong to another run)."""
+    if cache_path is None or not os.path.exists(cache_path):
+        info = inspect_batch(path)
+        ref = load_batch(info, model, batch_size, need_logits=False, verbose=verbose)
+        if cache_path is not None:
+            save_statistics(cache_path, ref, model)
+            _log(f"cached the reference statistics of {path} in {cache_path}", verbose)
+        return ref
+    want = {**_source_record(path), "inception_weights_id": model.weights_id}
+    try:
+        meta = read_stored_meta(cache_path) or {}
+    except Exception as e:
+        raise EvalInputError(f"reference cache {cache_path} (for {path}) is unreadable "
+                             f"({type(e).__name__}: {e}); delete it to recompute") from e
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        diff = ", ".join(f"{k}: cache {got[k]!r} vs now {want[k]!r}" for k in want if got[k] != want[k])
+        raise EvalInputError(f"reference cache {cache_path} was not made from {path} with these Inception "
+                             f"weights ({diff}); pass another cache path, or delete the cache to recompute")
+    _log(f"reading the cached reference statistics {cache_path}", verbose)
+    return load_batch(inspect_batch(cache_path), model, batch_size, need_logits=False, verbose=verbose)
 
 
 def _describe(info: BatchInfo) -> dict:

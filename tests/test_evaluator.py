@@ -351,6 +351,108 @@ def test_ieee_fp32_switches_tf32_off_and_restores():
 
 
 # ----------------------------------------------------------------------------------------------
+# In-memory API: FeatureAccumulator, batch_from_features, load_reference
+# ----------------------------------------------------------------------------------------------
+
+def test_feature_accumulator_equals_npz_path(model, tmp_path):
+    """Images handed over in odd pieces and layouts give the npz path's features, bit for bit, in order."""
+    images = np.random.default_rng(20).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "five.npz", images)
+    expected = ev.extract_features(ev.NpzImageReader(str(tmp_path / "five.npz")), model, batch_size=2, verbose=False)
+    acc = ev.FeatureAccumulator(model, batch_size=2)
+    acc.add(torch.from_numpy(images[:1]).permute(0, 3, 1, 2))  # torch NCHW
+    acc.add(images[1:4])                                        # NumPy NHWC
+    acc.add(torch.from_numpy(images[4:]))                       # torch NHWC
+    assert len(acc) == 5
+    got = acc.features()
+    assert sorted(got) == ["logits", "pool", "spatial"]
+    for key in got:
+        assert got[key].shape == expected[key].shape and got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], expected[key])
+    batch = acc.finish("in-memory")
+    mu, sigma = ev.compute_statistics(expected["pool"])
+    np.testing.assert_array_equal(batch.mu, mu)
+    np.testing.assert_array_equal(batch.sigma, sigma)
+    assert batch.info.path == "in-memory" and batch.info.num_images == 5 and batch.info.image_shape == (16, 16, 3)
+    # Rows are images in add() order: the first row is image 0's features.
+    assert not np.array_equal(got["pool"][0], got["pool"][1])
+
+
+@pytest.mark.parametrize("images, pattern", [
+    (torch.zeros(2, 3, 8, 8), "dtype torch.float32, expected torch.uint8"),
+    (np.zeros((2, 3, 8, 8), np.uint8), r"expected \(N, H, W, 3\)"),
+    (torch.zeros(2, 8, 8, dtype=torch.uint8), "expected"),
+    (torch.zeros(2, 3, 8, 3, dtype=torch.uint8), "ambiguous"),
+    (np.zeros((2, 8, 8, 3), np.float64), "dtype float64, expected uint8"),
+])
+def test_feature_accumulator_refuses_wrong_images(model, images, pattern):
+    with pytest.raises(ev.EvalInputError, match=pattern):
+        ev.FeatureAccumulator(model).add(images)
+
+
+def test_feature_accumulator_refuses_mixed_resolutions_and_empty(model):
+    acc = ev.FeatureAccumulator(model, batch_size=4)
+    acc.add(np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(ev.EvalInputError, match="16x16 after 8x8"):
+        acc.add(np.zeros((1, 16, 16, 3), np.uint8))
+    with pytest.raises(ev.EvalInputError, match="no images"):
+        ev.FeatureAccumulator(model).features()
+
+
+def test_batch_from_features_matches_statistics_and_checks_shapes():
+    rng = np.random.default_rng(21)
+    pool = rng.standard_normal((6, 2048)).astype(np.float32)
+    spatial = rng.standard_normal((6, 2023)).astype(np.float32)
+    logits = rng.standard_normal((6, 1008)).astype(np.float32)
+    b = ev.batch_from_features(torch.from_numpy(pool), spatial, logits, name="gathered")
+    np.testing.assert_array_equal(b.mu_s, ev.compute_statistics(spatial)[0])
+    np.testing.assert_array_equal(b.sigma, ev.compute_statistics(pool)[1])
+    np.testing.assert_array_equal(b.logits, logits)
+    with pytest.raises(ev.EvalInputError, match="different numbers of images"):
+        ev.batch_from_features(pool, spatial[:5], logits)
+    with pytest.raises(ev.EvalInputError, match=r"'spatial' features have shape \(6, 2048\)"):
+        ev.batch_from_features(pool, pool, logits)
+
+
+def _stats_file(path, seed, model):
+    """A --save-stats file (no images), so load_reference runs no Inception forward."""
+    feats = np.random.default_rng(seed).standard_normal((8, 2048)).astype(np.float32)
+    batch = ev.batch_from_features(feats, feats[:, :2023], None, name=str(path))
+    ev.save_statistics(str(path), batch, model)
+    return batch
+
+
+def test_load_reference_cache(model, tmp_path):
+    ref_path, cache = tmp_path / "ref.npz", tmp_path / "cache" / "ref_stats.npz"
+    batch = _stats_file(ref_path, 22, model)
+    first = ev.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+    assert cache.is_file() and not list(cache.parent.glob(".*.tmp"))
+    meta = ev.read_stored_meta(str(cache))
+    assert meta["source"] == "ref.npz" and meta["source_size"] == os.path.getsize(ref_path)
+    assert meta["inception_weights_id"] == model.weights_id == "random"
+    cached = ev.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+    assert cached.info.path == str(cache)  # read from the cache, not recomputed
+    for a in (first, cached):
+        np.testing.assert_array_equal(a.mu, batch.mu)
+        np.testing.assert_array_equal(a.pool, batch.pool)
+
+    # Another source under the same name (new content, new mtime): refused, cache kept.
+    os.utime(ref_path, ns=(1, 1))
+    with pytest.raises(ev.EvalInputError, match="ref_stats.npz was not made from .*ref.npz.*source_mtime_ns"):
+        ev.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+    assert cache.is_file()
+
+
+def test_load_reference_cache_refuses_other_weights(model, tmp_path, monkeypatch):
+    ref_path, cache = tmp_path / "ref.npz", tmp_path / "ref_stats.npz"
+    _stats_file(ref_path, 23, model)
+    ev.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+    monkeypatch.setattr(model, "weights_id", "sha256:" + "0" * 64)
+    with pytest.raises(ev.EvalInputError, match="inception_weights_id: cache 'random' vs now 'sha256:0000"):
+        ev.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # Streaming npz reading
 # ----------------------------------------------------------------------------------------------
 
