@@ -6,8 +6,17 @@ Each maps raw uint8 images (N, 3, R, R) to
     patches: (N, T, Z)  the normed patch tokens -> REPA's alignment target
 with T = (R/16)^2, so that [cls, patches] lines up with the SiT's 1+T tokens at patch size 2.
 
-Weights (`weights` argument / `--enc-weights`):
-    None / "hub"  the timm weights on the HF hub (HF cache and HF_HUB_OFFLINE are honoured)
+The network equals the torch.hub DINOv2 that REG trains with (REG utils.py `load_encoders`): the
+pretrained 37x37 position table is resampled ONCE, at load time, with
+`timm.layers.pos_embed.resample_abs_pos_embed(pos, [16 * res / 256] * 2)` (bicubic with antialias, the
+class row kept), so DINOv2's own run-time interpolation never runs. Inputs are preprocessed as REG's
+train.py `preprocess_raw_image`: x / 255, ImageNet mean/std, then bicubic to 224 * res / 256
+(CLIP: resize first, then CLIP's mean/std).
+
+Weights (`weights` argument / `--enc-weights`, else the REG_ENC_WEIGHTS environment variable):
+    None / "hub"  first the file REG users already have in the torch.hub cache,
+                  `torch.hub.get_dir()/checkpoints/dinov2_vitb14_pretrain.pth` (`_reg4_` for registers),
+                  then the timm weights on the HF hub (HF cache first; HF_HUB_OFFLINE is honoured)
     PATH          a local file (.safetensors / .pth / .pt, timm or official torch.hub naming)
                   or a directory holding model.safetensors / pytorch_model.bin
     "random"      random initialisation, for smoke tests only (loudly warned)
@@ -24,6 +33,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers.pos_embed import resample_abs_pos_embed
 
 from models.hub import hub_offline
 
@@ -39,6 +49,8 @@ class EncoderSpec:
     mean: tuple
     std: tuple
     official_url: str  # where the original weights live, for the "missing weights" message
+    torch_hub_file: str | None = None  # the file torch.hub.load caches in <hub dir>/checkpoints/
+    resize_first: bool = False  # REG's CLIP preprocessing resizes before normalising, DINOv2's after
 
 
 def _dinov2(size: str, reg: bool) -> EncoderSpec:
@@ -48,6 +60,7 @@ def _dinov2(size: str, reg: bool) -> EncoderSpec:
         timm_name=f"vit_{arch}_patch14_{'reg4_' if reg else ''}dinov2.lvd142m",
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
         official_url=f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/{tag}_pretrain.pth",
+        torch_hub_file=f"{tag}_pretrain.pth",
     )
 
 
@@ -55,7 +68,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     **{f"dinov2-vit-{s}": _dinov2(s, False) for s in "sblg"},
     **{f"dinov2reg-vit-{s}": _dinov2(s, True) for s in "sblg"},
     "clip-vit-L": EncoderSpec("vit_large_patch14_clip_224.openai", CLIP_MEAN, CLIP_STD,
-                              "https://huggingface.co/timm/vit_large_patch14_clip_224.openai"),
+                              "https://huggingface.co/timm/vit_large_patch14_clip_224.openai", resize_first=True),
 }
 
 
@@ -64,10 +77,15 @@ class WeightsNotFoundError(FileNotFoundError):
 
 
 def encoder_resolution(resolution: int) -> int:
-    """Encoder input side: 224 * res / 256, i.e. 14 px per 16 image px (SPEC §2)."""
+    """Encoder input side: 224 * res / 256, i.e. 14 px per 16 image px (REG train.py `preprocess_raw_image`)."""
     if resolution <= 0 or resolution % 16:
         raise ValueError(f"resolution must be a positive multiple of 16, got {resolution}")
     return resolution * 224 // 256
+
+
+def patch_grid(resolution: int) -> int:
+    """Patches a side of the encoder input: 16 * res / 256 (REG utils.py `load_encoders`)."""
+    return encoder_resolution(resolution) // 14
 
 
 def parse_enc_type(enc_type: str) -> list[str]:
@@ -93,17 +111,22 @@ class VisionEncoder(nn.Module):
         self.num_prefix_tokens: int = vit.num_prefix_tokens  # cls (+ registers)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.resize_first = spec.resize_first
         self.eval()
 
     def train(self, mode: bool = True):  # a frozen encoder stays in eval mode (no dropout / drop-path)
         return super().train(False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, R, R) -> normalised float (N, 3, S, S), S = 224 R / 256 (bicubic, as REPA)."""
+        """uint8 (N, 3, R, R) -> normalised float (N, 3, S, S), S = 224 R / 256, in REG's order
+        (train.py `preprocess_raw_image`: DINOv2 normalises then resizes, CLIP the other way round)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"encoder input must be raw uint8 images, got {images.dtype}")
-        x = (images.float() / 255.0 - self.mean) / self.std
-        return F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        size = (self.input_size, self.input_size)
+        x = images.float() / 255.0
+        if self.resize_first:
+            return (F.interpolate(x, size=size, mode="bicubic", align_corners=False) - self.mean) / self.std
+        return F.interpolate((x - self.mean) / self.std, size=size, mode="bicubic", align_corners=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,28 +138,25 @@ class VisionEncoder(nn.Module):
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """Resample a (1, prefix + G*G, D) absolute position table to grid x grid.
-
-    Done the way DINOv2's own `interpolate_pos_encoding` does it at run time (bicubic,
-    no antialias, scale factor (grid + 0.1) / G), so the features equal those of the torch.hub
-    encoder that REPA/REG trained with.
-    """
+    """Resample a (1, prefix + G*G, D) absolute position table to grid x grid, exactly as REG does
+    once at load time (REG utils.py `load_encoders`): `timm.layers.pos_embed.resample_abs_pos_embed`
+    with timm's defaults (bicubic, antialias=True), the class row (if any) kept as is."""
     n = pos.shape[1]
-    old = math.isqrt(n)
-    prefix = n - old * old
+    side = math.isqrt(n)
+    prefix = n - side * side  # 1 + s*s rows (class row + grid) or s*s (timm's register variants)
     if prefix not in (0, 1):
         raise ValueError(f"position table with {n} rows is not a square grid (+ class row)")
-    if old == grid:
-        return pos
-    head, body = pos[:, :prefix], pos[:, prefix:]
-    dim = body.shape[-1]
-    body = body.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    scale = (grid + 0.1) / old
-    body = F.interpolate(body, scale_factor=(scale, scale), mode="bicubic", antialias=False)
-    if body.shape[-1] != grid:  # float rounding in scale_factor; never expected, but be safe
-        body = F.interpolate(body, size=(grid, grid), mode="bicubic", antialias=False)
-    body = body.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos.dtype)
-    return torch.cat([head, body], dim=1)
+    return resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=prefix)
+
+
+def _load_error_text(e: BaseException) -> str:
+    """The useful part of a load error: for torch's weights_only refusal only its
+    'WeightsUnpickler error: ...' sentence (the rest is advice to load unsafely)."""
+    text = str(e)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.strip().split(". Please use")[0]
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -145,14 +165,28 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if (path / fname).is_file():
                 return _read_state_dict(path / fname)
         raise WeightsNotFoundError(f"no model.safetensors or pytorch_model.bin in directory {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read encoder weights {path}: {_load_error_text(e)}") from e
     for key in ("model", "state_dict", "teacher"):  # common wrappers
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"encoder weights {path} hold a {type(sd).__name__}, not a state_dict")
     return sd
+
+
+def torch_hub_weights(spec: EncoderSpec) -> Path | None:
+    """The official file in the torch.hub cache (where REG's torch.hub.load put it), if present."""
+    if spec.torch_hub_file is None:
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / spec.torch_hub_file
+    return path if path.is_file() else None
 
 
 def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
@@ -160,14 +194,17 @@ def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     repo = f"timm/{spec.timm_name}"
     try:
         path = hf_hub_download(repo_id=repo, filename="model.safetensors", local_files_only=hub_offline())
-    except Exception as e:  # offline, gated, missing: give one clear message, not a hub stack trace
+    except Exception as e:  # offline, gated, missing: one clear message that keeps the hub's reason
+        where = (f" or {Path(torch.hub.get_dir()) / 'checkpoints' / spec.torch_hub_file}"
+                 if spec.torch_hub_file else "")
         raise WeightsNotFoundError(
-            f"pretrained weights for encoder {name!r} are not available ({type(e).__name__}).\n"
+            f"pretrained weights for encoder {name!r} are not available: neither a torch.hub cache file{where} "
+            f"nor the HF hub ({repo}): {type(e).__name__}: {e}\n"
             f"  Fetch them on a machine with network access, either\n"
-            f"    huggingface-cli download {repo} model.safetensors   (then copy the HF cache, ~/.cache/huggingface)\n"
+            f"    hf download {repo} model.safetensors   (then copy the HF cache, ~/.cache/huggingface)\n"
             f"  or the official file {spec.official_url}\n"
             f"  and pass it with --enc-weights /path/to/file (or set REG_ENC_WEIGHTS)."
-        ) from None
+        ) from e
     return _read_state_dict(Path(path))
 
 
@@ -184,21 +221,26 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
             f"are meaningless !!\n{'!' * 78}", stacklevel=2)
     else:
         if weights in (None, "", "hub"):
-            sd = _hub_state_dict(name, spec)
+            cached = torch_hub_weights(spec)
+            sd = _read_state_dict(cached) if cached is not None else _hub_state_dict(name, spec)
+            source = str(cached) if cached is not None else f"timm/{spec.timm_name}"
         else:
             path = Path(os.path.expanduser(weights))
             if not path.exists():
                 raise WeightsNotFoundError(
                     f"encoder weights {path} do not exist (for {name}: the official file is {spec.official_url})")
             sd = _read_state_dict(path)
+            source = str(path)
         if "pos_embed" in sd:
-            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], size // 14)
+            # REG's one resample (utils.py load_encoders): done here explicitly, so that timm's
+            # checkpoint_filter_fn below finds the right size and leaves the table alone.
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], patch_grid(resolution))
         # timm converts torch.hub DINOv2 / OpenAI CLIP naming to its own (drops mask_token, etc.)
         sd = timm.models.vision_transformer.checkpoint_filter_fn(sd, vit)
         missing, unexpected = vit.load_state_dict(sd, strict=False)
         unexpected = [k for k in unexpected if not k.startswith("head")]
         if missing or unexpected:
-            raise ValueError(f"encoder weights for {name} do not match {spec.timm_name}: "
+            raise ValueError(f"encoder weights {source} do not match {name} ({spec.timm_name}): "
                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     return VisionEncoder(name, vit, spec, resolution)
 

@@ -1,19 +1,31 @@
 """Encoders: timm DINOv2 loaded through the user-facing path from files the test creates."""
-import math
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers.pos_embed import resample_abs_pos_embed
 
 from models.encoders import (ENCODERS, WeightsNotFoundError, encoder_resolution, load_encoder, load_encoders,
                              parse_enc_type, resample_pos_embed)
 
 
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def smooth_table(dim: int, seed: int) -> torch.Tensor:
+    """A (1, 1 + 37*37, dim) position table like DINOv2's: a class row plus a smooth 37x37 grid
+    (a random 6x6 field upsampled), so that resampling methods give visibly different results."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, dim, 6, 6, generator=g)
+    grid = F.interpolate(coarse, size=(37, 37), mode="bicubic", align_corners=True).flatten(2).transpose(1, 2)
+    return torch.cat([torch.randn(1, 1, dim, generator=g), grid], dim=1)
+
+
 @pytest.fixture(scope="module")
 def dino_s_files(tmp_path_factory):
-    """A randomly initialised DINOv2-S saved in official torch.hub naming (mask_token, 37x37 grid)
-    and in timm naming as safetensors."""
+    """A randomly initialised DINOv2-S saved in official torch.hub naming (mask_token, 37x37 table,
+    as torch.hub.load caches it) and in timm naming as safetensors."""
     from safetensors.torch import save_file
     d = tmp_path_factory.mktemp("dino")
     torch.manual_seed(0)
@@ -23,13 +35,52 @@ def dino_s_files(tmp_path_factory):
         if k.endswith("gamma"):
             sd[k] = torch.ones_like(sd[k]) * 0.5
     assert sd["pos_embed"].shape == (1, 1 + 37 * 37, 384)
+    sd["pos_embed"] = smooth_table(384, seed=1)
     official = dict(sd, mask_token=torch.zeros(1, 384))
     torch.save(official, d / "dinov2_vits14_pretrain.pth")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
     return d, sd
 
 
-def test_official_file_and_safetensors_dir_give_same_features(dino_s_files):
+def reg_features(sd: dict, images: torch.Tensor, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """REG's encoder by hand: the table resampled once with timm's resample_abs_pos_embed to
+    16*res/256 a side (REG utils.py load_encoders), a plain timm ViT at 224*res/256, and REG's
+    preprocessing (train.py preprocess_raw_image: /255, ImageNet mean/std, then bicubic)."""
+    grid, size = 16 * res // 256, 224 * res // 256
+    ref = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=size)
+    ref.load_state_dict(dict(sd, pos_embed=resample_abs_pos_embed(sd["pos_embed"], [grid, grid])))
+    x = F.interpolate((images / 255.0 - MEAN) / STD, size, mode="bicubic")
+    with torch.no_grad():
+        tokens = ref.eval().forward_features(x)
+    return tokens[:, 0], tokens[:, 1:]
+
+
+@pytest.mark.parametrize("res", [256, 512])
+def test_torch_hub_file_gives_regs_position_table_and_features(dino_s_files, res, single_thread):
+    d, sd = dino_s_files
+    enc = load_encoder("dinov2-vit-s", weights=str(d / "dinov2_vits14_pretrain.pth"), resolution=res)
+    grid = 16 * res // 256
+    want_pos = resample_abs_pos_embed(sd["pos_embed"], [grid, grid])  # bicubic + antialias, class row kept
+    pos_diff = (enc.vit.pos_embed - want_pos).abs().max().item()
+    # DINOv2's own run-time interpolation (no antialias, scale (grid + 0.1) / 37) is NOT what REG uses
+    runtime = F.interpolate(sd["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2),
+                            scale_factor=((grid + 0.1) / 37,) * 2, mode="bicubic", antialias=False)
+    runtime_gap = (enc.vit.pos_embed[:, 1:] - runtime.flatten(2).transpose(1, 2)).abs().max().item()
+
+    images = torch.randint(0, 256, (2, 3, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(res))
+    cls, patches = enc(images)
+    ref_cls, ref_patches = reg_features(sd, images, res)
+    cls_diff = (cls - ref_cls).abs().max().item()
+    patch_diff = (patches - ref_patches).abs().max().item()
+    print(f"\nres {res}: max|pos_embed - REG's| = {pos_diff:.3g} (run-time interpolation differs by "
+          f"{runtime_gap:.3g}); max|cls diff| = {cls_diff:.3g}, max|patch diff| = {patch_diff:.3g}")
+    assert enc.vit.pos_embed.shape == (1, 1 + grid * grid, 384)
+    assert pos_diff <= 1e-6 and runtime_gap > 1e-3
+    assert patches.shape == (2, grid * grid, 384)
+    assert cls_diff <= 1e-6 and patch_diff <= 1e-6
+
+
+def test_official_file_and_safetensors_dir_give_same_features(dino_s_files, single_thread):
     d, sd = dino_s_files
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     enc_official = load_encoder("dinov2-vit-s", weights=str(d / "dinov2_vits14_pretrain.pth"), resolution=64)
@@ -41,19 +92,9 @@ def test_official_file_and_safetensors_dir_give_same_features(dino_s_files):
     assert not enc_official.training and not any(p.requires_grad for p in enc_official.parameters())
     enc_official.train()
     assert not enc_official.vit.training  # stays frozen in eval mode
-
-    # Reference: the same weights in a timm model at the encoder's input size, run by hand.
-    ref = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=56).eval()
-    ref_sd = dict(sd, pos_embed=resample_pos_embed(sd["pos_embed"], 4))
-    ref.load_state_dict(ref_sd)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = F.interpolate((images / 255.0 - mean) / std, size=(56, 56), mode="bicubic")
-    with torch.no_grad():
-        tokens = ref.forward_features(x)
-    assert torch.allclose(cls, tokens[:, 0], atol=1e-5)
-    assert torch.allclose(patches, tokens[:, 1:], atol=1e-5)
-    # and the final norm is applied: per-token features are layer-normed then affine (weight 1, bias 0 here)
+    ref_cls, ref_patches = reg_features(sd, images, 64)
+    assert torch.allclose(cls, ref_cls, atol=1e-6) and torch.allclose(patches, ref_patches, atol=1e-6)
+    # the final norm is applied: per-token features are layer-normed then affine (weight 1, bias 0 here)
     assert torch.allclose(cls.mean(-1), torch.zeros(2), atol=1e-4)
 
     # random weights give different features (so the load above really loaded)
@@ -62,17 +103,31 @@ def test_official_file_and_safetensors_dir_give_same_features(dino_s_files):
     assert not torch.allclose(rnd(images)[0], cls)
 
 
-def test_resample_pos_embed_matches_dinov2_runtime_interpolation():
-    torch.manual_seed(0)
-    pos = torch.randn(1, 1 + 37 * 37, 8)
+def test_torch_hub_cache_is_used_before_the_hf_hub(dino_s_files, tmp_path, monkeypatch, single_thread):
+    d, sd = dino_s_files
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("REG_ENC_WEIGHTS", raising=False)
+    with pytest.raises(WeightsNotFoundError):
+        load_encoder("dinov2-vit-s", resolution=32)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes((d / "dinov2_vits14_pretrain.pth").read_bytes())
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    for enc in (load_encoder("dinov2-vit-s", resolution=32), load_encoders("dinov2-vit-s", resolution=32)[0]):
+        cls, _ = enc(images)
+        assert torch.allclose(cls, reg_features(sd, images, 32)[0], atol=1e-6)
+
+
+def test_resample_pos_embed_is_timms_with_class_row(single_thread):
+    pos = smooth_table(8, seed=0)
     out = resample_pos_embed(pos, 16)
     assert out.shape == (1, 1 + 256, 8) and torch.equal(out[:, 0], pos[:, 0])
-    grid = pos[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic", antialias=False)
-    assert torch.allclose(out[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 256, 8))
+    assert torch.equal(out, resample_abs_pos_embed(pos, [16, 16], num_prefix_tokens=1))
     assert torch.equal(resample_pos_embed(pos, 37), pos)
-    reg = torch.randn(1, 37 * 37, 8)  # timm register variants keep no class row in the table
-    assert resample_pos_embed(reg, 4).shape == (1, 16, 8)
+    reg = pos[:, 1:]  # timm register variants keep no class row in the table
+    assert torch.equal(resample_pos_embed(reg, 4), resample_abs_pos_embed(reg, [4, 4], num_prefix_tokens=0))
 
 
 def test_register_variant_drops_register_tokens():
@@ -94,11 +149,21 @@ def test_names_and_errors(tmp_path, monkeypatch):
         load_encoder("dinov2-vit-s", weights=str(tmp_path / "nope.pth"), resolution=32)
     # nothing cached and offline: the message names the hub repo, the official file and the flag
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no torch.hub cache file either
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(WeightsNotFoundError) as e:
         load_encoder("dinov2-vit-b", resolution=32)
     msg = str(e.value)
     assert "timm/vit_base_patch14_dinov2.lvd142m" in msg and "dinov2_vitb14_pretrain.pth" in msg
-    assert "--enc-weights" in msg
+    assert "--enc-weights" in msg and "hf download timm/vit_base_patch14_dinov2.lvd142m model.safetensors" in msg
+    assert e.value.__cause__ is not None and type(e.value.__cause__).__name__ in msg  # the hub's reason is kept
+    assert "huggingface-cli" not in msg
+    # an unreadable file names itself and the reason, without torch's advice to load unsafely
+    bad = tmp_path / "bad.pth"
+    import argparse
+    torch.save({"x": argparse.ArgumentParser}, bad)
+    with pytest.raises(ValueError, match="bad.pth") as e:
+        load_encoder("dinov2-vit-s", weights=str(bad), resolution=32)
+    assert "weights_only" not in str(e.value) and "argparse" in str(e.value)
     with pytest.raises(ValueError, match="2 encoders but 3"):
         load_encoders("dinov2-vit-s,dinov2-vit-s", weights="a,b,c", resolution=32)
