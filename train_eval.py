@@ -1,0 +1,72 @@
+"""FID during training (train.py --eval-every): the EMA model is sampled with the same per-image seeds
+at every evaluation, sharded over all processes, and its images go straight from the decoder into
+Inception (no PNGs). The reference statistics are computed once and kept in the run folder."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class InTrainingEval:
+    def __init__(self, args: argparse.Namespace, config: dict, accelerator, log):
+        from evaluations.evaluator import build_inception, load_reference
+        from models.vae import load_vae
+
+        self.args, self.config, self.acc, self.log = args, config, accelerator, log
+        device = accelerator.device
+        # everything that can fail (weights, reference, VAE) fails at start-up, not hours into the run
+        self.inception = build_inception(args.inception_weights, device=device)
+        self.vae = load_vae(config["vae"], device=device)
+        self.ref = None
+        if accelerator.is_main_process:
+            cache = Path(args.output_dir) / args.exp_name / "eval_reference.npz"
+            self.ref = load_reference(args.eval_ref, self.inception, cache_path=str(cache))
+        self.done = {r["step"] for r in log.read_metrics() if "fid" in r}
+        cuda_bf16 = device.type == "cuda" and accelerator.mixed_precision == "bf16"
+        self.dtype = torch.bfloat16 if cuda_bf16 else None
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return (step % self.args.eval_every == 0 or step == max_steps) and step not in self.done
+
+    @torch.no_grad()
+    def run(self, ema: torch.nn.Module, step: int) -> dict | None:
+        from evaluations.evaluator import FeatureAccumulator, batch_from_features, compute_metrics
+        from generate import generate_images
+
+        a, acc = self.args, self.acc
+        start = time.time()
+        features = FeatureAccumulator(self.inception)
+        indices: list[int] = []
+        for idx, images, _ in generate_images(
+                ema, self.vae, range(acc.process_index, a.eval_samples, acc.num_processes), global_seed=a.seed,
+                num_classes=self.config["num_classes"], balanced=True, mode=a.eval_mode, num_steps=a.eval_steps,
+                cfg_scale=a.eval_cfg, cls_cfg_scale=a.eval_cls_cfg, guidance_high=a.eval_guidance_high,
+                path_type=self.config["path_type"], latents_scale=self.config["latents_scale"],
+                batch_size=a.eval_batch_size, device=acc.device, dtype=self.dtype):
+            features.add(images)
+            indices += list(idx)
+        shard = (np.asarray(indices), features.features())
+        shards = [shard]
+        if acc.num_processes > 1:
+            shards = [None] * acc.num_processes
+            torch.distributed.all_gather_object(shards, shard)
+        record = None
+        if acc.is_main_process:
+            order = np.argsort(np.concatenate([s[0] for s in shards]), kind="stable")  # index order
+            merged = {k: np.concatenate([s[1][k] for s in shards])[order] for k in shard[1]}
+            sample = batch_from_features(merged["pool"], merged["spatial"], merged["logits"], name=f"step {step}")
+            metrics = compute_metrics(self.ref, sample)
+            record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "eval_time_s": time.time() - start,
+                      "eval_samples": a.eval_samples, "eval_mode": a.eval_mode, "eval_steps": a.eval_steps,
+                      "eval_cfg": a.eval_cfg, "eval_cls_cfg": a.eval_cls_cfg}
+            self.log.metrics(record)
+            self.log.info(f"eval at step {step}: FID {metrics['fid']:.3f} sFID {metrics['sfid']:.3f} "
+                          f"IS {metrics['inception_score']:.2f} P {metrics['precision']:.3f} R {metrics['recall']:.3f} "
+                          f"({a.eval_samples} images, {record['eval_time_s']:.1f} s)")
+        self.done.add(step)
+        acc.wait_for_everyone()
+        return record
