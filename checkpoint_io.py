@@ -14,6 +14,7 @@ killed at any moment leaves either the old file or the new one, never half of on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import torch
 
 from models.hub import hub_offline
 from utils import atomic_json_dump, atomic_torch_save, atomic_write  # noqa: F401  (re-exported)
-from models.sit import SIZES, SiT, build_model, parse_model_name
+from models.sit import SIZES, SiT, build_model, model_depth, parse_model_name
 
 OFFICIAL_HUB_REPO = "Martinser/REG"
 # Keyword arguments of models.sit.SiT that a config may carry.
@@ -100,7 +101,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
         "model": f"SiT-{size}/{p}",
         "input_size": grid * p,
         "in_channels": in_ch,
-        # the table holds num_classes + 1 rows (the null label) whenever labels were dropped in training
+        # the table always holds num_classes + 1 rows: the last is the null label of guidance
         "num_classes": sd["y_embedder.embedding_table.weight"].shape[0] - 1,
         "class_dropout_prob": 0.1,
         "z_dims": [sd[f"projectors.{k}.4.weight"].shape[0] for k in range(n_proj)],
@@ -117,7 +118,7 @@ def _config_from_official_args(args: Any) -> dict:
     """Pick the settings an official Namespace (or our args dict) holds that the weights don't."""
     get = (lambda k: args.get(k)) if isinstance(args, dict) else (lambda k: getattr(args, k, None))
     out = {}
-    for key in ("encoder_depth", "fused_attn", "path_type", "resolution", "enc_type"):
+    for key in ("encoder_depth", "fused_attn", "path_type", "resolution", "enc_type", "num_classes"):
         if get(key) is not None:
             out[key] = get(key)
     return out
@@ -125,8 +126,44 @@ def _config_from_official_args(args: Any) -> dict:
 
 # ----------------------------------------------------------------------------- resolving and loading
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# Flags that only restate what a checkpoint fixes: checked against it, never used to rebuild.
+CHECKED_FLAGS = {"model": "--model", "num_classes": "--num-classes", "qk_norm": "--qk-norm",
+                 "cls_token_dim": "--cls", "z_dims": "--projector-embed-dims", "encoder_depth": "--encoder-depth"}
+# Runtime settings: an explicit value wins over the checkpoint's metadata (they do not change the weights).
+RUNTIME_KEYS = ("fused_attn", "path_type")
+
+
+def _hub_get(repo: str, fname: str) -> Path:
+    """hf_hub_download, from the cache first (works offline), then from the network unless offline."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=fname, local_files_only=True))
+    except Exception as cached_error:
+        if hub_offline():
+            raise FileNotFoundError(f"{fname} of {repo} is not in the HF cache and HF_HUB_OFFLINE is set "
+                                    f"({cached_error})") from cached_error
+    return Path(hf_hub_download(repo_id=repo, filename=fname))
+
+
+def _hub_weight_file(repo: str) -> str:
+    """The one weight file of a hub repo: from the cached snapshot if there is one, else listed online."""
+    from huggingface_hub import list_repo_files, snapshot_download
+    try:
+        snapshot = Path(snapshot_download(repo_id=repo, local_files_only=True))
+        files = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
+    except Exception as cached_error:
+        if hub_offline():
+            raise FileNotFoundError(f"{repo} is not in the HF cache and HF_HUB_OFFLINE is set "
+                                    f"({cached_error})") from cached_error
+        files = [f for f in list_repo_files(repo) if f.endswith(WEIGHT_SUFFIXES)]
+    if len(files) != 1:
+        raise ValueError(f"{repo} holds {len(files)} weight files {files}; name one: hf:{repo}/FILE")
+    return files[0]
+
+
 def resolve_checkpoint(spec: str) -> Path:
-    """A local path, or 'hf:OWNER/REPO[/FILE]' downloaded (and cached) from the HF hub."""
+    """A local path, or 'hf:OWNER/REPO[/FILE]' from the HF cache (downloaded into it on first use)."""
     if not spec.startswith("hf:"):
         path = Path(os.path.expanduser(spec))
         if not path.exists():
@@ -134,27 +171,50 @@ def resolve_checkpoint(spec: str) -> Path:
                 f"checkpoint {spec} does not exist. Give a local .pt/.safetensors file, or "
                 f"'hf:{OFFICIAL_HUB_REPO}' for the released REG weights.")
         return path
-    from huggingface_hub import hf_hub_download, list_repo_files
     parts = spec[3:].split("/")
     repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        if not fname:
-            files = [f for f in list_repo_files(repo) if f.endswith((".pt", ".pth", ".safetensors"))]
-            if len(files) != 1:
-                raise ValueError(f"{repo} holds {len(files)} weight files {files}; name one: hf:{repo}/FILE")
-            fname = files[0]
-        return Path(hf_hub_download(repo_id=repo, filename=fname, local_files_only=hub_offline()))
+        return _hub_get(repo, fname or _hub_weight_file(repo))
     except ValueError:
         raise
     except Exception as e:
         raise FileNotFoundError(
-            f"could not fetch {spec} from the HF hub ({type(e).__name__}). On a machine with network access run\n"
-            f"  huggingface-cli download {repo} {fname or ''}\n"
-            f"then copy the HF cache (~/.cache/huggingface) here, or pass the downloaded file to --ckpt.") from None
+            f"could not fetch {spec} from the HF hub ({type(e).__name__}: {e}). On a machine with network "
+            f"access run\n  hf download {repo} {fname or 'FILE'}\nthen copy the HF cache (~/.cache/huggingface) "
+            f"here, or pass the downloaded file to --ckpt.") from e
 
 
-def load_weights(spec: str, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint in any supported format -> (state_dict, partial config from its metadata)."""
+def checkpoint_identity(spec: str) -> dict:
+    """What tells two checkpoint files apart cheaply: resolved path, size, mtime and the sha256 of
+    the first MiB. generate.py stores it so a resumed run cannot mix images of two checkpoints."""
+    path = resolve_checkpoint(spec).resolve()
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_first_mib": head}
+
+
+def convert_legacy(sd: dict[str, torch.Tensor], encoder_depth: int | None = None) -> dict[str, torch.Tensor]:
+    """REPA's old layout: blocks.{i} (the encoder part) + decoder_blocks.{j} -> blocks.{j + encoder_depth}
+    (REPA utils.py load_legacy_checkpoints). encoder_depth defaults to the number of blocks.* present."""
+    encoder_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if encoder_depth is not None and encoder_depth != encoder_blocks:
+        raise ValueError(f"--legacy: --encoder-depth {encoder_depth} but the checkpoint has {encoder_blocks} "
+                         f"encoder blocks (blocks.*) before its decoder_blocks.*")
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0] == "decoder_blocks":
+            parts = ["blocks", str(int(parts[1]) + encoder_blocks), *parts[2:]]
+        out[".".join(parts)] = value
+    return out
+
+
+def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
+                 encoder_depth: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint in any supported format -> (state_dict, partial config from its metadata).
+
+    legacy=True renames REPA's old decoder_blocks.* keys (see convert_legacy)."""
     path = resolve_checkpoint(spec)
     meta: dict = {}
     if path.suffix == ".safetensors":
@@ -167,40 +227,71 @@ def load_weights(spec: str, *, use_ema: bool = True) -> tuple[dict[str, torch.Te
         else:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("config", "{}"))
-        return clean_state_dict(sd), meta
-    obj = torch_load(path)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    if "ema" in obj or "model" in obj:
-        key = "ema" if (use_ema and "ema" in obj) or "model" not in obj else "model"
-        sd = obj[key]
-        if isinstance(obj.get("config"), dict):
-            meta.update(obj["config"])
-        elif "args" in obj:
-            meta.update(_config_from_official_args(obj["args"]))
     else:
-        sd = obj  # a bare state_dict
-    return clean_state_dict(sd), meta
+        obj = torch_load(path)
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+        if "ema" in obj or "model" in obj:
+            key = "ema" if (use_ema and "ema" in obj) or "model" not in obj else "model"
+            sd = obj[key]
+            if isinstance(obj.get("config"), dict):
+                meta.update(obj["config"])
+            elif "args" in obj:
+                meta.update(_config_from_official_args(obj["args"]))
+        else:
+            sd = obj  # a bare state_dict
+    sd = clean_state_dict(sd)
+    if legacy:
+        sd = convert_legacy(sd, encoder_depth)
+    elif any(k.startswith("decoder_blocks.") for k in sd):
+        raise ValueError(f"{spec} has REPA's old decoder_blocks.* keys: pass --legacy (legacy=True)")
+    return sd, meta
 
 
-def load_generator(spec: str, *, use_ema: bool = True, overrides: dict | None = None,
-                   device: torch.device | str = "cpu") -> tuple[SiT, dict]:
+def load_generator(spec: str, *, use_ema: bool = True, overrides: dict | None = None, expect: dict | None = None,
+                   legacy: bool = False, device: torch.device | str = "cpu") -> tuple[SiT, dict]:
     """Build the model a checkpoint describes and load it strictly; returns (model in eval mode, config).
 
-    Precedence for each setting: what the weights fix (sizes) > the checkpoint's own metadata >
-    `overrides` (e.g. generate.py's flags) > defaults.
+    One rule per kind of setting: what the weights fix (sizes, classes, projectors, class token,
+    qk-norm) > the checkpoint's metadata > defaults; `expect` (config key -> value, None = not
+    given) restates such settings and any disagreement is an error naming the flag; `overrides`
+    holds runtime settings (RUNTIME_KEYS: fused_attn, path_type) that win over the metadata.
+    encoder_depth, which official weights do not record, is taken from `expect` when the
+    checkpoint has no metadata for it.
     """
-    sd, meta = load_weights(spec, use_ema=use_ema)
+    expect = {k: v for k, v in (expect or {}).items() if v is not None}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = (set(expect) - set(CHECKED_FLAGS)) | (set(overrides) - set(RUNTIME_KEYS))
+    if unknown:
+        raise TypeError(f"load_generator: unknown expect/overrides keys {sorted(unknown)}")
+    sd, meta = load_weights(spec, use_ema=use_ema, legacy=legacy, encoder_depth=expect.get("encoder_depth"))
     inferred = infer_config(sd)
     config = {"encoder_depth": 8, "fused_attn": True, "path_type": "linear", "latents_scale": 0.18215,
               "vae": "ema"}
-    config.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "encoder_depth" in expect and "encoder_depth" not in meta:
+        config["encoder_depth"] = expect["encoder_depth"]
     config.update(meta)
-    if (overrides or {}).get("num_classes") is not None and inferred["num_classes"] + 1 == overrides["num_classes"]:
-        inferred["num_classes"], inferred["class_dropout_prob"] = overrides["num_classes"], 0.0  # no null row
+    if "num_classes" in meta and int(meta["num_classes"]) != inferred["num_classes"]:
+        raise ValueError(
+            f"{spec}: its settings say {meta['num_classes']} classes but the label table has "
+            f"{inferred['num_classes'] + 1} rows, not num_classes + 1 (trained without label dropout, so without "
+            f"the null row?); such weights cannot be sampled with guidance and are not supported")
     config.update(inferred)
-    depth = SIZES[parse_model_name(config["model"])[0]][0]
+    config.update(overrides)
+    depth = model_depth(config["model"])
+    if "encoder_depth" in expect and not 1 <= expect["encoder_depth"] <= depth:
+        raise ValueError(f"--encoder-depth {expect['encoder_depth']} is outside [1, {depth}] for {config['model']}")
     config["encoder_depth"] = min(int(config["encoder_depth"]), depth)
+    if not config["use_cls_token"]:
+        config.pop("cls_token_dim", None)
+    for key, value in expect.items():
+        actual = config.get(key)
+        if key == "cls_token_dim" and not config["use_cls_token"]:
+            continue  # the original always passes --cls; a REPA/SiT checkpoint has no class token to check
+        if key == "z_dims":
+            value, actual = [int(z) for z in value], list(actual)
+        if value != actual:
+            raise ValueError(f"{CHECKED_FLAGS[key]} {value} does not match the checkpoint {spec} ({actual})")
     if "resolution" not in config:
         config["resolution"] = config["input_size"] * 8
     model = build_model_from_config(config)

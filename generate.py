@@ -1,30 +1,31 @@
 """Sample images from a trained SiT / REG model for FID: PNGs plus an ADM-format .npz.
 
-    # one process (GPU if there is one, else CPU)
-    python generate.py --ckpt exps/NAME/checkpoints/0400000.pt --num-fid-samples 50000
-    # several GPUs / nodes: torchrun or accelerate launch (they set RANK, WORLD_SIZE, LOCAL_RANK)
-    torchrun --nproc_per_node 8 generate.py --ckpt hf:Martinser/REG --mode sde --num-steps 250 \\
-        --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85
+A drop-in for REG's generate.py: every flag of the original parses with the same meaning, and the
+sample folder and npz are named as the original names them, so the original eval.sh finds them.
+
+    # the original eval.sh's launcher (it passes --local-rank), torchrun, or one plain process (CPU too)
+    python -m torch.distributed.launch --nproc_per_node=8 generate.py --ckpt exps/NAME/checkpoints/4000000.pt \\
+        --mode=sde --num-steps=250 --cfg-scale=2.3 --cls-cfg-scale=2.3 --guidance-high=0.85
+    torchrun --nproc_per_node 8 generate.py --ckpt hf:Martinser/REG --mode sde --num-steps 250 ...
+    python generate.py --ckpt exps/NAME/checkpoints/ema_0400000.safetensors --num-fid-samples 1000
 
 Reproducibility: image i depends only on (--global-seed, i) and the sampling settings, never on
 the batch size, GPU count or which process drew it. Its class comes from a generator seeded with
 SeedSequence([global_seed, i, 1]) (or is i mod num_classes with --balanced), and all of its noise
-(initial latents, initial class token, then every SDE step's noise) from one CPU torch.Generator
-seeded with SeedSequence([global_seed, i, 0]) (see samplers.py for the draw order). Labels and
-noise are therefore exact. The network's fp32 output can still differ in the last bit between
-batch sizes, because matmul kernels are chosen by shape; after 8-bit quantisation that very
-rarely moves a pixel value by 1 (about one pixel in 10^4-10^5 in our CPU tests), which FID cannot
-see. With --precision fp64 the last-bit differences (~1e-16) cannot reach 8 bits, so the PNGs and
-the npz are byte-identical in practice across batch sizes and process counts
-(tests/test_generate.py checks batch sizes 2 and 4; 1 vs 2 processes was checked by hand).
+(initial latents, initial class token, then every SDE step's latent and class-token noise) from
+one CPU torch.Generator seeded with SeedSequence([global_seed, i, 0]). The network's fp32 output
+can still differ in the last bit between batch sizes (matmul kernels are chosen by shape); after
+8-bit quantisation that very rarely moves a pixel value by 1. With --precision fp64 the PNGs and
+the npz are byte-identical across batch sizes and process counts.
 
-Output, under --sample-dir:
-    RUN/000000.png ...       one PNG per image; a re-run skips the PNGs already there (preemption)
-    RUN/settings.json        the settings the PNGs were made with; a re-run with others is refused
+Output, under --sample-dir (RUN = --run-name, by default the original's folder name
+{model}-{ckpt}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}-{mode}-{guidance_high}-{cls_cfg}):
+    RUN/000000.png ...       one PNG per image; a re-run skips the complete PNGs already there
+    RUN/settings.json        settings and checkpoint identity; a re-run with others is refused
     RUN.npz                  arr_0 uint8 (N, H, W, 3), arr_1 int64 labels (N,), in index order
     RUN.json                 the exact settings, the checkpoint config and the throughput
     RUN-grid.png             with --grid N: the first N images in a grid
-RUN is --run-name, by default built from the model, checkpoint and sampling settings.
+The last line printed is `NPZ_PATH=/absolute/RUN.npz`; --npz-path-file FILE also writes that path.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import re
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +48,17 @@ from numpy.lib import format as npy_format
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint_io import OFFICIAL_HUB_REPO, atomic_json_dump, atomic_write, load_generator
-from models.sit import Attention
+from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator, resolve_checkpoint
+from models.sit import SiT_models
 from models.vae import load_vae
-from samplers import euler_maruyama_sampler, euler_sampler, sample_noise
+from samplers import euler_maruyama_sampler, euler_sampler, per_sample_randn_like
+from utils import atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
 
 NOISE_STREAM, LABEL_STREAM = 0, 1
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this IEND chunk
 # Settings that change the pixels of image i: a re-run into the same folder must match them.
-SAMPLING_KEYS = ("model_config", "vae", "latents_scale", "mode", "num_steps", "heun", "cfg_scale",
+SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "num_steps", "heun", "cfg_scale",
                  "cls_cfg_scale", "guidance_low", "guidance_high", "path_type", "global_seed",
                  "balanced", "num_classes", "precision", "ema")
 
@@ -63,30 +67,36 @@ SAMPLING_KEYS = ("model_config", "vae", "latents_scale", "mode", "num_steps", "h
 # Command line
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
 
-    g = p.add_argument_group("model")
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The original generate.py's flags (same names and meanings), plus ours."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+
+    g = p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",
                    help="our training .pt, our exported .safetensors, an official REG/REPA .pt, or "
-                        "hf:OWNER/REPO[/FILE] (downloaded on first use)")
+                        "hf:OWNER/REPO[/FILE] (from the HF cache, downloaded on first use)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="sample from the EMA weights (--no-ema: the raw training weights)")
-    g.add_argument("--model", type=str, default=None,
+    g.add_argument("--model", type=str, choices=list(SiT_models), default=None, metavar="NAME",
                    help="e.g. SiT-XL/2; inferred from the checkpoint, checked if given")
     g.add_argument("--num-classes", type=int, default=None,
-                   help="inferred from the label table (which holds num_classes + 1 rows)")
+                   help="inferred from the label table (num_classes + 1 rows), checked if given")
     g.add_argument("--encoder-depth", type=int, default=None,
-                   help="block after which the projectors run (not stored in official weights; "
-                        "does not change the samples)")
+                   help="block after which the projectors run (checkpoint's, else 8); does not change samples")
     g.add_argument("--projector-embed-dims", type=str, default=None,
                    help="comma-separated encoder dims, e.g. 768; inferred, checked if given")
     g.add_argument("--cls", type=int, default=None,
-                   help="class-token dimension (REG: 768); inferred, checked if given")
+                   help="class-token dimension (REG: 768); inferred, checked if given (ignored without a class token)")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="inferred from the weights, checked if given")
+    g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA's old checkpoints: rename decoder_blocks.{j} to blocks.{j + encoder depth}")
     g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None,
-                   help="use SDPA attention kernels (default: the checkpoint's setting, else on)")
+                   help="SDPA attention kernels (default: the checkpoint's setting, else on)")
     g.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels; inferred (latent side x VAE downsampling), checked if given")
     g.add_argument("--vae", type=str, default=None,
@@ -96,15 +106,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", type=str, choices=["sde", "ode"], default="sde",
                    help="sde: Euler-Maruyama (the papers' numbers); ode: Euler/Heun probability flow")
-    g.add_argument("--num-steps", type=int, default=250, help="sampler steps")
+    g.add_argument("--num-steps", type=int, default=50, help="sampler steps (the paper: 250)")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="Heun corrector (ode only)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; > 1 enables CFG")
-    g.add_argument("--cls-cfg-scale", type=float, default=0.0,
+    g.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="classifier-free guidance scale; > 1 enables CFG (the paper: 2.3)")
+    g.add_argument("--cls-cfg-scale", type=float, default=1.5,
                    help="CFG scale of the class token under CFG (REG); 0: its conditional drift only")
     g.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
                    help="guide only while guidance_low <= t <= guidance_high (t = 1 is noise)")
-    g.add_argument("--guidance-high", "--guidance_high", type=float, default=1.0)
+    g.add_argument("--guidance-high", "--guidance_high", type=float, default=1.0,
+                   help="upper end of the guidance interval (the paper: 0.85)")
     g.add_argument("--path-type", type=str, choices=["linear", "cosine"], default=None,
                    help="interpolant (default: the checkpoint's, else linear)")
 
@@ -116,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="class of image i = i mod num_classes (exactly N/num_classes per class) "
                         "instead of uniformly random")
     g.add_argument("--sample-dir", type=str, default="samples", help="parent folder of the run folder")
-    g.add_argument("--run-name", type=str, default=None, help="run folder name (default: from the settings)")
+    g.add_argument("--run-name", type=str, default=None, help="run folder name (default: the original's name)")
+    g.add_argument("--npz-path-file", type=str, default=None, metavar="FILE",
+                   help="also write the path of the npz written into FILE (eval.sh reads it)")
     g.add_argument("--grid", type=int, default=0, metavar="N", help="also write a grid PNG of the first N images")
     g.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp64"], default="fp32",
                    help="model compute dtype (bf16 via autocast; fp64 runs model and VAE in float64, a slow "
@@ -124,12 +138,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (worth it on GPU for 50K samples; the first batches compile)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="allow TF32 matmuls on Ampere+ GPUs (REPA's default)")
+                   help="allow TF32 matmuls on Ampere+ GPUs (the original's default)")
     g.add_argument("--device", type=str, default=None,
                    help="cpu | cuda (default: cuda:LOCAL_RANK if available, else cpu)")
-    g.add_argument("--local-rank", "--local_rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # set by torch.distributed.launch; LOCAL_RANK is used instead
+    g.add_argument("--local-rank", "--local_rank", type=int, default=-1,
+                   help="set by torch.distributed.launch; the LOCAL_RANK variable, when set, wins")
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot be meant (before any model is loaded)."""
+    if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.num_steps < 1:
+        raise ValueError("--num-fid-samples, --per-proc-batch-size and --num-steps must be >= 1")
+    if args.global_seed < 0:
+        raise ValueError(f"--global-seed must be >= 0, got {args.global_seed}")
+    if args.cfg_scale < 0 or args.cls_cfg_scale < 0:
+        raise ValueError(f"--cfg-scale {args.cfg_scale} and --cls-cfg-scale {args.cls_cfg_scale} must be >= 0")
+    if args.guidance_low > args.guidance_high:
+        raise ValueError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}: "
+                         "no step would be guided")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,18 +172,78 @@ def image_seed(global_seed: int, index: int, stream: int = NOISE_STREAM) -> int:
     return int(state[0])
 
 
-def image_generators(global_seed: int, indices: list[int]) -> list[torch.Generator]:
+def image_generators(global_seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image: its initial noise and all its SDE noise come from it."""
     return [torch.Generator().manual_seed(image_seed(global_seed, i, NOISE_STREAM)) for i in indices]
 
 
-def class_labels(indices: list[int], *, global_seed: int, num_classes: int, balanced: bool) -> torch.Tensor:
+def class_labels(indices: Sequence[int], *, global_seed: int, num_classes: int, balanced: bool) -> torch.Tensor:
     """Class of each image index: i mod num_classes if balanced, else uniform from its own seed."""
     if balanced:
         return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
     labels = [torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
         image_seed(global_seed, i, LABEL_STREAM))).item() for i in indices]
     return torch.tensor(labels, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory generation: the one code path of generate.py, train.py's FID and sweep.py
+
+
+def _param_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) on the same device, truncating as REPA/REG/ADM do."""
+    images = torch.clamp(255.0 * ((images.float() + 1) / 2), 0, 255)
+    return images.permute(0, 2, 3, 1).to(torch.uint8)
+
+
+@torch.no_grad()
+def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, num_classes: int,
+                    balanced: bool = False, mode: str = "sde", num_steps: int = 250, cfg_scale: float = 1.0,
+                    cls_cfg_scale: float = 0.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
+                    heun: bool = False, path_type: str = "linear", latents_scale: float, batch_size: int,
+                    device, dtype: torch.dtype | None = None
+                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Yield (indices, uint8 images (N, H, W, 3) on `device`, labels (N,)) batch by batch.
+
+    Image i depends only on (global_seed, i) and the settings: its label from class_labels, its
+    noise from image_generators (initial latents, initial class token, then each SDE step's noise),
+    so any batch size, order or split of `indices` gives the same images as generate.py's files.
+    `decode(z)` maps latents / latents_scale to images in [-1, 1]; a VAE object with a `.decode`
+    (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
+    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead.
+    """
+    if mode not in ("sde", "ode"):
+        raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    decode_fn: Callable[[torch.Tensor], torch.Tensor] = getattr(decode, "decode", decode)
+    device = torch.device(device)
+    model_dtype = _param_dtype(model)
+    latent_shape = (model.in_channels, model.input_size, model.input_size)
+    cls_dim = model.cls_dim if model.use_cls_token else None
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                              enabled=dtype is not None and dtype not in (torch.float32, torch.float64))
+    kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale,
+                  guidance_low=guidance_low, guidance_high=guidance_high, path_type=path_type)
+    indices = [int(i) for i in indices]
+    for b in range(0, len(indices), batch_size):
+        batch = indices[b:b + batch_size]
+        randn_like = per_sample_randn_like(image_generators(global_seed, batch))
+        y = class_labels(batch, global_seed=global_seed, num_classes=num_classes, balanced=balanced).to(device)
+        # Initial noise is drawn in float32 whatever the precision, so all precisions share it.
+        z = randn_like(torch.empty(len(batch), *latent_shape)).to(device, model_dtype)
+        c = None if cls_dim is None else randn_like(torch.empty(len(batch), cls_dim)).to(device, model_dtype)
+        with autocast:
+            if mode == "sde":
+                latents, _ = euler_maruyama_sampler(model, z, y, cls_latents=c, randn_like=randn_like, **kwargs)
+            else:
+                latents, _ = euler_sampler(model, z, y, cls_latents=c, heun=heun, **kwargs)
+        images = decode_fn(latents.to(model_dtype) / latents_scale)
+        yield batch, to_uint8(images.to(device)), y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,11 +265,12 @@ class DistInfo:
             dist.barrier()
 
 
-def init_distributed(device_flag: str | None) -> DistInfo:
-    """Plain torch.distributed from the env:// variables torchrun / accelerate launch set."""
+def init_distributed(device_flag: str | None, local_rank_flag: int = -1) -> DistInfo:
+    """Plain torch.distributed from the env:// variables that torch.distributed.launch, torchrun
+    and accelerate launch set; a single process without them."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_flag, 0)))
     if device_flag is None:
         device_flag = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_flag)
@@ -202,60 +290,71 @@ def init_distributed(device_flag: str | None) -> DistInfo:
 # Output files
 
 
-def sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "-", name).strip("-")
-
-
 def checkpoint_name(spec: str) -> str:
-    if spec.startswith("hf:"):
-        return sanitize(spec[3:])
-    return sanitize(Path(spec).stem)
+    """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name."""
+    name = resolve_checkpoint(spec).name if spec.startswith("hf:") else os.path.basename(spec)
+    if name.endswith(".safetensors"):
+        return name[:-len(".safetensors")]
+    return name.replace(".pt", "")
 
 
-def default_run_name(args: argparse.Namespace, config: dict, vae: str) -> str:
-    """REG-style folder name: model, checkpoint, size, VAE, guidance, seed, sampler."""
-    vae_name = Path(vae).name if os.path.isdir(vae) else vae.split("/")[-1]
-    parts = [config["model"].replace("/", "-"), checkpoint_name(args.ckpt), f"size-{config['resolution']}",
-             f"vae-{vae_name}", f"cfg-{args.cfg_scale}", f"clscfg-{args.cls_cfg_scale}",
-             f"gl-{args.guidance_low}", f"gh-{args.guidance_high}", f"seed-{args.global_seed}",
-             f"{args.mode}-{args.num_steps}"]
-    if args.mode == "ode" and args.heun:
-        parts.append("heun")
-    if args.path_type not in (None, "linear"):
-        parts.append(args.path_type)
-    if args.balanced:
-        parts.append("balanced")
-    if args.precision != "fp32":
-        parts.append(args.precision)
-    if not args.ema:
-        parts.append("raw")
-    return sanitize("-".join(parts))
+def vae_name(vae: str) -> str:
+    """ema / mse as the original writes them; the folder or hub name otherwise."""
+    match = re.fullmatch(r"stabilityai/sd-vae-ft-(\w+)", vae)
+    if match:
+        return match.group(1)
+    return Path(vae).name if os.path.isdir(vae) else vae.split("/")[-1]
 
 
-def finished_indices(run_dir: Path) -> set[int]:
-    return {int(m.group(1)) for name in os.listdir(run_dir) if (m := PNG_NAME.match(name))}
+def default_run_name(args: argparse.Namespace, model_name: str, resolution: int, vae: str) -> str:
+    """The original's folder name; our own flags (not in the original) add a suffix when set."""
+    name = (f"{model_name.replace('/', '-')}-{checkpoint_name(args.ckpt)}-size-{resolution}-vae-{vae_name(vae)}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.guidance_high}-{args.cls_cfg_scale}")
+    suffixes = [("balanced", args.balanced), (args.precision, args.precision != "fp32"), ("raw", not args.ema)]
+    return name + "".join(f"-{s}" for s, on in suffixes if on)
 
 
 def png_path(run_dir: Path, index: int) -> Path:
     return run_dir / f"{index:06d}.png"
 
 
+def png_complete(path: Path) -> bool:
+    """A cheap completeness check: a PNG cut short (killed writer, full disk) lacks the IEND chunk."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 57:  # signature + IHDR + IEND
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def finished_indices(run_dir: Path) -> set[int]:
+    return {int(m.group(1)) for name in os.listdir(run_dir) if (m := PNG_NAME.match(name))}
+
+
+def remove_incomplete_pngs(run_dir: Path) -> list[int]:
+    """Delete truncated PNGs (so they are generated again); returns their indices."""
+    bad = [i for i in sorted(finished_indices(run_dir)) if not png_complete(png_path(run_dir, i))]
+    for i in bad:
+        png_path(run_dir, i).unlink(missing_ok=True)
+    return bad
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
-    """Write-then-rename, so a preempted job never leaves a truncated PNG that a re-run would skip."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Atomic (write then rename), so a preempted job never leaves a truncated PNG."""
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), fsync=False)
 
 
 def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating as REPA/REG/ADM do."""
-    images = torch.clamp(255.0 * ((images.float() + 1) / 2), 0, 255)
-    return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot read {path} ({e}); delete it and rerun the same command to "
+                           f"generate it again") from e
 
 
 def write_npz(path: str | os.PathLike, run_dir: Path, num: int, labels: np.ndarray) -> tuple[int, ...]:
@@ -289,62 +388,43 @@ def write_npz(path: str | os.PathLike, run_dir: Path, num: int, labels: np.ndarr
 
 
 def save_grid(run_dir: Path, num: int, path: Path) -> None:
-    images = [read_png(png_path(run_dir, i)) for i in range(num)]
-    cols = math.ceil(math.sqrt(num))
-    rows = math.ceil(num / cols)
-    h, w, _ = images[0].shape
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for k, image in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-    Image.fromarray(grid).save(path)
+    from torchvision.utils import make_grid, save_image
+    images = torch.stack([torch.tensor(read_png(png_path(run_dir, i))) for i in range(num)])
+    grid = make_grid(images.permute(0, 3, 1, 2).float() / 255, nrow=math.ceil(math.sqrt(num)), padding=0)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------
-# Model and codec
+# Model, settings, resume
 
 
 def load_model(args: argparse.Namespace, device: torch.device):
-    """load_generator + the checks of the flags that the checkpoint itself determines."""
+    """load_generator: flags restating the checkpoint are checked there, runtime flags win there."""
     spec = args.ckpt
     if spec == OFFICIAL_HUB_REPO and not os.path.exists(spec):
         spec = f"hf:{spec}"
-    overrides = {"model": args.model, "encoder_depth": args.encoder_depth, "qk_norm": args.qk_norm,
-                 "fused_attn": args.fused_attn, "num_classes": args.num_classes, "path_type": args.path_type}
-    model, config = load_generator(spec, use_ema=args.ema, overrides=overrides, device=device)
-
-    def check(flag, given, actual):
-        if given is not None and given != actual:
-            raise ValueError(f"{flag} {given} does not match the checkpoint {args.ckpt} ({actual})")
-
-    check("--model", args.model, config["model"])
-    check("--num-classes", args.num_classes, model.num_classes)
-    check("--qk-norm", args.qk_norm, config["qk_norm"])
-    check("--cls", args.cls, model.cls_dim)
-    if args.projector_embed_dims is not None:
-        check("--projector-embed-dims", [int(z) for z in args.projector_embed_dims.split(",")], list(model.z_dims))
-    if args.fused_attn is not None:  # a runtime choice: the flag wins over the checkpoint's setting
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.fused_attn = args.fused_attn
-    if args.path_type is not None and args.path_type != config.get("path_type", "linear"):
-        warnings.warn(f"--path-type {args.path_type} differs from the checkpoint's {config.get('path_type')}")
-    return model.eval().requires_grad_(False), config
+    dims = None if args.projector_embed_dims is None else [int(z) for z in args.projector_embed_dims.split(",")]
+    expect = {"model": args.model, "num_classes": args.num_classes, "qk_norm": args.qk_norm,
+              "cls_token_dim": args.cls, "z_dims": dims, "encoder_depth": args.encoder_depth}
+    overrides = {"fused_attn": args.fused_attn, "path_type": args.path_type}
+    model, config = load_generator(spec, use_ema=args.ema, overrides=overrides, expect=expect,
+                                   legacy=args.legacy, device=device)
+    return model.requires_grad_(False), config
 
 
-def build_settings(args, config, model, vae_spec, latents_scale, world_size) -> dict:
+def build_settings(args, config, model, vae_spec, latents_scale, world_size, identity: dict) -> dict:
     sampling = {
+        "checkpoint": {k: identity[k] for k in ("path", "size", "mtime_ns", "sha256_first_mib")},
         "model_config": config, "vae": vae_spec, "latents_scale": latents_scale,
         "mode": args.mode, "num_steps": args.num_steps, "heun": bool(args.heun and args.mode == "ode"),
         "cfg_scale": args.cfg_scale, "cls_cfg_scale": args.cls_cfg_scale,
         "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
-        "path_type": args.path_type or config.get("path_type", "linear"),
-        "global_seed": args.global_seed, "balanced": args.balanced, "num_classes": model.num_classes,
-        "precision": args.precision, "ema": args.ema,
+        "path_type": config["path_type"], "global_seed": args.global_seed, "balanced": args.balanced,
+        "num_classes": model.num_classes, "precision": args.precision, "ema": args.ema,
     }
     return {
         **sampling,
-        "ckpt": args.ckpt if args.ckpt.startswith("hf:") else os.path.abspath(args.ckpt),
+        "ckpt": args.ckpt,
         "num_fid_samples": args.num_fid_samples,
         "per_proc_batch_size": args.per_proc_batch_size, "world_size": world_size,
         "tf32": args.tf32, "torch_version": torch.__version__,
@@ -354,17 +434,25 @@ def build_settings(args, config, model, vae_spec, latents_scale, world_size) -> 
     }
 
 
-def check_resumable(settings_path: Path, settings: dict) -> None:
-    """A re-run may only add images made with the same settings."""
-    old = json.loads(settings_path.read_text())
-    differ = [k for k in SAMPLING_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
+def check_resumable(run_dir: Path, settings: dict) -> None:
+    """A re-run may only add images made with the same settings and the same checkpoint file."""
+    settings_path = run_dir / "settings.json"
+    if not settings_path.exists():
+        if finished_indices(run_dir):
+            raise ValueError(f"{run_dir} holds PNGs but no settings.json (made by another program or an "
+                             "older version?): their settings are unknown, so they cannot be resumed; "
+                             "use another --sample-dir or --run-name")
+        return
+    try:
+        old = json.loads(settings_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {settings_path} ({e}); use another --sample-dir or --run-name") from e
+    differ = [k for k in SAMPLING_KEYS
+              if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
     if differ:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in differ)
-        raise ValueError(f"{settings_path.parent} holds samples made with other settings ({detail}); "
-                         f"use another --run-name or --sample-dir")
-    if old.get("ckpt") != settings["ckpt"]:
-        warnings.warn(f"resuming {settings_path.parent}: checkpoint path changed from {old.get('ckpt')} "
-                      f"to {settings['ckpt']}")
+        raise ValueError(f"{run_dir} holds samples made with other settings ({detail}); the folder name "
+                         f"does not show every setting, so use another --sample-dir or --run-name")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,11 +462,8 @@ def check_resumable(settings_path: Path, settings: dict) -> None:
 @torch.no_grad()
 def main(args: argparse.Namespace) -> dict:
     """Generate the missing images of the run, then (rank 0) pack the npz. Returns a summary."""
-    if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.num_steps < 1:
-        raise ValueError("--num-fid-samples, --per-proc-batch-size and --num-steps must be >= 1")
-    if args.global_seed < 0:
-        raise ValueError(f"--global-seed must be >= 0, got {args.global_seed}")
-    info = init_distributed(args.device)
+    check_args(args)
+    info = init_distributed(args.device, args.local_rank)
     try:
         return _generate(args, info)
     finally:
@@ -388,17 +473,10 @@ def main(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     device = info.device
-    precision = "tf32" if args.tf32 else "ieee"  # the fp32_precision API (legacy allow_tf32 must not be mixed in)
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    set_fp32_precision("tf32" if args.tf32 else "ieee")
 
     model, config = load_model(args, device)
     using_cfg = args.cfg_scale > 1.0
-    if using_cfg and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        raise ValueError(f"{args.ckpt} has no null-label embedding (trained without label dropout): "
-                         "classifier-free guidance is impossible, use --cfg-scale 1")
-    if not using_cfg and args.cls_cfg_scale > 0 and info.is_main:
-        warnings.warn("--cls-cfg-scale only acts under CFG (--cfg-scale > 1); ignored")
     if args.mode == "sde" and args.heun and info.is_main:
         warnings.warn("--heun only applies to --mode ode; ignored")
     if args.balanced and args.num_fid_samples % model.num_classes and info.is_main:
@@ -420,18 +498,22 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
                          f"{model.input_size} x VAE downsampling {codec.downsample} = {resolution}")
     config = {**config, "resolution": resolution}
     latents_scale = float(config.get("latents_scale", codec.scaling_factor))
-    path_type = args.path_type or config.get("path_type", "linear")
 
-    run_name = args.run_name or default_run_name(args, config, vae_spec)
-    run_dir = Path(args.sample_dir) / run_name
-    settings = build_settings(args, config, model, vae_spec, latents_scale, info.world_size)
+    run_name = args.run_name or default_run_name(args, config["model"], resolution, vae_spec)
+    sample_dir = Path(args.sample_dir)
+    run_dir = sample_dir / run_name
+    npz_path = sample_dir / f"{run_name}.npz"
+    identity = checkpoint_identity(args.ckpt if args.ckpt != OFFICIAL_HUB_REPO else f"hf:{args.ckpt}")
+    settings = build_settings(args, config, model, vae_spec, latents_scale, info.world_size, identity)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        settings_path = run_dir / "settings.json"
-        if settings_path.exists():
-            check_resumable(settings_path, settings)
-        else:
-            atomic_json_dump(settings, settings_path)
+        check_resumable(run_dir, settings)
+        atomic_json_dump(settings, run_dir / "settings.json")
+        clean_stale_tmp(run_dir)  # PNGs half-written by a killed job
+        clean_stale_tmp(sample_dir, npz_path.name)  # an npz half-packed by a killed job
+        bad = remove_incomplete_pngs(run_dir)
+        if bad:
+            print(f"{run_dir}: {len(bad)} truncated PNG(s) removed, to be generated again: {bad[:10]}")
     info.barrier()
     # Every rank lists the folder before anyone writes, so all agree on the work to share out.
     done = finished_indices(run_dir)
@@ -443,29 +525,16 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
               f"{len(todo)} to make on {info.world_size} process(es); {config['model']}, "
               f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
 
-    sampler_kwargs = dict(num_steps=args.num_steps, cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
-                          guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=path_type)
-    latent_shape = (model.in_channels, model.input_size, model.input_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
     start = time.perf_counter()
     bar = tqdm(total=len(mine), desc=f"sampling {run_name}", disable=not info.is_main, dynamic_ncols=True)
-    for b in range(0, len(mine), args.per_proc_batch_size):
-        indices = mine[b:b + args.per_proc_batch_size]
-        gens = image_generators(args.global_seed, indices)
-        y = class_labels(indices, global_seed=args.global_seed, num_classes=model.num_classes,
-                         balanced=args.balanced).to(device)
-        # Initial noise is drawn in float32 whatever the precision, so all precisions share it.
-        z = sample_noise((len(indices), *latent_shape), gens, device=device).to(compute_dtype)
-        c = (sample_noise((len(indices), model.cls_dim), gens, device=device).to(compute_dtype)
-             if model.use_cls_token else None)
-        with autocast:
-            if args.mode == "sde":
-                latents, _ = euler_maruyama_sampler(model, z, y, cls_latents=c, generator=gens, **sampler_kwargs)
-            else:
-                latents, _ = euler_sampler(model, z, y, cls_latents=c, heun=args.heun, **sampler_kwargs)
-        images = to_uint8(codec.decode(latents.to(compute_dtype) / latents_scale))
-        for index, image in zip(indices, images):
+    batches = generate_images(
+        model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes, balanced=args.balanced,
+        mode=args.mode, num_steps=args.num_steps, cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
+        guidance_low=args.guidance_low, guidance_high=args.guidance_high, heun=args.heun,
+        path_type=config["path_type"], latents_scale=latents_scale, batch_size=args.per_proc_batch_size,
+        device=device, dtype=torch.bfloat16 if args.precision == "bf16" else None)
+    for indices, images, _ in batches:
+        for index, image in zip(indices, images.cpu().numpy()):
             save_png(image, png_path(run_dir, index))
         bar.update(len(indices))
     bar.close()
@@ -473,22 +542,24 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     elapsed = time.perf_counter() - start
 
     summary = {"run_dir": str(run_dir), "generated": len(todo), "seconds": elapsed,
-               "images_per_second": len(todo) / elapsed if todo else 0.0}
+               "images_per_second": len(todo) / elapsed if todo else 0.0, "guided": using_cfg}
     if info.is_main:
         missing = [i for i in range(args.num_fid_samples) if not png_path(run_dir, i).exists()]
         if missing:
             raise RuntimeError(f"{len(missing)} images missing in {run_dir} after sampling, e.g. {missing[:5]}")
         labels = class_labels(list(range(args.num_fid_samples)), global_seed=args.global_seed,
                               num_classes=model.num_classes, balanced=args.balanced).numpy()
-        npz_path = Path(args.sample_dir) / f"{run_name}.npz"
         shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
         if args.grid:
             n = min(args.grid, args.num_fid_samples)
-            save_grid(run_dir, n, Path(args.sample_dir) / f"{run_name}-grid.png")
+            save_grid(run_dir, n, sample_dir / f"{run_name}-grid.png")
         summary.update(npz=str(npz_path), shape=list(shape))
-        atomic_json_dump({**settings, "result": summary}, Path(args.sample_dir) / f"{run_name}.json")
+        atomic_json_dump({**settings, "result": summary}, sample_dir / f"{run_name}.json")
+        if args.npz_path_file:
+            atomic_write_bytes(args.npz_path_file, f"{npz_path.resolve()}\n".encode())
         print(f"wrote {npz_path} {shape}; sampled {len(todo)} images in {elapsed:.1f} s: "
               f"{summary['images_per_second']:.2f} images/s ({info.world_size} process(es), decode and PNG included)")
+        print(f"NPZ_PATH={npz_path.resolve()}", flush=True)
     info.barrier()
     return summary
 

@@ -1,4 +1,5 @@
-"""Samplers for REG: latents and the class token are generated jointly from pure noise (SPEC §3).
+"""Samplers for REG: latents and the class token are generated jointly from pure noise
+(paper Sec. 3; docs/design.md#sampling).
 
 Two samplers, both pure functions returning ``(latents, cls_token)``:
 
@@ -17,62 +18,58 @@ label ``model.num_classes`` is the null label for classifier-free guidance (CFG)
 conditional and unconditional halves in one batched forward, and only on steps whose current
 time t satisfies ``guidance_low <= t <= guidance_high`` (and ``cfg_scale > 1``, as in REPA/REG).
 
-Randomness (SDE only) comes from, in order of precedence:
-
-* ``noise_fn(x) -> eps``: a callable that receives the float64 state tensor (N, ...) and
-  returns standard normal noise of the same shape. Full control, e.g. for tests.
-* ``generator``: a ``torch.Generator`` (one stream for the whole batch), or a sequence of N
-  generators, one per sample. With per-sample generators, sample i draws its latent noise and
-  then its class-token noise from ``generator[i]`` on every step, so its trajectory depends
-  only on its own generator: a sample comes out the same whatever batch it is in.
-  ``generate.py`` uses this to make image i depend only on (global seed, i).
-* neither: torch's default generator.
+Randomness (SDE only) has one source: ``randn_like(x) -> eps``, a callable returning standard
+normal noise shaped like ``x`` (EDM2's convention). The default is ``torch.randn_like`` (torch's
+global generator). ``per_sample_randn_like(generators)`` builds one from N per-sample generators:
+row i of every draw comes from ``generators[i]`` alone, so a sample's trajectory depends only
+on its own generator and comes out the same whatever batch it is in. ``generate.py`` draws the
+initial latents, the initial class token and then, on every step, the latent noise and the
+class-token noise of image i from its own generator, in that order.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 
 from interpolant import check_path_type, interpolant
 
-# SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REPA/REG).
+# SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REG samplers.py, euler_maruyama_sampler).
 T_LAST = 0.04
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
-NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+RandnLike = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
 # Noise
 
 
-def sample_noise(shape: Sequence[int], generator: Generators = None, *,
-                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (N, ...) from one generator or N per-sample generators.
+def per_sample_randn_like(generators: Sequence[torch.Generator]) -> RandnLike:
+    """A ``randn_like`` whose row i comes from ``generators[i]`` alone (drawn on that generator's
+    device, then moved to x's): CPU generators thus give the same noise on any accelerator."""
+    generators = list(generators)
 
-    With a sequence of generators, row i is drawn from ``generator[i]`` alone, on that
-    generator's device, and then moved to ``device``. CPU generators thus give the same noise
-    on any accelerator.
-    """
-    if generator is None or isinstance(generator, torch.Generator):
-        gen_device = device if generator is None else generator.device
-        noise = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device)
-        return noise.to(device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} per-sample generators for a batch of {shape[0]}")
-    rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device)
-            for g in generator]
-    return torch.stack(rows).to(device)
+    def randn_like(x: torch.Tensor) -> torch.Tensor:
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"got {len(generators)} per-sample generators for a batch of {x.shape[0]}")
+        rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=x.dtype, device=g.device) for g in generators]
+        return torch.stack(rows).to(x.device)
+    return randn_like
 
 
-def _noise_like(x: torch.Tensor, generator: Generators, noise_fn: NoiseFn | None) -> torch.Tensor:
-    if noise_fn is not None:
-        eps = noise_fn(x)
-        if eps.shape != x.shape:
-            raise ValueError(f"noise_fn returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
-        return eps.to(device=x.device, dtype=x.dtype)
-    return sample_noise(x.shape, generator, dtype=x.dtype, device=x.device)
+def generator_randn_like(generator: torch.Generator) -> RandnLike:
+    """A ``randn_like`` drawing the whole batch from one generator (on its device)."""
+    def randn_like(x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(tuple(x.shape), generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return randn_like
+
+
+def _draw(randn_like: RandnLike, x: torch.Tensor) -> torch.Tensor:
+    eps = randn_like(x)
+    if eps.shape != x.shape:
+        raise ValueError(f"randn_like returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
+    return eps.to(device=x.device, dtype=x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,15 +100,32 @@ def _check_model(model, y: torch.Tensor, guided: bool) -> int | None:
     return int(null_label)
 
 
+def _accepts_return_projections(model) -> bool:
+    """Whether model's forward takes return_projections (our SiT, also under torch.compile)."""
+    forward = getattr(getattr(model, "_orig_mod", model), "forward", model)
+    try:
+        return "return_projections" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _start(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None, *,
-           num_steps: int, cfg_scale: float, path_type: str):
-    """The checks both samplers share; returns (null label, model dtype, float64 latents, float64 class token)."""
+           num_steps: int, cfg_scale: float, cls_cfg_scale: float, guidance_low: float, guidance_high: float,
+           path_type: str):
+    """The checks both samplers share; returns the forward call and the float64 start state."""
     check_path_type(path_type)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if cfg_scale < 0 or cls_cfg_scale < 0:
+        raise ValueError(f"guidance scales must be >= 0, got cfg_scale={cfg_scale}, cls_cfg_scale={cls_cfg_scale}")
+    if guidance_low > guidance_high:
+        raise ValueError(f"guidance_low {guidance_low} > guidance_high {guidance_high}: no step would be guided")
     null_label = _check_model(model, y, cfg_scale > 1.0)
+    # Sampling never uses the REPA projections: skip them (about 1.7% of SiT-XL/2's FLOPs).
+    extra = {"return_projections": False} if _accepts_return_projections(model) else {}
+    forward = _Forward(model, _model_dtype(model, latents), null_label, extra)
     c = None if cls_latents is None else cls_latents.to(torch.float64)
-    return null_label, _model_dtype(model, latents), latents.to(torch.float64), c
+    return forward, latents.to(torch.float64), c
 
 
 class _Prediction:
@@ -121,8 +135,19 @@ class _Prediction:
         self.v, self.v_uncond, self.vc, self.vc_uncond = v, v_uncond, vc, vc_uncond
 
 
+class _Forward:
+    """The model call the samplers make: its dtype, the null label and extra keyword arguments."""
+
+    def __init__(self, model, dtype: torch.dtype, null_label: int | None, extra: dict):
+        self.model, self.dtype, self.null_label, self.extra = model, dtype, null_label, extra
+
+    def __call__(self, x, c, y, t: float, *, guided: bool) -> _Prediction:
+        return _predict(self.model, x, c, y, t, guided=guided, null_label=self.null_label,
+                        model_dtype=self.dtype, extra=self.extra)
+
+
 def _predict(model, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor, t: float, *,
-             guided: bool, null_label: int | None, model_dtype: torch.dtype) -> _Prediction:
+             guided: bool, null_label: int | None, model_dtype: torch.dtype, extra: dict) -> _Prediction:
     """One forward at time t; under CFG the cond and uncond halves share one batched call."""
     if guided:
         x_in = torch.cat([x, x])
@@ -132,7 +157,7 @@ def _predict(model, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor, t:
         x_in, c_in, y_in = x, c, y
     t_in = torch.full((x_in.shape[0],), t, dtype=model_dtype, device=x.device)
     out = model(x_in.to(model_dtype), t_in, y_in,
-                cls_token=None if c_in is None else c_in.to(model_dtype))
+                cls_token=None if c_in is None else c_in.to(model_dtype), **extra)
     v, vc = out[0].to(torch.float64), out[2]
     if c is None and vc is not None:
         raise ValueError("the model predicts a class token but cls_latents is None; "
@@ -148,16 +173,15 @@ def _predict(model, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor, t:
     return _Prediction(v, v_u, vc, vc_u)
 
 
-def _cfg(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """uncond + scale (cond - uncond); the conditional term alone outside guided steps."""
-    return cond if uncond is None else uncond + scale * (cond - uncond)
+def _cfg(cond: torch.Tensor | None, uncond: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """uncond + scale (cond - uncond), for the latents and the class token alike.
 
-
-def _cls_cfg(cond: torch.Tensor | None, uncond: torch.Tensor | None, cls_cfg_scale: float):
-    """Class-token guidance (REG): its own scale if > 0, else the conditional term only."""
-    if cond is None or uncond is None or cls_cfg_scale <= 0:
+    The conditional term alone outside guided steps (uncond None) and for scale <= 0: REG guides
+    the class token with cls_cfg_scale only if it is > 0 (REG samplers.py, euler_maruyama_sampler).
+    """
+    if cond is None or uncond is None or scale <= 0:
         return cond
-    return uncond + cls_cfg_scale * (cond - uncond)
+    return uncond + scale * (cond - uncond)
 
 
 def _in_interval(t: float, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
@@ -175,7 +199,7 @@ def diffusion_coefficient(t: torch.Tensor | float):
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                         path_type: str = "linear") -> torch.Tensor:
-    """Score of p_t from the velocity (SPEC §3): s = (a/a' v - x) / (sigma^2 - a/a' sigma' sigma).
+    """Score of p_t from the velocity: s = (a/a' v - x) / (sigma^2 - a/a' sigma' sigma).
 
     Follows from v = a' E[x0|x] + sigma' E[eps|x] and x = a E[x0|x] + sigma E[eps|x] with
     s = -E[eps|x] / sigma. For the linear path: s = -((1-t) v + x) / t. Needs a' != 0, which
@@ -187,7 +211,7 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
 
 
 def _sde_drift(v: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor, path_type: str):
-    """Reverse-SDE drift d = v - g/2 s, integrated with dt < 0 (SPEC §3)."""
+    """Reverse-SDE drift d = v - g/2 s, integrated with dt < 0 (docs/design.md#sampling)."""
     if v is None:
         return None
     return v - 0.5 * diffusion_coefficient(t) * score_from_velocity(v, x, t, path_type)
@@ -206,10 +230,10 @@ def euler_maruyama_sampler(
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
     path_type: str = "linear",
-    generator: Generators = None,
-    noise_fn: NoiseFn | None = None,
+    randn_like: RandnLike | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Euler-Maruyama on the reverse SDE, jointly for the latents and the class token (SPEC §3).
+    """Euler-Maruyama on the reverse SDE, jointly for the latents and the class token.
 
     Time grid linspace(1, 0.04, num_steps) then 0: num_steps model evaluations (twice the batch
     on guided steps). Each of the first num_steps - 1 steps is
@@ -220,10 +244,17 @@ def euler_maruyama_sampler(
 
     latents: (N, C, H, W) initial noise; cls_latents: (N, z) initial noise or None; y: (N,)
     labels. Returns the final (latents, cls_token) in the dtypes of the inputs (cls_token None
-    if cls_latents is None). See the module docstring for ``generator`` / ``noise_fn``.
+    if cls_latents is None). ``randn_like`` is the noise source (see the module docstring);
+    ``generator`` is shorthand for ``randn_like=generator_randn_like(generator)``.
     """
-    null_label, model_dtype, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps,
-                                           cfg_scale=cfg_scale, path_type=path_type)
+    if generator is not None:
+        if randn_like is not None:
+            raise ValueError("pass randn_like or generator, not both")
+        randn_like = generator_randn_like(generator)
+    randn_like = randn_like or torch.randn_like
+    forward, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps, cfg_scale=cfg_scale,
+                           cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+                           path_type=path_type)
 
     t_steps = torch.cat([torch.linspace(1.0, T_LAST, num_steps, dtype=torch.float64),
                          torch.zeros(1, dtype=torch.float64)])
@@ -231,14 +262,13 @@ def euler_maruyama_sampler(
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         dt = t_next - t_cur
         guided = _in_interval(float(t_cur), cfg_scale, guidance_low, guidance_high)
-        pred = _predict(model, x, c, y, float(t_cur), guided=guided, null_label=null_label,
-                        model_dtype=model_dtype)
+        pred = forward(x, c, y, float(t_cur), guided=guided)
         # Drifts are affine in v with the same coefficients for both halves (same x and t),
-        # so guiding the drift equals guiding the velocity; we guide the drift as SPEC says.
+        # so guiding the drift equals guiding the velocity; we guide the drift as REG does.
         d = _cfg(_sde_drift(pred.v, x, t_cur, path_type),
                  _sde_drift(pred.v_uncond, x, t_cur, path_type), cfg_scale)
-        dc = _cls_cfg(_sde_drift(pred.vc, c, t_cur, path_type),
-                      _sde_drift(pred.vc_uncond, c, t_cur, path_type), cls_cfg_scale)
+        dc = _cfg(_sde_drift(pred.vc, c, t_cur, path_type),
+                  _sde_drift(pred.vc_uncond, c, t_cur, path_type), cls_cfg_scale)
         last = i == num_steps - 1
         if last:  # deterministic mean step to t = 0
             x = x + d * dt
@@ -246,8 +276,8 @@ def euler_maruyama_sampler(
             break
         # Draw latent noise before class-token noise: per-sample streams rely on this order.
         noise_scale = torch.sqrt(diffusion_coefficient(t_cur)) * torch.sqrt(dt.abs())
-        eps = _noise_like(x, generator, noise_fn)
-        eps_c = None if c is None else _noise_like(c, generator, noise_fn)
+        eps = _draw(randn_like, x)
+        eps_c = None if c is None else _draw(randn_like, c)
         x = x + d * dt + noise_scale * eps
         c = None if c is None else c + dc * dt + noise_scale * eps_c
 
@@ -282,13 +312,13 @@ def euler_sampler(
     The path only enters through the model: the ODE update itself is path-agnostic.
     Returns (latents, cls_token) as ``euler_maruyama_sampler`` does; it draws no randomness.
     """
-    null_label, model_dtype, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps,
-                                           cfg_scale=cfg_scale, path_type=path_type)
+    forward, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps, cfg_scale=cfg_scale,
+                           cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+                           path_type=path_type)
 
     def velocity(x_, c_, t: float, guided: bool):
-        pred = _predict(model, x_, c_, y, t, guided=guided, null_label=null_label,
-                        model_dtype=model_dtype)
-        return _cfg(pred.v, pred.v_uncond, cfg_scale), _cls_cfg(pred.vc, pred.vc_uncond, cls_cfg_scale)
+        pred = forward(x_, c_, y, t, guided=guided)
+        return _cfg(pred.v, pred.v_uncond, cfg_scale), _cfg(pred.vc, pred.vc_uncond, cls_cfg_scale)
 
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     for i in range(num_steps):

@@ -1,4 +1,4 @@
-"""SiT with REG's entangled class token (SPEC §1).
+"""SiT with REG's entangled class token (paper Sec. 3.2; docs/design.md#token-layout).
 
 One file, in sections: embedders, attention and blocks, the model, sin-cos position
 embeddings, and the size registry `SiT_models`.
@@ -78,12 +78,16 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class-label table with an extra null row (index num_classes) for classifier-free guidance."""
+    """Class-label table with an extra null row (index num_classes) for classifier-free guidance.
+
+    The null row is always built, also with dropout_prob 0 (where DiT/REPA/REG drop it): the
+    official checkpoints have it, guidance needs it, and so a table always holds num_classes + 1
+    rows and a checkpoint's class count is never ambiguous.
+    """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        use_cfg_embedding = dropout_prob > 0  # as in DiT/REPA: the null row exists iff labels are dropped
-        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
@@ -317,9 +321,11 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_token: torch.Tensor | None = None,
+                return_projections: bool = True):
         """x: (N, C, H, W) noisy latents; t: (N,) in [0, 1]; y: (N,) labels (num_classes = null);
-        cls_token: (N, Z) noisy class token (required iff use_cls_token)."""
+        cls_token: (N, Z) noisy class token (required iff use_cls_token).
+        return_projections=False skips the REPA projectors (zs = []): the samplers do not need them."""
         if self.use_cls_token and cls_token is None:
             raise ValueError("this model was built with the REG class token: pass cls_token=(N, Z)")
         if not self.use_cls_token and cls_token is not None:
@@ -335,7 +341,7 @@ class SiT(nn.Module):
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)  # (N, 1+T, D)
-            if i + 1 == self.encoder_depth:
+            if return_projections and i + 1 == self.encoder_depth:
                 zs = [proj(x) for proj in self.projectors]  # [(N, 1+T, z)]
         x, cls_out = self.final_layer(x, c)  # (N, T, p*p*C), (N, Z)
         return self.unpatchify(x), zs, cls_out  # (N, C, H, W), [(N, 1+T, z)], (N, Z)
@@ -418,6 +424,11 @@ def parse_model_name(name: str) -> tuple[str, int]:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(SiT_models)}")
     size, patch = name[len("SiT-"):].split("/")
     return size, int(patch)
+
+
+def model_depth(name: str) -> int:
+    """Number of transformer blocks of a registry model, e.g. model_depth('SiT-XL/2') == 28."""
+    return SIZES[parse_model_name(name)[0]][0]
 
 
 def build_model(name: str, **kwargs) -> SiT:

@@ -98,7 +98,7 @@ def test_missing_and_hub_errors_are_clear(tmp_path, monkeypatch):
         load_weights(str(tmp_path / "nope.pt"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download Martinser/REG"):
+    with pytest.raises(FileNotFoundError, match="hf download Martinser/REG last.pt"):
         load_weights("hf:Martinser/REG/last.pt")
     # a checkpoint of another size names the mismatch
     small = tiny()

@@ -154,7 +154,9 @@ def test_ode_heun_balanced_grid_without_class_token(assets, tmp_path):
         "--num-fid-samples", "8", "--per-proc-batch-size", "3", "--mode", "ode", "--heun", "--num-steps", "4",
         "--cfg-scale", "1.5", "--balanced", "--grid", "4", "--device", "cpu", "--resolution", "32"]))
     name = out["npz"].rsplit("/", 1)[-1][:-4]
-    assert name == "SiT-T-2-repa-size-32-vae-vae-cfg-1.5-clscfg-0.0-gl-0.0-gh-1.0-seed-0-ode-4-heun-balanced"
+    # the original's name ({model}-{ckpt}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}-{mode}-{gh}-{clscfg}),
+    # plus a suffix for our own --balanced
+    assert name == "SiT-T-2-repa-size-32-vae-vae-cfg-1.5-seed-0-ode-1.0-1.5-balanced"
     with np.load(out["npz"]) as data:
         assert data["arr_1"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
         assert data["arr_0"].shape == (8, 32, 32, 3)
@@ -187,3 +189,27 @@ def test_per_image_seeds_and_labels():
         [labels[17].item(), labels[3].item()]
     balanced = generate.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
     assert torch.bincount(balanced).tolist() == [100] * 10
+
+
+def test_generate_images_in_memory_equals_the_png_files(assets, tmp_path):
+    """generate.py's files and generate_images (train.py's FID, sweep.py) are one code path: same
+    images for any order and batching of the indices."""
+    from checkpoint_io import load_generator
+    from models.vae import load_vae
+
+    run(assets, tmp_path, "--per-proc-batch-size", "4")
+    model, config = load_generator(str(assets / "0000100.pt"))
+    model.to(torch.float64)
+    codec = load_vae(str(assets / "vae"), dtype=torch.float64)
+    seen = {}
+    for indices, images, labels in generate.generate_images(
+            model, codec, [5, 0, 3, 1, 2, 4], global_seed=3, num_classes=NUM_CLASSES, mode="sde", num_steps=6,
+            cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7, latents_scale=config["latents_scale"],
+            batch_size=5, device="cpu"):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
+        assert labels.tolist() == generate.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
+                                                        balanced=False).tolist()
+        seen.update(zip(indices, images.numpy()))
+    assert sorted(seen) == list(range(6))
+    for i, image in seen.items():
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / f"{i:06d}.png")), image), i

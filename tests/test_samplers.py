@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from interpolant import interpolant
-from samplers import euler_maruyama_sampler, euler_sampler, sample_noise, score_from_velocity
+from samplers import (T_LAST, euler_maruyama_sampler, euler_sampler, per_sample_randn_like,
+                      score_from_velocity)
 
 X_SHAPE = (2, 2, 2)  # (C, H, W) latents
 CLS_DIM = 3
@@ -212,7 +213,7 @@ def test_cfg_is_one_batched_forward_inside_the_interval_only():
     torch.manual_seed(0)
     euler_maruyama_sampler(model, x1, y, cls_latents=c1, num_steps=steps, cfg_scale=2.0,
                            guidance_low=0.3, guidance_high=0.7)
-    t_grid = torch.linspace(1, 0.04, steps, dtype=torch.float64)
+    t_grid = torch.linspace(1, T_LAST, steps, dtype=torch.float64)
     expect = [12 if 0.3 <= t <= 0.7 else 6 for t in t_grid.tolist()]
     assert model.batch_sizes == expect
     for labels, size in zip(model.labels, model.batch_sizes):
@@ -220,13 +221,20 @@ def test_cfg_is_one_batched_forward_inside_the_interval_only():
         if size == 12:  # second half is the null label
             assert (labels[6:] == model.num_classes).all()
 
-    # An empty interval is exactly unguided sampling with the same noise.
+    # An interval between two grid times is exactly unguided sampling with the same noise.
     out = []
-    for cfg, high in [(4.0, -1.0), (1.0, 1.0)]:
+    for cfg, low, high in [(4.0, 0.5, 0.51), (1.0, 0.0, 1.0)]:
         torch.manual_seed(7)
         out.append(euler_maruyama_sampler(model, x1, y, cls_latents=c1, num_steps=steps,
-                                          cfg_scale=cfg, cls_cfg_scale=4.0, guidance_high=high))
+                                          cfg_scale=cfg, cls_cfg_scale=4.0, guidance_low=low, guidance_high=high))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+    # Settings that cannot be meant are refused by both samplers.
+    for sampler in (euler_maruyama_sampler, euler_sampler):
+        with pytest.raises(ValueError, match="guidance_low 0.8 > guidance_high 0.2"):
+            sampler(model, x1, y, cls_latents=c1, num_steps=2, cfg_scale=2.0, guidance_low=0.8, guidance_high=0.2)
+        with pytest.raises(ValueError, match="must be >= 0"):
+            sampler(model, x1, y, cls_latents=c1, num_steps=2, cfg_scale=2.0, cls_cfg_scale=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,33 +247,34 @@ def test_per_sample_generators_make_samples_batch_independent():
     y = torch.tensor([0, 1, 1, 0])
 
     def gens(idx):
-        return [torch.Generator().manual_seed(100 + i) for i in idx]
+        return per_sample_randn_like([torch.Generator().manual_seed(100 + i) for i in idx])
 
     kw = dict(num_steps=15, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_high=0.8)
-    full = euler_maruyama_sampler(model, x1, y, cls_latents=c1, generator=gens(range(4)), **kw)
+    full = euler_maruyama_sampler(model, x1, y, cls_latents=c1, randn_like=gens(range(4)), **kw)
     # Same images in two batches of 2, in another order, with the global RNG disturbed.
     torch.manual_seed(123)
-    a = euler_maruyama_sampler(model, x1[[2, 0]], y[[2, 0]], cls_latents=c1[[2, 0]], generator=gens([2, 0]), **kw)
-    b = euler_maruyama_sampler(model, x1[[3, 1]], y[[3, 1]], cls_latents=c1[[3, 1]], generator=gens([3, 1]), **kw)
+    a = euler_maruyama_sampler(model, x1[[2, 0]], y[[2, 0]], cls_latents=c1[[2, 0]], randn_like=gens([2, 0]), **kw)
+    b = euler_maruyama_sampler(model, x1[[3, 1]], y[[3, 1]], cls_latents=c1[[3, 1]], randn_like=gens([3, 1]), **kw)
     torch.testing.assert_close(full[0][[2, 0, 3, 1]], torch.cat([a[0], b[0]]), rtol=0, atol=1e-12)
     torch.testing.assert_close(full[1][[2, 0, 3, 1]], torch.cat([a[1], b[1]]), rtol=0, atol=1e-12)
     # A different generator gives a different sample.
-    other = euler_maruyama_sampler(model, x1, y, cls_latents=c1, generator=gens(range(10, 14)), **kw)
+    other = euler_maruyama_sampler(model, x1, y, cls_latents=c1, randn_like=gens(range(10, 14)), **kw)
     assert not torch.allclose(other[0], full[0])
 
     with pytest.raises(ValueError, match="per-sample generators"):
-        euler_maruyama_sampler(model, x1, y, cls_latents=c1, generator=gens(range(3)), **kw)
+        euler_maruyama_sampler(model, x1, y, cls_latents=c1, randn_like=gens(range(3)), **kw)
 
 
-def test_sample_noise_rows_come_from_their_own_generator():
+def test_per_sample_randn_like_rows_come_from_their_own_generator():
     g = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    noise = sample_noise((3, 2, 5), g, dtype=torch.float64)
+    noise = per_sample_randn_like(g)(torch.empty(3, 2, 5, dtype=torch.float64))
+    assert noise.dtype == torch.float64
     for i, s in enumerate((1, 2, 3)):
         expected = torch.randn(2, 5, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
         assert torch.equal(noise[i], expected)
 
 
-def test_default_rng_single_generator_and_noise_fn():
+def test_default_rng_single_generator_and_randn_like():
     model = two_class_model()
     x1, c1 = initial_noise(4, seed=9)
     y = torch.tensor([0, 1, 0, 1])
@@ -277,15 +286,15 @@ def test_default_rng_single_generator_and_noise_fn():
     c = euler_maruyama_sampler(model, x1, y, generator=torch.Generator().manual_seed(11), **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(c[0], a[0])  # CPU default RNG == seeded generator
 
-    # noise_fn replaces the RNG: zero noise makes the SDE deterministic, and it sees both states.
+    # randn_like replaces the RNG: zero noise makes the SDE deterministic, and it sees both states.
     shapes = []
 
     def zero_noise(x):
         shapes.append(tuple(x.shape))
         return torch.zeros_like(x)
 
-    d = euler_maruyama_sampler(model, x1, y, noise_fn=zero_noise, **kw)
-    e = euler_maruyama_sampler(model, x1, y, noise_fn=zero_noise, **kw)
+    d = euler_maruyama_sampler(model, x1, y, randn_like=zero_noise, **kw)
+    e = euler_maruyama_sampler(model, x1, y, randn_like=zero_noise, **kw)
     assert torch.equal(d[0], e[0]) and not torch.equal(d[0], a[0])
     assert shapes[:2] == [(4, *X_SHAPE), (4, CLS_DIM)] and len(shapes) == 2 * 2 * (10 - 1)
 
