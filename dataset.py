@@ -1,15 +1,18 @@
-"""The training dataset: uint8 images paired with pre-computed SD-VAE posterior moments (SPEC §4).
+"""The training dataset: uint8 images paired with pre-computed SD-VAE posterior moments.
 
-On-disk layout (what REPA/REG users already have; read as is):
+On-disk layout (what REPA/REG users already have; read as is; docs/design.md#data-layout):
 
     DATA/imagenet_{R}_vae/00000/img00000000.png ...           uint8 RGB, R x R
     DATA/vae-sd/00000/img-mean-std-00000000.npy ...           float32 (2C, R/8, R/8) = mean || std
     DATA/vae-sd/dataset.json   {"labels": [["00000/img-mean-std-00000000.npy", cls], ...],
                                 "vae": {"name", "latent_channels", "scaling_factor", "resolution"}}
 
+The image folder may also be REG's `imagenet_256_vae` at any resolution (REG dataset.py reads that
+name even at 512 px) or REPA's `images`; `CustomDataset.layout` says which one was found.
 Either folder may instead be an uncompressed zip holding the same relative paths
 (DATA/imagenet_{R}_vae.zip, DATA/vae-sd.zip); zips move better on cluster file systems.
-Images and latents pair up by sorted relative path. The optional "vae" entry is written by our
+Images and latents pair up by the index in their names (img00000005.png <-> img-mean-std-00000005.npy);
+a file without a partner is an error. The optional "vae" entry is written by our
 `preprocessing/dataset_tools.py encode`; without it (official data) the SD-VAE defaults hold:
 4 latent channels, scaling factor 0.18215.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -25,13 +30,46 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-SD_VAE_INFO = {"name": None, "latent_channels": 4, "scaling_factor": 0.18215}
-LATENT_DOWNSAMPLE = 8
+from models.vae import SD_VAE_SCALING_FACTOR, VAE_STRIDE
+
+log = logging.getLogger(__name__)
+
+SD_VAE_INFO = {"name": None, "latent_channels": 4, "scaling_factor": SD_VAE_SCALING_FACTOR}
 LATENT_DIR = "vae-sd"
+REPA_IMAGE_DIR = "images"
+_IMAGE_INDEX = re.compile(r"img(\d+)\.[^./]+")  # convert's naming: 00000/img00000005.png
+_LATENT_INDEX = re.compile(r"img-mean-std-(\d+)\.npy")  # encode's naming: 00000/img-mean-std-00000005.npy
 
 
 def image_dir_name(resolution: int) -> str:
     return f"imagenet_{resolution}_vae"
+
+
+def _exists(data_dir: str, base: str) -> bool:
+    return os.path.isdir(os.path.join(data_dir, base)) or os.path.isfile(os.path.join(data_dir, base + ".zip"))
+
+
+def find_image_dir(data_dir: str, resolution: int) -> tuple[str, str]:
+    """(folder name, layout description) of the image folder under DATA.
+
+    imagenet_{R}_vae (ours, and REG's at 256 px) first; else REG's imagenet_256_vae (REG dataset.py
+    reads that name at every resolution) or REPA's images/. Two candidates of the second kind are
+    ambiguous: refuse rather than pick one.
+    """
+    own = image_dir_name(resolution)
+    if _exists(data_dir, own):
+        return own, f"REG layout: {own} + {LATENT_DIR}"
+    others = [(image_dir_name(256), f"REG layout (REG's folder name at {resolution} px): "
+                                    f"{image_dir_name(256)} + {LATENT_DIR}")] if resolution != 256 else []
+    others.append((REPA_IMAGE_DIR, f"REPA layout: {REPA_IMAGE_DIR} + {LATENT_DIR}"))
+    found = [c for c in others if _exists(data_dir, c[0])]
+    if len(found) > 1:
+        raise ValueError(f"{data_dir} holds both {found[0][0]} and {found[1][0]} but no {own}: "
+                         f"it is unclear which holds the {resolution}x{resolution} images; rename or move one")
+    if found:
+        return found[0]
+    names = " or ".join([own] + [c[0] for c in others])
+    raise FileNotFoundError(f"missing data: no image folder (or .zip) {names} in {data_dir}")
 
 
 def is_image_name(name: str) -> bool:
@@ -125,9 +163,37 @@ def read_dataset_json(tree: FileTree) -> dict:
     if not tree.exists("dataset.json"):
         raise FileNotFoundError(f"missing {tree.describe('dataset.json')}")
     try:
-        return json.loads(tree.read("dataset.json"))
+        meta = json.loads(tree.read("dataset.json"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{tree.describe('dataset.json')} is not valid JSON: {e}") from None
+        raise ValueError(f"{tree.describe('dataset.json')} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{tree.describe('dataset.json')} holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def parse_labels(meta: dict, where: str) -> dict[str, int] | None:
+    """dataset.json's "labels" as {name: int class}; None when the dataset is unlabelled ("labels": null).
+
+    Classes must be JSON integers: 3.0 or "3" is refused (naming the entry), since a float label
+    usually means the file was written by something else (regression targets, soft labels).
+    """
+    labels = meta.get("labels")
+    if labels is None:
+        return None
+    if not isinstance(labels, list):
+        raise ValueError(f"{where}: \"labels\" must be a list of [name, class] pairs or null")
+    out: dict[str, int] = {}
+    for entry in labels:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError(f"{where}: label entry {entry!r} is not a [name, class] pair")
+        name, cls = entry
+        if isinstance(cls, bool) or not isinstance(cls, int):
+            raise ValueError(f"{where}: the label of {name!r} is {cls!r}, not an integer class")
+        name = name.replace("\\", "/")
+        if name in out:
+            raise ValueError(f"{where}: {name!r} is listed twice")
+        out[name] = cls
+    return out
 
 
 def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
@@ -149,47 +215,107 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise RuntimeError(f"corrupt or unreadable image {where}: {e}") from e
 
 
+def _pair_key(name: str, pattern: re.Pattern, tree: FileTree, what: str) -> int:
+    m = pattern.fullmatch(name.rsplit("/", 1)[-1])
+    if m is None:
+        raise ValueError(f"{tree.describe(name)} does not follow the {what} naming "
+                         f"({'00000/img00000005.png' if what == 'image' else '00000/img-mean-std-00000005.npy'}), "
+                         "so it cannot be paired; write the data with preprocessing/dataset_tools.py convert/encode")
+    return int(m.group(1))
+
+
+def _index_names(names: list[str], pattern: re.Pattern, tree: FileTree, what: str) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for n in names:
+        k = _pair_key(n, pattern, tree, what)
+        if k in out:
+            raise ValueError(f"two {what} files have the index {k}: {tree.describe(out[k])} and {tree.describe(n)}")
+        out[k] = n
+    return out
+
+
 class CustomDataset(Dataset):
-    """(image uint8 (3, R, R), moments float32 (2C, R/8, R/8), label int64 ()) triples.
+    """Training items: images paired with their VAE posterior moments and class labels.
+
+    Items are `(image uint8 (3, R, R), moments float32 (2C, R/8, R/8), label int64 ())`. With
+    `skip_bad_samples=True` they are 4-tuples `(image, moments, label, replaced bool ())`: an item
+    whose image or latent cannot be read (or has the wrong shape) is logged once per file and
+    replaced by the next index that reads fine (wrapping around), with `replaced=True` so that the
+    trainer can count them. The replacement depends only on the files, never on timing or worker
+    order, so a resumed run reads exactly the same batches. With `skip_bad_samples=False` (the
+    default, and REG's behaviour) a bad item raises an error naming the file.
+
+    Images and latents are paired by the index in their names (img00000005.png <->
+    img-mean-std-00000005.npy), never by position; a file without a partner is an error. Labels come
+    from vae-sd/dataset.json and must be integers in [0, num_classes); an unlabelled dataset
+    ("labels": null) is only accepted with num_classes == 1 (every label 0).
 
     Start-up validation is cheap: two listings, dataset.json, and the headers of the first image
     and the first latent file. Everything else is checked per item as it is read.
     """
 
     def __init__(self, data_dir: str, *, resolution: int = 256, num_classes: int = 1000,
-                 latent_channels: int | None = None):
+                 latent_channels: int | None = None, skip_bad_samples: bool = False):
         self.data_dir = str(data_dir)
         self.resolution = resolution
         self.num_classes = num_classes
-        if resolution % LATENT_DOWNSAMPLE:
-            raise ValueError(f"resolution {resolution} is not a multiple of {LATENT_DOWNSAMPLE}")
+        self.skip_bad_samples = skip_bad_samples
+        self.vae_stride = VAE_STRIDE
+        self._reported: set[str] = set()  # files already logged as bad (per process)
+        if resolution % VAE_STRIDE:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE stride {VAE_STRIDE}")
 
         # The VAE description first: a resolution mismatch explains a missing image folder.
         self.latents = open_tree(self.data_dir, LATENT_DIR)
         meta = read_dataset_json(self.latents)
+        json_where = self.latents.describe("dataset.json")
         self.vae_info = {**SD_VAE_INFO, "resolution": resolution, **(meta.get("vae") or {})}
         if int(self.vae_info["resolution"]) != resolution:
-            raise ValueError(f"{self.latents.describe('dataset.json')} says the latents are for resolution "
+            raise ValueError(f"{json_where} says the latents are for resolution "
                              f"{self.vae_info['resolution']}, but resolution={resolution} was asked for")
 
-        self.images = open_tree(self.data_dir, image_dir_name(resolution))
-        self.image_names = [n for n in self.images.list() if is_image_name(n)]
-        self.latent_names = [n for n in self.latents.list() if n.endswith(".npy")]
-        if len(self.image_names) != len(self.latent_names):
-            raise ValueError(f"image and latent counts differ: {len(self.image_names)} images in "
-                             f"{self.images.path}, {len(self.latent_names)} .npy files in {self.latents.path}")
-        if not self.latent_names:
+        image_base, self.layout = find_image_dir(self.data_dir, resolution)
+        self.images = open_tree(self.data_dir, image_base)
+        log.info(f"dataset: {self.layout} in {self.data_dir}")
+        image_names = [n for n in self.images.list() if is_image_name(n)]
+        latent_names = [n for n in self.latents.list() if n.endswith(".npy")]
+        if not latent_names and not image_names:
             raise ValueError(f"no images/latents found in {self.images.path} and {self.latents.path}")
 
+        # Pair by the index in the names (REG/REPA pair by sorted position, which silently shifts
+        # every later pair when one file is missing).
+        by_image = _index_names(image_names, _IMAGE_INDEX, self.images, "image")
+        by_latent = _index_names(latent_names, _LATENT_INDEX, self.latents, "latent")
+        lonely_latents = sorted(set(by_latent) - set(by_image))
+        lonely_images = sorted(set(by_image) - set(by_latent))
+        if lonely_latents or lonely_images:
+            parts = []
+            if lonely_latents:
+                parts.append(f"{len(lonely_latents)} latent file(s) without an image, e.g. "
+                             f"{self.latents.describe(by_latent[lonely_latents[0]])}")
+            if lonely_images:
+                parts.append(f"{len(lonely_images)} image(s) without a latent file, e.g. "
+                             f"{self.images.describe(by_image[lonely_images[0]])}")
+            raise ValueError(f"images and latents do not pair up ({len(image_names)} images in {self.images.path}, "
+                             f"{len(latent_names)} .npy files in {self.latents.path}): " + "; ".join(parts))
+        keys = sorted(by_latent, key=lambda k: by_latent[k])  # the latents' sorted order, as REG's
+        self.image_names = [by_image[k] for k in keys]
+        self.latent_names = [by_latent[k] for k in keys]
+
         # Labels, from vae-sd/dataset.json.
-        labels = meta.get("labels")
-        if not labels:
-            raise ValueError(f"{self.latents.describe('dataset.json')} has no labels")
-        labels = {str(name).replace("\\", "/"): cls for name, cls in labels}
+        labels = parse_labels(meta, json_where)
+        if labels is None:
+            if num_classes != 1:
+                raise ValueError(f"{json_where} has no labels (\"labels\": null: an unlabelled dataset); train it "
+                                 f"unconditionally with --num-classes 1, or re-encode from labelled images")
+            labels = {n: 0 for n in self.latent_names}
         missing = [n for n in self.latent_names if n not in labels]
         if missing:
-            raise ValueError(f"{len(missing)} latent file(s) have no label in "
-                             f"{self.latents.describe('dataset.json')}, e.g. {missing[0]}")
+            raise ValueError(f"{len(missing)} latent file(s) have no label in {json_where}, e.g. {missing[0]}")
+        if len(labels) != len(self.latent_names):
+            extra = sorted(set(labels) - set(self.latent_names))
+            raise ValueError(f"{json_where} labels {len(extra)} file(s) that are not in {self.latents.path}, "
+                             f"e.g. {extra[0]} (an incomplete copy?)")
         self.labels = np.array([labels[n] for n in self.latent_names], dtype=np.int64)
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
         if bad.size:
@@ -201,9 +327,10 @@ class CustomDataset(Dataset):
         info_channels = int(self.vae_info["latent_channels"])
         if latent_channels is not None and latent_channels != info_channels:
             raise ValueError(f"latent_channels={latent_channels} was asked for, but "
-                             f"{self.latents.describe('dataset.json')} describes {info_channels}-channel latents")
+                             f"{json_where} describes {info_channels}-channel latents")
         self._channels = info_channels
-        self.moments_shape = (2 * info_channels, resolution // LATENT_DOWNSAMPLE, resolution // LATENT_DOWNSAMPLE)
+        side = resolution // VAE_STRIDE
+        self.moments_shape = (2 * info_channels, side, side)
         first = self.latent_names[0]
         try:
             with self.latents.open(first) as f:
@@ -224,7 +351,7 @@ class CustomDataset(Dataset):
         if shape != self.moments_shape:
             c = self._channels
             raise ValueError(f"{self.latents.describe(name)} has shape {shape}, expected {self.moments_shape} "
-                             f"(mean||std of {c}-channel latents at {self.resolution}/{LATENT_DOWNSAMPLE})")
+                             f"(mean||std of {c}-channel latents at {self.resolution}/{VAE_STRIDE})")
 
     @property
     def latent_channels(self) -> int:
@@ -238,10 +365,15 @@ class CustomDataset(Dataset):
     def __len__(self) -> int:
         return len(self.latent_names)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One item; every failure raises an error that names the file."""
         image_name, latent_name = self.image_names[idx], self.latent_names[idx]
         where = self.images.describe(image_name)
-        image = decode_image(self.images.read(image_name), where)
+        try:
+            data = self.images.read(image_name)
+        except OSError as e:
+            raise RuntimeError(f"cannot read image {where}: {e}") from e
+        image = decode_image(data, where)
         if image.shape != (self.resolution, self.resolution, 3):
             raise ValueError(f"{where} is {image.shape[1]}x{image.shape[0]}, expected {self.resolution}x{self.resolution}")
         try:
@@ -252,3 +384,20 @@ class CustomDataset(Dataset):
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(moments.astype(np.float32, copy=False)),
                 torch.tensor(self.labels[idx], dtype=torch.int64))
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, ...]:
+        if not self.skip_bad_samples:
+            return self._read(idx)
+        n = len(self)
+        for k in range(n):
+            j = (idx + k) % n
+            try:
+                item = self._read(j)
+            except (OSError, RuntimeError, ValueError) as e:
+                key = f"{self.image_names[j]}|{self.latent_names[j]}"
+                if key not in self._reported:  # once per file (and process), not once per epoch
+                    self._reported.add(key)
+                    log.warning(f"skipping a bad sample (item {j}, replaced by the next readable one): {e}")
+                continue
+            return (*item, torch.tensor(k > 0))
+        raise RuntimeError(f"no item of {self.images.path} / {self.latents.path} can be read")

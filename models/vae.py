@@ -2,11 +2,11 @@
 
 Both map uint8 images (N, 3, H, W) to a diagonal Gaussian posterior (mean, std), each
 (N, C, H/8, W/8) float32, and decode *unscaled* latents back to [-1, 1] images. The training
-latent is z = (mean + std * eps) * scaling_factor (SPEC §2); the sampler decodes
-`decode(z / scaling_factor)` (SPEC §3).
+latent is z = (mean + std * eps) * scaling_factor (REG train.py `sample_posterior`); the sampler
+decodes `decode(z / scaling_factor)` (REG generate.py).
 
 `load_vae(spec)` accepts
-    "ema" / "mse"         stabilityai/sd-vae-ft-ema / -mse (SPEC §4)
+    "ema" / "mse"         stabilityai/sd-vae-ft-ema / -mse
     an HF hub id          e.g. "stabilityai/sd-vae-ft-ema", or "org/repo/vae" for a pipeline's subfolder
     a local directory     saved with `AutoencoderKL.save_pretrained` (config.json + weights)
     "pixel-unshuffle"     demo only: exact space-to-depth by 8 of x/127.5-1 (192 channels, std = 0),
@@ -28,13 +28,16 @@ import torch.nn.functional as F
 from models.hub import hub_offline
 
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-SD_SCALING_FACTOR = 0.18215  # SPEC §2: z = (mean + std * eps) * 0.18215
+# The SD-VAE latent scale (REG train.py `latents_scale`) and spatial stride: defined here once.
+# The scale of a loaded AutoencoderKL comes from its config where the config has one.
+SD_VAE_SCALING_FACTOR = 0.18215
+VAE_STRIDE = 8
 PIXEL_UNSHUFFLE = "pixel-unshuffle"
 PIXEL_UNSHUFFLE_LOWPASS = "pixel-unshuffle-lowpass"
 
 
 def images_to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1] with x / 127.5 - 1 (SPEC §4, as EDM2/REPA)."""
+    """uint8 [0, 255] -> float32 [-1, 1] with x / 127.5 - 1 (REG preprocessing/encoders.py `encode_pixels`)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -77,8 +80,8 @@ class SDVAE(LatentCodec):
         self.name = name
         self.latent_channels = int(vae.config.latent_channels)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-        # sd-vae-ft-ema/-mse configs predate this field; diffusers then fills in 0.18215 (SPEC §2).
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or SD_SCALING_FACTOR)
+        # sd-vae-ft-ema/-mse configs predate this field; diffusers then fills in 0.18215.
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALING_FACTOR)
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +110,7 @@ class PixelUnshuffleCodec(LatentCodec):
     already in [-1, 1] with roughly unit-order spread.
     """
 
-    def __init__(self, downsample: int = 8, pool: int = 1):
+    def __init__(self, downsample: int = VAE_STRIDE, pool: int = 1):
         super().__init__()
         if downsample % pool:
             raise ValueError(f"downsample {downsample} is not a multiple of the pooling {pool}")
@@ -152,21 +155,22 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
     kwargs["torch_dtype"] = dtype
     try:
         return _from_pretrained(repo, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass  # not in the local cache
+    except (OSError, ValueError) as e:  # not in the local cache
+        cause = e
     if hub_offline():
-        reason = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
+        reason = f"HF_HUB_OFFLINE is set and it is not in the local HF cache ({type(cause).__name__}: {cause})"
     else:
         try:
             return _from_pretrained(repo, **kwargs)
-        except (OSError, ValueError) as e:
-            reason = f"download failed ({str(e).splitlines()[0][:200]})"
+        except (OSError, ValueError) as e:  # 401 / 404 / gated / no network: the hub's text says which
+            cause = e
+            reason = f"download failed ({type(e).__name__}: {e})"
     raise FileNotFoundError(
         f"cannot load the VAE {repo_id!r}{sub}: {reason}.\n"
-        f"  Fetch it on a machine with network access:  huggingface-cli download {repo}\n"
+        f"  Fetch it on a machine with network access:  hf download {repo}\n"
         f"  (into the HF cache, HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}),\n"
         f"  or save it with AutoencoderKL.save_pretrained(DIR) and pass DIR instead of the hub id."
-    ) from None
+    ) from cause
 
 
 def load_vae(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentCodec:

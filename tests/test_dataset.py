@@ -1,4 +1,5 @@
-"""CustomDataset: the SPEC §4 layout, folder and zip, and every start-up / read-time error."""
+"""CustomDataset: the REG/REPA layouts, folder and zip, pairing by name, labels, and every start-up /
+read-time error."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None
     images = rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8)
     moments = rng.standard_normal((n, 2 * channels, res // 8, res // 8)).astype(np.float32)
     labels = list(rng.integers(0, 10, n)) if labels is None else labels
+    entry_label = (lambda i: 0) if labels == "null" else (lambda i: labels[i])
     entries = []
     for i in range(n):
         s = f"{i:08d}"
@@ -28,8 +30,9 @@ def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None
         os.makedirs(os.path.join(root, "vae-sd", s[:5]), exist_ok=True)
         PIL.Image.fromarray(images[i]).save(img_path)
         np.save(os.path.join(root, "vae-sd", npy_name), moments[i])
-        entries.append([npy_name, int(labels[i])])
-    meta = {"labels": entries}
+        label = entry_label(i)
+        entries.append([npy_name, label if isinstance(label, float) else int(label)])
+    meta = {"labels": entries if labels != "null" else None}
     if vae is not None:
         meta["vae"] = vae
     with open(os.path.join(root, "vae-sd", "dataset.json"), "w") as f:
@@ -149,3 +152,102 @@ def test_corrupt_files_are_named(tmp_path):
         ds[1]
     with pytest.raises(RuntimeError, match="img-mean-std-00000002.npy"):
         ds[2]
+
+
+def test_layouts_reg_256_name_at_other_resolutions_and_repa(tmp_path, caplog):
+    make_data(tmp_path / "ours", n=3, res=32)
+    ds = CustomDataset(str(tmp_path / "ours"), resolution=32, num_classes=10)
+    assert "REG layout: imagenet_32_vae" in ds.layout
+    ref = [ds[i] for i in range(3)]
+    # REG's dataset.py reads imagenet_256_vae whatever the resolution (its 512 px runs included)
+    os.rename(tmp_path / "ours" / "imagenet_32_vae", tmp_path / "ours" / "imagenet_256_vae")
+    with caplog.at_level("INFO", logger="dataset"):
+        ds = CustomDataset(str(tmp_path / "ours"), resolution=32, num_classes=10)
+    assert "imagenet_256_vae" in ds.layout and "REG" in ds.layout and ds.layout in caplog.text
+    assert all(torch.equal(a, b) for i in range(3) for a, b in zip(ds[i], ref[i]))
+    # REPA: images/ + vae-sd/
+    os.rename(tmp_path / "ours" / "imagenet_256_vae", tmp_path / "ours" / "images")
+    ds = CustomDataset(str(tmp_path / "ours"), resolution=32, num_classes=10)
+    assert ds.layout.startswith("REPA layout: images")
+    assert all(torch.equal(a, b) for i in range(3) for a, b in zip(ds[i], ref[i]))
+    # both candidate folders and no imagenet_32_vae: ambiguous, refused (never mix data silently)
+    os.makedirs(tmp_path / "ours" / "imagenet_256_vae")
+    with pytest.raises(ValueError, match="both imagenet_256_vae and images"):
+        CustomDataset(str(tmp_path / "ours"), resolution=32, num_classes=10)
+    # the exact-resolution folder wins over the others
+    os.rename(tmp_path / "ours" / "images", tmp_path / "ours" / "imagenet_32_vae")
+    assert "imagenet_32_vae" in CustomDataset(str(tmp_path / "ours"), resolution=32, num_classes=10).layout
+
+
+def test_pairs_by_name_not_position(tmp_path):
+    images, moments, _ = make_data(tmp_path, n=6, res=32)
+    # one image and another latent missing: the counts still agree (5 and 5), so pairing by sorted
+    # position would silently shift items 2..4 by one
+    os.remove(tmp_path / "imagenet_32_vae" / "00000" / "img00000002.png")
+    os.remove(tmp_path / "vae-sd" / "00000" / "img-mean-std-00000004.npy")
+    with pytest.raises(ValueError) as e:
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    msg = str(e.value)
+    assert "img-mean-std-00000002.npy" in msg and "without an image" in msg
+    assert "img00000004.png" in msg and "without a latent" in msg
+
+
+def test_pairing_follows_indices_across_folders(tmp_path):
+    images, moments, labels = make_data(tmp_path, n=3, res=32)
+    # the image of item 1 sits in another shard folder: still paired with latent 1
+    os.makedirs(tmp_path / "imagenet_32_vae" / "00009")
+    os.rename(tmp_path / "imagenet_32_vae" / "00000" / "img00000001.png",
+              tmp_path / "imagenet_32_vae" / "00009" / "img00000001.png")
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    for i in range(3):
+        assert torch.equal(ds[i][0], torch.from_numpy(images[i]).permute(2, 0, 1))
+        assert torch.equal(ds[i][1], torch.from_numpy(moments[i]))
+    (tmp_path / "imagenet_32_vae" / "00009" / "extra.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="extra.png does not follow the image naming"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+
+
+def test_unlabelled_dataset_needs_num_classes_1(tmp_path):
+    make_data(tmp_path, n=3, res=32, labels="null")
+    with pytest.raises(ValueError, match="--num-classes 1"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=1)
+    assert [int(ds[i][2]) for i in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("bad", [3.0, 3.7])
+def test_float_labels_are_refused(tmp_path, bad):
+    make_data(tmp_path, n=3, res=32, labels=[1, bad, 2])
+    with pytest.raises(ValueError, match=rf"dataset.json.*img-mean-std-00000001.npy.*{bad}.*not an integer"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+
+
+def test_labels_for_missing_files_are_refused(tmp_path):
+    make_data(tmp_path, n=4, res=32)
+    os.remove(tmp_path / "imagenet_32_vae" / "00000" / "img00000003.png")
+    os.remove(tmp_path / "vae-sd" / "00000" / "img-mean-std-00000003.npy")
+    with pytest.raises(ValueError, match="img-mean-std-00000003.npy.*incomplete copy"):
+        CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+
+
+def test_skip_bad_samples_replaces_deterministically(tmp_path, caplog):
+    images, moments, labels = make_data(tmp_path, n=4, res=32)
+    (tmp_path / "imagenet_32_vae" / "00000" / "img00000001.png").write_bytes(b"not a png")
+    (tmp_path / "vae-sd" / "00000" / "img-mean-std-00000003.npy").write_bytes(b"\x93NUMPY garbage")
+    strict = CustomDataset(str(tmp_path), resolution=32, num_classes=10)
+    assert len(strict[0]) == 3
+    with pytest.raises(RuntimeError, match="img00000001.png"):
+        strict[1]
+    ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10, skip_bad_samples=True)
+    with caplog.at_level("WARNING", logger="dataset"):
+        items = [ds[i] for i in range(4)] + [ds[1]]
+    assert [bool(it[3]) for it in items] == [False, True, False, True, True]
+    # item 1 -> item 2 (the next readable); item 3 (the last) wraps round to item 0
+    for got, want in ((items[1], 2), (items[3], 0), (items[4], 2)):
+        assert torch.equal(got[0], torch.from_numpy(images[want]).permute(2, 0, 1))
+        assert torch.equal(got[1], torch.from_numpy(moments[want])) and int(got[2]) == labels[want]
+    bad_logs = [r for r in caplog.records if "bad sample" in r.getMessage()]
+    assert len(bad_logs) == 2  # once per bad file, not once per read
+    assert "img00000001.png" in bad_logs[0].getMessage() and "img-mean-std-00000003.npy" in bad_logs[1].getMessage()
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert len(batch) == 4 and batch[3].dtype == torch.bool and int(batch[3].sum()) == 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.vae import SD_VAES, PixelUnshuffleCodec, load_vae
-from preprocessing.synthetic import save_tiny_vae
+from models.vae import SD_VAE_SCALING_FACTOR, SD_VAES, VAE_STRIDE, PixelUnshuffleCodec, load_vae
+from fixtures import save_tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,15 @@ def test_local_dir_matches_raw_diffusers(tiny_vae_dir):
     from diffusers import AutoencoderKL
 
     codec = load_vae(tiny_vae_dir)
-    assert (codec.latent_channels, codec.downsample, codec.scaling_factor) == (4, 8, 0.18215)
+    assert (codec.latent_channels, codec.downsample, codec.scaling_factor) == (4, VAE_STRIDE, SD_VAE_SCALING_FACTOR)
+    assert (VAE_STRIDE, SD_VAE_SCALING_FACTOR) == (8, 0.18215)
     assert codec.name.endswith("tiny-vae")
     raw = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
     images = random_images(3)
     mean, std = codec.encode_moments(images)
     assert mean.dtype == std.dtype == torch.float32 and mean.shape == std.shape == (3, 4, 4, 4)
     with torch.no_grad():
-        posterior = raw.encode(images.float() / 127.5 - 1).latent_dist  # SPEC §4 input map
+        posterior = raw.encode(images.float() / 127.5 - 1).latent_dist  # REG's encode_pixels input map
         decoded = raw.decode(posterior.mean).sample
     assert (mean - posterior.mean).abs().max() <= 1e-6
     assert (std - posterior.std).abs().max() <= 1e-6
@@ -93,9 +94,10 @@ def test_missing_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         load_vae("ema")
     msg = str(info.value)
-    assert SD_VAES["ema"] in msg and "huggingface-cli download stabilityai/sd-vae-ft-ema" in msg
-    assert "HF_HUB_OFFLINE" in msg and "save_pretrained" in msg
-    assert info.value.__cause__ is None and info.value.__suppress_context__  # no hub stack trace attached
+    assert SD_VAES["ema"] in msg and "hf download stabilityai/sd-vae-ft-ema" in msg
+    assert "HF_HUB_OFFLINE" in msg and "save_pretrained" in msg and "huggingface-cli" not in msg
+    cause = info.value.__cause__  # the hub's own error is kept, and its text is in the message
+    assert cause is not None and type(cause).__name__ in msg
     with pytest.raises(FileNotFoundError, match="some-org/no-such-vae"):
         load_vae("some-org/no-such-vae")
 
@@ -109,3 +111,16 @@ def test_bad_specs(tmp_path):
         load_vae("pixel-unshuffle").encode_moments(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="multiple of"):
         load_vae("pixel-unshuffle").encode_moments(torch.zeros(1, 3, 12, 12, dtype=torch.uint8))
+
+
+def test_scaling_factor_comes_from_the_vae_config(tiny_vae_dir, tmp_path):
+    import json
+    import shutil
+    other = shutil.copytree(tiny_vae_dir, tmp_path / "scaled")
+    config = json.loads((other / "config.json").read_text())
+    config["scaling_factor"] = 0.5
+    (other / "config.json").write_text(json.dumps(config))
+    assert load_vae(str(other)).scaling_factor == 0.5
+    del config["scaling_factor"]  # configs that predate the field (sd-vae-ft-ema/-mse): the SD default
+    (other / "config.json").write_text(json.dumps(config))
+    assert load_vae(str(other)).scaling_factor == SD_VAE_SCALING_FACTOR
