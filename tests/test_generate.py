@@ -213,3 +213,116 @@ def test_generate_images_in_memory_equals_the_png_files(assets, tmp_path):
     assert sorted(seen) == list(range(6))
     for i, image in seen.items():
         assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / f"{i:06d}.png")), image), i
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop-in for the original generate.py, and integrity of resumed runs
+
+ORIGINAL_EVAL_SH_ARGS = [  # the original eval.sh's generate.py flags, verbatim
+    "--model", "SiT-XL/2", "--num-fid-samples", "50000", "--ckpt", "exp/checkpoints/4000000.pt",
+    "--path-type=linear", "--encoder-depth=8", "--projector-embed-dims=768", "--per-proc-batch-size=64",
+    "--mode=sde", "--num-steps=250", "--cfg-scale=2.3", "--cls-cfg-scale=2.3", "--guidance-high=0.85",
+    "--sample-dir", "exp/checkpoints", "--cls=768", "--local-rank=0"]
+
+
+def test_original_flags_defaults_and_run_name(capsys):
+    args = generate.parse_args(ORIGINAL_EVAL_SH_ARGS)
+    assert (args.model, args.encoder_depth, args.projector_embed_dims, args.cls, args.local_rank) == \
+        ("SiT-XL/2", 8, "768", 768, 0)
+    name = generate.default_run_name(args, args.model, 256, "ema")
+    assert name == "SiT-XL-2-4000000-size-256-vae-ema-cfg-2.3-seed-0-sde-0.85-2.3"  # what the original eval.sh reads
+    assert generate.vae_name("stabilityai/sd-vae-ft-mse") == "mse"
+    # the original's defaults, except --mode (its "ode" exits without sampling)
+    d = generate.parse_args([])
+    assert (d.cfg_scale, d.cls_cfg_scale, d.num_steps, d.guidance_low, d.guidance_high, d.per_proc_batch_size,
+            d.num_fid_samples, d.global_seed, d.tf32, d.heun, d.legacy, d.mode) == \
+        (1.5, 1.5, 50, 0.0, 1.0, 32, 50_000, 0, True, False, False, "sde")
+    assert d.ckpt == "hf:Martinser/REG"
+    d.ckpt = "pretrained/last.pt"
+    assert generate.default_run_name(d, "SiT-XL/2", 256, "ema") == "SiT-XL-2-last-size-256-vae-ema-cfg-1.5-seed-0-sde-1.0-1.5"
+    assert generate.checkpoint_name("a/b/ema_0000010.safetensors") == "ema_0000010"
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 1.5)" in help_text and "(default: 50)" in help_text and "(default: sde)" in help_text
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--guidance-low", "0.8", "--guidance-high", "0.2"], "--guidance-low 0.8 > --guidance-high 0.2"),
+    (["--cfg-scale", "-1"], "must be >= 0"),
+    (["--cls-cfg-scale", "-0.5"], "must be >= 0"),
+])
+def test_impossible_guidance_is_refused(flags, match):
+    with pytest.raises(ValueError, match=match):
+        generate.check_args(generate.parse_args(flags))
+
+
+def test_num_classes_must_match_the_checkpoint(assets, tmp_path):
+    # one above: the null row would silently become a real class
+    with pytest.raises(ValueError, match=rf"--num-classes {NUM_CLASSES + 1} does not match"):
+        run(assets, tmp_path, "--num-classes", str(NUM_CLASSES + 1))
+
+
+def test_resume_refuses_another_checkpoint(assets, tmp_path):
+    import shutil
+    ckpt = tmp_path / "0000100.pt"
+    shutil.copy(assets / "0000100.pt", ckpt)
+    run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2")
+    # another path with the very same weights: still refused (its content may change independently)
+    with pytest.raises(ValueError, match="other settings.*checkpoint"):
+        run(assets, tmp_path, "--num-fid-samples", "2", "--num-steps", "2")
+    # the same path with new content (e.g. a newer checkpoint saved under the same name)
+    sd = tiny_sit().state_dict()
+    sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}
+    config = {"model": "SiT-T/2", "encoder_depth": 1, "path_type": "linear", "latents_scale": 0.18215,
+              "vae": str(assets / "vae")}
+    save_training_checkpoint(ckpt, model=sd, ema=sd, opt={}, steps=200, config=config, args={})
+    with pytest.raises(ValueError, match="other settings.*sha256_first_mib"):
+        run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2")
+    # other settings that are not in the original's folder name are refused too
+    with pytest.raises(ValueError, match="other settings.*num_steps"):
+        run(assets, tmp_path, "--num-fid-samples", "2", "--num-steps", "3")
+
+
+def test_corrupt_png_regenerated_stale_npz_tmp_removed_foreign_folder_refused(assets, tmp_path):
+    out = run(assets, tmp_path, "--num-fid-samples", "3", "--num-steps", "2", "--npz-path-file",
+              str(tmp_path / "npz.txt"))
+    assert (tmp_path / "npz.txt").read_text().strip() == str((tmp_path / "run.npz").resolve())
+    full = (tmp_path / "run.npz").read_bytes()
+    png = tmp_path / "run" / "000001.png"
+    png.write_bytes(png.read_bytes()[:100])  # truncated, e.g. by a full disk
+    stale = tmp_path / ".run.npz.abc123.tmp"  # a kill while packing
+    stale.write_bytes(b"half an npz")
+    again = run(assets, tmp_path, "--num-fid-samples", "3", "--num-steps", "2")
+    assert again["generated"] == 1 and not stale.exists()
+    assert (tmp_path / "run.npz").read_bytes() == full == open(out["npz"], "rb").read()
+    # PNGs without our settings file (e.g. the original script's): unknown settings, not resumed
+    foreign = tmp_path / "foreign" / "run"
+    foreign.mkdir(parents=True)
+    (foreign / "000000.png").write_bytes(png.read_bytes())
+    with pytest.raises(ValueError, match="no settings.json"):
+        run(assets, tmp_path / "foreign", "--num-fid-samples", "2", "--num-steps", "2")
+
+
+def test_legacy_repa_checkpoint(assets, tmp_path):
+    """--legacy: REPA's old layout (blocks.* up to the encoder depth, then decoder_blocks.*)."""
+    sd = tiny_sit().state_dict()
+    depth, enc = 6, 2
+    legacy = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "blocks" and int(parts[1]) >= enc:
+            k = ".".join(["decoder_blocks", str(int(parts[1]) - enc), *parts[2:]])
+        legacy[k] = v
+    assert any(k.startswith(f"decoder_blocks.{depth - enc - 1}.") for k in legacy)
+    torch.save({"ema": legacy}, tmp_path / "legacy.pt")
+    common = ["--ckpt", str(tmp_path / "legacy.pt"), "--vae", str(assets / "vae"), "--num-fid-samples", "2",
+              "--num-steps", "2"]
+    with pytest.raises(ValueError, match="pass --legacy"):
+        run(assets, tmp_path / "x", *common)
+    with pytest.raises(ValueError, match="--encoder-depth 8 but the checkpoint has 2"):
+        run(assets, tmp_path / "x", *common, "--legacy", "--encoder-depth", "8")
+    a = run(assets, tmp_path / "legacy", *common, "--legacy")
+    b = run(assets, tmp_path / "ours", "--num-fid-samples", "2", "--num-steps", "2")
+    with np.load(a["npz"]) as x, np.load(b["npz"]) as y:
+        assert np.array_equal(x["arr_0"], y["arr_0"])

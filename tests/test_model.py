@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.sit import SiT, SiT_models, build_model, get_2d_sincos_pos_embed
+from models.sit import SiT, SiT_models, build_model, get_2d_sincos_pos_embed, model_depth
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
             num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
 
 
 def official_keys(depth: int, n_proj: int, cls: bool = True, qk_norm: bool = False) -> set[str]:
-    """The official REG/REPA state_dict names, written out from SPEC §1."""
+    """The official REG/REPA state_dict names, as in REG models/sit.py (docs/design.md#token-layout)."""
     keys = {"x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight", "pos_embed",
             "final_layer.linear.weight", "final_layer.linear.bias",
             "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
@@ -35,7 +35,7 @@ def official_keys(depth: int, n_proj: int, cls: bool = True, qk_norm: bool = Fal
 # ----------------------------------------------------------------------------- reference forward
 
 def reference_forward(sd, x, t, y, cls, *, depth, heads, patch, encoder_depth):
-    """SPEC §1 written out with plain tensor ops on an official-name state_dict."""
+    """The forward of REG models/sit.py written out with plain tensor ops on an official-name state_dict."""
     lin = lambda h, name: F.linear(h, sd[f"{name}.weight"], sd[f"{name}.bias"])
     N, C, H, W = x.shape
     D = sd["x_embedder.proj.weight"].shape[0]
@@ -91,7 +91,7 @@ def test_official_names_strict_load_and_reference_numerics():
         v, zs, cv = model(x, t, y, cls_token=cls)
         rv, rz, rc = reference_forward(sd, x, t, y, cls, depth=depth, heads=heads, patch=patch, encoder_depth=4)
     err = max((v - rv).abs().max(), (zs[0] - rz).abs().max(), (cv - rc).abs().max()).item()
-    print(f"SiT-B/2 official-name forward vs SPEC reference: max abs diff {err:.3g}")
+    print(f"SiT-B/2 official-name forward vs the plain-ops reference: max abs diff {err:.3g}")
     assert err < 1e-4
     assert v.abs().mean() > 1e-2  # not trivially zero
 
@@ -138,7 +138,7 @@ def test_registry_forward_shapes(name):
     ("SiT-L/2", 459_664_144, 467_533_328),
     ("SiT-XL/2", 676_886_032, 685_017_360),
 ])
-def test_parameter_counts_match_spec(name, without, with_):
+def test_parameter_counts_match_the_official_models(name, without, with_):
     with torch.device("meta"):
         model = SiT_models[name](input_size=32, encoder_depth=4, z_dims=[768])
     total = sum(p.numel() for p in model.parameters())
@@ -243,3 +243,47 @@ def test_torch_compile_forward_matches_eager():
         ref = model(x, t, y, cls_token=c)[0]
         out = torch.compile(model)(x, t, y, cls_token=c)[0]
     assert (out - ref).abs().max() < 1e-4
+
+
+def test_null_row_exists_without_label_dropout():
+    """--cfg-prob 0 still builds num_classes + 1 rows, so such checkpoints can be guided and their class
+    count is read unambiguously (rows - 1)."""
+    from checkpoint_io import infer_config
+
+    for prob in (0.0, 0.1):
+        model = SiT_models["SiT-T/2"](input_size=4, num_classes=5, z_dims=[16], encoder_depth=1, projector_dim=16,
+                                      class_dropout_prob=prob)
+        assert model.y_embedder.embedding_table.num_embeddings == 5 + 1
+        assert infer_config(model.state_dict())["num_classes"] == 5
+    y = torch.zeros(1000, dtype=torch.long)  # prob 0: training never drops a label
+    assert torch.equal(model.y_embedder(y, train=True), model.y_embedder.embedding_table.weight[y]) is False
+    model.y_embedder.dropout_prob = 0.0
+    assert torch.equal(model.y_embedder(y, train=True), model.y_embedder.embedding_table.weight[y])
+
+
+def test_projections_skipped_for_sampling_training_output_unchanged():
+    from samplers import euler_maruyama_sampler, euler_sampler
+
+    torch.manual_seed(3)
+    model = SiT(**TINY)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x, t, y, c = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3]), torch.randn(3, 32)
+    calls = []
+    model.projectors[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        v, zs, cv = model.eval()(x, t, y, cls_token=c)  # default: the training output, projections included
+        assert len(zs) == 1 and zs[0].shape == (3, 1 + 16, 32) and len(calls) == 1
+        v2, zs2, cv2 = model(x, t, y, cls_token=c, return_projections=False)
+        assert zs2 == [] and len(calls) == 1
+        assert torch.equal(v, v2) and torch.equal(cv, cv2)
+        # the samplers ask for no projections, also through torch.compile's wrapper
+        euler_maruyama_sampler(model, x, y, cls_latents=c, num_steps=3, cfg_scale=2.0)
+        euler_sampler(model, x, y, cls_latents=c, num_steps=2)
+        assert len(calls) == 1
+
+
+def test_model_depth():
+    assert [model_depth(n) for n in ("SiT-T/2", "SiT-S/4", "SiT-B/2", "SiT-L/8", "SiT-XL/2")] == [6, 12, 12, 24, 28]
+    with pytest.raises(ValueError, match="unknown model 'SiT-M/2'"):
+        model_depth("SiT-M/2")

@@ -145,7 +145,7 @@ def test_ode_is_the_exact_gaussian_flow(path_type):
 
 
 def test_score_from_velocity_is_exact():
-    """s = -E[eps | x] / sigma for the linear path: check the SPEC formula on a Gaussian."""
+    """s = -E[eps | x] / sigma for the linear path: check the formula on a Gaussian."""
     model = two_class_model("linear")
     x, c = initial_noise(16, seed=3)
     y = torch.zeros(16, dtype=torch.long)
