@@ -134,6 +134,12 @@ class FileTree:
                 return False
         return os.path.isfile(os.path.join(self.path, name))
 
+    def size(self, name: str) -> int:
+        """A file's size in bytes (uncompressed size inside a zip)."""
+        if self.is_zip:
+            return self._zipfile().getinfo(self.prefix + name).file_size
+        return os.path.getsize(os.path.join(self.path, name))
+
     def open(self, name: str):
         """A binary file object (use as a context manager)."""
         if self.is_zip:

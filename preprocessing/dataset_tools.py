@@ -1,54 +1,68 @@
-"""Dataset preparation CLI, keeping the flags of EDM2/REPA's dataset_tool (SPEC §4).
+"""Dataset preparation CLI with the flags of EDM2's dataset_tool, as shipped by REG and REPA.
 
-convert: an ImageNet-style folder (class = sorted top-level directory) or a zip -> uncompressed
-         PNGs at R x R with ADM's centre crop, plus dataset.json. Multi-process.
+convert: an image folder (ImageFolder style: class = sorted top-level directory) or a zip ->
+         uncompressed PNGs (00000/img00000000.png ...) plus dataset.json. Multi-process.
 
-    python preprocessing/dataset_tools.py convert --source=ILSVRC/Data/CLS-LOC/train \
+    python preprocessing/dataset_tools.py convert --source=ILSVRC/Data/CLS-LOC/train \\
         --dest=DATA/imagenet_256_vae --resolution=256x256 --transform=center-crop-dhariwal
 
-encode:  a converted dataset -> posterior mean||std .npy files plus dataset.json (vae-sd/ layout).
+encode:  converted PNGs -> VAE posterior mean||std .npy files plus dataset.json (the vae-sd/ layout).
          Batched; multi-GPU through accelerate (each process takes a disjoint set of shards);
-         resumable (a rerun skips shards whose outputs all exist).
+         resumable (a rerun skips shards whose outputs all exist); refuses a destination made
+         from another source.
 
-    accelerate launch --num_processes 8 preprocessing/dataset_tools.py encode \
+    accelerate launch --num_processes 8 preprocessing/dataset_tools.py encode \\
         --source=DATA/imagenet_256_vae --dest=DATA/vae-sd --model-url=stabilityai/sd-vae-ft-ema
 
-Also runs as `python -m preprocessing.dataset_tools`.
+Runs as `python preprocessing/dataset_tools.py ...` (from the repository root, or as
+`python dataset_tools.py ...` from inside preprocessing/) and as `python -m preprocessing.dataset_tools`.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run as a file: sys.path[0] is preprocessing/, where the repository's modules cannot be
+    # imported. Hand over to the module form with the repository root on PYTHONPATH (same process
+    # id and environment, so accelerate / torchrun launches are unaffected); nothing else happens
+    # before this line, and importing this module never changes sys.path.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, "-m", "preprocessing.dataset_tools", *sys.argv[1:]], _env)
 
 import argparse
+import hashlib
 import io
 import json
 import multiprocessing
 import re
+import shutil
 import time
 import zipfile
+from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 from tqdm import tqdm
 
-from dataset import FileTree, decode_image, is_image_name, read_dataset_json
-from models.vae import load_vae
+from dataset import FileTree, decode_image, is_image_name, parse_labels, read_dataset_json
+from models.vae import VAE_STRIDE, load_vae
+from utils import atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
 
-TRANSFORMS = ("center-crop-dhariwal", "center-crop")
+TRANSFORMS = ("center-crop", "center-crop-wide", "center-crop-dhariwal")  # EDM2's choices
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ENCODE_CONFIG = "encode_config.json"  # what a partial encode was started with, checked on resume
+ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # EDM2 / REG / REPA dataset_tools.py encode default
+_SHARD_DIR = re.compile(r"\d+")  # convert's 00000/, 00001/ ... folders: shards, not classes
 
 # ---------------------------------------------------------------------------------------------
-# Crops
+# Crops (EDM2 dataset_tool.py make_transform)
 
 
 def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
-    """ADM's ImageNet crop (guided-diffusion image_datasets.center_crop_arr, SPEC §4).
+    """ADM's ImageNet crop (guided-diffusion image_datasets.center_crop_arr).
 
     BOX-halve while the short side is >= 2*res (cheap anti-aliased downscaling), then BICUBIC-resize
     so that the short side is exactly res, then take the centre res x res crop.
@@ -61,28 +75,75 @@ def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> PIL.Image.Ima
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def center_crop_square(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
-    """EDM's 'center-crop': the largest centred square, then one LANCZOS resize."""
+def center_crop(img: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """EDM's 'center-crop': the largest centred square, then one LANCZOS resize to width x height."""
     w, h = img.size
     s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
-    return img.resize((resolution, resolution), resample=PIL.Image.Resampling.LANCZOS)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.resize((width, height), resample=PIL.Image.Resampling.LANCZOS)
 
 
-CROPS = {"center-crop-dhariwal": center_crop_dhariwal, "center-crop": center_crop_square}
+def center_crop_wide(img: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image | None:
+    """EDM's 'center-crop-wide': keep the full width, crop the height centred to the output aspect
+    ratio (ch = round(width * h / w) rows), LANCZOS-resize to width x height, and paste that band
+    centred on a black width x width canvas. None (the image is skipped) when the source is narrower
+    than `width` or the cropped height would be below `height`."""
+    w, h = img.size
+    ch = int(np.round(width * h / w))
+    if w < width or ch < height:
+        return None
+    top = (h - ch) // 2
+    img = img.crop((0, top, w, top + ch)).resize((width, height), resample=PIL.Image.Resampling.LANCZOS)
+    canvas = PIL.Image.new("RGB", (width, width))
+    canvas.paste(img, (0, (width - height) // 2))
+    return canvas
 
 
-def parse_resolution(s: str) -> int:
-    """'256x256', '256,256' or '256' -> 256. Square, and a multiple of 16 (VAE /8, then patch /2)."""
+def scale(img: PIL.Image.Image, width: int | None, height: int | None) -> PIL.Image.Image:
+    """EDM's default (no --transform): LANCZOS-resize to --resolution, or keep the size without it."""
+    w, h = img.size
+    ww, hh = width if width is not None else w, height if height is not None else h
+    return img if (ww, hh) == (w, h) else img.resize((ww, hh), resample=PIL.Image.Resampling.LANCZOS)
+
+
+def make_transform(transform: str | None, resolution: tuple[int, int] | None
+                   ) -> Callable[[PIL.Image.Image], PIL.Image.Image | None]:
+    """The crop/resize for --transform and --resolution (EDM2's make_transform, with its checks)."""
+    width, height = resolution if resolution is not None else (None, None)
+    if transform is None:
+        return lambda img: scale(img, width, height)
+    if resolution is None:
+        raise ValueError(f"--transform={transform} needs --resolution=WxH")
+    if transform == "center-crop":
+        return lambda img: center_crop(img, width, height)
+    if transform == "center-crop-wide":
+        return lambda img: center_crop_wide(img, width, height)
+    if transform == "center-crop-dhariwal":
+        if width != height:
+            raise ValueError(f"--transform=center-crop-dhariwal needs a square --resolution, got {width}x{height}")
+        return lambda img: center_crop_dhariwal(img, width)
+    raise ValueError(f"unknown --transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
+
+
+def parse_resolution(s: str) -> tuple[int, int]:
+    """'512x256' or '512,256' (EDM2's WxH; also a bare '256' for a square) -> (width, height)."""
     m = re.fullmatch(r"(\d+)(?:[x,](\d+))?", s.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"cannot parse resolution {s!r}; expected e.g. 256x256")
+        raise argparse.ArgumentTypeError(f"cannot parse resolution {s!r}; expected WxH, e.g. 256x256")
     w, h = int(m.group(1)), int(m.group(2) or m.group(1))
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"resolution must be positive, got {w}x{h}")
+    return w, h
+
+
+def check_output_size(size: tuple[int, int]) -> None:
+    """Outputs must be square (as EDM2 requires) and a multiple of 2 * VAE stride (a whole number of
+    2x2 SiT patches). EDM2 also requires a power of two; we accept any such multiple."""
+    w, h = size
     if w != h:
-        raise argparse.ArgumentTypeError(f"resolution must be square, got {w}x{h}")
-    if w <= 0 or w % 16:
-        raise argparse.ArgumentTypeError(f"resolution must be a positive multiple of 16, got {w}")
-    return w
+        raise ValueError(f"images after scale and crop must be square, got {w}x{h} (set --resolution / --transform)")
+    if w % (2 * VAE_STRIDE):
+        raise ValueError(f"image side after scale and crop must be a multiple of {2 * VAE_STRIDE}, got {w}")
 
 
 def image_name(idx: int) -> str:
@@ -91,140 +152,150 @@ def image_name(idx: int) -> str:
     return f"{s[:5]}/img{s}.png"
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write via a temporary name and os.replace, so a killed run never leaves a truncated file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
-# convert
+# Sources and labels
 
 
 def source_labels(source: FileTree, names: list[str]) -> dict[str, int] | None:
-    """Labels from the source's dataset.json if it has them, else the sorted top-level folders."""
+    """Labels from the source's dataset.json, else from class folders; None when it has neither.
+
+    Class folders are ImageFolder style: class = index of the sorted top-level folder, used only
+    when every image sits in one, there are at least two, and none is a numeric shard folder
+    (00000/, 00001/ as convert writes them: those are not classes).
+    """
     if source.exists("dataset.json"):
-        labels = read_dataset_json(source).get("labels")
-        if labels:
-            labels = {str(n).replace("\\", "/"): int(c) for n, c in labels}
+        labels = parse_labels(read_dataset_json(source), source.describe("dataset.json"))
+        if labels is not None:
             missing = [n for n in names if n not in labels]
             if missing:
                 raise ValueError(f"{source.describe('dataset.json')} has no label for {len(missing)} "
                                  f"image(s), e.g. {missing[0]}")
             return {n: labels[n] for n in names}
-    if names and all("/" in n for n in names):
-        classes = sorted({n.split("/", 1)[0] for n in names})
-        index = {c: i for i, c in enumerate(classes)}
-        return {n: index[n.split("/", 1)[0]] for n in names}
-    return None
+    if not names or not all("/" in n for n in names):
+        return None
+    folders = sorted({n.split("/", 1)[0] for n in names})
+    if len(folders) < 2 or any(_SHARD_DIR.fullmatch(f) for f in folders):
+        return None
+    index = {c: i for i, c in enumerate(folders)}
+    return {n: index[n.split("/", 1)[0]] for n in names}
 
 
-class _Dest:
-    """An empty output folder, or a new uncompressed zip."""
+def list_source(args: argparse.Namespace) -> tuple[FileTree, list[str], list[str], dict[str, int] | None]:
+    """(tree, every image name sorted, the first --max-images of them, labels of all or None)."""
+    if not (os.path.isdir(args.source) or (os.path.isfile(args.source) and args.source.lower().endswith(".zip"))):
+        raise FileNotFoundError(f"--source {args.source}: no such folder or .zip archive")
+    source = FileTree(args.source)
+    all_names = [n for n in source.list() if is_image_name(n)]
+    names = all_names[: args.max_images] if args.max_images is not None else all_names
+    if not names:
+        raise ValueError(f"no images found in --source {args.source}")
+    labels = source_labels(source, all_names)  # classes from every image, as EDM2, not only the first K
+    return source, all_names, names, labels
 
-    def __init__(self, dest: str):
-        self.dest = dest
-        self.zip = None
-        if dest.lower().endswith(".zip"):
-            if os.path.exists(dest):
-                raise FileExistsError(f"--dest {dest} already exists; remove it first")
-            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-            self.zip = zipfile.ZipFile(dest, mode="w", compression=zipfile.ZIP_STORED)
-        else:
-            if os.path.isdir(dest) and os.listdir(dest):
-                raise FileExistsError(f"--dest folder {dest} is not empty")
-            os.makedirs(dest, exist_ok=True)
 
-    def write(self, name: str, data: bytes) -> None:
-        if self.zip is not None:
-            self.zip.writestr(name, data)
-        else:
-            write_atomic(os.path.join(self.dest, name), data)
+def fingerprint(tree: FileTree, names: list[str]) -> str:
+    """sha256 of the file list (names and sizes): cheap, and changes when files are added, removed,
+    renamed or rewritten with another size."""
+    h = hashlib.sha256()
+    for n in names:
+        h.update(f"{n}\t{tree.size(n)}\n".encode())
+    return h.hexdigest()
 
-    def close(self) -> None:
-        if self.zip is not None:
-            self.zip.close()
 
+# ---------------------------------------------------------------------------------------------
+# convert
 
 _WORKER: dict = {}  # per-process state of the convert workers (set by _init_convert_worker)
 
 
-def _init_convert_worker(source: str, folder_dest: str | None, transform: str, resolution: int) -> None:
-    _WORKER.update(source=FileTree(source), dest=folder_dest, crop=CROPS[transform], resolution=resolution)
+def _init_convert_worker(source: str, transform: str | None, resolution: tuple[int, int] | None) -> None:
+    _WORKER.update(source=FileTree(source), transform=make_transform(transform, resolution))
 
 
-def _convert_one(task: tuple[int, str]) -> tuple[int, bytes | None, str | None]:
-    """(idx, source name) -> (idx, PNG bytes or None if already written, error message or None)."""
+def _convert_one(task: tuple[int, str]) -> tuple[int, bytes | None, tuple[int, int] | None, str | None]:
+    """(idx, source name) -> (idx, PNG bytes, output size, None) or (idx, None, None, why skipped)."""
     idx, name = task
     source: FileTree = _WORKER["source"]
     try:
         with PIL.Image.open(io.BytesIO(source.read(name))) as im:
             img = im.convert("RGB")  # forces the full decode: broken files fail here
     except Exception as e:  # PIL raises many types for broken files
-        return idx, None, f"{source.describe(name)}: {type(e).__name__}: {e}"
-    img = _WORKER["crop"](img, _WORKER["resolution"])
+        return idx, None, None, f"{source.describe(name)}: unreadable: {type(e).__name__}: {e}"
+    img = _WORKER["transform"](img)
+    if img is None:
+        return idx, None, None, f"{source.describe(name)}: too small for --transform=center-crop-wide"
     buf = io.BytesIO()
     img.save(buf, format="png", compress_level=0, optimize=False)  # uncompressed: fast to decode
-    if _WORKER["dest"] is None:
-        return idx, buf.getvalue(), None
-    write_atomic(os.path.join(_WORKER["dest"], image_name(idx)), buf.getvalue())
-    return idx, None, None
+    return idx, buf.getvalue(), img.size, None
 
 
-def list_source(args: argparse.Namespace) -> tuple[FileTree, list[str], dict[str, int] | None]:
-    """The source's image names (sorted, at most --max-images) and their labels, if it has any."""
-    source = FileTree(args.source)
-    names = [n for n in source.list() if is_image_name(n)]
-    if args.max_images is not None:
-        names = names[: args.max_images]
-    if not names:
-        raise ValueError(f"no images found in {args.source}")
-    return source, names, source_labels(source, names)
-
-
-def convert(args: argparse.Namespace) -> dict:
-    source, names, labels = list_source(args)
-    if labels is None:
-        print(f"convert: warning: {args.source} has no dataset.json labels and no class folders; "
-              "writing labels: null", file=sys.stderr)
-    dest = _Dest(args.dest)
-    folder_dest = None if dest.zip is not None else args.dest  # workers write folder outputs themselves
-    init = (args.source, folder_dest, args.transform, args.resolution)
+def _convert_into(args: argparse.Namespace, names: list[str], labels: dict[str, int] | None,
+                  write: Callable[[str, bytes], None]) -> tuple[list, list[str]]:
+    init = (args.source, args.transform, args.resolution)
     tasks = list(enumerate(names))
-
-    written, skipped = [], []
+    written, skipped, size = [], [], None
+    pool = None
     try:
         if args.num_workers > 0:
             pool = multiprocessing.Pool(args.num_workers, initializer=_init_convert_worker, initargs=init)
             results = pool.imap(_convert_one, tasks, chunksize=16)
         else:
-            pool = None
             _init_convert_worker(*init)
             results = map(_convert_one, tasks)
-        for idx, data, error in tqdm(results, total=len(tasks), desc="convert", unit="img"):
-            if error is not None:
-                skipped.append(error)
+        for idx, data, out_size, why in tqdm(results, total=len(tasks), desc="convert", unit="img"):
+            if why is not None:
+                skipped.append(why)
                 continue
-            if data is not None:
-                dest.write(image_name(idx), data)
+            if size is None:
+                check_output_size(out_size)
+                size = out_size
+            elif out_size != size:  # EDM2: every image of a dataset has the same size
+                raise ValueError(f"{names[idx]} becomes {out_size[0]}x{out_size[1]} but earlier images "
+                                 f"{size[0]}x{size[1]}: set --resolution (and --transform)")
+            write(image_name(idx), data)
             written.append([image_name(idx), labels[names[idx]] if labels is not None else None])
-        if pool is not None:
-            pool.close()
-            pool.join()
-        meta = {"labels": written if labels is not None else None}
-        dest.write("dataset.json", json.dumps(meta).encode())
+        if not written:
+            raise RuntimeError(f"convert: no image of --source {args.source} could be converted "
+                               f"({len(skipped)} skipped):\n  " + "\n  ".join(skipped[:20]))
+        write("dataset.json", json.dumps({"labels": written if labels is not None else None}).encode())
     finally:
-        dest.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return written, skipped
+
+
+def convert(args: argparse.Namespace) -> dict:
+    make_transform(args.transform, args.resolution)  # flag errors before any work
+    source, _all, names, labels = list_source(args)
+    if labels is None:
+        print(f"convert: {args.source} has no dataset.json labels and no class folders: writing an unlabelled "
+              "dataset (\"labels\": null; train it with --num-classes 1)", file=sys.stderr)
+    dest = args.dest
+    if dest.lower().endswith(".zip"):
+        if os.path.exists(dest):
+            raise FileExistsError(f"--dest {dest} already exists; remove it or choose another name")
+
+        def write_zip(tmp: str) -> None:  # the whole zip under a temporary name, renamed when complete
+            with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED) as z:
+                result.extend(_convert_into(args, names, labels, z.writestr))
+
+        result: list = []
+        atomic_write(dest, write_zip)
+        written, skipped = result
+    else:
+        if os.path.isdir(dest) and os.listdir(dest):
+            raise FileExistsError(f"--dest folder {dest} is not empty")
+        os.makedirs(dest, exist_ok=True)
+        written, skipped = _convert_into(
+            args, names, labels, lambda name, data: atomic_write_bytes(os.path.join(dest, name), data))
 
     if skipped:
-        print(f"convert: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
+        print(f"convert: skipped {len(skipped)} image(s):", file=sys.stderr)
         for s in skipped:
             print(f"  {s}", file=sys.stderr)
-    print(f"convert: wrote {len(written)} images ({args.resolution}x{args.resolution}, {args.transform}) "
-          f"to {args.dest}; skipped {len(skipped)} unreadable")
+    print(f"convert: wrote {len(written)} images ({args.transform or 'scale'}) to {dest}; "
+          f"skipped {len(skipped)}")
     return {"written": len(written), "skipped": skipped}
 
 
@@ -275,10 +346,37 @@ class _ImageFiles(torch.utils.data.Dataset):
         return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
-    write_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _check_destination(work: str, config: dict, source_info: dict) -> None:
+    """Refuse a destination made from another source or with other settings, before touching it."""
+    config_path = os.path.join(work, ENCODE_CONFIG)
+    if not os.path.isfile(config_path):
+        if os.path.isdir(work) and any(n.endswith((".npy", ".json")) for n in FileTree(work).list()):
+            raise FileExistsError(f"--dest {work} already holds latents or a dataset.json but no {ENCODE_CONFIG}, "
+                                  "so what they were made from is unknown; use another --dest")
+        return
+    try:
+        with open(config_path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {config_path}: {e}") from e
+    prev_source = previous.get("source") or {}
+    if prev_source.get("fingerprint") != source_info["fingerprint"]:
+        raise ValueError(
+            f"--dest {work} was made from {prev_source.get('path', 'an unrecorded source')} "
+            f"({prev_source.get('num_images', '?')} images, file-list fingerprint "
+            f"{str(prev_source.get('fingerprint'))[:12]}), not from --source {source_info['path']} "
+            f"({source_info['num_images']} images, fingerprint {source_info['fingerprint'][:12]}); "
+            "refusing to mix datasets: use another --dest")
+    settings = {k: v for k, v in previous.items() if k != "source"}
+    if settings != config:
+        raise ValueError(f"--dest {work} holds latents made with {settings}, but this run uses {config}; "
+                         f"use another --dest")
 
 
 def encode(args: argparse.Namespace) -> dict:
@@ -288,16 +386,10 @@ def encode(args: argparse.Namespace) -> dict:
     state = PartialState(cpu=args.cpu)
     rank, world = state.process_index, state.num_processes
     dtype = DTYPES[args.dtype]
-    if dtype == torch.float32 and state.device.type == "cuda":
-        # fp32 means fp32: TF32 convolutions would make the moments depend on the batch size.
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
 
-    source, names, labels = list_source(args)
-    if labels is None:
-        raise ValueError(f"{source.describe('dataset.json')} has no labels (and the images are not in class "
-                         "folders); the training set needs a class label per image")
+    source, all_names, names, labels = list_source(args)
     latent_names = latent_names_for(names)
+    all_latent_names = latent_names_for(all_names)
     with source.open(names[0]) as f:
         w, h = PIL.Image.open(f).size
     codec = load_vae(args.model_url, device=state.device, dtype=dtype)
@@ -306,27 +398,27 @@ def encode(args: argparse.Namespace) -> dict:
                          f"multiple of {codec.downsample} (run convert first)")
     vae_info = {"name": codec.name, "latent_channels": codec.latent_channels,
                 "scaling_factor": codec.scaling_factor, "resolution": w}
-
-    # A partial run in --dest must have used the same settings. Every rank checks (so that none is
-    # left waiting at a barrier); rank 0 records the settings and removes stale temporaries.
-    dest = args.dest
     config = {**vae_info, "dtype": args.dtype}
-    config_path = os.path.join(dest, ENCODE_CONFIG)
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            previous = json.load(f)
-        if previous != config:
-            raise ValueError(f"{dest} holds a partial encode made with {previous}, but this run uses {config}; "
-                             f"use another --dest or delete {config_path} and the .npy files")
+    source_info = {"path": os.path.abspath(args.source), "num_images": len(all_names),
+                   "fingerprint": fingerprint(source, all_names)}
+
+    # A .zip destination is built in a folder beside it, then packed under a temporary name and renamed.
+    to_zip = args.dest.lower().endswith(".zip")
+    work = args.dest + ".parts" if to_zip else args.dest
+    if to_zip and os.path.exists(args.dest):
+        raise FileExistsError(f"--dest {args.dest} already exists; remove it or choose another name")
+
+    # Every rank checks (so that none is left waiting at a barrier); rank 0 records the settings and
+    # the source, and removes stale temporaries. Nothing is written before the check passes.
+    _check_destination(work, config, source_info)
     if state.is_main_process:
-        os.makedirs(dest, exist_ok=True)
-        write_atomic(config_path, json.dumps(config, indent=1).encode())
-        for n in FileTree(dest).list():
-            if ".npy.tmp" in n:
-                os.remove(os.path.join(dest, n))
+        os.makedirs(work, exist_ok=True)
+        atomic_json_dump({**config, "source": source_info}, os.path.join(work, ENCODE_CONFIG))
+        for folder in {os.path.dirname(os.path.join(work, n)) for n in FileTree(work).list()} | {work}:
+            clean_stale_tmp(folder)
     state.wait_for_everyone()
 
-    existing = set(FileTree(dest).list())
+    existing = set(FileTree(work).list())
     mine = shards_for_rank(len(names), args.shard_size, rank, world)
     todo = [s for s in mine if not all(latent_names[i] in existing for i in s)]
     indices = [i for s in todo for i in s]
@@ -337,12 +429,14 @@ def encode(args: argparse.Namespace) -> dict:
         num_workers=args.num_workers, pin_memory=state.device.type == "cuda")
     t0 = time.perf_counter()
     bar = tqdm(total=len(indices), desc=f"encode (rank {rank})", unit="img", disable=not state.is_main_process)
-    for idx, images in loader:
-        mean, std = codec.encode_moments(images.to(state.device, non_blocking=True))
-        moments = torch.cat([mean, std], dim=1).cpu().numpy()  # (N, 2C, h, w) float32, SPEC §4
-        for i, m in zip(idx.tolist(), moments):
-            save_npy_atomic(os.path.join(dest, latent_names[i]), m)
-        bar.update(len(idx))
+    # fp32 means fp32: TF32 convolutions would make the moments depend on the batch size.
+    with fp32_precision("ieee" if dtype == torch.float32 else "tf32"):
+        for idx, images in loader:
+            mean, std = codec.encode_moments(images.to(state.device, non_blocking=True))
+            moments = torch.cat([mean, std], dim=1).cpu().numpy()  # (N, 2C, h, w) float32
+            for i, m in zip(idx.tolist(), moments):
+                atomic_write_bytes(os.path.join(work, latent_names[i]), npy_bytes(m))
+            bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -350,15 +444,34 @@ def encode(args: argparse.Namespace) -> dict:
     state.wait_for_everyone()
     new, before = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if state.is_main_process:
-        present = set(FileTree(dest).list())
+        present = {n for n in FileTree(work).list() if n.endswith(".npy")}
         missing = [n for n in latent_names if n not in present]
         if missing:
             raise RuntimeError(f"{len(missing)} latent file(s) are missing after encoding, e.g. {missing[0]}; "
                                "rerun the same command to resume")
-        meta = {"labels": [[ln, labels[n]] for n, ln in zip(names, latent_names)], "vae": vae_info}
-        write_atomic(os.path.join(dest, "dataset.json"), json.dumps(meta).encode())
-        print(f"encode: wrote {new} latent files ({before} already done) to {dest}: "
-              f"{len(latent_names)} in all, {codec.name}, {w}x{w} -> {2 * codec.latent_channels}x{w // codec.downsample}"
+        # The label file covers every latent in the destination, also those of an earlier run with a
+        # larger --max-images (same source, checked above).
+        by_latent = dict(zip(all_latent_names, all_names))
+        foreign = sorted(present - set(by_latent))
+        if foreign:
+            raise RuntimeError(f"{work} holds {len(foreign)} latent file(s) that match no image of --source "
+                               f"{args.source}, e.g. {foreign[0]}")
+        covered = [n for n in all_latent_names if n in present]
+        label_list = [[n, labels[by_latent[n]]] for n in covered] if labels is not None else None
+        meta = {"labels": label_list, "vae": vae_info}
+        atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta).encode())
+        if label_list is None:
+            print(f"encode: {args.source} has no dataset.json labels and no class folders: wrote an unlabelled "
+                  "dataset (\"labels\": null); train it with --num-classes 1", file=sys.stderr)
+        if to_zip:
+            def write_zip(tmp: str) -> None:
+                with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED) as z:
+                    for n in sorted(covered) + ["dataset.json", ENCODE_CONFIG]:
+                        z.write(os.path.join(work, n), n)
+            atomic_write(args.dest, write_zip)
+            shutil.rmtree(work)
+        print(f"encode: wrote {new} latent files ({before} already done) to {args.dest}: "
+              f"{len(covered)} in all, {codec.name}, {w}x{w} -> {2 * codec.latent_channels}x{w // codec.downsample}"
               f"x{w // codec.downsample}")
     return {"written": new, "already_done": before, "seconds": seconds}
 
@@ -375,36 +488,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="images -> cropped uncompressed PNGs + dataset.json", formatter_class=_HelpFormatter)
-    g = p.add_argument_group("input/output")
+    p = sub.add_parser("convert", help="images -> uncompressed PNGs (+ crop/resize) + dataset.json",
+                       formatter_class=_HelpFormatter)
+    g = p.add_argument_group("input/output (EDM2's flags)")
     g.add_argument("--source", required=True, metavar="PATH",
-                   help="ImageNet-style folder (class = sorted top-level folder) or a .zip")
-    g.add_argument("--dest", required=True, metavar="PATH", help="output folder (empty or new) or .zip")
+                   help="input folder (ImageFolder style: class = sorted top-level folder) or .zip")
+    g.add_argument("--dest", required=True, metavar="PATH", help="output folder (empty or new) or new .zip")
     g.add_argument("--max-images", type=int, default=None, metavar="INT", help="only the first INT images (sorted)")
-    g = p.add_argument_group("crop")
-    g.add_argument("--transform", choices=TRANSFORMS, default="center-crop-dhariwal",
-                   help="center-crop-dhariwal: ADM's crop (SPEC §4); center-crop: EDM's square crop + LANCZOS")
-    g.add_argument("--resolution", type=parse_resolution, default=256, metavar="WxH",
-                   help="output size, square, a multiple of 16 (e.g. 256x256, 512x512)")
+    g.add_argument("--transform", choices=TRANSFORMS, default=None, metavar="MODE",
+                   help="crop/resize mode: center-crop-dhariwal (ADM's ImageNet crop, the one REG/REPA use), "
+                        "center-crop (square centre crop + LANCZOS), center-crop-wide (full width, centred band "
+                        "on a square black canvas); none: LANCZOS resize to --resolution, or keep the size")
+    g.add_argument("--resolution", type=parse_resolution, default=None, metavar="WxH",
+                   help="output size, e.g. 256x256 or 512x512 (outputs must be square)")
     g = p.add_argument_group("performance")
     g.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1), metavar="INT",
                    help="decode/crop processes (0: in the main process)")
 
     p = sub.add_parser("encode", help="converted PNGs -> VAE posterior mean||std .npy + dataset.json",
                        formatter_class=_HelpFormatter)
-    g = p.add_argument_group("input/output")
+    g = p.add_argument_group("input/output (EDM2's flags)")
     g.add_argument("--source", required=True, metavar="PATH", help="output of convert (folder or .zip)")
-    g.add_argument("--dest", required=True, metavar="PATH", help="output folder, e.g. DATA/vae-sd")
+    g.add_argument("--dest", required=True, metavar="PATH",
+                   help="output folder (e.g. DATA/vae-sd; a rerun resumes it) or new .zip")
     g.add_argument("--max-images", type=int, default=None, metavar="INT", help="only the first INT images (sorted)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model-url", default="stabilityai/sd-vae-ft-ema", metavar="SPEC",
-                   help="'ema', 'mse', an HF hub id, a local AutoencoderKL directory, or 'pixel-unshuffle' (demo)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="VAE compute dtype (files are float32)")
+    g.add_argument("--model-url", default=DEFAULT_VAE, metavar="URL",
+                   help="VAE: 'ema', 'mse', an HF hub id, a local AutoencoderKL directory, or 'pixel-unshuffle' / "
+                        "'pixel-unshuffle-lowpass' (weight-free demo codecs). sd-vae-ft-ema and -mse share the "
+                        "encoder, so their latents are identical")
     g = p.add_argument_group("performance")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="VAE compute dtype (files are float32); fp32 runs with TF32 off")
     g.add_argument("--batch-size", type=int, default=32, metavar="INT", help="images per forward, per process")
     g.add_argument("--num-workers", type=int, default=4, metavar="INT", help="PNG decoding workers per process")
     g.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is present")
-    g = p.add_argument_group("resume")
     g.add_argument("--shard-size", type=int, default=1000, metavar="INT",
                    help="images per shard; a rerun skips shards whose outputs all exist")
     args = parser.parse_args(argv)
@@ -412,6 +529,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.command == "convert":
+        try:
+            make_transform(args.transform, args.resolution)
+        except ValueError as e:
+            parser.error(str(e))
     return args
 
 

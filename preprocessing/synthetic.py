@@ -8,17 +8,17 @@ folder + dataset.json), so `dataset_tools.py encode` runs on it as on real data:
 
     python -m preprocessing.synthetic --dest DATA/imagenet_64_vae --num-images 512 --resolution 64 --num-classes 8
     python preprocessing/dataset_tools.py encode --source DATA/imagenet_64_vae --dest DATA/vae-sd --model-url pixel-unshuffle
-
-`save_tiny_vae` writes a tiny randomly initialised AutoencoderKL (downsampling 8, 4 latent
-channels) for tests that must run without pretrained weights.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    # Run as a file: hand over to the module form with the repository root importable (as dataset_tools.py).
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, "-m", "preprocessing.synthetic", *sys.argv[1:]], _env)
 
 import argparse
 import io
@@ -96,7 +96,8 @@ def render(label: int, resolution: int, rng: np.random.Generator) -> PIL.Image.I
 
 def write_dataset(dest: str, *, num_images: int, resolution: int = 64, num_classes: int = 8, seed: int = 0) -> int:
     """Write num_images PNGs (00000/img00000000.png ...) and dataset.json to dest; return the count."""
-    from preprocessing.dataset_tools import image_name, write_atomic  # the same naming as convert
+    from preprocessing.dataset_tools import image_name  # the same naming as convert
+    from utils import atomic_write_bytes
 
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
@@ -110,29 +111,16 @@ def write_dataset(dest: str, *, num_images: int, resolution: int = 64, num_class
     for i, label in enumerate(labels.tolist()):
         buf = io.BytesIO()
         render(label, resolution, rng).save(buf, format="png", compress_level=0)
-        write_atomic(os.path.join(dest, image_name(i)), buf.getvalue())
+        atomic_write_bytes(os.path.join(dest, image_name(i)), buf.getvalue())
         entries.append([image_name(i), label])
     meta = {"labels": entries, "class_names": [class_name(k) for k in range(num_classes)]}
-    write_atomic(os.path.join(dest, "dataset.json"), json.dumps(meta).encode())
+    atomic_write_bytes(os.path.join(dest, "dataset.json"), json.dumps(meta).encode())
     return num_images
 
 
-def save_tiny_vae(path: str, *, seed: int = 0, latent_channels: int = 4) -> str:
-    """Save a tiny randomly initialised AutoencoderKL (downsampling 8) with save_pretrained; return path."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
-    vae.save_pretrained(path)
-    return path
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     p.add_argument("--dest", required=True, metavar="DIR", help="output folder (empty or new)")
     p.add_argument("--num-images", type=int, default=512, metavar="INT", help="how many images")
     p.add_argument("--resolution", type=int, default=64, metavar="INT", help="image side, a multiple of 8")

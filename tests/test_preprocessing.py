@@ -14,7 +14,8 @@ import torch
 
 from dataset import CustomDataset
 from preprocessing import dataset_tools as dt
-from preprocessing.synthetic import COLOURS, render, save_tiny_vae, write_dataset
+from fixtures import save_tiny_vae
+from preprocessing.synthetic import COLOURS, render, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +66,10 @@ def test_dhariwal_crop_against_hand_computation():
 
 
 def test_parse_resolution():
-    assert dt.parse_resolution("256x256") == dt.parse_resolution("256,256") == dt.parse_resolution("256") == 256
-    for bad in ("256x128", "100x100", "abc"):
-        with pytest.raises(Exception, match="square|multiple of 16|cannot parse"):
+    assert dt.parse_resolution("256x256") == dt.parse_resolution("256,256") == dt.parse_resolution("256") == (256, 256)
+    assert dt.parse_resolution("512x256") == (512, 256)  # EDM2's WxH, e.g. for center-crop-wide
+    for bad in ("abc", "0x0", "256x"):
+        with pytest.raises(Exception, match="cannot parse|positive"):
             dt.parse_resolution(bad)
 
 
@@ -93,10 +95,10 @@ def test_convert_folder_labels_and_skips(tmp_path, capsys):
     expected = make_imagenet_folder(tmp_path / "src")
     assert sorted(expected.values()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     out = dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out"),
-                                 "--resolution", "32x32", "--num-workers", "2"]))
+                                 "--resolution", "32x32", "--transform", "center-crop-dhariwal", "--num-workers", "2"]))
     assert out["written"] == 9 and len(out["skipped"]) == 1 and "n02_broken.JPEG" in out["skipped"][0]
     captured = capsys.readouterr()
-    assert "skipped 1 unreadable" in captured.out and "n02_broken.JPEG" in captured.err
+    assert "skipped 1" in captured.out and "n02_broken.JPEG" in captured.err
     labels = json.loads((tmp_path / "out" / "dataset.json").read_text())["labels"]
     # sorted sources: n01_0..2, n02_0..2, n02_broken (index 6, skipped), n03_0..2
     assert [n for n, _ in labels] == [dt.image_name(i) for i in (0, 1, 2, 3, 4, 5, 7, 8, 9)]
@@ -143,7 +145,7 @@ def test_round_trip_exact_moments(converted, tiny_vae_dir, tmp_path):
     assert [int(ds[i][2]) for i in range(20)] == [c for _, c in src_labels]
     assert torch.equal(images[3], torch.from_numpy(np.array(PIL.Image.open(
         converted / "imagenet_32_vae" / src_labels[3][0]))).permute(2, 0, 1))
-    # the moments are exactly what the VAE gives for those images (x/127.5 - 1, SPEC §4)
+    # the moments are exactly what the VAE gives for those images (x/127.5 - 1, REG's encode_pixels)
     from diffusers import AutoencoderKL
     raw = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
     with torch.no_grad():
@@ -168,7 +170,7 @@ def test_encode_resume_skips_finished_shards(converted, tmp_path):
     os.remove(dest / "dataset.json")
     for i in (9, 14):
         os.remove(dest / "00000" / f"img-mean-std-{i:08d}.npy")
-    (dest / "00000" / "img-mean-std-00000009.npy.tmp123").write_bytes(b"partial")
+    (dest / "00000" / ".img-mean-std-00000009.npy.x1y2.tmp").write_bytes(b"partial")  # utils.atomic_write's name
     marker = dest / "00000" / "img-mean-std-00000002.npy"
     np.save(marker, np.full_like(full["00000/img-mean-std-00000002.npy"], 7.0))
 
@@ -182,7 +184,7 @@ def test_encode_resume_skips_finished_shards(converted, tmp_path):
     assert not [n for n in os.listdir(dest / "00000") if ".tmp" in n]
     assert len(json.loads((dest / "dataset.json").read_text())["labels"]) == 20
     # a resume with another VAE is refused instead of mixing latent spaces
-    with pytest.raises(ValueError, match="partial encode"):
+    with pytest.raises(ValueError, match="made with"):
         run_encode(src, dest, "pixel-unshuffle", "--dtype", "bf16")
 
 
