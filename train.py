@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -243,7 +244,7 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
     use_cls = args.method == "reg"
     vae = dataset.vae_info
     return {
-        "model": args.model, "input_size": args.resolution // 8,  # TODO VAE_STRIDE
+        "model": args.model, "input_size": args.resolution // dataset.vae_stride,
         "in_channels": int(vae["latent_channels"]), "num_classes": args.num_classes,
         "z_dims": [e.embed_dim for e in encoders] if args.proj_coeff > 0 else [],
         "encoder_depth": args.encoder_depth, "projector_dim": args.projector_dim, "use_cls_token": use_cls,
@@ -292,8 +293,7 @@ def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
     if args.report_to == "wandb":
         id_file = run_dir / "wandb_run_id.txt"
         if accelerator.is_main_process and not id_file.is_file():
-            import wandb
-            atomic_write(id_file, lambda tmp: Path(tmp).write_text(wandb.util.generate_id()))
+            atomic_write(id_file, lambda tmp: Path(tmp).write_text(secrets.token_hex(4)))
         kwargs = {"wandb": {"name": args.exp_name, "dir": str(run_dir), "resume": "allow",
                             "id": id_file.read_text().strip() if id_file.is_file() else None}}
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -323,7 +323,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- data, encoders, model, EMA, optimizer
     dataset = CustomDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes,
-                            **({"skip_bad_samples": True} if args.skip_bad_samples else {}))  # TODO(data helper)
+                            skip_bad_samples=args.skip_bad_samples)
     encoders = []
     if args.method == "reg" or args.proj_coeff > 0:  # plain SiT never loads the encoder
         encoders = load_encoders(args.enc_type, weights=args.enc_weights, resolution=args.resolution, device=device)
@@ -360,7 +360,7 @@ def main(args: argparse.Namespace) -> dict:
         atomic_json_dump(config, run_dir / "config.json")
     init_trackers(args, accelerator, run_dir)
     log.info(f"{args.model} ({args.method}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-             f"{len(dataset)} images ({getattr(dataset, 'layout', '?')}), global batch {args.batch_size} x "
+             f"{len(dataset)} images ({dataset.layout}), global batch {args.batch_size} x "
              f"{args.gradient_accumulation_steps} accumulation, {world} processes, precision "
              f"{accelerator.mixed_precision}, compile {use_compile}, {flops / 1e9:.1f} GFLOPs/image, "
              f"steps {step} -> {max_steps}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train SiT + REG with the paper's settings (SPEC: batch 256, AdamW 1e-4, EMA 0.9999, linear path,
-# v-prediction, uniform t, DINOv2-B, proj-coeff 0.5, cls 0.03).
+# Train SiT + REG with the paper's settings (batch 256, AdamW 1e-4, EMA 0.9999, linear path,
+# v-prediction, uniform t, DINOv2-B, proj-coeff 0.5, cls 0.03; arXiv 2507.01467, Sec. 4.1).
 #
 #   bash train.sh                                   # SiT-XL/2 + REG on one 8-GPU node
 #   PRESET=B bash train.sh --max-train-steps 400000 # SiT-B/2 (encoder depth 4); extra flags go to train.py
@@ -8,7 +8,7 @@
 #
 # Environment: PRESET (B|L|XL), NUM_GPUS (per node), NUM_NODES, NODE_RANK, MAIN_ADDR, MAIN_PORT,
 # DATA_DIR, OUTPUT_DIR, EXP_NAME, PRECISION (bf16|fp16|no), REPORT_TO (tensorboard|wandb|none),
-# ENC_WEIGHTS (local DINOv2 weights for offline clusters), DRY_RUN=1 (print the command only).
+# REG_ENC_WEIGHTS (local DINOv2 weights for offline clusters), DRY_RUN=1 (print the command only).
 # Re-running the same command resumes from the newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +23,15 @@ esac
 NUM_GPUS=${NUM_GPUS:-8}
 NUM_NODES=${NUM_NODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+for var in NUM_GPUS NUM_NODES; do
+  if ! [[ "${!var}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "train.sh: $var must be a positive integer, got '${!var}'" >&2; exit 2
+  fi
+done
+if (( NUM_NODES > 1 )) && [[ -z "${MAIN_ADDR:-}" ]]; then
+  # without it every node would wait for a rendezvous on its own loopback address, forever
+  echo "train.sh: NUM_NODES=$NUM_NODES needs MAIN_ADDR, the address of the node with NODE_RANK=0" >&2; exit 2
+fi
 MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 DATA_DIR=${DATA_DIR:-data}
@@ -51,7 +60,7 @@ flags=(
   --data-dir "$DATA_DIR"
   --cls 0.03
 )
-if [[ -n "${ENC_WEIGHTS:-}" ]]; then flags+=(--enc-weights "$ENC_WEIGHTS"); fi
+if [[ -n "${REG_ENC_WEIGHTS:-}" ]]; then flags+=(--enc-weights "$REG_ENC_WEIGHTS"); fi
 
 total=$((NUM_GPUS * NUM_NODES))
 launch=(accelerate launch --num_machines "$NUM_NODES" --num_processes "$total" --machine_rank "$NODE_RANK"

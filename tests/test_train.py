@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+import training
 from preprocessing import dataset_tools
 from preprocessing.synthetic import write_dataset
 
@@ -69,7 +70,13 @@ def test_loss_falls(data_dir, tmp_path):
     assert [l["step"] for l in lines] == list(range(2, 21, 2)) and lines[-1]["loss"] == last["loss"]
     # the last step always writes a checkpoint, loadable without unpickling anything
     ckpt = torch.load(run / "checkpoints" / "0000020.pt", weights_only=True)
-    assert ckpt["steps"] == 20 and set(ckpt) >= {"model", "ema", "opt", "config", "args"}
+    assert ckpt["steps"] == 20 and set(ckpt) >= {"model", "ema", "config", "args"}
+    opt = torch.load(run / "checkpoints" / "0000020.opt.pt", weights_only=True)["opt"]
+    assert len(opt["param_groups"][0]["params"]) == len(ckpt["model"])  # every parameter, as the original
+    # the original's metric keys, with its meaning (weighted terms), beside ours; FLOP throughput in every line
+    assert last["loss_final"] == last["loss"] and last["loss_mean"] == last["loss_denoise"]
+    assert abs(last["proj_loss"] - 0.5 * last["loss_proj"]) < 1e-9 and abs(last["loss_mean_cls"] - 0.03 * last["loss_cls"]) < 1e-9
+    assert all(l["tflops"] > 0 and "mfu" not in l for l in lines)  # no MFU on CPU without --peak-tflops
     from safetensors.torch import load_file
     ema = load_file(str(run / "checkpoints" / "ema_0000020.safetensors"))
     assert all(torch.equal(ema[k], v) for k, v in ckpt["ema"].items())
@@ -94,6 +101,8 @@ def test_resume_is_exact(data_dir, tmp_path):
                                           "--resume-step", "3", *common)))
     c = torch.load(tmp_path / "split/checkpoints/0000006.pt", weights_only=True)
     assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+    aside = list((tmp_path / "split/checkpoints").glob("abandoned-*/0000006.pt"))
+    assert len(aside) == 1 and "later checkpoints moved to" in (tmp_path / "split/log.txt").read_text()
     with pytest.raises(FileNotFoundError, match="--resume-step 5"):
         train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "split", "--max-train-steps", "6",
                                               "--resume-step", "5", *common)))
@@ -119,7 +128,9 @@ def test_sigkill_then_rerun_finishes_with_intact_checkpoints(data_dir, tmp_path)
     assert (ckpts / "0000012.pt").is_file() and not list(ckpts.glob(".*.tmp"))
     for f in pts:
         torch.load(f, weights_only=True)  # every file left is complete
-    assert len([f for f in pts if f.name[0].isdigit() and ".rng" not in f.name]) == 3  # keep-last
+    # model + EMA kept at every checkpoint (the original's eval.sh samples from them); optimizer states: keep-last
+    assert [f.name for f in pts if f.name[0].isdigit() and ".opt" not in f.name] == [f"{s:07d}.pt" for s in range(2, 13, 2)]
+    assert [f.name for f in pts if ".opt" in f.name] == ["0000008.opt.pt", "0000010.opt.pt", "0000012.opt.pt"]
 
 
 def test_two_process_cpu_launch(data_dir, tmp_path):
@@ -132,7 +143,7 @@ def test_two_process_cpu_launch(data_dir, tmp_path):
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     ckpts = tmp_path / "ddp" / "checkpoints"
-    assert sorted(f.name for f in ckpts.glob("[0-9]*.pt")) == ["0000002.pt", "0000002.rng0.pt", "0000002.rng1.pt"]
+    assert sorted(f.name for f in ckpts.glob("[0-9]*.pt")) == ["0000002.opt.pt", "0000002.pt"]
     assert "2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
 
 
@@ -210,25 +221,25 @@ def test_ema_foreach_equals_plain_formula():
     want = [e.clone() for e in ema]
     for e, p in zip(want, params):
         e.mul_(0.9999).add_(p, alpha=1 - 0.9999)  # the original's per-name loop
-    train.ema_update(ema, params, 0.9999)
+    training.ema_update(ema, params, 0.9999)
     assert all(torch.equal(a, b) for a, b in zip(ema, want))
 
 
 def test_step_sampler_resumes_at_the_same_position():
-    full = train.StepSampler(40, local_batch=4, rank=1, world=2, seed=3)
+    full = training.StepSampler(40, local_batch=4, rank=1, world=2, seed=3)
     it = iter(full)
     seq = [next(it) for _ in range(4 * 12)]  # 12 batches: crosses the 5-batch epoch boundary twice
-    resumed = train.StepSampler(40, local_batch=4, rank=1, world=2, seed=3, start_batch=7)
+    resumed = training.StepSampler(40, local_batch=4, rank=1, world=2, seed=3, start_batch=7)
     it2 = iter(resumed)
     assert [next(it2) for _ in range(4 * 5)] == seq[4 * 7:]
-    other = iter(train.StepSampler(40, local_batch=4, rank=0, world=2, seed=3))
+    other = iter(training.StepSampler(40, local_batch=4, rank=0, world=2, seed=3))
     first_epoch = set(seq[:20]) | {next(other) for _ in range(20)}
     assert first_epoch == set(range(40))  # the two ranks split each epoch without overlap
 
 
 def test_train_sh_passes_every_flag_and_extra_arguments():
     env = {**os.environ, "DRY_RUN": "1", "PRESET": "B", "NUM_GPUS": "4", "NUM_NODES": "2", "NODE_RANK": "1",
-           "MAIN_ADDR": "10.0.0.1", "ENC_WEIGHTS": "/w/dinov2_vitb14_pretrain.pth"}
+           "MAIN_ADDR": "10.0.0.1", "REG_ENC_WEIGHTS": "/w/dinov2_vitb14_pretrain.pth"}
     out = subprocess.run(["bash", str(ROOT / "train.sh"), "--max-train-steps", "5"], env=env,
                          capture_output=True, text=True, check=True).stdout
     for piece in ("--num_processes 8", "--num_machines 2", "--machine_rank 1", "--main_process_ip 10.0.0.1",
@@ -260,3 +271,196 @@ def test_sample_grids_and_tensorboard(data_dir, tmp_path):
     grid = Image.open(tmp_path / "grid" / "samples" / "0000002.png")
     assert grid.size == (4 * 32, 4 * 32)  # 16 EMA samples decoded by the dataset's (pixel-unshuffle) codec
     assert list((tmp_path / "grid" / "logs").rglob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------- integrity
+
+def test_all_skipped_run_logs_no_loss_and_fails(data_dir, tmp_path):
+    bad = _nan_copy(data_dir, tmp_path / "data3", "all")
+    with pytest.raises(RuntimeError, match="no update was made"):
+        train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan3", "--max-train-steps", "4", "--max-bad-steps", "99")))
+    lines = [json.loads(l) for l in (tmp_path / "nan3/metrics.jsonl").read_text().splitlines()]
+    assert [l["skipped_steps"] for l in lines] == [2, 4]
+    assert not any("loss" in l or "grad_norm" in l for l in lines)  # no made-up 0.0
+    assert not list((tmp_path / "nan3/checkpoints").glob("*.pt"))
+
+
+def test_resume_refuses_non_finite_checkpoint(data_dir, tmp_path):
+    argv = tiny_argv(data_dir, tmp_path, "poison", "--max-train-steps", "2")
+    train.main(train.parse_args(argv))
+    path = tmp_path / "poison/checkpoints/0000002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["ema"]["final_layer.linear.weight"][0, 0] = float("nan")
+    torch.save(ckpt, path)
+    with pytest.raises(RuntimeError, match="0000002.pt.*not finite"):
+        train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "poison", "--max-train-steps", "4")))
+
+
+def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path):
+    common = ("--checkpointing-steps", "2", "--learning-rate", "1e-3")
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "ref", "--max-train-steps", "6", *common)))
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "cut", "--max-train-steps", "4", *common)))
+    newest = tmp_path / "cut/checkpoints/0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    result = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "cut", "--max-train-steps", "6", *common)))
+    log = (tmp_path / "cut/log.txt").read_text()
+    assert result["steps"] == 6 and "0000004.pt is unreadable" in log
+    assert "newest intact checkpoint" in log and "0000002.pt instead of" in log
+    a = torch.load(tmp_path / "ref/checkpoints/0000006.pt", weights_only=True)["ema"]
+    b = torch.load(tmp_path / "cut/checkpoints/0000006.pt", weights_only=True)["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2, exactly
+
+
+def test_keep_last_never_prunes_the_new_lineage(data_dir, tmp_path):
+    """Over 2/4/6, --resume-step 2 --keep-last 1 --max-train-steps 4 must keep 4, set 6 aside, and a plain
+    rerun must then resume from 4."""
+    common = ("--checkpointing-steps", "2")
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "lin", "--max-train-steps", "6", *common)))
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "lin", "--max-train-steps", "4", "--resume-step", "2",
+                                          "--keep-last", "1", *common)))
+    ckpts = tmp_path / "lin/checkpoints"
+    assert sorted(f.name for f in ckpts.glob("0*.pt")) == ["0000002.pt", "0000004.opt.pt", "0000004.pt"]
+    assert [f.name for f in ckpts.glob("abandoned-*/0*.pt")] != [] and (ckpts / "ema_0000002.safetensors").is_file()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "lin/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 4  # the abandoned lineage's lines went aside too
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "lin", "--max-train-steps", "6", *common)))
+    assert "resumed from" in (log := (tmp_path / "lin/log.txt").read_text()) and "0000004.pt at step 4" in log
+    with pytest.raises(RuntimeError, match="optimizer state of step 2.*pruned.*--init-from"):
+        train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "lin", "--max-train-steps", "6", "--resume-step", "2",
+                                              *common)))
+
+
+# ----------------------------------------------------------------------------- the authors' runs and scripts
+
+def test_resume_a_run_of_the_original_code(data_dir, tmp_path):
+    """A checkpoint as the authors' train.py writes it: model/ema/opt/steps plus a pickled Namespace, its AdamW
+    over model.parameters() (frozen pos_embed included)."""
+    import argparse
+    args = train.parse_args(tiny_argv(data_dir, tmp_path, "orig", "--max-train-steps", "4"))
+    first = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "seed", "--max-train-steps", "2")))
+    ours = torch.load(Path(first["run_dir"]) / "checkpoints/0000002.pt", weights_only=True)
+    from checkpoint_io import build_model_from_config
+    model = build_model_from_config(ours["config"])
+    model.load_state_dict(ours["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the original: default AdamW, every parameter
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if p.requires_grad else None
+    opt.step()
+    official = {"model": model.state_dict(), "ema": ours["ema"], "opt": opt.state_dict(),
+                "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2), "steps": 2}
+    (tmp_path / "orig/checkpoints").mkdir(parents=True)
+    torch.save(official, tmp_path / "orig/checkpoints/0000002.pt")
+    result = train.main(args)
+    log = (tmp_path / "orig/log.txt").read_text()
+    assert result["steps"] == 4 and "written by the original REG code" in log and log.count("original REG code") == 1
+    resumed = torch.load(tmp_path / "orig/checkpoints/0000004.opt.pt", weights_only=True)["opt"]
+    assert 0 not in resumed["state"] and resumed["state"][1]["step"] == 3  # pos_embed (index 0) has no state; the rest carried on
+
+
+def test_init_from_weights_starts_at_step_zero(data_dir, tmp_path):
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "pre", "--max-train-steps", "2")))
+    src = tmp_path / "pre/checkpoints/ema_0000002.safetensors"
+    result = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "ft", "--max-train-steps", "1",
+                                                   "--init-from", str(src))))
+    assert result["steps"] == 1 and f"initialised model and EMA from {src}" in (tmp_path / "ft/log.txt").read_text()
+    from safetensors.torch import load_file
+    before = load_file(str(src))
+    after = torch.load(tmp_path / "ft/checkpoints/0000001.pt", weights_only=True)
+    moved = [k for k in before if not torch.equal(before[k], after["model"][k])]
+    assert moved and max((before[k] - after["model"][k]).abs().max().item() for k in before) < 1e-2  # one step away
+    opt = torch.load(tmp_path / "ft/checkpoints/0000001.opt.pt", weights_only=True)["opt"]
+    assert all(s["step"] == 1 for s in opt["state"].values())  # a fresh optimizer
+
+
+# The authors' train.sh flags, verbatim (their broken "\  #comment" continuation line removed; values tiny).
+ORIGINAL_TRAIN_FLAGS = """--report-to="wandb" --allow-tf32 --mixed-precision="fp16" --seed=0 --path-type="linear"
+    --prediction="v" --weighting="uniform" --model="SiT-T/2" --enc-type="dinov2-vit-s" --proj-coeff=0.5
+    --encoder-depth=2 --output-dir="{out}" --exp-name="linear-dinov2-b-enc8" --batch-size=8
+    --data-dir="{data}" --cls=0.03"""
+# Every flag the authors' train.py parser defines, with a value.
+ORIGINAL_PARSER_FLAGS = ["--output-dir", "o", "--exp-name", "e", "--logging-dir", "logs", "--report-to", "wandb",
+                         "--sampling-steps", "10000", "--resume-step", "0", "--model", "SiT-XL/2", "--num-classes",
+                         "1000", "--encoder-depth", "8", "--fused-attn", "--qk-norm", "--ops-head", "16", "--data-dir",
+                         "d", "--resolution", "256", "--batch-size", "8", "--allow-tf32", "--mixed-precision", "fp16",
+                         "--epochs", "1400", "--max-train-steps", "1000000", "--checkpointing-steps", "10000",
+                         "--gradient-accumulation-steps", "1", "--learning-rate", "1e-4", "--adam-beta1", "0.9",
+                         "--adam-beta2", "0.999", "--adam-weight-decay", "0.", "--adam-epsilon", "1e-08",
+                         "--max-grad-norm", "1.0", "--seed", "0", "--num-workers", "4", "--path-type", "linear",
+                         "--prediction", "v", "--cfg-prob", "0.1", "--enc-type", "dinov2-vit-b", "--proj-coeff", "0.5",
+                         "--weighting", "uniform", "--legacy", "--cls", "0.03", "--no-fused-attn", "--no-qk-norm",
+                         "--no-legacy"]
+
+
+def test_every_original_flag_parses_with_its_meaning():
+    args = train.parse_args(ORIGINAL_PARSER_FLAGS)
+    assert (args.sample_every, args.logging_dir, args.checkpointing_steps, args.max_train_steps) == (10000, "logs", 10000, 1_000_000)
+    assert (args.mixed_precision, args.report_to, args.legacy, args.fused_attn) == ("fp16", "wandb", False, False)
+    defaults = train.parse_args([])
+    assert (defaults.checkpointing_steps, defaults.max_train_steps, defaults.cfg_prob, defaults.cls) == (10000, 1_000_000, 0.1, 0.03)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 0.03)" in out and "(default: fused)" in out and "(default: 10000)" in out
+
+
+def test_original_train_sh_command_runs(data_dir, tmp_path):
+    import shlex
+    flags = shlex.split(ORIGINAL_TRAIN_FLAGS.format(out=tmp_path, data=data_dir))
+    extra = ["--resolution", "32", "--num-classes", "4", "--enc-weights", "random", "--projector-dim", "64",
+             "--num-workers", "0", "--max-train-steps", "2", "--checkpointing-steps", "2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "train.py"), *flags, *extra]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "linear-dinov2-b-enc8"
+    ckpt = torch.load(run / "checkpoints/0000002.pt", weights_only=True)  # where the original eval.sh looks
+    assert "ema" in ckpt and ckpt["args"]["mixed_precision"] == "fp16"
+    # wandb: named after --exp-name, its files under the run folder, and the same run id on resume
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    done = subprocess.run([*cmd[:-2], "--max-train-steps", "3"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "wandb_run_id.txt").read_text().strip() == run_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # both sessions logged to one run id
+
+
+def test_legacy_drops_labels_before_the_model():
+    """--legacy (REG train.py L279-284): labels are replaced by the null class with p = cfg_prob before the
+    forward, on top of the model's own dropout."""
+    from accelerate import Accelerator
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y, cls_token=None):
+            seen.append(y.clone())
+            return x * self.w, [], None
+
+    probe = Probe()
+    params = list(probe.parameters())
+    opt = training.make_optimizer(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
+    batch = (torch.zeros(64, 3, 16, 16, dtype=torch.uint8), torch.zeros(64, 8, 2, 2), torch.zeros(64, dtype=torch.long))
+    for p in (0.0, 1.0, 0.5):
+        cfg = training.StepConfig(use_cls=False, use_proj=False, num_classes=7, legacy_drop_prob=p)
+        torch.manual_seed(0)
+        training.train_step([batch], model=probe, params=params, ema_params=[params[0].detach().clone()], opt=opt,
+                            encoders=[], accelerator=Accelerator(cpu=True), cfg=cfg)
+    none, all_, half = (s.eq(7).float().mean().item() for s in seen)
+    assert none == 0 and all_ == 1 and 0.2 < half < 0.8
+
+
+@pytest.mark.parametrize("env,message", [({"NUM_GPUS": "0"}, "NUM_GPUS"), ({"NUM_GPUS": "two"}, "NUM_GPUS"),
+                                         ({"NUM_NODES": "2", "MAIN_ADDR": ""}, "MAIN_ADDR")])
+def test_train_sh_refuses_bad_launch_settings(env, message):
+    base = {k: v for k, v in os.environ.items() if k not in ("MAIN_ADDR", "NUM_NODES", "NUM_GPUS")}
+    done = subprocess.run(["bash", str(ROOT / "train.sh")], env={**base, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and message in done.stderr
