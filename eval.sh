@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Generate samples with the paper's settings, then score them with the ADM-equivalent evaluator.
+# Generate samples with the paper's settings, then score exactly the npz that generate.py wrote with
+# the ADM-equivalent evaluator. Works from any directory.
 #
 #   CKPT=exps/NAME/checkpoints/4000000.pt REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz NUM_GPUS=8 bash eval.sh
 #   NUM_GPUS=8 bash eval.sh --balanced            # extra arguments go to generate.py
 #
-# Defaults (REG, ImageNet 256, Table 2): SiT-XL/2, SDE 250 steps, cfg 2.3, class-token cfg 2.3,
-# guidance while t <= 0.85, 50K samples, seed 0. Every setting below can be overridden from the
-# environment. Multi-node: set LAUNCHER, e.g.
+# Defaults (REG, ImageNet 256, Table 2): SDE 250 steps, cfg 2.3, class-token cfg 2.3, guidance while
+# t <= 0.85, 50K samples, seed 0; model, resolution, VAE and interpolant from the checkpoint. Every
+# setting below can be overridden from the environment. Multi-node: set LAUNCHER, e.g.
 #   LAUNCHER="torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500"
-# Outputs, in SAMPLE_DIR: RUN_NAME/ (PNGs), RUN_NAME.npz, RUN_NAME.json (settings) and
-# RUN_NAME-metrics.json (FID, sFID, IS, precision, recall). Re-running resumes the sampling.
+# Outputs, in SAMPLE_DIR: RUN/ (PNGs), RUN.npz, RUN.json (settings) and RUN-metrics.json (FID, sFID,
+# IS, precision, recall); RUN is the original generate.py's name unless RUN_NAME is set. Re-running
+# resumes the sampling.
 set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 CKPT=${CKPT:-hf:Martinser/REG}
 REF_BATCH=${REF_BATCH:-VIRTUAL_imagenet256_labeled.npz}
@@ -30,10 +34,13 @@ PATH_TYPE=${PATH_TYPE:-}   # empty: the checkpoint's interpolant (linear for the
 VAE=${VAE:-}               # empty: the checkpoint's VAE (ema for the official weights)
 PRECISION=${PRECISION:-fp32}
 SAMPLE_DIR=${SAMPLE_DIR:-samples}
+RUN_NAME=${RUN_NAME:-}     # empty: generate.py's name (the original's)
 SKIP_EVAL=${SKIP_EVAL:-0}  # 1: only generate
-CKPT_NAME=$(basename "${CKPT%.*}")
-RUN_NAME=${RUN_NAME:-${CKPT_NAME}-${MODE}-${NUM_STEPS}-cfg-${CFG_SCALE}-clscfg-${CLS_CFG_SCALE}-gl-${GUIDANCE_LOW}-gh-${GUIDANCE_HIGH}-seed-${GLOBAL_SEED}}
 
+if ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "eval.sh: NUM_GPUS=$NUM_GPUS is not a positive integer" >&2
+    exit 1
+fi
 if [[ "$SKIP_EVAL" != 1 && ! -f "$REF_BATCH" ]]; then
     echo "eval.sh: reference batch REF_BATCH=$REF_BATCH not found (get VIRTUAL_imagenet${RESOLUTION:-256}_labeled.npz" \
          "from openai/guided-diffusion's evaluations page), or set SKIP_EVAL=1" >&2
@@ -61,19 +68,30 @@ gen_args=(
     --global-seed "$GLOBAL_SEED"
     --precision "$PRECISION"
     --sample-dir "$SAMPLE_DIR"
-    --run-name "$RUN_NAME"
 )
+[[ -n "$RUN_NAME" ]] && gen_args+=(--run-name "$RUN_NAME")
 [[ -n "$VAE" ]] && gen_args+=(--vae "$VAE")
 [[ -n "$MODEL" ]] && gen_args+=(--model "$MODEL")
 [[ -n "$RESOLUTION" ]] && gen_args+=(--resolution "$RESOLUTION")
 [[ -n "$PATH_TYPE" ]] && gen_args+=(--path-type "$PATH_TYPE")
 
-"${launch[@]}" generate.py "${gen_args[@]}" "$@"
+# generate.py writes the path of the npz it made here: extra arguments (--sample-dir, --cfg-scale, ...)
+# change that name, and the evaluator must score exactly that file.
+npz_file=$(mktemp "${TMPDIR:-/tmp}/eval-sh-npz.XXXXXX")
+trap 'rm -f "$npz_file"' EXIT
+"${launch[@]}" "$ROOT/generate.py" "${gen_args[@]}" "$@" --npz-path-file "$npz_file"
+NPZ=$(cat "$npz_file")
+if [[ -z "$NPZ" || ! -f "$NPZ" ]]; then
+    echo "eval.sh: generate.py did not report the npz it wrote (got '${NPZ}')" >&2
+    exit 1
+fi
+echo "samples: $NPZ"
 
 if [[ "$SKIP_EVAL" != 1 ]]; then
-    python -m evaluations.evaluator \
+    METRICS="${NPZ%.npz}-metrics.json"
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python -m evaluations.evaluator \
         --ref_batch "$REF_BATCH" \
-        --sample_batch "$SAMPLE_DIR/$RUN_NAME.npz" \
-        --save-path "$SAMPLE_DIR/$RUN_NAME-metrics.json"
-    echo "metrics: $SAMPLE_DIR/$RUN_NAME-metrics.json"
+        --sample_batch "$NPZ" \
+        --save-path "$METRICS"
+    echo "metrics: $METRICS"
 fi

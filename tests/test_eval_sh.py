@@ -1,11 +1,15 @@
-"""eval.sh wiring: generate with the paper's sampler settings into ADM format (evaluation itself is
-covered by tests/test_evaluator.py and the quick-start test)."""
+"""eval.sh: generate with the paper's sampler settings, then score exactly the npz generate.py wrote; and
+the original REG eval.sh's two command lines (generate.py through torch.distributed.launch, then
+./evaluations/evaluator.py) run unchanged on a tiny checkpoint."""
+import argparse
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from checkpoint_io import export_safetensors
@@ -14,7 +18,20 @@ from models.sit import SiT_models
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_eval_sh_generates_with_paper_defaults(tmp_path):
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
+           "REG_INCEPTION_WEIGHTS": "random", **extra}
+    return env
+
+
+def _reference(path: Path, n: int = 6, side: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, arr_0=rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
     torch.manual_seed(0)
     config = {"model": "SiT-T/2", "input_size": 2, "in_channels": 192, "num_classes": 4, "z_dims": [32],
               "encoder_depth": 2, "projector_dim": 64, "use_cls_token": True, "cls_token_dim": 32,
@@ -22,23 +39,129 @@ def test_eval_sh_generates_with_paper_defaults(tmp_path):
     model = SiT_models["SiT-T/2"](**{k: config[k] for k in ("input_size", "in_channels", "num_classes", "z_dims",
                                                              "encoder_depth", "projector_dim", "cls_token_dim")})
     export_safetensors(tmp_path / "ema_0000010.safetensors", model.state_dict(), config)
-    env = {**os.environ, "CKPT": str(tmp_path / "ema_0000010.safetensors"), "SKIP_EVAL": "1", "NUM_STEPS": "3",
-           "NUM_FID_SAMPLES": "4", "PER_PROC_BATCH_SIZE": "4", "SAMPLE_DIR": str(tmp_path / "samples"),
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (npz,) = (tmp_path / "samples").glob("*.npz")
+    return tmp_path / "ema_0000010.safetensors"
+
+
+def test_eval_sh_scores_the_npz_generate_wrote(tiny_ckpt, tmp_path):
+    elsewhere = tmp_path / "cwd"  # eval.sh works from any directory, with relative paths
+    elsewhere.mkdir()
+    env = _env(CKPT=str(tiny_ckpt), NUM_STEPS="3", NUM_FID_SAMPLES="4", PER_PROC_BATCH_SIZE="4",
+               SAMPLE_DIR="samples", REF_BATCH=str(_reference(tmp_path / "ref.npz")))
+    # extra arguments that change the npz's name and folder reach generate.py, and the evaluator follows
+    done = subprocess.run(["bash", str(ROOT / "eval.sh"), "--sample-dir", "other", "--cfg-scale", "3.0"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert not (elsewhere / "samples").exists()
+    (npz,) = (elsewhere / "other").glob("*.npz")
+    assert "-cfg-3.0-" in npz.name
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (4, 16, 16, 3) and arr.dtype == np.uint8
     settings = json.loads(npz.with_suffix(".json").read_text())
-    flat = json.dumps(settings)
-    for key, value in (("cfg_scale", 2.3), ("cls_cfg_scale", 2.3), ("guidance_high", 0.85), ("num_steps", 3)):
-        assert f'"{key}": {value}' in flat, key
-    assert '"mode": "sde"' in flat
+    assert (settings["cfg_scale"], settings["cls_cfg_scale"], settings["guidance_high"], settings["num_steps"],
+            settings["mode"]) == (3.0, 2.3, 0.85, 3, "sde")
+    metrics_path = npz.with_name(npz.stem + "-metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    assert npz.name in json.dumps(metrics)  # the evaluator scored that very file
+    assert f"metrics: {metrics_path.relative_to(elsewhere)}" in done.stdout or str(metrics_path) in done.stdout
 
+
+def test_eval_sh_refuses_bad_settings(tiny_ckpt, tmp_path):
+    env = _env(CKPT=str(tiny_ckpt), SKIP_EVAL="1")
+    for bad in ("0", "two", "-1", "1.5"):
+        out = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=tmp_path, env={**env, "NUM_GPUS": bad},
+                             capture_output=True, text=True)
+        assert out.returncode != 0 and "NUM_GPUS" in out.stderr, bad
     # without SKIP_EVAL the reference batch must exist, and the message says where to get it
     env.pop("SKIP_EVAL")
-    env["REF_BATCH"] = str(tmp_path / "missing.npz")
-    bad = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "VIRTUAL_imagenet256_labeled.npz" in bad.stderr
+    out = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=tmp_path,
+                         env={**env, "REF_BATCH": str(tmp_path / "missing.npz")}, capture_output=True, text=True)
+    assert out.returncode != 0 and "VIRTUAL_imagenet256_labeled.npz" in out.stderr
+
+
+def _hub_cache_with_tiny_vae(cache: Path) -> None:
+    """An HF hub cache in which 'stabilityai/sd-vae-ft-ema' (--vae ema) is a tiny AutoencoderKL."""
+    try:
+        from fixtures import save_tiny_vae
+    except ImportError:  # until the helper lands in tests/fixtures.py
+        from preprocessing.synthetic import save_tiny_vae
+    repo = cache / "models--stabilityai--sd-vae-ft-ema"
+    commit = "0" * 40
+    save_tiny_vae(str(repo / "snapshots" / commit))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+# The original eval.sh (REG repository), with its variables set to tiny values and the literal values
+# sized down (model, sample count, projector and class-token widths, batch size); flags and layout unchanged.
+ORIGINAL_EVAL_SH = r"""
+random_number=$((RANDOM % 100 + 1200))
+NUM_GPUS=1
+STEP="0000100"
+SAVE_PATH="{save_path}"
+NUM_STEP=2
+MODEL_SIZE='T'
+CFG_SCALE=2.3
+CLS_CFG_SCALE=2.3
+GH=0.85
+
+export NCCL_P2P_DISABLE=1
+
+python -m torch.distributed.launch --master_port=$random_number --nproc_per_node=$NUM_GPUS generate.py \
+  --model SiT-T/2 \
+  --num-fid-samples 4 \
+  --ckpt ${{SAVE_PATH}}/checkpoints/${{STEP}}.pt \
+  --path-type=linear \
+  --encoder-depth=1 \
+  --projector-embed-dims=32 \
+  --per-proc-batch-size=2 \
+  --mode=sde \
+  --num-steps=${{NUM_STEP}} \
+  --cfg-scale=${{CFG_SCALE}} \
+  --cls-cfg-scale=${{CLS_CFG_SCALE}} \
+  --guidance-high=${{GH}} \
+  --sample-dir ${{SAVE_PATH}}/checkpoints \
+  --cls=32
+
+
+python ./evaluations/evaluator.py \
+    --ref_batch {ref} \
+    --sample_batch ${{SAVE_PATH}}/checkpoints/SiT-${{MODEL_SIZE}}-2-${{STEP}}-size-256-vae-ema-cfg-${{CFG_SCALE}}-seed-0-sde-${{GH}}-${{CLS_CFG_SCALE}}.npz \
+    --save_path ${{SAVE_PATH}}/checkpoints \
+    --cfg_cond 1 \
+    --step ${{STEP}} \
+    --num_steps ${{NUM_STEP}} \
+    --cfg ${{CFG_SCALE}} \
+    --cls_cfg ${{CLS_CFG_SCALE}} \
+    --gh ${{GH}}
+"""
+
+
+def test_original_eval_sh_commands_run_unchanged(tmp_path):
+    """An official-format checkpoint ({step}.pt with ema + argparse.Namespace), 256 px through a tiny
+    AutoencoderKL served from the HF cache as --vae ema (the original's default)."""
+    cache = tmp_path / "hub"
+    _hub_cache_with_tiny_vae(cache)
+    torch.manual_seed(0)
+    model = SiT_models["SiT-T/2"](input_size=32, num_classes=4, z_dims=[32], encoder_depth=1, projector_dim=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_path = tmp_path / "exp"
+    (save_path / "checkpoints").mkdir(parents=True)
+    official_args = argparse.Namespace(model="SiT-T/2", encoder_depth=1, path_type="linear", resolution=256,
+                                       fused_attn=True, qk_norm=False, num_classes=4, cfg_prob=0.1)
+    sd = model.state_dict()
+    torch.save({"model": sd, "ema": sd, "opt": {}, "steps": 100, "args": official_args},
+               save_path / "checkpoints" / "0000100.pt")
+    script = tmp_path / "eval.sh"
+    script.write_text(ORIGINAL_EVAL_SH.format(save_path=save_path, ref=_reference(tmp_path / "ref.npz")))
+    done = subprocess.run(["bash", "-e", str(script)], cwd=ROOT, env=_env(HF_HUB_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    npz = save_path / "checkpoints" / "SiT-T-2-0000100-size-256-vae-ema-cfg-2.3-seed-0-sde-0.85-2.3.npz"
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (4, 256, 256, 3)
+    assert "FID" in done.stdout
+    # the original evaluator's text file, named as REG's evaluator names it, beside the checkpoints folder
+    assert list(save_path.glob("checkpoints2*cfg_cond_true.txt")), sorted(os.listdir(save_path))
+    shutil.rmtree(cache)
