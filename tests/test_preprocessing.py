@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -233,3 +234,176 @@ def test_synthetic_dataset(tmp_path):
     a = render(3, 32, np.random.default_rng(0))
     b = render(3, 32, np.random.default_rng(0))
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------- EDM2 flags
+
+def test_original_command_lines_parse_with_their_meaning():
+    # REG preprocessing/dataset_prepare_convert.sh / _encode.sh and REPA's preprocessing README
+    a = dt.parse_args(["convert", "--source=/in/train", "--dest=/out/imagenet_256_vae", "--resolution=256x256",
+                       "--transform=center-crop-dhariwal"])
+    assert (a.source, a.dest, a.resolution, a.transform, a.max_images) == (
+        "/in/train", "/out/imagenet_256_vae", (256, 256), "center-crop-dhariwal", None)
+    a = dt.parse_args(["convert", "--source=x.zip", "--dest=y.zip", "--resolution=512,256",
+                       "--transform=center-crop-wide", "--max-images=10"])
+    assert (a.resolution, a.transform, a.max_images) == ((512, 256), "center-crop-wide", 10)
+    a = dt.parse_args(["convert", "--source=x", "--dest=y"])  # EDM2's defaults: no transform, keep the size
+    assert a.transform is None and a.resolution is None
+    a = dt.parse_args(["encode", "--source=/out/imagenet_256_vae", "--dest=/out/vae-sd"])
+    assert a.model_url == "stabilityai/sd-vae-ft-mse" and a.max_images is None  # EDM2's default VAE
+    a = dt.parse_args(["encode", "--model-url=stabilityai/sd-vae-ft-ema", "--source=s", "--dest=d", "--max-images=5"])
+    assert (a.model_url, a.max_images) == ("stabilityai/sd-vae-ft-ema", 5)
+    for argv, msg in ((["--transform=center-crop"], "needs --resolution"),
+                      (["--transform=center-crop-dhariwal", "--resolution=512x256"], "square")):
+        with pytest.raises(SystemExit):
+            dt.parse_args(["convert", "--source=x", "--dest=y", *argv])
+
+
+def test_help_shows_every_default():
+    for cmd in ("convert", "encode"):
+        r = subprocess.run([sys.executable, "-m", "preprocessing.dataset_tools", cmd, "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())
+        assert text.count("(default:") >= (5 if cmd == "convert" else 9), text
+    assert "(default: stabilityai/sd-vae-ft-mse)" in text and "(default: fp32)" in text
+
+
+def test_edm_transforms_by_hand():
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)  # H=90, W=120
+    src = PIL.Image.fromarray(arr)
+    # center-crop-wide 64x32: ch = round(64 * 90 / 120) = 48 rows from (90-48)//2 = 21, LANCZOS to 64x32,
+    # pasted at rows (64-32)//2 = 16 of a black 64x64 canvas
+    band = np.asarray(PIL.Image.fromarray(arr[21:69]).resize((64, 32), PIL.Image.Resampling.LANCZOS))
+    want = np.zeros((64, 64, 3), np.uint8)
+    want[16:48] = band
+    got = dt.make_transform("center-crop-wide", (64, 32))(src)
+    assert np.array_equal(np.asarray(got), want)
+    assert dt.make_transform("center-crop-wide", (128, 64))(src) is None  # narrower than 128: skipped, as EDM2
+    assert dt.make_transform("center-crop-wide", (120, 100))(src) is None  # band of 90 rows < 100
+    # center-crop: the centred 90x90 square from column 15, LANCZOS to 32x32
+    want = np.asarray(PIL.Image.fromarray(arr[:, 15:105]).resize((32, 32), PIL.Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(dt.make_transform("center-crop", (32, 32))(src)), want)
+    # no transform: LANCZOS resize to --resolution (aspect not kept), or untouched without it
+    want = np.asarray(src.resize((32, 32), PIL.Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(dt.make_transform(None, (32, 32))(src)), want)
+    assert dt.make_transform(None, None)(src) is src
+
+
+def test_convert_sizes_must_agree_without_resolution(tmp_path):
+    make_imagenet_folder(tmp_path / "src")  # mixed sizes
+    with pytest.raises(ValueError, match="set --resolution"):
+        dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out"),
+                               "--num-workers", "0"]))
+
+
+def test_convert_center_crop_wide_skips_small_images(tmp_path, capsys):
+    make_imagenet_folder(tmp_path / "src")  # widths 70, 40, 64 per class
+    out = dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out"),
+                                 "--resolution", "64x32", "--transform", "center-crop-wide", "--num-workers", "0"]))
+    # kept: the 70x50 (band round(64*50/70)=46 >= 32) and 64x64 images of each class; 40 px wide ones skipped
+    assert out["written"] == 6 and sum("too small" in s for s in out["skipped"]) == 3
+    labels = json.loads((tmp_path / "out" / "dataset.json").read_text())["labels"]
+    assert [c for _, c in labels] == [0, 0, 1, 1, 2, 2]
+    assert PIL.Image.open(tmp_path / "out" / labels[0][0]).size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+def tree_bytes(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_encode_refuses_another_source_and_leaves_dest_identical(converted, tmp_path):
+    dest = tmp_path / "vae-sd"
+    run_encode(converted / "imagenet_32_vae", dest, "pixel-unshuffle", "--max-images", "8")
+    other = tmp_path / "other"  # another dataset of the same size and naming
+    write_dataset(str(other), num_images=8, resolution=32, num_classes=3, seed=9)
+    before = tree_bytes(dest)
+    with pytest.raises(ValueError, match=r"made from .*imagenet_32_vae.*not from --source .*other"):
+        run_encode(other, dest, "pixel-unshuffle")
+    assert tree_bytes(dest) == before
+    config = json.loads((dest / dt.ENCODE_CONFIG).read_text())
+    assert config["source"]["path"] == str(converted / "imagenet_32_vae") and len(config["source"]["fingerprint"]) == 64
+    # the same source again: nothing to do, and nothing changes
+    out = run_encode(converted / "imagenet_32_vae", dest, "pixel-unshuffle", "--max-images", "8")
+    assert (out["written"], out["already_done"]) == (0, 8) and tree_bytes(dest) == before
+    # latents of unknown origin (e.g. written by another tool) are not resumed into either
+    foreign = tmp_path / "foreign"
+    (foreign / "00000").mkdir(parents=True)
+    np.save(foreign / "00000" / "img-mean-std-00000000.npy", np.zeros((384, 4, 4), np.float32))
+    with pytest.raises(FileExistsError, match=dt.ENCODE_CONFIG):
+        run_encode(converted / "imagenet_32_vae", foreign, "pixel-unshuffle")
+
+
+def test_encode_max_images_keeps_labels_for_every_latent(converted, tmp_path):
+    dest = tmp_path / "DATA" / "vae-sd"
+    os.makedirs(dest.parent)
+    os.symlink(converted / "imagenet_32_vae", dest.parent / "imagenet_32_vae")
+    run_encode(converted / "imagenet_32_vae", dest, "pixel-unshuffle", "--shard-size", "4")
+    out = run_encode(converted / "imagenet_32_vae", dest, "pixel-unshuffle", "--shard-size", "4", "--max-images", "6")
+    assert out["written"] == 0
+    labels = json.loads((dest / "dataset.json").read_text())["labels"]
+    assert len(labels) == 20  # still one label per latent in the destination
+    assert len(CustomDataset(str(dest.parent), resolution=32, num_classes=5)) == 20
+
+
+def test_encode_without_labels_writes_an_unlabelled_dataset(converted, tmp_path, capsys):
+    src = tmp_path / "DATA" / "imagenet_32_vae"  # convert's shard folders (00000/), no dataset.json
+    shutil.copytree(converted / "imagenet_32_vae", src)
+    os.remove(src / "dataset.json")
+    run_encode(src, tmp_path / "DATA" / "vae-sd", "pixel-unshuffle")
+    assert "unlabelled" in capsys.readouterr().err
+    assert json.loads((tmp_path / "DATA" / "vae-sd" / "dataset.json").read_text())["labels"] is None
+    with pytest.raises(ValueError, match="--num-classes 1"):
+        CustomDataset(str(tmp_path / "DATA"), resolution=32, num_classes=1000)
+    assert len(CustomDataset(str(tmp_path / "DATA"), resolution=32, num_classes=1)) == 20
+
+
+def test_labels_from_class_folders_only():
+    tree = type("T", (), {"exists": lambda self, n: False})()
+    assert dt.source_labels(tree, ["00000/img00000000.png", "00001/img00001000.png"]) is None  # shards
+    assert dt.source_labels(tree, ["cat/a.png", "dog/b.png", "cat/c.png"]) == {"cat/a.png": 0, "dog/b.png": 1,
+                                                                              "cat/c.png": 0}
+    assert dt.source_labels(tree, ["a.png", "dog/b.png"]) is None  # not every image in a class folder
+
+
+@pytest.mark.parametrize("bad", [3.0, 3.7])
+def test_float_labels_in_source_are_refused(tmp_path, bad):
+    write_dataset(str(tmp_path / "src"), num_images=3, resolution=32, num_classes=3, seed=0)
+    meta = json.loads((tmp_path / "src" / "dataset.json").read_text())
+    meta["labels"][1][1] = bad
+    (tmp_path / "src" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"src/dataset.json.*img00000001.png.*{bad}.*not an integer"):
+        dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out"),
+                               "--num-workers", "0"]))
+
+
+def test_convert_with_nothing_readable_fails(tmp_path):
+    os.makedirs(tmp_path / "src" / "a")
+    os.makedirs(tmp_path / "src" / "b")
+    for name in ("a/x.png", "b/y.JPEG"):
+        (tmp_path / "src" / name).write_bytes(b"not an image")
+    r = subprocess.run([sys.executable, "preprocessing/dataset_tools.py", "convert", "--source", str(tmp_path / "src"),
+                        "--dest", str(tmp_path / "out.zip"), "--resolution", "32x32", "--num-workers", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no image" in r.stderr and "x.png" in r.stderr and "y.JPEG" in r.stderr
+    assert os.listdir(tmp_path) == ["src"]  # no zip, and no temporary left behind
+
+
+def test_script_and_module_entry_points(converted, tmp_path):
+    """The original command lines: `python dataset_tools.py ...` inside preprocessing/, the root form, and -m."""
+    src = converted / "imagenet_32_vae"
+    runs = [(["dataset_tools.py"], os.path.join(REPO, "preprocessing")),
+            (["preprocessing/dataset_tools.py"], REPO),
+            (["-m", "preprocessing.dataset_tools"], REPO)]
+    for k, (entry, cwd) in enumerate(runs):
+        r = subprocess.run([sys.executable, *entry, "convert", f"--source={src}", f"--dest={tmp_path / str(k)}",
+                            "--max-images=2", "--num-workers=0"], cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(tmp_path / str(k))) == ["00000", "dataset.json"]
+    # importing the module changes nothing in sys.path
+    code = "import sys; before = list(sys.path); import preprocessing.dataset_tools; assert sys.path == before"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
