@@ -32,6 +32,7 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, [sys.executable, "-m", "preprocessing.dataset_tools", *sys.argv[1:]], _env)
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -430,7 +431,7 @@ def encode(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(total=len(indices), desc=f"encode (rank {rank})", unit="img", disable=not state.is_main_process)
     # fp32 means fp32: TF32 convolutions would make the moments depend on the batch size.
-    with fp32_precision("ieee" if dtype == torch.float32 else "tf32"):
+    with fp32_precision("ieee") if dtype == torch.float32 else contextlib.nullcontext():
         for idx, images in loader:
             mean, std = codec.encode_moments(images.to(state.device, non_blocking=True))
             moments = torch.cat([mean, std], dim=1).cpu().numpy()  # (N, 2C, h, w) float32
