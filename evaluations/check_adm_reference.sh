@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Known-answer check of evaluations/evaluator.py against OpenAI's ADM evaluator (SPEC §5).
+# Known-answer check of evaluations/evaluator.py against OpenAI's ADM evaluator (docs/design.md#evaluation).
 #
 # ADM's guided-diffusion README reports, for ADM-G + ADM-U samples vs the ImageNet 256 reference batch:
 #   Inception Score 215.837, FID 3.94256, sFID 6.14043, Precision 0.8265, Recall 0.5309.

@@ -1,4 +1,4 @@
-"""Tests for evaluations/evaluator.py (issue 6): metric functions against plain NumPy versions of
+"""Tests for evaluations/evaluator.py: metric functions against plain NumPy versions of
 ADM's formulas, the Inception wiring (sFID hook, unbiased logits), streaming npz reading, the CLI
 on tiny npz files with random Inception weights, and every bad-input error.
 
@@ -78,6 +78,25 @@ def random_stats(rng, n, d, shift=0.0):
 # FID
 # ----------------------------------------------------------------------------------------------
 
+def adm_fid(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """ADM's FIDStatistics.frechet_distance (guided-diffusion evaluations/evaluator.py), with scipy's sqrtm."""
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+def feature_stats(rng, n, d, shift=0.0):
+    """Inception-like features: a low-rank part plus noise, so some directions are nearly flat."""
+    x = rng.standard_normal((n, 64)) @ rng.standard_normal((64, d)) * 0.1 + rng.standard_normal((n, d)) * 0.5
+    return ev.compute_statistics(x + shift)
+
+
 def test_frechet_distance_matches_numpy():
     rng = np.random.default_rng(0)
     mu1, s1 = random_stats(rng, 400, 48)
@@ -87,37 +106,76 @@ def test_frechet_distance_matches_numpy():
     assert abs(ours - ref) <= 1e-6 * ref
 
 
+@pytest.mark.parametrize("n1, n2", [(900, 700), (200, 300)])  # full rank; fewer samples than dimensions
+def test_frechet_distance_equals_adm_sqrtm(n1, n2):
+    rng = np.random.default_rng(n1)
+    (mu1, s1), (mu2, s2) = feature_stats(rng, n1, 384), feature_stats(rng, n2, 384, shift=0.02)
+    ref = adm_fid(mu1, s1, mu2, s2)
+    assert ref > 1.0
+    assert abs(ev.frechet_distance(mu1, s1, mu2, s2, device="cpu") - ref) <= 1e-6 * ref
+    assert abs(ev.frechet_distance(mu2, s2, mu1, s1, device="cpu") - ref) <= 1e-6 * ref
+
+
+@pytest.mark.skipif(not os.environ.get("REG_FULL_SIZE_TESTS"),
+                    reason="scipy's sqrtm at 2048-d takes ~1 min per call on 2 cores; set REG_FULL_SIZE_TESTS=1")
+@pytest.mark.parametrize("n1, n2", [(5000, 4000), (1000, 1500)])  # full rank; near-singular (N < 2048)
+def test_frechet_distance_equals_adm_sqrtm_full_size(n1, n2):
+    import time
+    rng = np.random.default_rng(n1)
+    (mu1, s1), (mu2, s2) = feature_stats(rng, n1, 2048), feature_stats(rng, n2, 2048, shift=0.05)
+    t0 = time.perf_counter()
+    ref = adm_fid(mu1, s1, mu2, s2)
+    t1 = time.perf_counter()
+    ours = ev.frechet_distance(mu1, s1, mu2, s2, device="cpu")
+    t2 = time.perf_counter()
+    print(f"\n2048-d, n={n1},{n2}: sqrtm {t1 - t0:.1f} s, ours {t2 - t1:.1f} s, rel diff {abs(ours - ref) / ref:.2e}")
+    assert abs(ours - ref) <= 1e-6 * ref
+
+
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     rng = np.random.default_rng(1)
     mu, s = random_stats(rng, 500, 64)
     assert abs(ev.frechet_distance(mu, s, mu, s)) < 1e-6 * np.trace(s)
 
 
+def test_frechet_distance_singular_first_covariance_uses_eigh():
+    """Fewer samples than dimensions: S1 is singular, Cholesky fails, the eigh factor takes over."""
+    rng = np.random.default_rng(2)
+    mu1, s1 = random_stats(rng, 10, 32)
+    mu2, s2 = random_stats(rng, 200, 32, shift=0.3)
+    assert torch.linalg.cholesky_ex(torch.from_numpy(s1))[1].item() != 0
+    ref = adm_fid(mu1, s1, mu2, s2)
+    assert abs(ev.frechet_distance(mu1, s1, mu2, s2, device="cpu") - ref) <= 1e-6 * ref
+
+
 def test_frechet_distance_eps_fallback(monkeypatch):
-    """Non-finite sqrtm -> retry with 1e-6 on both diagonals (and only then)."""
+    """Non-finite trace -> retry with 1e-6 on both diagonals (and only then), as ADM does."""
     rng = np.random.default_rng(2)
     mu1, s1 = random_stats(rng, 200, 16)
     mu2, s2 = random_stats(rng, 200, 16, shift=1.0)
-    real_sqrtm, calls = scipy.linalg.sqrtm, []
+    real, calls = ev._trace_sqrt_product, []
 
-    def nan_then_real(a):
-        calls.append(a)
-        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+    def nan_then_real(a, b, device):
+        calls.append((a, b))
+        return (float("nan"), 0.0) if len(calls) == 1 else real(a, b, device)
 
-    monkeypatch.setattr(scipy.linalg, "sqrtm", nan_then_real)
+    monkeypatch.setattr(ev, "_trace_sqrt_product", nan_then_real)
     with pytest.warns(UserWarning, match="adding 1e-06"):
         value = ev.frechet_distance(mu1, s1, mu2, s2)
     off = np.eye(16) * 1e-6
-    np.testing.assert_allclose(calls[1], (s1 + off) @ (s2 + off))
-    assert abs(value - np_fid(mu1, s1, mu2, s2)) < 1e-4
+    np.testing.assert_allclose(calls[1][0], s1 + off)
+    np.testing.assert_allclose(calls[1][1], s2 + off)
+    assert abs(value - adm_fid(mu1, s1 + off, mu2, s2 + off)) < 1e-6 * value
 
 
-def test_frechet_distance_rejects_imaginary_diagonal(monkeypatch):
+def test_frechet_distance_rejects_non_psd_covariance():
     rng = np.random.default_rng(3)
     mu, s = random_stats(rng, 100, 8)
-    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: np.eye(len(a)) * (1 + 0.1j))
-    with pytest.raises(ValueError, match="imaginary"):
-        ev.frechet_distance(mu, s, mu, s)
+    bad = s - 2 * np.max(np.linalg.eigvalsh(s)) * np.outer(np.eye(8)[0], np.eye(8)[0])
+    with pytest.raises(ev.EvalInputError, match="not positive semidefinite"):
+        ev.frechet_distance(mu, bad, mu, s, device="cpu")
+    with pytest.raises(ev.EvalInputError, match="not positive semidefinite"):
+        ev.frechet_distance(mu, s, mu, bad, device="cpu")
 
 
 def test_frechet_distance_rejects_nan_statistics():
@@ -541,6 +599,139 @@ def test_cli_argument_forms(good_npz):
         ev.parse_args(["R.npz"])  # one batch only makes sense with --save-stats
 
 
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _member_data_start(path, member):
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def test_corrupt_stored_member_fails_crc(tmp_path):
+    # Large enough that opening the member (header only) does not read it whole through zipfile.
+    images = np.random.default_rng(30).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "flipped.npz"
+    np.savez(path, images)
+    start, size = _member_data_start(path, "arr_0.npy")
+    _flip_byte(path, start + size - 5)  # inside the last image
+    reader = ev.NpzImageReader(str(path))
+    assert reader.memory_mapped
+    with pytest.raises(ev.EvalInputError, match=r"flipped.npz: member arr_0.npy fails its CRC-32 check"):
+        list(reader.batches(4))
+
+
+def test_corrupt_compressed_member_is_an_error(tmp_path):
+    images = np.random.default_rng(31).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "packed.npz"
+    np.savez_compressed(path, images)
+    start, size = _member_data_start(path, "arr_0.npy")
+    _flip_byte(path, start + size // 2)
+    with pytest.raises(ev.EvalInputError, match=r"packed.npz: member arr_0.npy (is corrupt|fails its CRC-32)"):
+        list(ev.NpzImageReader(str(path)).batches(4))
+
+
+def test_corrupt_stored_statistics_member_is_an_error(tmp_path):
+    path = tmp_path / "stats.npz"
+    np.savez(path, np.zeros((5, 8, 8, 3), np.uint8), mu=np.ones(2048), sigma=np.eye(2048),
+             mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    start, _ = _member_data_start(path, "mu.npy")
+    _flip_byte(path, start + 200)
+    with pytest.raises(ev.EvalInputError, match=r"stats.npz: corrupt npz member .*mu.npy"):
+        ev.inspect_batch(str(path))
+
+
+class _NoInception(Exception):
+    pass
+
+
+@pytest.fixture()
+def no_inception(monkeypatch):
+    """Fail the test if anything expensive starts: output checks must come first."""
+    def refuse(*args, **kwargs):
+        raise _NoInception("build_inception was reached")
+    monkeypatch.setattr(ev, "build_inception", refuse)
+
+
+def test_output_paths_checked_before_any_work(tmp_path, good_npz, no_inception):
+    (tmp_path / "taken.json").mkdir()
+    with pytest.raises(ev.EvalInputError, match="--save_path: .*taken.json is a directory"):
+        _run([good_npz, good_npz, "--save_path", str(tmp_path / "taken.json")])
+    # REG's form: the text file's name is save_path + the run's values; a folder there is refused too.
+    (tmp_path / "exp25000.10.90.1cfg_cond_true.txt").mkdir()
+    with pytest.raises(ev.EvalInputError, match="cfg_cond_true.txt is a directory"):
+        _run([good_npz, good_npz, "--save_path", str(tmp_path / "exp"), "--cfg", "0.1", "--gh", "0.9",
+              "--cls_cfg", "0.1", "--step", "0"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ev.EvalInputError, match="cannot create the folder .* is a file"):
+        _run([good_npz, good_npz, "--save-stats", str(tmp_path / "file" / "stats.npz")])
+    with pytest.raises(ev.EvalInputError, match="is the input batch"):
+        _run([good_npz, good_npz, "--save-stats", good_npz])
+    with pytest.raises(_NoInception):  # good paths get through to the network
+        _run([good_npz, good_npz, "--save_path", str(tmp_path / "ok.json")])
+
+
+def test_resolution_mismatch_warns(tmp_path, good_npz, no_inception):
+    big = tmp_path / "big.npz"
+    np.savez(big, np.zeros((5, 16, 16, 3), np.uint8))
+    with pytest.warns(UserWarning, match=r"good.npz is 8x8 but samples .*big.npz are 16x16"), \
+            pytest.raises(_NoInception):
+        _run([good_npz, str(big)])
+
+
+def test_help_shows_every_default(capsys):
+    import re
+    with pytest.raises(SystemExit) as info:
+        ev.parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    options = re.findall(r"^  (--[\w-]+)", text, re.M)
+    assert {"--ref_batch", "--sample_batch", "--save_path", "--cfg_cond", "--step", "--num_steps", "--cfg",
+            "--cls_cfg", "--gh", "--save-stats", "--inception-weights", "--batch-size", "--device"} <= set(options)
+    for flag in options:
+        if flag == "--help":
+            continue
+        entry = re.search(rf"^  {flag}\b((?!\n  -).)*", text, re.M | re.S).group(0)
+        assert "(default: " in " ".join(entry.split()), f"{flag} does not show its default"
+    for flag, default in [("--cfg_cond", "1"), ("--step", "1"), ("--num_steps", "250"), ("--cfg", "1.0"),
+                          ("--cls_cfg", "1.0"), ("--gh", "1.0"), ("--batch-size", "100")]:
+        entry = re.search(rf"^  {flag}\b((?!\n  -).)*", text, re.M | re.S).group(0)
+        assert f"(default: {default})" in " ".join(entry.split()), flag
+
+
+def test_original_flags_parse_with_their_types():
+    """REG's eval.sh line, verbatim apart from the paths."""
+    a = ev.parse_args(["--ref_batch", "R.npz", "--sample_batch", "S.npz", "--save_path", "exp/checkpoints",
+                       "--cfg_cond", "1", "--step", "4000000", "--num_steps", "250", "--cfg", "2.3",
+                       "--cls_cfg", "2.3", "--gh", "0.85"])
+    assert (a.cfg_cond, a.step, a.num_steps, a.cfg, a.cls_cfg, a.gh) == (1, 4000000, 250, 2.3, 2.3, 0.85)
+    assert all(type(v) is t for v, t in [(a.cfg_cond, int), (a.step, int), (a.num_steps, int), (a.cfg, float),
+                                         (a.cls_cfg, float), (a.gh, float)])
+    # REG evaluations/evaluator.py main(): str() of each value, concatenated onto save_path.
+    assert ev.original_text_path(a.save_path, a.num_steps, a.step, a.cfg, a.gh, a.cls_cfg, a.cfg_cond) \
+        == "exp/checkpoints" + "250" + "4000000" + "2.3" + "0.85" + "2.3" + "cfg_cond_true.txt"
+    assert ev.original_text_path("d/", 50, 7, 4.0, 1.0, 1.0, 0) == "d/5074.01.01.0cfg_cond_false.txt"
+
+
+def test_evaluator_runs_as_a_script():
+    """REG's eval.sh calls `python ./evaluations/evaluator.py ...` (not -m)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "evaluations/evaluator.py", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--cls_cfg" in out.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole CLI on tiny npz files, random Inception weights
 # ----------------------------------------------------------------------------------------------
@@ -552,12 +743,13 @@ class FrechetSpy:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, mu1, sigma1, mu2, sigma2):
+    def __call__(self, mu1, sigma1, mu2, sigma2, device=None):
         self.calls.append((mu1, sigma1, mu2, sigma2))
         return float(np.abs(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())
 
 
 @pytest.mark.filterwarnings("ignore:USING RANDOM INCEPTION WEIGHTS")
+@pytest.mark.filterwarnings("ignore:reference .* is 32x32 but samples")
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     spy = FrechetSpy()
     monkeypatch.setattr(ev, "frechet_distance", spy)
@@ -622,6 +814,22 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
         assert sorted(a.files) == sorted(b.files)
         for key in ("mu", "sigma", "mu_s", "sigma_s", "pool_3"):
             np.testing.assert_array_equal(a[key], b[key])
+
+    # 5) REG's eval.sh flags: the text file named from the run's values, five lines, and the JSON beside it.
+    save_path = tmp_path / "exp" / "checkpoints"
+    fifth = _run(["--ref_batch", str(ref), "--sample_batch", str(sample), "--save_path", str(save_path),
+                  "--cfg_cond", "1", "--step", "4000000", "--num_steps", "250", "--cfg", "2.3", "--cls_cfg", "2.3",
+                  "--gh", "0.85"])
+    printed = capsys.readouterr().out
+    assert save_path.is_dir()  # REG's evaluator creates it
+    text = tmp_path / "exp" / "checkpoints25040000002.30.852.3cfg_cond_true.txt"
+    lines = [f"Inception Score: {fifth['inception_score']}", f"FID: {fifth['fid']}", f"sFID: {fifth['sfid']}",
+             f"Precision: {fifth['precision']}", f"Recall: {fifth['recall']}"]
+    assert text.read_text() == "\n".join(lines) + "\n" == printed
+    beside = json.loads(text.with_suffix(".json").read_text())
+    assert beside["fid"] == fifth["fid"] == result["fid"]
+    assert beside["run"] == {"cfg_cond": 1, "step": 4000000, "num_steps": 250, "cfg": 2.3, "cls_cfg": 2.3, "gh": 0.85}
+    assert not list(tmp_path.glob("exp/.*.tmp"))
     assert len(cache) == 2  # the ref images and the sample images, each computed once
 
 
