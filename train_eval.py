@@ -33,12 +33,13 @@ class InTrainingEval:
         return (step % self.args.eval_every == 0 or step == max_steps) and step not in self.done
 
     @torch.no_grad()
-    def run(self, ema: torch.nn.Module, step: int) -> dict | None:
-        from evaluations.evaluator import FeatureAccumulator, batch_from_features, compute_metrics
+    def sample_features(self, ema: torch.nn.Module) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """This process's share of the images, straight into Inception: (indices, features). Image i's
+        seed depends only on (--seed, i), so every evaluation sees the same noise and classes."""
+        from evaluations.evaluator import FeatureAccumulator
         from generate import generate_images
 
         a, acc = self.args, self.acc
-        start = time.time()
         features = FeatureAccumulator(self.inception)
         indices: list[int] = []
         for idx, images, _ in generate_images(
@@ -49,15 +50,23 @@ class InTrainingEval:
                 batch_size=a.eval_batch_size, device=acc.device, dtype=self.dtype):
             features.add(images)
             indices += list(idx)
-        shard = (np.asarray(indices), features.features())
-        shards = [shard]
+        return np.asarray(indices), features.features()
+
+    def run(self, ema: torch.nn.Module, step: int) -> dict | None:
+        """Evaluate the EMA model at `step`; the main process logs and returns the record."""
+        from evaluations.evaluator import batch_from_features, compute_metrics
+
+        a, acc = self.args, self.acc
+        start = time.time()
+        shards = [self.sample_features(ema)]
         if acc.num_processes > 1:
-            shards = [None] * acc.num_processes
-            torch.distributed.all_gather_object(shards, shard)
+            gathered = [None] * acc.num_processes
+            torch.distributed.all_gather_object(gathered, shards[0])
+            shards = gathered
         record = None
         if acc.is_main_process:
             order = np.argsort(np.concatenate([s[0] for s in shards]), kind="stable")  # index order
-            merged = {k: np.concatenate([s[1][k] for s in shards])[order] for k in shard[1]}
+            merged = {k: np.concatenate([s[1][k] for s in shards])[order] for k in shards[0][1]}
             sample = batch_from_features(merged["pool"], merged["spatial"], merged["logits"], name=f"step {step}")
             metrics = compute_metrics(self.ref, sample)
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "eval_time_s": time.time() - start,

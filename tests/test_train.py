@@ -1,5 +1,6 @@
 """train.py on CPU with tiny settings: learning, exact resume, SIGKILL survival, 2-process launch,
 ablation modes, NaN handling and flag validation."""
+import copy
 import json
 import os
 import shutil
@@ -464,3 +465,71 @@ def test_train_sh_refuses_bad_launch_settings(env, message):
     done = subprocess.run(["bash", str(ROOT / "train.sh")], env={**base, "DRY_RUN": "1", **env},
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and message in done.stderr
+
+
+# ----------------------------------------------------------------------------- bad samples and FID during training
+
+def test_bad_sample_stops_by_default_and_is_replaced_with_the_flag(data_dir, tmp_path):
+    bad = tmp_path / "data4"
+    shutil.copytree(data_dir, bad)
+    victim = sorted((bad / "imagenet_32_vae").rglob("*.png"))[5]
+    victim.write_bytes(b"not a png")
+    with pytest.raises(Exception, match=victim.name):
+        train.main(train.parse_args(tiny_argv(bad, tmp_path, "stop", "--max-train-steps", "8")))
+    result = train.main(train.parse_args(tiny_argv(bad, tmp_path, "skip", "--max-train-steps", "8", "--skip-bad-samples")))
+    lines = [json.loads(l) for l in (tmp_path / "skip/metrics.jsonl").read_text().splitlines()]
+    assert result["steps"] == 8 and sum(l["bad_samples"] for l in lines) == 1  # met once in 8 x 8 of 64 images
+
+
+@pytest.fixture(scope="module")
+def eval_ref(data_dir, tmp_path_factory):
+    """An ADM-style reference batch: the first 16 training images as uint8 NHWC."""
+    from PIL import Image
+    images = np.stack([np.asarray(Image.open(f).convert("RGB"))
+                       for f in sorted((data_dir / "imagenet_32_vae").rglob("*.png"))[:16]])
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
+    np.savez(path, arr_0=images)
+    return path
+
+
+def eval_argv(data_dir, out, exp, ref, *extra):
+    return tiny_argv(data_dir, out, exp, "--eval-every", "2", "--eval-ref", str(ref), "--eval-samples", "6",
+                     "--eval-steps", "2", "--eval-batch-size", "4", "--inception-weights", "random", *extra)
+
+
+def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir, tmp_path, eval_ref, monkeypatch):
+    import train_eval
+    real_run = train_eval.InTrainingEval.run
+    calls = []
+
+    def killed_at_step_4(self, ema, step):
+        calls.append(step)
+        if step == 4 and len(calls) == 2:
+            raise KeyboardInterrupt("killed during the evaluation")
+        return real_run(self, ema, step)
+
+    monkeypatch.setattr(train_eval.InTrainingEval, "run", killed_at_step_4)
+    argv = eval_argv(data_dir, tmp_path, "fid", eval_ref, "--max-train-steps", "4")
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.parse_args(argv))
+    run = tmp_path / "fid"
+    assert (run / "checkpoints/0000004.pt").is_file() and (run / "eval_reference.npz").is_file()
+    train.main(train.parse_args(argv))  # resumes at 4 and evaluates step 4 before anything else
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "fid" in r]
+    assert [r["step"] for r in evals] == [2, 4] and calls == [2, 4, 4]
+    for r in evals:
+        assert r["eval_samples"] == 6 and np.isfinite(r["fid"]) and r["eval_time_s"] > 0
+        assert {"sfid", "inception_score", "precision", "recall"} <= set(r)
+    # the same per-image seeds at every evaluation: the same model scores the same at any step
+    from accelerate import Accelerator
+    from checkpoint_io import load_generator
+    args = train.parse_args(argv)
+    config = json.loads((run / "config.json").read_text())
+    ev = train_eval.InTrainingEval(args, config, Accelerator(cpu=True), train.Logger(Accelerator(cpu=True), run))
+    ema, _ = load_generator(str(run / "checkpoints/ema_0000004.safetensors"))
+    (ia, fa), (ib, fb) = ev.sample_features(ema), ev.sample_features(ema)
+    assert list(ia) == list(ib) == list(range(6)) and all(np.array_equal(fa[k], fb[k]) for k in fa)
+    other = copy.deepcopy(ema)
+    other.final_layer.linear.bias.data += 0.5  # another model, same seeds: other images
+    assert not np.array_equal(ev.sample_features(other)[1]["pool"], fa["pool"])
