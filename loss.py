@@ -1,4 +1,4 @@
-"""The REG training objective (SPEC §2).
+"""The REG training objective (docs/design.md#method).
 
     x_t = alpha x0 + sigma eps,        v   = d_alpha x0 + d_sigma eps          (image latents)
     c_t = alpha c0 + sigma eps_c,      v_c = d_alpha c0 + d_sigma eps_c        (DINOv2 class token)
@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from interpolant import expand_like, interpolant, sample_time
 
-SD_LATENTS_SCALE = 0.18215
 
-
-def sample_latents(moments: torch.Tensor, *, scale: float = SD_LATENTS_SCALE,
+def sample_latents(moments: torch.Tensor, *, scale: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw x0 from the stored VAE posterior: (mean + std * eps) * scale. moments: (N, 2C, H, W)."""
+    """Draw x0 from the stored VAE posterior: (mean + std * eps) * scale, scale being the VAE's scaling
+    factor (0.18215 for the SD-VAE). moments: (N, 2C, H, W) = mean || std, as vae-sd/ stores them."""
     mean, std = moments.float().chunk(2, dim=1)
     eps = torch.randn(mean.shape, device=mean.device, generator=generator)
     return (mean + std * eps) * scale

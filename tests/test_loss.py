@@ -1,4 +1,4 @@
-"""The REG objective against a hand computation with pinned t and noise (SPEC §2)."""
+"""The REG objective against a hand computation with pinned t and noise (docs/design.md#method)."""
 import math
 
 import pytest
