@@ -277,13 +277,14 @@ def convert(args: argparse.Namespace) -> dict:
         if os.path.exists(dest):
             raise FileExistsError(f"--dest {dest} already exists; remove it or choose another name")
 
+        outcome: dict = {}
+
         def write_zip(tmp: str) -> None:  # the whole zip under a temporary name, renamed when complete
             with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED) as z:
-                result.extend(_convert_into(args, names, labels, z.writestr))
+                outcome["result"] = _convert_into(args, names, labels, z.writestr)
 
-        result: list = []
         atomic_write(dest, write_zip)
-        written, skipped = result
+        written, skipped = outcome["result"]
     else:
         if os.path.isdir(dest) and os.listdir(dest):
             raise FileExistsError(f"--dest folder {dest} is not empty")
