@@ -1,0 +1,383 @@
+"""Guidance sweep: evaluate one checkpoint over a grid of sampler settings, in one command.
+
+    python sweep.py --ckpt exps/NAME/checkpoints/ema_4000000.safetensors --ref-batch VIRTUAL_imagenet256_labeled.npz \\
+        --out sweeps/NAME-4M --num-samples 10000 --num-steps 250 \\
+        --cfg-scale 1,1.8,2.3,2.8 --cls-cfg-scale 1.5,2.3 --guidance-high 0.7,0.85,1.0
+    torchrun --nproc_per_node 8 sweep.py ...       # every process samples its share; rank 0 scores
+
+Every list flag takes comma-separated values and the grid is their product (--mode, --num-steps,
+--cfg-scale, --cls-cfg-scale, --guidance-low, --guidance-high). Every setting samples the same images
+indices 0..N-1 with the same per-image seeds as generate.py (generate.generate_images), so settings
+differ only by the sampler, never by the noise or the classes. Images stay in memory: decoded on the
+GPU, fed to the Inception network (evaluations.evaluator.FeatureAccumulator), gathered to rank 0.
+The reference batch's statistics are computed once and cached in the output folder.
+
+Output folder (resumable: rerun the same command after a kill; finished settings are skipped):
+    sweep.json              what every result depends on (checkpoint identity, reference, seed, count, ...);
+                            a rerun with other values is refused
+    settings/KEY.json       one file per finished setting: its settings and metrics (written atomically)
+    results.json, results.md  the table, best FID first, with the paper's numbers for the model size
+    fid.png                 FID against the cfg scale (one line per value of the other swept settings)
+    reference-stats.npz     the cached reference statistics
+Settings with cfg-scale <= 1 are unguided: --cls-cfg-scale and the interval do not act there, so
+they are sampled once. Settings with guidance-low > guidance-high are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import generate
+from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
+from models.vae import load_vae
+from utils import atomic_json_dump, atomic_write, set_fp32_precision
+
+# What every stored metric depends on besides its own sampler setting.
+MANIFEST_KEYS = ("checkpoint", "ema", "reference", "inception_weights_id", "global_seed", "num_samples",
+                 "balanced", "precision", "vae", "latents_scale", "path_type", "model")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} ({e})") from e
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} ({e})") from e
+
+
+def _modes(text: str) -> list[str]:
+    modes = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [m for m in modes if m not in ("sde", "ode")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"modes must be sde or ode, got {bad}")
+    return modes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=generate._HelpFormatter)
+    g = p.add_argument_group("checkpoint and reference")
+    g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}", help="as generate.py's --ckpt")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
+    g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA's old decoder_blocks.* checkpoints (as generate.py)")
+    g.add_argument("--vae", type=str, default=None, help="as generate.py's --vae (default: the checkpoint's)")
+    g.add_argument("--path-type", type=str, choices=["linear", "cosine"], default=None,
+                   help="interpolant (default: the checkpoint's)")
+    g.add_argument("--ref-batch", type=str, required=True, help="reference npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    g.add_argument("--inception-weights", type=str, default=None,
+                   help="Inception-2015 .pth (default: the evaluator's; 'random' for smoke tests)")
+    g.add_argument("--out", type=str, required=True, help="output folder (resumable)")
+
+    g = p.add_argument_group("grid (comma-separated lists; the grid is their product)")
+    g.add_argument("--mode", type=_modes, default=["sde"], help="sde and/or ode")
+    g.add_argument("--num-steps", type=_ints, default=[250], help="sampler steps")
+    g.add_argument("--cfg-scale", type=_floats, default=[1.0, 1.5, 2.3], help="guidance scales (<= 1: unguided)")
+    g.add_argument("--cls-cfg-scale", type=_floats, default=[2.3], help="class-token guidance scales")
+    g.add_argument("--guidance-low", type=_floats, default=[0.0], help="lower ends of the guidance interval")
+    g.add_argument("--guidance-high", type=_floats, default=[0.85, 1.0], help="upper ends of the guidance interval")
+    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun (ode only)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--num-samples", type=int, default=10_000, help="images per setting (the paper: 50000)")
+    g.add_argument("--global-seed", type=int, default=0, help="image i depends only on (seed, i)")
+    g.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=False,
+                   help="class of image i = i mod num_classes")
+    g.add_argument("--per-proc-batch-size", type=int, default=64, help="images per sampler forward, per process")
+    g.add_argument("--eval-batch-size", type=int, default=100, help="images per Inception forward")
+    g.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp64"], default="fp32",
+                   help="as generate.py's --precision")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls in the sampler")
+    g.add_argument("--device", type=str, default=None, help="cpu | cuda (default: cuda:LOCAL_RANK if available)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+
+
+def setting_key(s: dict) -> str:
+    key = f"{s['mode']}-{s['num_steps']}-cfg-{s['cfg_scale']}-clscfg-{s['cls_cfg_scale']}-gl-{s['guidance_low']}-" \
+          f"gh-{s['guidance_high']}"
+    return key + ("-heun" if s.get("heun") else "")
+
+
+def canonical(s: dict) -> dict:
+    """Unguided settings (cfg <= 1) do not depend on the class-token scale or the interval."""
+    s = dict(s)
+    if s["cfg_scale"] <= 1.0:
+        s.update(cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0, guidance_high=1.0)
+    if s["mode"] != "ode":
+        s["heun"] = False
+    return s
+
+
+def build_grid(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(requested settings, the distinct settings to sample); impossible ones are skipped."""
+    requested, distinct = [], {}
+    for mode, steps, cfg, cls_cfg, low, high in itertools.product(
+            args.mode, args.num_steps, args.cfg_scale, args.cls_cfg_scale, args.guidance_low, args.guidance_high):
+        s = {"mode": mode, "num_steps": steps, "cfg_scale": cfg, "cls_cfg_scale": cls_cfg,
+             "guidance_low": low, "guidance_high": high, "heun": bool(args.heun and mode == "ode")}
+        if low > high:
+            warnings.warn(f"skipping guidance-low {low} > guidance-high {high}")
+            continue
+        if cfg < 0 or cls_cfg < 0 or steps < 1:
+            raise ValueError(f"impossible setting {s}: scales must be >= 0 and steps >= 1")
+        requested.append(s)
+        c = canonical(s)
+        distinct.setdefault(setting_key(c), c)
+    if not requested:
+        raise ValueError("the grid is empty (every combination has guidance-low > guidance-high)")
+    return requested, list(distinct.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder
+
+
+def check_manifest(out: Path, manifest: dict) -> None:
+    """Results in `out` are only comparable if made with the same checkpoint, reference, seed and count."""
+    path = out / "sweep.json"
+    if not path.exists():
+        if (out / "settings").is_dir() and any((out / "settings").glob("*.json")):
+            raise ValueError(f"{out} holds results but no sweep.json: their provenance is unknown; "
+                             "use another --out")
+        atomic_json_dump(manifest, path)
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}); use another --out") from e
+    differ = [k for k in MANIFEST_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(manifest[k], sort_keys=True)]
+    if differ:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {manifest[k]!r}" for k in differ)
+        raise ValueError(f"{out} holds a sweep made with other settings ({detail}); use another --out")
+
+
+def paper_numbers(model: str) -> dict | None:
+    """The paper's numbers for this model size (evaluations.compare.paper_reference), if available."""
+    try:
+        from evaluations.compare import paper_reference
+    except ImportError:
+        return None
+    try:
+        ref = paper_reference(model)
+    except (KeyError, ValueError, LookupError):
+        return None
+    if ref is None:
+        return None
+    return dict(ref) if not isinstance(ref, dict) else ref
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_table(out: Path, rows: list[dict], manifest: dict, paper: dict | None) -> dict:
+    """results.json and results.md: every setting, best FID first, then the headline numbers."""
+    rows = sorted(rows, key=lambda r: r["metrics"]["fid"])
+    guided = [r for r in rows if r["cfg_scale"] > 1.0]
+    unguided = [r for r in rows if r["cfg_scale"] <= 1.0]
+    summary = {
+        "best_guided": guided[0] if guided else None,
+        "unguided": unguided[0] if unguided else None,
+        "paper": paper,
+    }
+    atomic_json_dump({"manifest": manifest, "summary": summary, "rows": rows}, out / "results.json")
+
+    cols = ["mode", "num_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high"]
+    metrics = ["fid", "sfid", "inception_score", "precision", "recall"]
+    lines = [f"# Guidance sweep: {manifest['model']}, {manifest['num_samples']} samples, seed {manifest['global_seed']}",
+             "", f"checkpoint `{manifest['checkpoint']['path']}`, reference `{manifest['reference']['source']}`", ""]
+    lines += ["| | ours: FID | paper |", "|---|---|---|"]
+    best = summary["best_guided"]
+    p = paper or {}
+    paper_guided = next((p[k] for k in ("fid_cfg", "fid_guided", "fid_with_cfg", "fid") if k in p), "n/a")
+    paper_unguided = next((p[k] for k in ("fid_no_cfg", "fid_unguided", "fid_without_cfg") if k in p), "n/a")
+    lines.append(f"| best with guidance | {_fmt(best['metrics']['fid']) if best else 'n/a'}"
+                 f"{' (' + setting_key(best) + ')' if best else ''} | {_fmt(paper_guided)} |")
+    lines.append(f"| without guidance (cfg 1) | "
+                 f"{_fmt(summary['unguided']['metrics']['fid']) if summary['unguided'] else 'n/a'} | "
+                 f"{_fmt(paper_unguided)} |")
+    if paper is None:
+        lines += ["", "(the paper's numbers: evaluations.compare.paper_reference is not available for this model)"]
+    elif paper:
+        lines += ["", "paper: " + ", ".join(f"{k} {_fmt(v)}" for k, v in paper.items())]
+    lines += ["", "| " + " | ".join(cols + metrics) + " |", "|" + "---|" * (len(cols) + len(metrics))]
+    for r in rows:
+        lines.append("| " + " | ".join([_fmt(r[c]) for c in cols] + [_fmt(r["metrics"].get(m)) for m in metrics]) + " |")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
+    return summary
+
+
+def write_plot(out: Path, rows: list[dict]) -> None:
+    """FID against the cfg scale, one line per combination of the other settings."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = ("mode", "num_steps", "cls_cfg_scale", "guidance_low", "guidance_high")
+    unguided = [r for r in rows if r["cfg_scale"] <= 1.0]
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        if r["cfg_scale"] > 1.0:
+            lines.setdefault(tuple(r[k] for k in others), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for combo, rs in sorted(lines.items()):
+        base = [u for u in unguided if (u["mode"], u["num_steps"]) == combo[:2]]
+        pts = sorted([(r["cfg_scale"], r["metrics"]["fid"]) for r in rs + base[:1]])
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, combo))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    if not lines:
+        pts = sorted((r["cfg_scale"], r["metrics"]["fid"]) for r in rows)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label="unguided")
+    ax.set_xlabel("cfg scale")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(out / "fid.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def _gather_features(feats: dict[str, np.ndarray], info: generate.DistInfo, num: int) -> dict[str, np.ndarray] | None:
+    """Rank r holds images r, r + W, ...; rank 0 gets every image's features in index order."""
+    if info.world_size == 1:
+        return feats
+    parts = [None] * info.world_size if info.is_main else None
+    dist.gather_object(feats, parts, dst=0)
+    if not info.is_main:
+        return None
+    out = {}
+    for key in feats:
+        first = next(p[key] for p in parts if p is not None and p[key] is not None)
+        full = np.empty((num, *first.shape[1:]), dtype=first.dtype)
+        for r, p in enumerate(parts):
+            full[r::info.world_size] = p[key]
+        out[key] = full
+    return out
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> dict | None:
+    from evaluations import evaluator
+
+    if args.num_samples < 2 or args.per_proc_batch_size < 1:
+        raise ValueError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
+    requested, distinct = build_grid(args)
+    info = generate.init_distributed(args.device)
+    try:
+        if args.num_samples < info.world_size:
+            raise ValueError(f"--num-samples {args.num_samples} < {info.world_size} processes")
+        return _sweep(args, info, requested, distinct, evaluator)
+    finally:
+        if info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sweep(args, info: generate.DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
+    device = info.device
+    set_fp32_precision("tf32" if args.tf32 else "ieee")
+    spec = args.ckpt
+    model, config = load_generator(spec, use_ema=args.ema, overrides={"path_type": args.path_type},
+                                   legacy=args.legacy, device=device)
+    model.requires_grad_(False)
+    compute_dtype = torch.float64 if args.precision == "fp64" else torch.float32
+    model.to(compute_dtype)
+    vae_spec = args.vae or config.get("vae", "ema")
+    codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
+    if codec.latent_channels != model.in_channels:
+        raise ValueError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
+                         f"expects {model.in_channels}")
+    latents_scale = float(config.get("latents_scale", codec.scaling_factor))
+    inception = evaluator.build_inception(args.inception_weights, device, verbose=info.is_main)
+    ref_stat = os.stat(args.ref_batch)
+    manifest = {
+        "checkpoint": checkpoint_identity(spec), "ema": args.ema,
+        "reference": {"source": os.path.abspath(args.ref_batch), "size": ref_stat.st_size,
+                      "mtime_ns": ref_stat.st_mtime_ns},
+        "inception_weights_id": inception.weights_id, "global_seed": args.global_seed,
+        "num_samples": args.num_samples, "balanced": args.balanced, "precision": args.precision,
+        "vae": vae_spec, "latents_scale": latents_scale, "path_type": config["path_type"], "model": config["model"],
+        "model_config": config,
+    }
+    out = Path(args.out)
+    settings_dir = out / "settings"
+    if info.is_main:
+        settings_dir.mkdir(parents=True, exist_ok=True)
+        check_manifest(out, manifest)
+    info.barrier()
+    ref = None
+    if info.is_main:
+        ref = evaluator.load_reference(args.ref_batch, inception, cache_path=str(out / "reference-stats.npz"),
+                                       batch_size=args.eval_batch_size)
+
+    mine = list(range(info.rank, args.num_samples, info.world_size))  # the same indices for every setting
+    todo = [s for s in distinct if not (settings_dir / f"{setting_key(s)}.json").exists()]
+    if info.is_main:
+        print(f"sweep {out}: {len(distinct)} distinct settings ({len(requested)} requested), "
+              f"{len(distinct) - len(todo)} already done, {args.num_samples} images each on "
+              f"{info.world_size} process(es)", flush=True)
+    for n, s in enumerate(todo):
+        start = time.perf_counter()
+        acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
+        for _, images, _ in generate.generate_images(
+                model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes,
+                balanced=args.balanced, mode=s["mode"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
+                cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],
+                guidance_high=s["guidance_high"], heun=s["heun"], path_type=config["path_type"],
+                latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
+                dtype=torch.bfloat16 if args.precision == "bf16" else None):
+            acc.add(images)
+        feats = _gather_features(acc.features(), info, args.num_samples)
+        if info.is_main:
+            batch = evaluator.batch_from_features(feats["pool"], feats["spatial"], feats["logits"],
+                                                  name=setting_key(s), image_shape=acc.image_shape)
+            metrics = evaluator.compute_metrics(ref, batch)
+            seconds = time.perf_counter() - start
+            atomic_json_dump({**s, "metrics": metrics, "seconds": seconds},
+                             settings_dir / f"{setting_key(s)}.json")
+            print(f"[{n + 1}/{len(todo)}] {setting_key(s)}: FID {metrics['fid']:.3f}, sFID {metrics['sfid']:.3f}, "
+                  f"IS {metrics['inception_score']:.2f} ({seconds:.0f} s)", flush=True)
+        info.barrier()
+
+    if not info.is_main:
+        return None
+    rows, seen = [], set()
+    for s in requested:
+        c = canonical(s)
+        if c["cfg_scale"] <= 1.0:  # one row per distinct unguided setting
+            if setting_key(c) in seen:
+                continue
+            seen.add(setting_key(c))
+            s = c
+        done = json.loads((settings_dir / f"{setting_key(c)}.json").read_text())
+        rows.append({**s, "metrics": done["metrics"]})
+    summary = write_table(out, rows, manifest, paper_numbers(config["model"]))
+    write_plot(out, rows)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'fid.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,114 @@
+"""sweep.py: the same images for every setting, resume after a kill, refusal of a folder made with
+other inputs. The Inception network and the metric are stand-ins (fast); the evaluator's own tests
+cover the real ones."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sweep
+from checkpoint_io import export_safetensors
+from evaluations import evaluator
+from models.sit import SiT_models
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class FakeInception(torch.nn.Module):
+    """Features that are the pixels themselves: equal images <=> equal features."""
+    weights, weights_id, random_weights = "fake", "fake", True
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the accumulator a device
+
+    def forward(self, x):
+        f = x.float().flatten(1)
+        def take(n):
+            return f[:, torch.arange(n) % f.shape[1]] + torch.arange(n) * 1e-3
+        return take(2048), take(2023), take(1008)
+
+
+def fake_metrics(ref, sample, **_):
+    return {"fid": float(np.abs(sample.mu - ref.mu).mean()), "sfid": float(np.abs(sample.mu_s - ref.mu_s).mean()),
+            "inception_score": float(sample.logits.mean()), "precision": 0.5, "recall": 0.5}
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluator, "build_inception", lambda weights, device, verbose=True: FakeInception())
+    monkeypatch.setattr(evaluator, "compute_metrics", fake_metrics)
+    torch.manual_seed(0)
+    config = {"model": "SiT-T/2", "input_size": 2, "in_channels": 192, "num_classes": 4, "z_dims": [32],
+              "encoder_depth": 2, "projector_dim": 64, "use_cls_token": True, "cls_token_dim": 32,
+              "path_type": "linear", "resolution": 16, "latents_scale": 1.0, "vae": "pixel-unshuffle"}
+    model = SiT_models["SiT-T/2"](**{k: config[k] for k in ("input_size", "in_channels", "num_classes", "z_dims",
+                                                             "encoder_depth", "projector_dim", "cls_token_dim")})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    export_safetensors(tmp_path / "ema.safetensors", model.state_dict(), config)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    return tmp_path
+
+
+def run(root, *extra):
+    # 3 SDE steps: t = 1, 0.52, 0.04; the interval [0.5, 0.51] holds none of them
+    argv = ["--ckpt", str(root / "ema.safetensors"), "--ref-batch", str(root / "ref.npz"), "--out", str(root / "out"),
+            "--cfg-scale", "1,1.5,3", "--cls-cfg-scale", "1.5", "--guidance-low", "0.5",
+            "--guidance-high", "0.51,1.0", "--num-steps", "3", "--num-samples", "6", "--per-proc-batch-size", "4",
+            "--device", "cpu", "--inception-weights", "random", "--eval-batch-size", "4", *extra]
+    return sweep.main(sweep.parse_args(argv))
+
+
+def test_same_seeds_across_settings_table_and_plot(setup):
+    summary = run(setup)
+    out = setup / "out"
+    results = json.loads((out / "results.json").read_text())
+    fid = {sweep.setting_key(r): r["metrics"]["fid"] for r in results["rows"]}
+    assert len(fid) == 5  # cfg 1 once (unguided: the interval and class-token scale do not act)
+    unguided = fid["sde-3-cfg-1.0-clscfg-0.0-gl-0.0-gh-1.0"]
+    # guidance on no step = the unguided images, exactly: same labels and noise for every setting
+    assert fid["sde-3-cfg-1.5-clscfg-1.5-gl-0.5-gh-0.51"] == unguided
+    assert fid["sde-3-cfg-3.0-clscfg-1.5-gl-0.5-gh-0.51"] == unguided
+    assert fid["sde-3-cfg-3.0-clscfg-1.5-gl-0.5-gh-1.0"] != unguided
+    assert fid["sde-3-cfg-3.0-clscfg-1.5-gl-0.5-gh-1.0"] != fid["sde-3-cfg-1.5-clscfg-1.5-gl-0.5-gh-1.0"]
+    assert summary["unguided"]["metrics"]["fid"] == unguided
+    assert summary["best_guided"]["metrics"]["fid"] == min(v for k, v in fid.items() if "cfg-1.0" not in k)
+    table = (out / "results.md").read_text()
+    assert "| best with guidance |" in table and "| without guidance (cfg 1) |" in table
+    assert (out / "fid.png").stat().st_size > 1000 and (out / "reference-stats.npz").exists()
+
+
+def test_resume_skips_finished_settings_and_refuses_other_inputs(setup):
+    run(setup, "--cfg-scale", "1,3")
+    files = sorted((setup / "out" / "settings").glob("*.json"))
+    assert len(files) == 3
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+    lost = files[0]
+    lost.unlink()  # a kill before this setting finished
+    run(setup, "--cfg-scale", "1,3")
+    assert lost.exists()
+    for f in files[1:]:
+        assert f.stat().st_mtime_ns == stamps[f.name]  # not recomputed
+    # adding settings to the grid reuses the finished ones
+    run(setup, "--cfg-scale", "1,3,1.5")
+    assert len(list((setup / "out" / "settings").glob("*.json"))) == 5
+    for flags, what in ((["--global-seed", "1"], "global_seed"), (["--num-samples", "4"], "num_samples"),
+                        (["--balanced"], "balanced")):
+        with pytest.raises(ValueError, match=f"other settings.*{what}"):
+            run(setup, *flags)
+
+
+def test_grid_parsing():
+    args = sweep.parse_args(["--ref-batch", "r.npz", "--out", "o", "--cfg-scale", "1,2", "--guidance-low", "0.9",
+                             "--guidance-high", "0.5,1"])
+    with pytest.warns(UserWarning, match="guidance-low 0.9 > guidance-high 0.5"):
+        requested, distinct = sweep.build_grid(args)
+    assert len(requested) == 2 and len(distinct) == 2
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--ref-batch", "r", "--out", "o", "--cfg-scale", "1,x"])
