@@ -46,7 +46,17 @@ class Evil:
 def test_arbitrary_pickles_are_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"ema": tiny().state_dict(), "args": Evil()}, path)
-    with pytest.raises(RuntimeError, match="weights_only"):
+    with pytest.raises(RuntimeError, match="evil.pt holds Python objects") as err:
+        torch_load(path)
+    assert "weights_only=False" not in str(err.value)  # never advise loading unsafely
+    assert isinstance(err.value.__cause__, Exception)  # the cause is kept
+
+
+def test_truncated_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "0000002.pt"
+    torch.save({"ema": tiny().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(RuntimeError, match="0000002.pt is unreadable .truncated"):
         torch_load(path)
 
 
@@ -107,3 +117,11 @@ def test_missing_and_hub_errors_are_clear(tmp_path, monkeypatch):
     torch.save({"ema": bad}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint \(3, 3\)"):
         load_generator(str(tmp_path / "bad.pt"))
+
+
+def test_exported_safetensors_get_the_usual_file_mode(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this umask (0644 for the usual 022)
+    export_safetensors(tmp_path / "ema.safetensors", tiny().state_dict(), {"model": "SiT-T/2"})
+    for f in ("ema.safetensors", "ema.json"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, f
