@@ -125,3 +125,78 @@ def test_exported_safetensors_get_the_usual_file_mode(tmp_path):
     export_safetensors(tmp_path / "ema.safetensors", tiny().state_dict(), {"model": "SiT-T/2"})
     for f in ("ema.safetensors", "ema.json"):
         assert (tmp_path / f).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, f
+
+
+# ----------------------------------------------------------------------------- loading (generate.py's side)
+
+def _hub_cache(tmp_path, monkeypatch, files: dict) -> None:
+    """An offline HF cache holding Martinser/REG with `files`."""
+    import huggingface_hub.constants as hub_constants
+    cache = tmp_path / "hub"
+    repo = cache / "models--Martinser--REG"
+    commit = "1" * 40
+    for name, obj in files.items():
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        torch.save(obj, repo / "snapshots" / commit / name)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_hub_checkpoint_works_offline_from_the_cache(tmp_path, monkeypatch):
+    model = tiny()
+    ckpt = {"ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2)}
+    _hub_cache(tmp_path, monkeypatch, {"last.pt": ckpt})
+    for spec in ("hf:Martinser/REG/last.pt", "hf:Martinser/REG"):  # with and without the file name
+        loaded, cfg = load_generator(spec)
+        assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
+        assert cfg["encoder_depth"] == 2
+    # missing from the cache: the error names the command to fetch it and keeps the hub's reason
+    with pytest.raises(FileNotFoundError, match="hf download Martinser/REG other.pt") as info:
+        load_weights("hf:Martinser/REG/other.pt")
+    assert info.value.__cause__ is not None and "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_hub_repo_with_several_weight_files_needs_a_name(tmp_path, monkeypatch):
+    sd = tiny().state_dict()
+    _hub_cache(tmp_path, monkeypatch, {"a.pt": {"ema": sd}, "b.pt": {"ema": sd}})
+    with pytest.raises(ValueError, match=r"holds 2 weight files \['a.pt', 'b.pt'\]; name one"):
+        load_weights("hf:Martinser/REG")
+
+
+def test_flags_restating_the_checkpoint_are_checked_runtime_flags_win(tmp_path):
+    from checkpoint_io import checkpoint_identity
+
+    model = tiny()
+    path = tmp_path / "ours.pt"
+    atomic_torch_save({"ema": model.state_dict(), "config": {"model": "SiT-T/2", "encoder_depth": 2,
+                                                             "fused_attn": True, "path_type": "linear"}}, path)
+    _, cfg = load_generator(str(path), expect={"model": "SiT-T/2", "num_classes": 10, "z_dims": [32],
+                                               "cls_token_dim": 32, "qk_norm": False, "encoder_depth": 2})
+    assert cfg["num_classes"] == 10
+    for key, value, flag in (("num_classes", 11, "--num-classes 11"), ("model", "SiT-S/2", "--model SiT-S/2"),
+                             ("z_dims", [768], r"--projector-embed-dims \[768\]"), ("cls_token_dim", 768, "--cls 768"),
+                             ("encoder_depth", 3, "--encoder-depth 3")):
+        with pytest.raises(ValueError, match=f"{flag} does not match the checkpoint"):
+            load_generator(str(path), expect={key: value})
+    model2, cfg2 = load_generator(str(path), overrides={"fused_attn": False, "path_type": "cosine"})
+    assert cfg2["fused_attn"] is False and cfg2["path_type"] == "cosine"
+    assert not any(b.attn.fused_attn for b in model2.blocks)
+    with pytest.raises(TypeError, match="unknown expect/overrides keys"):
+        load_generator(str(path), overrides={"model": "SiT-S/2"})
+    # the identity changes with the content, not only with the path
+    before = checkpoint_identity(str(path))
+    atomic_torch_save({"ema": {k: v + 1 for k, v in model.state_dict().items()}}, path)
+    after = checkpoint_identity(str(path))
+    assert before["path"] == after["path"] and before["sha256_first_mib"] != after["sha256_first_mib"]
+
+
+def test_label_table_without_null_row_is_refused(tmp_path):
+    """Weights trained by the original code with --cfg-prob 0 have num_classes rows, not num_classes + 1."""
+    sd = tiny().state_dict()
+    sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"][:10]  # 10 classes, no null row
+    torch.save({"ema": sd, "args": argparse.Namespace(model="SiT-T/2", num_classes=10, encoder_depth=2)},
+               tmp_path / "nonull.pt")
+    with pytest.raises(ValueError, match="10 classes but the label table has 10 rows"):
+        load_generator(str(tmp_path / "nonull.pt"))
