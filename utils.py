@@ -31,9 +31,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # after write(): some writers (safetensors) replace the file and would leave mkstemp's 0600
+        os.chmod(tmp, 0o666 & ~umask)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
