@@ -1,0 +1,323 @@
+"""Compare training runs: one table and one figure from the runs' own files.
+
+    python -m evaluations.compare exps/RUN_A exps/RUN_B [...] [--out DIR]
+
+Each RUN_DIR is a train.py output folder: `args.json` (the flags), `config.json` (the model config)
+and `metrics.jsonl` (one JSON object per line: training lines carry `loss`, `loss_denoise`,
+`loss_proj`, `loss_cls`, `grad_norm`, ...; evaluation lines carry `fid`, `sfid`, `inception_score`,
+`precision`, `recall`, `eval_samples`, `eval_mode`, `eval_cfg`, ...). A folder of the authors' REG
+train.py (args.json only) is accepted too. Prints a markdown table (run, method, model, encoder,
+encoder depth, cls weight, steps, latest FID, best FID and its step) and writes DIR/comparison.md,
+DIR/comparison.json and DIR/comparison.png (FID against step on top, the loss terms below).
+
+FIDs measured with different settings (sampler, guidance, number of samples) are never merged:
+a run evaluated in two ways gets one row per setting, named in the `eval` column. See
+docs/design.md#evaluation for what the numbers are. `paper_reference(model)` returns the paper's
+published numbers for a model size (evaluations/paper_results.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import atomic_json_dump, atomic_write, atomic_write_bytes  # noqa: E402
+
+PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
+LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")
+DASH = "–"  # shown for a value a run does not have
+EVAL_SETTING_KEYS = ("eval_mode", "eval_cfg", "eval_samples")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be read as one: the message names the folder or file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Paper numbers
+# ----------------------------------------------------------------------------------------------
+
+def _model_key(model: str) -> str:
+    """"SiT-XL/2", "SiT-XL-2" and "sit-xl/2" name the same model."""
+    return model.strip().upper().replace("-", "/").replace("SIT/", "SIT-")
+
+
+def paper_reference(model: str, path: str = PAPER_RESULTS) -> list[dict]:
+    """The published results for one model size (e.g. "SiT-XL/2"), in file order: each a dict with
+    method, model, iterations, guidance (bool), cfg (its scale; 1.0 without), fid, sfid, inception_score,
+    precision, recall (None where the paper gives none) and source. Empty list for a size the
+    paper does not report."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"cannot read the paper's results {path} ({type(e).__name__}: {e})") from e
+    want = _model_key(model)
+    return [dict(r, source=data["sources"][r["source"]]) for r in data["results"] if _model_key(r["model"]) == want]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    path: str
+    name: str
+    args: dict
+    config: dict
+    train: list[dict] = field(default_factory=list)   # training lines, step order
+    evals: list[dict] = field(default_factory=list)   # evaluation lines, step order
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[dict], list[str]]:
+    """(training lines, evaluation lines, notes) of a metrics.jsonl. A line with `fid` is an
+    evaluation, one with `loss` a training line. A broken last line (a run killed mid-write) is
+    skipped with a note; a broken line anywhere else is an error."""
+    train, evals, notes = [], [], []
+    if not os.path.isfile(path):
+        return train, evals, [f"no {os.path.basename(path)}"]
+    with open(path) as f:
+        lines = f.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if i == last:
+                notes.append(f"{path}:{i + 1}: skipped an unfinished last line")
+                continue
+            raise RunError(f"{path}:{i + 1}: not a metrics record ({e})") from e
+        if "fid" in record:
+            evals.append(record)
+        elif "loss" in record:
+            train.append(record)
+    # A resumed run may repeat steps: keep the last record of each (step, kind, eval setting).
+    train = list({r["step"]: r for r in train}.values())
+    evals = list({(r["step"], _setting_key(r)): r for r in evals}.values())
+    return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"]), notes
+
+
+def load_run(path: str) -> Run:
+    if not os.path.isdir(path):
+        raise RunError(f"{path}: not a folder (give train.py's run folder, OUTPUT_DIR/EXP_NAME)")
+    files = [f for f in ("args.json", "config.json", "metrics.jsonl") if os.path.isfile(os.path.join(path, f))]
+    if not files:
+        raise RunError(f"{path}: holds none of args.json, config.json, metrics.jsonl; not a training run folder")
+    args = _read_json(os.path.join(path, "args.json"))
+    config = _read_json(os.path.join(path, "config.json"))
+    train, evals, notes = read_metrics(os.path.join(path, "metrics.jsonl"))
+    name = os.path.basename(os.path.normpath(path))
+    return Run(os.path.abspath(path), name, args, config, train, evals, notes)
+
+
+def method_of(run: Run) -> str:
+    """train.py records --method; the authors' args.json does not: REG has a class-token weight
+    `cls` and projector dims, REPA runs have `proj_coeff` without `cls`, SiT neither."""
+    if run.args.get("method"):
+        return str(run.args["method"])
+    if "use_cls_token" in run.config:
+        return "reg" if run.config["use_cls_token"] else ("repa" if run.config.get("z_dims") else "sit")
+    if run.args.get("cls") is not None and float(run.args.get("cls", 0)) > 0:
+        return "reg"
+    if float(run.args.get("proj_coeff", 0) or 0) > 0:
+        return "repa"
+    return DASH
+
+
+def _setting_key(r: dict) -> tuple:
+    return tuple(r.get(k) for k in EVAL_SETTING_KEYS)
+
+
+def _setting_label(key: tuple) -> str:
+    mode, cfg, samples = key
+    parts = [str(mode) if mode is not None else None,
+             f"cfg {cfg}" if cfg is not None else None,
+             f"{samples} samples" if samples is not None else None]
+    return ", ".join(p for p in parts if p) or DASH
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+def summarise(runs: Sequence[Run]) -> list[dict]:
+    """One row per run and evaluation setting (a run without evaluations: one row, FID None)."""
+    rows = []
+    for run in runs:
+        method = method_of(run)
+        uses_encoder = method != "sit"
+        steps = max([r["step"] for r in run.train] + [r["step"] for r in run.evals], default=None)
+        base = {
+            "run": run.name, "path": run.path, "method": method,
+            "model": run.args.get("model", DASH),
+            "encoder": run.args.get("enc_type", DASH) if uses_encoder else DASH,
+            "encoder_depth": run.args.get("encoder_depth", DASH) if uses_encoder else DASH,
+            "cls_weight": run.args.get("cls", DASH) if method in ("reg", DASH) else DASH,
+            "steps": steps,
+        }
+        groups: dict[tuple, list[dict]] = {}
+        for r in run.evals:
+            if _finite(r.get("fid")):
+                groups.setdefault(_setting_key(r), []).append(r)
+        if not groups:
+            rows.append(dict(base, eval=DASH, latest_fid=None, latest_step=None, best_fid=None, best_step=None,
+                             fid_curve=[], notes=run.notes))
+            continue
+        for key, recs in groups.items():
+            latest = recs[-1]
+            best = min(recs, key=lambda r: (r["fid"], r["step"]))
+            rows.append(dict(base, eval=_setting_label(key), eval_setting=dict(zip(EVAL_SETTING_KEYS, key)),
+                             latest_fid=latest["fid"], latest_step=latest["step"],
+                             best_fid=best["fid"], best_step=best["step"],
+                             fid_curve=[[r["step"], r["fid"]] for r in recs], notes=run.notes))
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return DASH
+    if isinstance(x, float):
+        return f"{x:.2f}" if abs(x) >= 0.1 else f"{x:.3g}"
+    return str(x)
+
+
+def _fmt_steps(x: Optional[int]) -> str:
+    if x is None:
+        return DASH
+    return f"{x // 1000}K" if x >= 10_000 and x % 1000 == 0 else str(x)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    head = ["run", "method", "model", "encoder", "encoder depth", "cls weight", "steps", "eval", "latest FID",
+            "best FID (step)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        latest = DASH if r["latest_fid"] is None else f"{_fmt(float(r['latest_fid']))} ({_fmt_steps(r['latest_step'])})"
+        best = DASH if r["best_fid"] is None else f"{_fmt(float(r['best_fid']))} ({_fmt_steps(r['best_step'])})"
+        cells = [r["run"], r["method"], r["model"], r["encoder"], r["encoder_depth"], r["cls_weight"],
+                 _fmt_steps(r["steps"]), r["eval"], latest, best]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The figure
+# ----------------------------------------------------------------------------------------------
+
+def plot(runs: Sequence[Run], rows: Sequence[dict], path: str) -> None:
+    """FID against training step for every run (and evaluation setting) on top, the loss terms
+    below, shared x axis. Written atomically as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fid, ax_loss) = plt.subplots(2, 1, sharex=True, figsize=(9, 8), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {run.name: colours[i % len(colours)] for i, run in enumerate(runs)}
+    styles = dict(zip(LOSS_TERMS, ("-", "--", ":")))
+    markers = "osd^v<>"
+    drawn_fid = False
+    for run in runs:
+        settings = [r for r in rows if r["run"] == run.name and r["fid_curve"]]
+        for j, r in enumerate(settings):
+            steps, fids = zip(*r["fid_curve"])
+            label = run.name if len(settings) == 1 else f"{run.name} ({r['eval']})"
+            ax_fid.plot(steps, fids, marker=markers[j % len(markers)], color=colour[run.name], label=label)
+            drawn_fid = True
+        for term in LOSS_TERMS:
+            pts = [(r["step"], r[term]) for r in run.train if _finite(r.get(term))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax_loss.plot(xs, ys, styles[term], color=colour[run.name], label=f"{run.name}: {term}", linewidth=1)
+    ax_fid.set_ylabel("FID")
+    ax_fid.set_title("FID during training" + ("" if drawn_fid else " (no evaluations in these runs)"))
+    ax_loss.set_ylabel("loss (loss_proj is -cos similarity)")
+    ax_loss.set_xlabel("training step")
+    for ax in (ax_fid, ax_loss):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def compare(run_dirs: Sequence[str], out: str) -> dict:
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    for r in runs:  # two folders with one name (exps_a/run, exps_b/run): prefix the parent folder
+        if names.count(r.name) > 1:
+            r.name = os.path.join(os.path.basename(os.path.dirname(r.path)), r.name)
+    rows = summarise(runs)
+    table = markdown_table(rows)
+    os.makedirs(out, exist_ok=True)
+    atomic_write_bytes(os.path.join(out, "comparison.md"), table.encode())
+    atomic_json_dump({"rows": rows}, os.path.join(out, "comparison.json"), sort_keys=False)
+    plot(runs, rows, os.path.join(out, "comparison.png"))
+    return {"rows": rows, "table": table, "notes": [n for r in runs for n in r.notes]}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m evaluations.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders (OUTPUT_DIR/EXP_NAME)")
+    p.add_argument("--out", default="comparison",
+                   help="folder for comparison.md, comparison.json and comparison.png")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise RunError(f"--out: {args.out} exists and is not a folder")
+    result = compare(args.runs, args.out)
+    print(result["table"], end="")
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, 'comparison.md')}, comparison.json, comparison.png", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
