@@ -169,26 +169,36 @@ def check_manifest(out: Path, manifest: dict) -> None:
         raise ValueError(f"{out} holds a sweep made with other settings ({detail}); use another --out")
 
 
-def paper_numbers(model: str) -> dict | None:
-    """The paper's numbers for this model size (evaluations.compare.paper_reference), if available."""
+def paper_numbers(model: str) -> list[dict] | None:
+    """The paper's REG results for this model size (evaluations.compare.paper_reference); None when
+    that table is not available, [] for a size the paper does not report."""
     try:
         from evaluations.compare import paper_reference
     except ImportError:
         return None
     try:
-        ref = paper_reference(model)
-    except (KeyError, ValueError, LookupError):
+        rows = paper_reference(model)
+    except Exception as e:  # a missing or unreadable results file must not cost the sweep's results
+        warnings.warn(f"the paper's numbers are unavailable ({type(e).__name__}: {e})")
         return None
-    if ref is None:
-        return None
-    return dict(ref) if not isinstance(ref, dict) else ref
+    return [r for r in rows if r.get("method") == "reg"]
+
+
+def _paper_cell(paper: list[dict] | None, guided: bool) -> str:
+    if paper is None:
+        return "n/a (evaluations.compare not available)"
+    rows = [r for r in paper if bool(r.get("guidance")) == guided and r.get("fid") is not None]
+    if not rows:
+        return "n/a (not reported for this size)"
+    return "; ".join(f"{r['fid']} ({r['iterations'] // 1000}K it" + (f", cfg {r['cfg']}" if guided and r.get('cfg')
+                                                                     else "") + ")" for r in rows)
 
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_table(out: Path, rows: list[dict], manifest: dict, paper: dict | None) -> dict:
+def write_table(out: Path, rows: list[dict], manifest: dict, paper: list[dict] | None) -> dict:
     """results.json and results.md: every setting, best FID first, then the headline numbers."""
     rows = sorted(rows, key=lambda r: r["metrics"]["fid"])
     guided = [r for r in rows if r["cfg_scale"] > 1.0]
@@ -204,23 +214,15 @@ def write_table(out: Path, rows: list[dict], manifest: dict, paper: dict | None)
     metrics = ["fid", "sfid", "inception_score", "precision", "recall"]
     lines = [f"# Guidance sweep: {manifest['model']}, {manifest['num_samples']} samples, seed {manifest['global_seed']}",
              "", f"checkpoint `{manifest['checkpoint']['path']}`, reference `{manifest['reference']['source']}`", ""]
-    lines += ["| | ours: FID | paper |", "|---|---|---|"]
-    best = summary["best_guided"]
-    p = paper or {}
-    paper_guided = next((p[k] for k in ("fid_cfg", "fid_guided", "fid_with_cfg", "fid") if k in p), "n/a")
-    paper_unguided = next((p[k] for k in ("fid_no_cfg", "fid_unguided", "fid_without_cfg") if k in p), "n/a")
-    lines.append(f"| best with guidance | {_fmt(best['metrics']['fid']) if best else 'n/a'}"
-                 f"{' (' + setting_key(best) + ')' if best else ''} | {_fmt(paper_guided)} |")
-    lines.append(f"| without guidance (cfg 1) | "
-                 f"{_fmt(summary['unguided']['metrics']['fid']) if summary['unguided'] else 'n/a'} | "
-                 f"{_fmt(paper_unguided)} |")
-    if paper is None:
-        lines += ["", "(the paper's numbers: evaluations.compare.paper_reference is not available for this model)"]
-    elif paper:
-        lines += ["", "paper: " + ", ".join(f"{k} {_fmt(v)}" for k, v in paper.items())]
+    lines += ["| | ours: FID | paper, REG: FID |", "|---|---|---|"]
+    best, unguided_row = summary["best_guided"], summary["unguided"]
+    lines.append(f"| best with guidance | {_fmt(best['metrics']['fid']) + ' (' + setting_key(best) + ')' if best else 'n/a'}"
+                 f" | {_paper_cell(paper, True)} |")
+    lines.append(f"| without guidance (cfg 1) | {_fmt(unguided_row['metrics']['fid']) if unguided_row else 'n/a'}"
+                 f" | {_paper_cell(paper, False)} |")
     lines += ["", "| " + " | ".join(cols + metrics) + " |", "|" + "---|" * (len(cols) + len(metrics))]
     for r in rows:
-        lines.append("| " + " | ".join([_fmt(r[c]) for c in cols] + [_fmt(r["metrics"].get(m)) for m in metrics]) + " |")
+        lines.append("| " + " | ".join([str(r[c]) for c in cols] + [_fmt(r["metrics"].get(m)) for m in metrics]) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     return summary

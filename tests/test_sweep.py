@@ -112,3 +112,12 @@ def test_grid_parsing():
     assert len(requested) == 2 and len(distinct) == 2
     with pytest.raises(SystemExit):
         sweep.parse_args(["--ref-batch", "r", "--out", "o", "--cfg-scale", "1,x"])
+
+
+def test_paper_column():
+    paper = [{"method": "reg", "iterations": 400_000, "guidance": False, "cfg": 1.0, "fid": 15.4},
+             {"method": "reg", "iterations": 4_000_000, "guidance": True, "cfg": 2.3, "fid": 1.36}]
+    assert sweep._paper_cell(paper, True) == "1.36 (4000K it, cfg 2.3)"
+    assert sweep._paper_cell(paper, False) == "15.4 (400K it)"
+    assert sweep._paper_cell(None, True).startswith("n/a")
+    assert sweep._paper_cell([], False) == "n/a (not reported for this size)"
