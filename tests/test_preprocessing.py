@@ -407,3 +407,22 @@ def test_script_and_module_entry_points(converted, tmp_path):
     # importing the module changes nothing in sys.path
     code = "import sys; before = list(sys.path); import preprocessing.dataset_tools; assert sys.path == before"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
+
+
+def test_encode_into_zip(converted, tmp_path):
+    data = tmp_path / "DATA"
+    os.makedirs(data)
+    os.symlink(converted / "imagenet_32_vae", data / "imagenet_32_vae")
+    run_encode(converted / "imagenet_32_vae", data / "vae-sd.zip", "pixel-unshuffle", "--max-images", "6")
+    assert sorted(os.listdir(data)) == ["imagenet_32_vae", "vae-sd.zip"]  # the work folder is gone
+    with zipfile.ZipFile(data / "vae-sd.zip") as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+    os.remove(data / "imagenet_32_vae")
+    shutil.copytree(converted / "imagenet_32_vae", data / "imagenet_32_vae")
+    for name in os.listdir(data / "imagenet_32_vae" / "00000"):  # keep the 6 encoded images only
+        if int(name[3:11]) >= 6:
+            os.remove(data / "imagenet_32_vae" / "00000" / name)
+    ds = CustomDataset(str(data), resolution=32, num_classes=5)
+    assert ds.latents.is_zip and len(ds) == 6 and ds[5][1].shape == (384, 4, 4)
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_encode(converted / "imagenet_32_vae", data / "vae-sd.zip", "pixel-unshuffle")
