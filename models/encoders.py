@@ -189,6 +189,20 @@ def torch_hub_weights(spec: EncoderSpec) -> Path | None:
     return path if path.is_file() else None
 
 
+def local_weights(name: str) -> str | None:
+    """Where `load_encoder(name)` (no weights given) would find pretrained weights without the network:
+    the torch.hub cache file, else the HF cache file; None if neither is there. For scripts that
+    decide between pretrained and random weights offline (the demo)."""
+    spec = ENCODERS[name]
+    cached = torch_hub_weights(spec)
+    if cached is not None:
+        return str(cached)
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(f"timm/{spec.timm_name}", "model.safetensors",
+                                   cache_dir=os.environ.get("HF_HUB_CACHE"))  # read now, not at import
+    return found if isinstance(found, str) else None
+
+
 def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     from huggingface_hub import hf_hub_download
     repo = f"timm/{spec.timm_name}"

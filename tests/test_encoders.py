@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers.pos_embed import resample_abs_pos_embed
 
 from models.encoders import (ENCODERS, WeightsNotFoundError, encoder_resolution, load_encoder, load_encoders,
-                             parse_enc_type, resample_pos_embed)
+                             local_weights, parse_enc_type, resample_pos_embed)
 
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -111,9 +111,11 @@ def test_torch_hub_cache_is_used_before_the_hf_hub(dino_s_files, tmp_path, monke
     monkeypatch.delenv("REG_ENC_WEIGHTS", raising=False)
     with pytest.raises(WeightsNotFoundError):
         load_encoder("dinov2-vit-s", resolution=32)
+    assert local_weights("dinov2-vit-s") is None
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes((d / "dinov2_vits14_pretrain.pth").read_bytes())
+    assert local_weights("dinov2-vit-s") == str(cached) and local_weights("dinov2-vit-b") is None
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     for enc in (load_encoder("dinov2-vit-s", resolution=32), load_encoders("dinov2-vit-s", resolution=32)[0]):
         cls, _ = enc(images)
