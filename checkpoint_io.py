@@ -28,6 +28,7 @@ import torch
 
 from models.hub import hub_offline
 from utils import atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
+from models.vae import SD_VAE_SCALING_FACTOR
 from models.sit import SIZES, SiT, build_model, model_depth, parse_model_name
 
 OFFICIAL_HUB_REPO = "Martinser/REG"
@@ -278,7 +279,7 @@ def load_generator(spec: str, *, use_ema: bool = True, overrides: dict | None = 
         raise TypeError(f"load_generator: unknown expect/overrides keys {sorted(unknown)}")
     sd, meta = load_weights(spec, use_ema=use_ema, legacy=legacy, encoder_depth=expect.get("encoder_depth"))
     inferred = infer_config(sd)
-    config = {"encoder_depth": 8, "fused_attn": True, "path_type": "linear", "latents_scale": 0.18215,
+    config = {"encoder_depth": 8, "fused_attn": True, "path_type": "linear", "latents_scale": SD_VAE_SCALING_FACTOR,
               "vae": "ema"}
     if "encoder_depth" in expect and "encoder_depth" not in meta:
         config["encoder_depth"] = expect["encoder_depth"]

@@ -20,6 +20,7 @@ from torch.utils.data import Sampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from loss import encoder_targets, reg_loss, sample_latents
+from models.vae import SD_VAE_SCALING_FACTOR
 
 # ----------------------------------------------------------------------------- data order and randomness
 
@@ -96,7 +97,7 @@ class StepConfig:
     cls_coeff: float = 0.03
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
-    latents_scale: float = 0.18215
+    latents_scale: float = SD_VAE_SCALING_FACTOR
     use_cls: bool = True        # REG's class token (False: REPA / SiT)
     use_proj: bool = True       # the alignment term (False: plain SiT)
     num_classes: int = 1000
