@@ -264,6 +264,22 @@ class DistInfo:
         if self.world_size > 1:
             dist.barrier()
 
+    def main_first(self, fn: Callable[[], None]) -> None:
+        """Run fn on rank 0; if it raises, every rank raises (instead of waiting at a barrier forever)."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        if self.world_size > 1:
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                raise RuntimeError(f"rank 0 stopped: {message[0]}")
+        if error is not None:
+            raise error
+
 
 def init_distributed(device_flag: str | None, local_rank_flag: int = -1) -> DistInfo:
     """Plain torch.distributed from the env:// variables that torch.distributed.launch, torchrun
@@ -505,7 +521,7 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     npz_path = sample_dir / f"{run_name}.npz"
     identity = checkpoint_identity(args.ckpt if args.ckpt != OFFICIAL_HUB_REPO else f"hf:{args.ckpt}")
     settings = build_settings(args, config, model, vae_spec, latents_scale, info.world_size, identity)
-    if info.is_main:
+    def prepare() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_resumable(run_dir, settings)
         atomic_json_dump(settings, run_dir / "settings.json")
@@ -514,7 +530,8 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
         bad = remove_incomplete_pngs(run_dir)
         if bad:
             print(f"{run_dir}: {len(bad)} truncated PNG(s) removed, to be generated again: {bad[:10]}")
-    info.barrier()
+
+    info.main_first(prepare)
     # Every rank lists the folder before anyone writes, so all agree on the work to share out.
     done = finished_indices(run_dir)
     info.barrier()

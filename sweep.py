@@ -325,14 +325,16 @@ def _sweep(args, info: generate.DistInfo, requested: list[dict], distinct: list[
     }
     out = Path(args.out)
     settings_dir = out / "settings"
-    if info.is_main:
+    ref = None
+
+    def prepare() -> None:
+        nonlocal ref
         settings_dir.mkdir(parents=True, exist_ok=True)
         check_manifest(out, manifest)
-    info.barrier()
-    ref = None
-    if info.is_main:
         ref = evaluator.load_reference(args.ref_batch, inception, cache_path=str(out / "reference-stats.npz"),
                                        batch_size=args.eval_batch_size)
+
+    info.main_first(prepare)
 
     mine = list(range(info.rank, args.num_samples, info.world_size))  # the same indices for every setting
     todo = [s for s in distinct if not (settings_dir / f"{setting_key(s)}.json").exists()]
