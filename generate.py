@@ -68,7 +68,13 @@ SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help."""
+    """The docstring as written, and every flag's default in --help (flags whose default is None say in
+    their help what they fall back to: the checkpoint's value, inferred from the weights, ...)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-classes", type=int, default=None,
                    help="inferred from the label table (num_classes + 1 rows), checked if given")
     g.add_argument("--encoder-depth", type=int, default=None,
-                   help="block after which the projectors run (checkpoint's, else 8); does not change samples")
+                   help="block after which the projectors run (default: the checkpoint's, else 8); does not "
+                        "change the samples")
     g.add_argument("--projector-embed-dims", type=str, default=None,
                    help="comma-separated encoder dims, e.g. 768; inferred, checked if given")
     g.add_argument("--cls", type=int, default=None,

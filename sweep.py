@@ -84,12 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", type=str, required=True, help="output folder (resumable)")
 
     g = p.add_argument_group("grid (comma-separated lists; the grid is their product)")
-    g.add_argument("--mode", type=_modes, default=["sde"], help="sde and/or ode")
-    g.add_argument("--num-steps", type=_ints, default=[250], help="sampler steps")
-    g.add_argument("--cfg-scale", type=_floats, default=[1.0, 1.5, 2.3], help="guidance scales (<= 1: unguided)")
-    g.add_argument("--cls-cfg-scale", type=_floats, default=[2.3], help="class-token guidance scales")
-    g.add_argument("--guidance-low", type=_floats, default=[0.0], help="lower ends of the guidance interval")
-    g.add_argument("--guidance-high", type=_floats, default=[0.85, 1.0], help="upper ends of the guidance interval")
+    g.add_argument("--mode", type=_modes, default="sde", help="sde and/or ode")
+    g.add_argument("--num-steps", type=_ints, default="250", help="sampler steps")
+    g.add_argument("--cfg-scale", type=_floats, default="1,1.5,2.3", help="guidance scales (<= 1: unguided)")
+    g.add_argument("--cls-cfg-scale", type=_floats, default="2.3", help="class-token guidance scales")
+    g.add_argument("--guidance-low", type=_floats, default="0", help="lower ends of the guidance interval")
+    g.add_argument("--guidance-high", type=_floats, default="0.85,1", help="upper ends of the guidance interval")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun (ode only)")
 
     g = p.add_argument_group("run")
