@@ -106,10 +106,11 @@ def test_frechet_distance_matches_numpy():
     assert abs(ours - ref) <= 1e-6 * ref
 
 
-@pytest.mark.parametrize("n1, n2", [(900, 700), (200, 300)])  # full rank; fewer samples than dimensions
+# full rank (Cholesky of S1); S1 singular (S2's factor); both singular (eigh)
+@pytest.mark.parametrize("n1, n2", [(600, 500), (150, 600), (150, 200)])
 def test_frechet_distance_equals_adm_sqrtm(n1, n2):
     rng = np.random.default_rng(n1)
-    (mu1, s1), (mu2, s2) = feature_stats(rng, n1, 384), feature_stats(rng, n2, 384, shift=0.02)
+    (mu1, s1), (mu2, s2) = feature_stats(rng, n1, 256), feature_stats(rng, n2, 256, shift=0.02)
     ref = adm_fid(mu1, s1, mu2, s2)
     assert ref > 1.0
     assert abs(ev.frechet_distance(mu1, s1, mu2, s2, device="cpu") - ref) <= 1e-6 * ref
@@ -138,12 +139,14 @@ def test_frechet_distance_of_a_set_with_itself_is_zero():
     assert abs(ev.frechet_distance(mu, s, mu, s)) < 1e-6 * np.trace(s)
 
 
-def test_frechet_distance_singular_first_covariance_uses_eigh():
-    """Fewer samples than dimensions: S1 is singular, Cholesky fails, the eigh factor takes over."""
+@pytest.mark.parametrize("n2", [200, 12])  # S2 full rank: its factor is used; S2 singular too: eigh of S1
+def test_frechet_distance_singular_covariances(n2):
+    """Fewer samples than dimensions: S1 is singular and its Cholesky factorisation fails."""
     rng = np.random.default_rng(2)
     mu1, s1 = random_stats(rng, 10, 32)
-    mu2, s2 = random_stats(rng, 200, 32, shift=0.3)
+    mu2, s2 = random_stats(rng, n2, 32, shift=0.3)
     assert torch.linalg.cholesky_ex(torch.from_numpy(s1))[1].item() != 0
+    assert (torch.linalg.cholesky_ex(torch.from_numpy(s2))[1].item() != 0) == (n2 < 32)
     ref = adm_fid(mu1, s1, mu2, s2)
     assert abs(ev.frechet_distance(mu1, s1, mu2, s2, device="cpu") - ref) <= 1e-6 * ref
 
@@ -414,14 +417,14 @@ def test_ieee_fp32_switches_tf32_off_and_restores():
 
 def test_feature_accumulator_equals_npz_path(model, tmp_path):
     """Images handed over in odd pieces and layouts give the npz path's features, bit for bit, in order."""
-    images = np.random.default_rng(20).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "five.npz", images)
-    expected = ev.extract_features(ev.NpzImageReader(str(tmp_path / "five.npz")), model, batch_size=2, verbose=False)
+    images = np.random.default_rng(20).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "three.npz", images)
+    expected = ev.extract_features(ev.NpzImageReader(str(tmp_path / "three.npz")), model, batch_size=2, verbose=False)
     acc = ev.FeatureAccumulator(model, batch_size=2)
     acc.add(torch.from_numpy(images[:1]).permute(0, 3, 1, 2))  # torch NCHW
-    acc.add(images[1:4])                                        # NumPy NHWC
-    acc.add(torch.from_numpy(images[4:]))                       # torch NHWC
-    assert len(acc) == 5
+    acc.add(images[1:2])                                        # NumPy NHWC
+    acc.add(torch.from_numpy(images[2:]))                       # torch NHWC
+    assert len(acc) == 3
     got = acc.features()
     assert sorted(got) == ["logits", "pool", "spatial"]
     for key in got:
@@ -431,7 +434,7 @@ def test_feature_accumulator_equals_npz_path(model, tmp_path):
     mu, sigma = ev.compute_statistics(expected["pool"])
     np.testing.assert_array_equal(batch.mu, mu)
     np.testing.assert_array_equal(batch.sigma, sigma)
-    assert batch.info.path == "in-memory" and batch.info.num_images == 5 and batch.info.image_shape == (16, 16, 3)
+    assert batch.info.path == "in-memory" and batch.info.num_images == 3 and batch.info.image_shape == (16, 16, 3)
     # Rows are images in add() order: the first row is image 0's features.
     assert not np.array_equal(got["pool"][0], got["pool"][1])
 
