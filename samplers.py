@@ -1,5 +1,5 @@
 """Samplers for REG: latents and the class token are generated jointly from pure noise
-(paper Sec. 3; docs/design.md#sampling).
+(docs/design.md#sampling; REG samplers.py).
 
 Two samplers, both pure functions returning ``(latents, cls_token)``:
 
@@ -9,7 +9,8 @@ Two samplers, both pure functions returning ``(latents, cls_token)``:
 "The model" is any callable with the SiT forward signature
 ``model(x, t, y, cls_token=c) -> (velocity, zs, cls_velocity)``. ``cls_velocity`` is ``None``
 for models without the class token (REPA/SiT checkpoints); then pass ``cls_latents=None`` and
-``None`` comes back as the class token.
+``None`` comes back as the class token. A model whose forward takes ``return_projections``
+(our SiT) is called with ``return_projections=False``: sampling never needs the REPA projections.
 
 Conventions (shared with the loss through ``interpolant.py``): t = 1 is noise, t = 0 is data,
 x_t = alpha(t) x0 + sigma(t) eps. The sampler state is float64; the model runs in its own

@@ -1,4 +1,4 @@
-"""SiT with REG's entangled class token (paper Sec. 3.2; docs/design.md#token-layout).
+"""SiT with REG's entangled class token (docs/design.md#token-layout; REG models/sit.py).
 
 One file, in sections: embedders, attention and blocks, the model, sin-cos position
 embeddings, and the size registry `SiT_models`.
