@@ -102,6 +102,17 @@ def test_resume_skips_finished_settings_and_refuses_other_inputs(setup):
                         (["--balanced"], "balanced")):
         with pytest.raises(ValueError, match=f"other settings.*{what}"):
             run(setup, *flags)
+    # another reference batch (a new file under the same name) or another checkpoint
+    import os
+    ref = setup / "ref.npz"
+    os.utime(ref, ns=(ref.stat().st_atime_ns, ref.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="other settings.*reference"):
+        run(setup)
+    os.utime(ref, ns=(ref.stat().st_atime_ns, ref.stat().st_mtime_ns - 10**9))
+    (setup / "copy.safetensors").write_bytes((setup / "ema.safetensors").read_bytes())
+    (setup / "copy.json").write_bytes((setup / "ema.json").read_bytes())
+    with pytest.raises(ValueError, match="other settings.*checkpoint"):
+        run(setup, "--ckpt", str(setup / "copy.safetensors"))
 
 
 def test_grid_parsing():
