@@ -32,7 +32,8 @@ from utils import atomic_json_dump, atomic_write, atomic_write_bytes  # noqa: E4
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")
 DASH = "–"  # shown for a value a run does not have
-EVAL_SETTING_KEYS = ("eval_mode", "eval_cfg", "eval_samples")
+# what makes two FIDs comparable (train.py's in-training evaluation records them all)
+EVAL_SETTING_KEYS = ("eval_mode", "eval_steps", "eval_cfg", "eval_cls_cfg", "eval_samples")
 
 
 class RunError(ValueError):
@@ -154,9 +155,11 @@ def _setting_key(r: dict) -> tuple:
 
 
 def _setting_label(key: tuple) -> str:
-    mode, cfg, samples = key
+    mode, steps, cfg, cls_cfg, samples = key
     parts = [str(mode) if mode is not None else None,
+             f"{steps} steps" if steps is not None else None,
              f"cfg {cfg}" if cfg is not None else None,
+             f"cls-cfg {cls_cfg}" if cls_cfg is not None else None,
              f"{samples} samples" if samples is not None else None]
     return ", ".join(p for p in parts if p) or DASH
 

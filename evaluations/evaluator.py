@@ -818,6 +818,11 @@ def load_batch(info: BatchInfo, model: InceptionV3, batch_size: int = 100, need_
         raise EvalInputError(f"{info.path}: its stored features were computed with "
                              f"{'random' if meta.get('random_inception_weights') else 'real'} Inception weights, "
                              f"but this run uses {'random' if model.random_weights else 'real'} ones")
+    stored_id = (meta or {}).get("inception_weights_id")
+    if stored_id is not None and model.weights_id != "unknown" and stored_id != model.weights_id:
+        raise EvalInputError(f"{info.path}: its stored features come from other Inception weights ({stored_id}) "
+                             f"than this run's {model.weights} ({model.weights_id}); features of two networks "
+                             "cannot be compared")
     stored = read_stored_statistics(info.path)
     if info.image_shape is not None:
         _log(f"computing activations of {info.path} ({info.num_images} images)", verbose)

@@ -37,7 +37,7 @@ def _train_lines(steps, seed, cls=True):
 
 def _eval_line(step, fid, cfg=1.0, samples=10000):
     return {"step": step, "fid": fid, "sfid": fid * 1.5, "inception_score": 50.0, "precision": 0.6, "recall": 0.6,
-            "eval_time_s": 12.0, "eval_samples": samples, "eval_mode": "sde", "eval_cfg": cfg}
+            "eval_time_s": 12.0, "eval_samples": samples, "eval_mode": "sde", "eval_steps": 50, "eval_cfg": cfg}
 
 
 @pytest.fixture()
@@ -66,7 +66,8 @@ def test_table_and_figure_hold_the_runs_numbers(two_runs, tmp_path, capsys):
     saved = json.loads((out / "comparison.json").read_text())["rows"]
 
     reg_rows = [r for r in saved if r["run"] == "reg-b2"]
-    assert [r["eval"] for r in reg_rows] == ["sde, cfg 1.0, 10000 samples", "sde, cfg 2.3, 10000 samples"]
+    assert [r["eval"] for r in reg_rows] == ["sde, 50 steps, cfg 1.0, 10000 samples",
+                                             "sde, 50 steps, cfg 2.3, 10000 samples"]
     plain = reg_rows[0]
     best = int(np.argmin(fids))
     assert plain["latest_fid"] == fids[-1] and plain["latest_step"] == 900
@@ -109,8 +110,8 @@ def test_figure_axes_data(two_runs, tmp_path, monkeypatch):
     ax_fid, ax_loss = captured["fig"].axes
     assert ax_fid.get_shared_x_axes().joined(ax_fid, ax_loss)
     lines = {line.get_label(): line for line in ax_fid.get_lines()}
-    assert list(lines["reg-b2 (sde, cfg 1.0, 10000 samples)"].get_ydata()) == fids
-    assert list(lines["reg-b2 (sde, cfg 1.0, 10000 samples)"].get_xdata()) == [300, 600, 900]
+    assert list(lines["reg-b2 (sde, 50 steps, cfg 1.0, 10000 samples)"].get_ydata()) == fids
+    assert list(lines["reg-b2 (sde, 50 steps, cfg 1.0, 10000 samples)"].get_xdata()) == [300, 600, 900]
     losses = {line.get_label() for line in ax_loss.get_lines()}
     assert {"reg-b2: loss_denoise", "reg-b2: loss_proj", "reg-b2: loss_cls", "sit-b2: loss_denoise",
             "sit-b2: loss_proj"} == losses  # no loss_cls line for a run that has none

@@ -844,3 +844,13 @@ def test_stats_from_random_weights_refused_with_real_weights(tmp_path, model, mo
     monkeypatch.setattr(model, "random_weights", False)
     with pytest.raises(ev.EvalInputError, match="random Inception weights, but this run uses real"):
         ev.load_batch(ev.inspect_batch(str(stats)), model)
+
+
+def test_stats_from_other_real_weights_refused(tmp_path, model, monkeypatch):
+    stats = tmp_path / "other_stats.npz"
+    _stats_file(stats, 24, model)
+    monkeypatch.setattr(model, "weights_id", "sha256:" + "1" * 64)
+    with pytest.raises(ev.EvalInputError, match=r"other_stats.npz: its stored features come from other Inception"):
+        ev.load_batch(ev.inspect_batch(str(stats)), model)
+    monkeypatch.setattr(model, "weights_id", "random")
+    assert ev.load_batch(ev.inspect_batch(str(stats)), model, need_logits=False).pool.shape == (8, 2048)
