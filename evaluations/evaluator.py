@@ -1039,14 +1039,13 @@ def plan_outputs(args: argparse.Namespace) -> OutputPlan:
         if args.save_path.endswith(".json"):
             plan.json_path = args.save_path
         else:
-            plan.make_dir = args.save_path
-            if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
-                plan.make_dir = None  # REG's evaluator only creates it when missing
+            # REG's evaluator creates the folder save_path when missing (its text file lands beside it)
+            plan.make_dir = None if os.path.exists(args.save_path) else args.save_path
             plan.text_path = original_text_path(args.save_path, args.num_steps, args.step, args.cfg, args.gh,
                                                 args.cls_cfg, args.cfg_cond)
             plan.json_path = plan.text_path[:-len(".txt")] + ".json"
-            if plan.make_dir:  # a file inside it must be creatable
-                _check_writable(os.path.join(args.save_path, "metrics.txt"), "--save_path", inputs)
+            if plan.make_dir:
+                _check_writable(plan.make_dir, "--save_path", inputs)
             _check_writable(plan.text_path, "--save_path", inputs)
         _check_writable(plan.json_path, "--save_path", inputs)
     if args.save_stats:
