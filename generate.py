@@ -60,7 +60,7 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this
 # Settings that change the pixels of image i: a re-run into the same folder must match them.
 SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "num_steps", "heun", "cfg_scale",
                  "cls_cfg_scale", "guidance_low", "guidance_high", "path_type", "global_seed",
-                 "balanced", "num_classes", "precision", "ema")
+                 "balanced", "num_classes", "precision", "ema", "tf32")
 
 
 # ----------------------------------------------------------------------------------------------

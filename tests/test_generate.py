@@ -271,6 +271,13 @@ def test_resume_refuses_another_checkpoint(assets, tmp_path):
     # another path with the very same weights: still refused (its content may change independently)
     with pytest.raises(ValueError, match="other settings.*checkpoint"):
         run(assets, tmp_path, "--num-fid-samples", "2", "--num-steps", "2")
+    # other settings that are not in the original's folder name are refused too
+    with pytest.raises(ValueError, match=r"other settings \(num_steps: 2 -> 3\)"):
+        run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "3")
+    with pytest.raises(ValueError, match=r"other settings \(guidance_low: 0.0 -> 0.1\)"):
+        run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2", "--guidance-low", "0.1")
+    with pytest.raises(ValueError, match=r"other settings \(tf32: True -> False\)"):
+        run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2", "--no-tf32")
     # the same path with new content (e.g. a newer checkpoint saved under the same name)
     sd = tiny_sit().state_dict()
     sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}
@@ -279,9 +286,6 @@ def test_resume_refuses_another_checkpoint(assets, tmp_path):
     save_training_checkpoint(ckpt, model=sd, ema=sd, opt={}, steps=200, config=config, args={})
     with pytest.raises(ValueError, match="other settings.*sha256_first_mib"):
         run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2")
-    # other settings that are not in the original's folder name are refused too
-    with pytest.raises(ValueError, match="other settings.*num_steps"):
-        run(assets, tmp_path, "--num-fid-samples", "2", "--num-steps", "3")
 
 
 def test_corrupt_png_regenerated_stale_npz_tmp_removed_foreign_folder_refused(assets, tmp_path):
