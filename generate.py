@@ -371,13 +371,21 @@ def save_png(image: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), fsync=False)
 
 
+class UnreadablePNGs(RuntimeError):
+    """PNGs of the run folder that cannot be decoded (corrupted on disk); generate.py makes them again."""
+
+    def __init__(self, indices: list[int], detail: str):
+        super().__init__(f"{len(indices)} unreadable PNG(s), e.g. {detail}")
+        self.indices = indices
+
+
 def read_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot read {path} ({e}); delete it and rerun the same command to "
-                           f"generate it again") from e
+    except Exception as e:  # PIL raises OSError, ValueError or SyntaxError for damaged files
+        raise RuntimeError(f"cannot read {path} ({type(e).__name__}: {e}); delete it and rerun the same "
+                           f"command to generate it again") from e
 
 
 def write_npz(path: str | os.PathLike, run_dir: Path, num: int, labels: np.ndarray) -> tuple[int, ...]:
@@ -385,10 +393,21 @@ def write_npz(path: str | os.PathLike, run_dir: Path, num: int, labels: np.ndarr
 
     Written image by image (50K 256px images are 9.8 GB; nothing is held in memory), with fixed
     zip timestamps: np.savez stamps the current time, which would make equal samples give
-    different files. The result loads with np.load like any npz.
+    different files. The result loads with np.load like any npz. Unreadable PNGs are all listed
+    in one UnreadablePNGs error (and no npz is left behind).
     """
-    first = read_png(png_path(run_dir, 0))
+    first = None
+    for i in range(num):  # the shape of the first readable image
+        try:
+            first = read_png(png_path(run_dir, i))
+            break
+        except RuntimeError as e:
+            reason = str(e)
+    if first is None:
+        raise UnreadablePNGs(list(range(num)), reason)
     shape = (num, *first.shape)
+    bad: list[int] = []
+    details: list[str] = []
 
     def member(zf: zipfile.ZipFile, name: str):
         info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
@@ -399,10 +418,17 @@ def write_npz(path: str | os.PathLike, run_dir: Path, num: int, labels: np.ndarr
             with member(zf, "arr_0.npy") as f:
                 npy_format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
                 for i in tqdm(range(num), desc="packing npz", leave=False):
-                    image = read_png(png_path(run_dir, i))
+                    try:
+                        image = read_png(png_path(run_dir, i))
+                    except RuntimeError as e:
+                        bad.append(i)
+                        details.append(str(e))
+                        image = np.zeros(shape[1:], dtype=np.uint8)  # keep streaming; the file is discarded
                     if image.shape != shape[1:]:
                         raise ValueError(f"{png_path(run_dir, i)} has shape {image.shape}, expected {shape[1:]}")
                     f.write(np.ascontiguousarray(image).tobytes())
+                if bad:
+                    raise UnreadablePNGs(bad, details[0])
             with member(zf, "arr_1.npy") as f:
                 npy_format.write_array(f, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
 
@@ -551,29 +577,41 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
 
     start = time.perf_counter()
     bar = tqdm(total=len(mine), desc=f"sampling {run_name}", disable=not info.is_main, dynamic_ncols=True)
-    batches = generate_images(
-        model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes, balanced=args.balanced,
+    gen_kwargs = dict(
+        global_seed=args.global_seed, num_classes=model.num_classes, balanced=args.balanced,
         mode=args.mode, num_steps=args.num_steps, cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
         guidance_low=args.guidance_low, guidance_high=args.guidance_high, heun=args.heun,
         path_type=config["path_type"], latents_scale=latents_scale, batch_size=args.per_proc_batch_size,
         device=device, dtype=torch.bfloat16 if args.precision == "bf16" else None)
-    for indices, images, _ in batches:
-        for index, image in zip(indices, images.cpu().numpy()):
-            save_png(image, png_path(run_dir, index))
-        bar.update(len(indices))
+
+    def make(indices_to_make: list[int]) -> None:
+        for indices, images, _ in generate_images(model, codec, indices_to_make, **gen_kwargs):
+            for index, image in zip(indices, images.cpu().numpy()):
+                save_png(image, png_path(run_dir, index))
+            bar.update(len(indices))
+
+    make(mine)
     bar.close()
     info.barrier()
     elapsed = time.perf_counter() - start
 
     summary = {"run_dir": str(run_dir), "generated": len(todo), "seconds": elapsed,
                "images_per_second": len(todo) / elapsed if todo else 0.0, "guided": using_cfg}
-    if info.is_main:
+
+    def pack() -> None:
         missing = [i for i in range(args.num_fid_samples) if not png_path(run_dir, i).exists()]
         if missing:
             raise RuntimeError(f"{len(missing)} images missing in {run_dir} after sampling, e.g. {missing[:5]}")
         labels = class_labels(list(range(args.num_fid_samples)), global_seed=args.global_seed,
                               num_classes=model.num_classes, balanced=args.balanced).numpy()
-        shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
+        try:
+            shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
+        except UnreadablePNGs as e:  # damaged on disk since they were written: make them again, here
+            print(f"{run_dir}: {e}; generating {len(e.indices)} image(s) again", flush=True)
+            for i in e.indices:
+                png_path(run_dir, i).unlink(missing_ok=True)
+            make(e.indices)
+            shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
         if args.grid:
             n = min(args.grid, args.num_fid_samples)
             save_grid(run_dir, n, sample_dir / f"{run_name}-grid.png")
@@ -584,7 +622,8 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
         print(f"wrote {npz_path} {shape}; sampled {len(todo)} images in {elapsed:.1f} s: "
               f"{summary['images_per_second']:.2f} images/s ({info.world_size} process(es), decode and PNG included)")
         print(f"NPZ_PATH={npz_path.resolve()}", flush=True)
-    info.barrier()
+
+    info.main_first(pack)
     return summary
 
 

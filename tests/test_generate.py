@@ -300,6 +300,13 @@ def test_corrupt_png_regenerated_stale_npz_tmp_removed_foreign_folder_refused(as
     again = run(assets, tmp_path, "--num-fid-samples", "3", "--num-steps", "2")
     assert again["generated"] == 1 and not stale.exists()
     assert (tmp_path / "run.npz").read_bytes() == full == open(out["npz"], "rb").read()
+    # damaged inside (IEND intact, so it passes the start-up check): found while packing, made again
+    for i in (0, 2):
+        data = bytearray((tmp_path / "run" / f"{i:06d}.png").read_bytes())
+        data[60:80] = bytes(20)
+        (tmp_path / "run" / f"{i:06d}.png").write_bytes(bytes(data))
+    again = run(assets, tmp_path, "--num-fid-samples", "3", "--num-steps", "2")
+    assert again["generated"] == 0 and (tmp_path / "run.npz").read_bytes() == full
     # PNGs without our settings file (e.g. the original script's): unknown settings, not resumed
     foreign = tmp_path / "foreign" / "run"
     foreign.mkdir(parents=True)
