@@ -93,17 +93,23 @@ def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
-def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, device: torch.device) -> tuple[float, float]:
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, device: torch.device,
+                        factor1: Optional[np.ndarray] = None) -> tuple[float, float]:
     """(Tr sqrt(S1 S2), smallest eigenvalue / largest) in float64.
 
     For S1 = R R^T, S1 S2 has the eigenvalues of the symmetric PSD matrix R^T S2 R, so the trace of
     the square root is the sum of the square roots of its eigenvalues (eigvalsh; no sqrtm). R is
     S1's Cholesky factor; when S1 is singular (fewer images than dimensions) S2's (the roles swap:
     S2 S1 has the same eigenvalues); when both are, V diag(sqrt(w)) from eigh of S1, its
-    roundoff-negative eigenvalues clipped to 0 (slower: a full eigendecomposition)."""
+    roundoff-negative eigenvalues clipped to 0 (slower: a full eigendecomposition). `factor1`, any R with
+    R R^T = S1 (the centred features / sqrt(N - 1), d x N), makes R^T S2 R an N x N matrix: the fast path
+    for a batch of fewer images than dimensions, which needs no decomposition of S1 at all."""
     a = torch.as_tensor(sigma1, dtype=torch.float64, device=device)
     b = torch.as_tensor(sigma2, dtype=torch.float64, device=device)
-    r, info = torch.linalg.cholesky_ex(a)
+    if factor1 is not None:
+        r, info = torch.as_tensor(factor1, dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int32)
+    else:
+        r, info = torch.linalg.cholesky_ex(a)
     if info.item() != 0:  # S1 singular (few samples): S2 S1 has the same eigenvalues, try S2's factor
         r2, info2 = torch.linalg.cholesky_ex(b)
         if info2.item() == 0:
@@ -121,7 +127,8 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, device: torch.de
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6, device: Optional[torch.device | str] = None) -> float:
+                     eps: float = 1e-6, device: Optional[torch.device | str] = None,
+                     features1: Optional[np.ndarray] = None) -> float:
     """Fréchet distance ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr sqrt(S1 S2), ADM's value
     (docs/design.md#evaluation).
 
@@ -130,7 +137,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     seconds instead of a minute at 2048-d on a CPU, equal to ADM's value to ~1e-8 relative (tested,
     near-singular covariances included). As in ADM, a non-finite result is retried with `eps` added
     to both diagonals. ADM's check of sqrtm's imaginary part becomes a check that S1 S2 has no
-    clearly negative eigenvalue (it has none for covariance matrices).
+    clearly negative eigenvalue (it has none for covariance matrices). `features1`, the (N, d) features that
+    mu1/sigma1 were computed from, is used when N <= d: the same trace from an N x N matrix (milliseconds).
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -145,7 +153,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     device = torch.device(device) if device is not None else _default_device()
 
     diff = mu1 - mu2
-    tr_covmean, ratio = _trace_sqrt_product(sigma1, sigma2, device)
+    factor1 = None
+    if features1 is not None and 2 <= len(features1) <= len(mu1):
+        x = np.asarray(features1, dtype=np.float64)  # np.cov's arithmetic: float64, ddof 1
+        factor1 = ((x - x.mean(axis=0)) / np.sqrt(len(x) - 1)).T  # (d, N): factor1 @ factor1.T == sigma1
+    tr_covmean, ratio = _trace_sqrt_product(sigma1, sigma2, device, factor1)
     if not np.isfinite(tr_covmean):
         warnings.warn(f"Fréchet distance: singular product, adding {eps} to the covariance diagonals")
         offset = np.eye(sigma1.shape[0]) * eps
@@ -808,6 +820,10 @@ class BatchFeatures:
     sigma: np.ndarray
     mu_s: np.ndarray
     sigma_s: np.ndarray
+    # Per-image features behind mu/sigma and mu_s/sigma_s, kept for batches of fewer images than dimensions
+    # (fast Fréchet path); None when the statistics were stored or the batch is large.
+    pool_factor: Optional[np.ndarray] = None
+    spatial_factor: Optional[np.ndarray] = None
 
 
 def load_batch(info: BatchInfo, model: InceptionV3, batch_size: int = 100, need_logits: bool = True,
@@ -839,7 +855,9 @@ def load_batch(info: BatchInfo, model: InceptionV3, batch_size: int = 100, need_
         return BatchFeatures(info, pool, logits, **stored)
     mu, sigma = compute_statistics(pool)
     mu_s, sigma_s = compute_statistics(spatial)
-    return BatchFeatures(info, pool, logits, mu, sigma, mu_s, sigma_s)
+    small = len(pool) <= SPATIAL_DIM
+    return BatchFeatures(info, pool, logits, mu, sigma, mu_s, sigma_s,
+                         pool if small else None, spatial if small else None)
 
 
 def compute_metrics(ref: BatchFeatures, sample: BatchFeatures, k: int = 3,
@@ -848,8 +866,10 @@ def compute_metrics(ref: BatchFeatures, sample: BatchFeatures, k: int = 3,
     precision, recall = precision_recall(ref.pool, sample.pool, k=k, device=device)
     return {
         "inception_score": inception_score(sample.logits),
-        "fid": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma, device=device),
-        "sfid": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s, device=device),
+        "fid": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma, device=device,
+                                features1=sample.pool_factor),
+        "sfid": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s, device=device,
+                                 features1=sample.spatial_factor),
         "precision": precision,
         "recall": recall,
     }
@@ -882,7 +902,9 @@ def batch_from_features(pool, spatial, logits, name: str = "samples",
     info = BatchInfo(name, [], n, tuple(image_shape) if image_shape is not None else None, False)
     mu, sigma = compute_statistics(arrays["pool"])
     mu_s, sigma_s = compute_statistics(arrays["spatial"])
-    return BatchFeatures(info, arrays["pool"], arrays["logits"], mu, sigma, mu_s, sigma_s)
+    small = n <= SPATIAL_DIM
+    return BatchFeatures(info, arrays["pool"], arrays["logits"], mu, sigma, mu_s, sigma_s,
+                         arrays["pool"] if small else None, arrays["spatial"] if small else None)
 
 
 def _source_record(path: str) -> dict:

@@ -158,7 +158,7 @@ def test_frechet_distance_eps_fallback(monkeypatch):
     mu2, s2 = random_stats(rng, 200, 16, shift=1.0)
     real, calls = ev._trace_sqrt_product, []
 
-    def nan_then_real(a, b, device):
+    def nan_then_real(a, b, device, factor1=None):
         calls.append((a, b))
         return (float("nan"), 0.0) if len(calls) == 1 else real(a, b, device)
 
@@ -746,7 +746,7 @@ class FrechetSpy:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, mu1, sigma1, mu2, sigma2, device=None):
+    def __call__(self, mu1, sigma1, mu2, sigma2, device=None, features1=None):
         self.calls.append((mu1, sigma1, mu2, sigma2))
         return float(np.abs(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())
 
@@ -854,3 +854,19 @@ def test_stats_from_other_real_weights_refused(tmp_path, model, monkeypatch):
         ev.load_batch(ev.inspect_batch(str(stats)), model)
     monkeypatch.setattr(model, "weights_id", "random")
     assert ev.load_batch(ev.inspect_batch(str(stats)), model, need_logits=False).pool.shape == (8, 2048)
+
+
+@pytest.mark.parametrize("n_sample,n_ref", [(12, 40), (40, 300)])
+def test_frechet_distance_from_features_equals_the_covariance_path(n_sample, n_ref):
+    """A batch of fewer images than dimensions: the N x N path (from the features behind mu/sigma) gives the
+    covariance path's value, whether the other side is singular too or not."""
+    from evaluations.evaluator import compute_statistics, frechet_distance
+    rng = np.random.default_rng(0)
+    d = 256
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    sample = (rng.normal(size=(n_sample, d)) @ mix + 0.3).astype(np.float32)
+    ref = (rng.normal(size=(n_ref, d)) @ mix).astype(np.float32)
+    (mu1, s1), (mu2, s2) = compute_statistics(sample), compute_statistics(ref)
+    slow = frechet_distance(mu1, s1, mu2, s2, device="cpu")
+    fast = frechet_distance(mu1, s1, mu2, s2, device="cpu", features1=sample)
+    assert abs(fast - slow) <= 1e-6 * abs(slow) and slow > 1
