@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 QUICK=${QUICK:-0}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d)}
 RESULTS=${GPU_CHECK_RESULTS:-benchmarks/RESULTS.md}
+PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK/exps"
 : > "$WORK/phases.txt"
@@ -27,6 +28,7 @@ mkdir -p "$WORK/exps"
 if [[ $QUICK == 1 ]]; then  # one tiny train.py run and one benchmarks/run.py process: under a minute on 2 cores
   RES=32; BATCH=4; IMAGES=8; STEPS=2; LOG=1; ENC=dinov2-vit-s; WORKERS=0; XL=SiT-T/2; DEPTH_XL=4
   BENCH=(--quick --device cpu)
+  export OMP_NUM_THREADS=1  # 2 busy cores: more threads than free cores make OpenMP wait at barriers
 else
   RES=256; BATCH=${GPU_CHECK_BATCH:-64}; IMAGES=256; STEPS=40; LOG=10; ENC=dinov2-vit-b; EVAL=256; WORKERS=4
   XL=SiT-XL/2; B=SiT-B/2; DEPTH_XL=8; DEPTH_B=4
@@ -34,7 +36,7 @@ else
 fi
 
 report() {
-  python -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS" \
+  "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS" \
     --command "$([[ $QUICK == 1 ]] && echo 'QUICK=1 ')bash benchmarks/gpu_check.sh" > /dev/null
 }
 
@@ -48,32 +50,32 @@ phase() {  # phase NAME CMD...: run, time, log to $WORK/NAME.log; a failure is r
     tail -n 20 "$WORK/$name.log" >&2
   fi
   echo -n "$name $((SECONDS - t0)); " >> "$WORK/phases.txt"
-  report || true  # RESULTS.md is kept current, so a run cut short still leaves its figures
+  [[ $QUICK == 1 ]] || report || true  # RESULTS.md is kept current, so a run cut short still leaves its figures
 }
 
 train() {  # train NAME MODEL DEPTH [extra flags]
   local name=$1 model=$2 depth=$3; shift 3
-  python train.py --model "$model" --encoder-depth "$depth" --enc-type "$ENC" --enc-weights random \
+  "$PY" train.py --model "$model" --encoder-depth "$depth" --enc-type "$ENC" --enc-weights random \
     --data-dir "$WORK/data" --resolution "$RES" --output-dir "$WORK/exps" --exp-name "$name" \
     --batch-size "$BATCH" --max-train-steps "$STEPS" --log-every "$LOG" --checkpointing-steps 1000000 \
     --num-workers "$WORKERS" --report-to none "$@"
 }
 
 # what the evaluator and the VAE need: a missing package fails here, by name, not minutes into a phase
-phase imports python -c "import accelerate, timm, torch_fidelity, diffusers"
-phase data python -m benchmarks.gpu_check data --dest "$WORK/data" --num-images "$IMAGES" --resolution "$RES"
+phase imports "$PY" -c "import accelerate, timm, torch_fidelity, diffusers"
+phase data "$PY" -m benchmarks.gpu_check data --dest "$WORK/data" --num-images "$IMAGES" --resolution "$RES"
 if [[ $QUICK == 1 ]]; then
   phase train_tiny train tiny "$XL" "$DEPTH_XL"
-  phase bench python -m benchmarks.run "${BENCH[@]}" --out "$WORK/bench_1.json"
+  phase bench "$PY" -m benchmarks.run "${BENCH[@]}" --out "$WORK/bench_1.json"
 else
-  phase vae python -m benchmarks.gpu_check vae --dest "$WORK/vae"
+  phase vae "$PY" -m benchmarks.gpu_check vae --dest "$WORK/vae"
   phase train_xl train xl "$XL" "$DEPTH_XL" --eval-every "$STEPS" --eval-samples "$EVAL" \
     --eval-ref "$WORK/data/ref.npz" --vae "$WORK/vae" --inception-weights random
-  phase bench_train python -m benchmarks.run "${BENCH[@]}" --sections train --models "$B,$XL" --out "$WORK/bench_1.json"
-  phase bench_sample_eval python -m benchmarks.run "${BENCH[@]}" --sections sample,eval --out "$WORK/bench_2.json"
+  phase bench_train "$PY" -m benchmarks.run "${BENCH[@]}" --sections train --models "$B,$XL" --out "$WORK/bench_1.json"
+  phase bench_sample_eval "$PY" -m benchmarks.run "${BENCH[@]}" --sections sample,eval --out "$WORK/bench_2.json"
   phase train_b train b "$B" "$DEPTH_B"
 fi
-python -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS" \
+"$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS" \
   --command "$([[ $QUICK == 1 ]] && echo 'QUICK=1 ')bash benchmarks/gpu_check.sh"
 status=$?
 echo "results: $RESULTS (scratch and logs: $WORK)" >&2
