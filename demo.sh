@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline quick start: the whole REG pipeline, with tiny settings, on a laptop CPU, in a few minutes.
 #
-#   bash demo.sh                      # ~3 min on 2 CPU cores (~4.5 min if other jobs load them); demo_out/
+#   bash demo.sh                      # ~4 min on 2 CPU cores; demo_out/
 #   DEMO_STEPS=8 DEMO_BATCH=16 DEMO_SAMPLES=16 DEMO_REF=8 DEMO_CLASSES=4 bash demo.sh   # smoke run (~1.5 min)
 #   DEMO_DRY_RUN=1 bash demo.sh       # only print the settings and which weights would be used
 #
@@ -10,22 +10,25 @@
 #               + the reference batch for the evaluator    (an npz of the first DEMO_REF training images)
 #   2 encode    preprocessing/dataset_tools.py encode      pixel-unshuffle-lowpass codec (weight-free: 2x2 average +
 #                                                          space-to-depth, 48 channels; demo only), or DEMO_VAE
-#   3 train     accelerate launch train.py                 SiT-T/2 + REG with a DINOv2-S encoder
-#   4 sample    generate.py                                SDE sampler with CFG -> npz + grid PNG + JSON
-#   5 evaluate  python -m evaluations.evaluator            FID / sFID / IS / precision / recall -> JSON
-#   6 plot      plot_losses.py                             the loss terms over the training steps -> PNG
+#   3 train     accelerate launch train.py                 SiT-T/2 + REG with a DINOv2-S encoder, FID during training
+#   4 baseline  accelerate launch train.py --method sit    the plain SiT baseline (no encoder), the same evaluations
+#   5 sample    generate.py                                SDE sampler with CFG -> npz + grid PNG + JSON
+#   6 evaluate  python -m evaluations.evaluator            FID / sFID / IS / precision / recall -> JSON
+#   7 compare   python -m evaluations.compare              the two runs side by side: table + FID/loss figure
+#   8 plot      plot_losses.py                             the loss terms over the training steps -> PNG
 #
 # Pretrained weights are used when they are already on this machine (nothing is downloaded):
-#   DINOv2-S  REG_ENC_WEIGHTS or ENC_WEIGHTS (a local file), else the HF cache
-#             (timm/vit_small_patch14_dinov2.lvd142m), else RANDOM weights (said so in the output)
+#   DINOv2-S  REG_ENC_WEIGHTS (a local file), else the torch.hub cache (dinov2_vits14_pretrain.pth), else the
+#             HF cache (timm/vit_small_patch14_dinov2.lvd142m), else RANDOM weights (said so in the output)
 #   VAE       DEMO_VAE: a local AutoencoderKL directory or a hub id in the HF cache (the SD-VAE reconstructs
 #             32 px images poorly: DEMO_RES=64 looks better but trains ~4x slower)
 #   Inception REG_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth,
 #             else RANDOM weights (the metrics are then meaningless; said so in the output)
 #
 # Settings (environment, defaults in brackets): DEMO_OUT [demo_out], DEMO_RES [32], DEMO_IMAGES [512],
-# DEMO_CLASSES [8], DEMO_STEPS [250], DEMO_BATCH [32], DEMO_LR [2e-3], DEMO_EMA [0.98], DEMO_LOG_EVERY [10],
+# DEMO_CLASSES [8], DEMO_STEPS [200], DEMO_BATCH [32], DEMO_LR [2e-3], DEMO_EMA [0.98], DEMO_LOG_EVERY [10],
 # DEMO_SAMPLES [64], DEMO_SAMPLER_STEPS [50], DEMO_CFG [4.0], DEMO_REF [32], DEMO_VAE [pixel-unshuffle-lowpass],
+# DEMO_EVAL_EVERY [DEMO_STEPS/2], DEMO_EVAL_SAMPLES [16] (FID during training, ODE 50 steps, no guidance),
 # DEMO_THREADS [1], DEMO_DRY_RUN [0], PYTHON [python].
 # DEMO_OUT is wiped at the start if an earlier demo made it (it holds a .reg_demo marker); any other
 # non-empty folder is refused.
@@ -36,15 +39,17 @@ OUT=${DEMO_OUT:-demo_out}
 RES=${DEMO_RES:-32}
 NUM_IMAGES=${DEMO_IMAGES:-512}
 NUM_CLASSES=${DEMO_CLASSES:-8}
-STEPS=${DEMO_STEPS:-250}
+STEPS=${DEMO_STEPS:-200}
 BATCH=${DEMO_BATCH:-32}
 LR=${DEMO_LR:-2e-3}
-EMA=${DEMO_EMA:-0.98}          # the paper's 0.9999 would leave the EMA at its initialisation after 250 steps
+EMA=${DEMO_EMA:-0.98}          # the paper's 0.9999 would leave the EMA at its initialisation after 200 steps
 LOG_EVERY=${DEMO_LOG_EVERY:-10}
 SAMPLES=${DEMO_SAMPLES:-64}
 SAMPLER_STEPS=${DEMO_SAMPLER_STEPS:-50}
 CFG=${DEMO_CFG:-4.0}
 NUM_REF=${DEMO_REF:-32}
+EVAL_EVERY=${DEMO_EVAL_EVERY:-$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))}
+EVAL_SAMPLES=${DEMO_EVAL_SAMPLES:-16}
 VAE=${DEMO_VAE:-pixel-unshuffle-lowpass}
 PY=${PYTHON:-python}
 # One thread per process by default: the models are tiny, and on a machine that other jobs keep busy
@@ -59,6 +64,8 @@ export TOKENIZERS_PARALLELISM=false
 EXP=demo
 DATA=$OUT/data
 RUN=$OUT/exps/$EXP
+BASE_RUN=$OUT/exps/demo-sit
+COMPARE=$OUT/compare
 SAMPLE_DIR=$OUT/samples
 REF_NPZ=$OUT/ref_batch.npz
 METRICS_JSON=$OUT/metrics.json
@@ -81,23 +88,23 @@ stage() {  # stage NUMBER NAME WHAT: close the previous stage's clock, announce 
   STAGE=$2
   STAGE_START=$SECONDS
   echo
-  echo "==> [$1/6] $2: $3   (t = ${SECONDS} s)"
+  echo "==> [$1/8] $2: $3   (t = ${SECONDS} s)"
 }
 
 # ---------------------------------------------------------------------------------------- setup
 # Encoder weights: a local file, the HF cache, or random.
-ENC_WEIGHTS_SPEC=${REG_ENC_WEIGHTS:-${ENC_WEIGHTS:-}}
+ENC_WEIGHTS_SPEC=${REG_ENC_WEIGHTS:-}
 if [[ "$ENC_WEIGHTS_SPEC" == random ]]; then
-  ENC_NOTE="RANDOM weights (asked for with REG_ENC_WEIGHTS/ENC_WEIGHTS=random)"
+  ENC_NOTE="RANDOM weights (asked for with REG_ENC_WEIGHTS=random)"
 elif [[ -n "$ENC_WEIGHTS_SPEC" ]]; then
   ENC_NOTE="weights from $ENC_WEIGHTS_SPEC"
-elif "$PY" -c "import sys; from huggingface_hub import try_to_load_from_cache as f; \
-sys.exit(0 if isinstance(f('timm/vit_small_patch14_dinov2.lvd142m', 'model.safetensors'), str) else 1)" 2>/dev/null; then
+elif LOCAL=$("$PY" -c "from models.encoders import local_weights; print(local_weights('dinov2-vit-s') or '')" 2>/dev/null) \
+     && [[ -n "$LOCAL" ]]; then
   ENC_WEIGHTS_SPEC=hub
-  ENC_NOTE="pretrained weights from the HF cache (timm/vit_small_patch14_dinov2.lvd142m)"
+  ENC_NOTE="pretrained weights found locally ($LOCAL)"
 else
   ENC_WEIGHTS_SPEC=random
-  ENC_NOTE="RANDOM weights (no REG_ENC_WEIGHTS/ENC_WEIGHTS and not in the HF cache): the alignment and class-token targets are features of a random network"
+  ENC_NOTE="RANDOM weights (no REG_ENC_WEIGHTS and none in the torch.hub or HF cache): the alignment and class-token targets are features of a random network"
 fi
 
 # Inception weights: REG_INCEPTION_WEIGHTS, torch-fidelity's file in the torch hub cache, or random.
@@ -151,33 +158,45 @@ stage 2 encode "images -> latents with the $VAE codec"
 "$PY" preprocessing/dataset_tools.py encode --source "$DATA/imagenet_${RES}_vae" --dest "$DATA/vae-sd" \
   --model-url "$VAE" --batch-size 64 --num-workers 0
 
-stage 3 train "SiT-T/2 + REG through accelerate (encoder dinov2-vit-s: ${ENC_WEIGHTS_SPEC})"
+EVAL_FLAGS=(--eval-every "$EVAL_EVERY" --eval-ref "$REF_NPZ" --eval-samples "$EVAL_SAMPLES" --eval-batch-size 64
+            "${INCEPTION_FLAGS[@]}")
+stage 3 train "SiT-T/2 + REG through accelerate (encoder dinov2-vit-s: ${ENC_WEIGHTS_SPEC}), FID every $EVAL_EVERY steps"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train.py --model SiT-T/2 --resolution "$RES" --num-classes "$NUM_CLASSES" --data-dir "$DATA" \
   --enc-type dinov2-vit-s --enc-weights "$ENC_WEIGHTS_SPEC" --encoder-depth 2 --projector-dim 256 \
   --batch-size "$BATCH" --learning-rate "$LR" --ema-decay "$EMA" --max-train-steps "$STEPS" \
   --checkpointing-steps "$STEPS" --log-every "$LOG_EVERY" --num-workers 1 --report-to none \
-  --output-dir "$OUT/exps" --exp-name "$EXP"
+  --output-dir "$OUT/exps" --exp-name "$EXP" "${EVAL_FLAGS[@]}"
 CKPT=$(ls "$RUN"/checkpoints/ema_*.safetensors | sort | tail -n 1)
 
-stage 4 sample "$SAMPLES images from $(basename "$CKPT"), image i of class i mod $NUM_CLASSES (--balanced)"
+stage 4 baseline "the plain SiT-T/2 baseline (--method sit: no alignment, no class token), the same evaluations"
+accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  train.py --model SiT-T/2 --method sit --resolution "$RES" --num-classes "$NUM_CLASSES" --data-dir "$DATA" \
+  --batch-size "$BATCH" --learning-rate "$LR" --ema-decay "$EMA" --max-train-steps "$STEPS" \
+  --checkpointing-steps "$STEPS" --log-every "$LOG_EVERY" --num-workers 1 --report-to none \
+  --output-dir "$OUT/exps" --exp-name demo-sit "${EVAL_FLAGS[@]}"
+
+stage 5 sample "$SAMPLES images from $(basename "$CKPT"), image i of class i mod $NUM_CLASSES (--balanced)"
 "$PY" generate.py --ckpt "$CKPT" --mode sde --num-steps "$SAMPLER_STEPS" --cfg-scale "$CFG" --cls-cfg-scale "$CFG" \
   --num-fid-samples "$SAMPLES" --per-proc-batch-size 64 --balanced --grid "$SAMPLES" \
   --sample-dir "$SAMPLE_DIR" --run-name demo
 SAMPLE_NPZ=$SAMPLE_DIR/demo.npz
 GRID_PNG=$SAMPLE_DIR/demo-grid.png
 
-stage 5 evaluate "$SAMPLES samples vs $NUM_REF training images (two 2048x2048 sqrtm: the slow part)"
+stage 6 evaluate "$SAMPLES samples vs $NUM_REF training images"
 "$PY" -m evaluations.evaluator "$REF_NPZ" "$SAMPLE_NPZ" --save-path "$METRICS_JSON" "${INCEPTION_FLAGS[@]}" \
   --batch-size 64
 
-stage 6 plot "loss terms over the training steps"
+stage 7 compare "REG against plain SiT: FID during training and the loss terms"
+"$PY" -m evaluations.compare "$RUN" "$BASE_RUN" --out "$COMPARE"
+
+stage 8 plot "loss terms over the training steps"
 "$PY" plot_losses.py "$RUN/metrics.jsonl" --out "$LOSS_PNG"
 
 # ---------------------------------------------------------------------------------------- summary
 TIMES+="$STAGE $((SECONDS - STAGE_START)) s"
 STAGE=summary
-for f in "$CKPT" "$GRID_PNG" "$LOSS_PNG" "$METRICS_JSON" "$SAMPLE_NPZ"; do
+for f in "$CKPT" "$GRID_PNG" "$LOSS_PNG" "$METRICS_JSON" "$SAMPLE_NPZ" "$COMPARE/comparison.md" "$COMPARE/comparison.png"; do
   [[ -s "$f" ]] || { echo "demo.sh: expected output $f is missing" >&2; false; }
 done
 echo
@@ -190,10 +209,12 @@ echo "  checkpoint    $CKPT"
 echo "  sample grid   $GRID_PNG   ($GRID_NOTE)"
 echo "  loss plot     $LOSS_PNG"
 echo "  metrics JSON  $METRICS_JSON"
+echo "  comparison    $COMPARE/comparison.md and $COMPARE/comparison.png   (REG vs SiT: FID over steps, losses below)"
 echo "  (also: samples $SAMPLE_NPZ, training log $RUN/log.txt and $RUN/metrics.jsonl)"
 "$PY" - "$RUN/metrics.jsonl" "$METRICS_JSON" "$ENC_WEIGHTS_SPEC" <<'EOF'
 import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+records = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+lines = [r for r in records if "loss" in r]  # training lines (evaluation lines carry fid instead)
 first, last = lines[0], lines[-1]
 m = json.load(open(sys.argv[2]))
 enc = " (random DINOv2-S)" if sys.argv[3] == "random" else ""

@@ -24,7 +24,8 @@ TITLES = {
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl file, in step order. Blank lines are skipped."""
+    """The training records of a metrics.jsonl file, in step order. Blank lines and evaluation records
+    (those with a `fid`, written by --eval-every at the same steps) are skipped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metrics file {path} does not exist (train.py writes it every --log-every steps)")
     records = []
@@ -35,10 +36,11 @@ def read_metrics(path: str) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if "step" not in record:
                 raise ValueError(f"{path}:{lineno}: record has no 'step' key (keys: {sorted(record)})")
-            records.append(record)
+            if "fid" not in record:
+                records.append(record)
     if not records:
         raise ValueError(f"{path} holds no records: has the run logged anything yet?")
     # A resumed run appends; keep the last record of each step so a replayed interval is drawn once.

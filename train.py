@@ -122,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-cls-cfg", type=float, default=0.0)
     g.add_argument("--eval-guidance-high", type=float, default=1.0)
     g.add_argument("--eval-batch-size", type=int, default=64, help="per process")
-    g.add_argument("--inception-weights", default=None, help="Inception-v3 weights file ('random' for smoke tests)")
+    g.add_argument("--inception-weights", default=None,
+                   help="Inception-v3 weights file ('random' for smoke tests; None: $REG_INCEPTION_WEIGHTS, then the "
+                        "torch hub cache)")
 
     args = p.parse_args(argv)
     try:

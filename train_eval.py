@@ -13,13 +13,13 @@ import torch
 
 class InTrainingEval:
     def __init__(self, args: argparse.Namespace, config: dict, accelerator, log):
-        from evaluations.evaluator import build_inception, load_reference
+        from evaluations.evaluator import build_inception, load_reference, resolve_weights
         from models.vae import load_vae
 
         self.args, self.config, self.acc, self.log = args, config, accelerator, log
         device = accelerator.device
         # everything that can fail (weights, reference, VAE) fails at start-up, not hours into the run
-        self.inception = build_inception(args.inception_weights, device=device)
+        self.inception = build_inception(resolve_weights(args.inception_weights), device=device)
         self.vae = load_vae(config["vae"], device=device)
         self.ref = None
         if accelerator.is_main_process:

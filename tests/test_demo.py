@@ -76,7 +76,7 @@ def test_reduced_demo_writes_every_output_and_the_loss_falls(tmp_path):
     steps, samples, classes = 8, 16, 4
     env = demo_env(tmp_path, DEMO_OUT=str(out), DEMO_IMAGES="64", DEMO_CLASSES=str(classes),
                    DEMO_STEPS=str(steps), DEMO_BATCH="16", DEMO_LOG_EVERY="2", DEMO_SAMPLES=str(samples),
-                   DEMO_SAMPLER_STEPS="8", DEMO_REF="8")
+                   DEMO_SAMPLER_STEPS="8", DEMO_REF="8", DEMO_EVAL_SAMPLES="4")
     proc = run_demo(env)
     assert proc.returncode == 0, explain(proc)
 
@@ -110,18 +110,32 @@ def test_reduced_demo_writes_every_output_and_the_loss_falls(tmp_path):
 
     # The loss fell: first vs last logged interval.
     records = [json.loads(line) for line in (out / "exps" / "demo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fid" in r]
+    records = [r for r in records if "loss" in r]
     assert [r["step"] for r in records] == list(range(2, steps + 1, 2))
+    assert [r["step"] for r in evals] == [steps // 2, steps]  # FID during training, DEMO_STEPS/2 apart
+
+    # The comparison of REG and the plain SiT baseline: a table holding both runs' FIDs, and the figure.
+    table = json.loads((out / "compare" / "comparison.json").read_text())
+    rows = {r["run"]: r for r in (table["rows"] if isinstance(table, dict) else table)}
+    base = [json.loads(l) for l in (out / "exps" / "demo-sit" / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows) == {"demo", "demo-sit"}
+    assert rows["demo"]["method"] == "reg" and rows["demo-sit"]["method"] == "sit"
+    assert math.isclose(rows["demo"]["latest_fid"], evals[-1]["fid"])
+    assert math.isclose(rows["demo-sit"]["latest_fid"], [r for r in base if "fid" in r][-1]["fid"])
+    assert "| demo-sit |" in proc.stdout and (out / "compare" / "comparison.png").stat().st_size > 0
     assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
 
     # The output says which weights were used, and sums up.
-    assert "pretrained weights from the HF cache" in proc.stdout and "(encoder dinov2-vit-s: hub)" in proc.stdout
+    assert "pretrained weights found locally" in proc.stdout and "(encoder dinov2-vit-s: hub)" in proc.stdout
     assert "RANDOM weights" not in proc.stdout + proc.stderr  # neither the demo nor train.py fell back to random
     assert "RANDOM Inception weights" in proc.stdout
     assert "column k = class k" in proc.stdout
     summary = [line for line in proc.stdout.splitlines() if line.startswith("summary:")]
     assert len(summary) == 2 and "loss" in summary[0] and "FID" in summary[1] and "RANDOM" in summary[1]
-    for number, name in enumerate(("data", "encode", "train", "sample", "evaluate", "plot"), 1):
-        assert f"==> [{number}/6] {name}:" in proc.stdout
+    stages = ("data", "encode", "train", "baseline", "sample", "evaluate", "compare", "plot")
+    for number, name in enumerate(stages, 1):
+        assert f"==> [{number}/8] {name}:" in proc.stdout
 
 
 def dry_run(tmp_path: Path, **settings: str) -> str:
@@ -135,14 +149,17 @@ def test_dry_run_says_which_weights_would_be_used(tmp_path):
     # Nothing local: random encoder and random Inception, both said out loud.
     text = dry_run(tmp_path)
     assert "encoder dinov2-vit-s: RANDOM weights" in text and "evaluator: RANDOM Inception weights" in text
-    # A local file wins over the HF cache; REG_ENC_WEIGHTS wins over ENC_WEIGHTS (train.sh's name).
-    fake_hf_cache_file(tmp_path / "hf", DINOV2_S_REPO, "model.safetensors").write_bytes(b"x")
-    assert "pretrained weights from the HF cache" in dry_run(tmp_path)
-    assert "weights from /w/enc.pth" in dry_run(tmp_path, ENC_WEIGHTS="/w/enc.pth")
-    assert "weights from /w/reg.pth" in dry_run(tmp_path, ENC_WEIGHTS="/w/enc.pth", REG_ENC_WEIGHTS="/w/reg.pth")
+    # REG_ENC_WEIGHTS wins over the torch.hub cache, which wins over the HF cache.
+    cached = fake_hf_cache_file(tmp_path / "hf", DINOV2_S_REPO, "model.safetensors")
+    cached.write_bytes(b"x")
+    assert f"pretrained weights found locally ({cached})" in dry_run(tmp_path)
+    hub = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"x")
+    assert f"pretrained weights found locally ({hub})" in dry_run(tmp_path)
+    assert "weights from /w/reg.pth" in dry_run(tmp_path, REG_ENC_WEIGHTS="/w/reg.pth")
     # Inception: torch-fidelity's file under TORCH_HOME, or REG_INCEPTION_WEIGHTS.
     hub_file = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    hub_file.parent.mkdir(parents=True)
     hub_file.write_bytes(b"x")
     assert f"evaluator: Inception weights from {hub_file}" in dry_run(tmp_path)
     assert "evaluator: Inception weights from /w/inc.pth" in dry_run(tmp_path, REG_INCEPTION_WEIGHTS="/w/inc.pth")
@@ -153,7 +170,7 @@ def test_failing_stage_stops_the_demo_and_is_named(tmp_path):
     proc = run_demo(demo_env(tmp_path, DEMO_OUT=str(tmp_path / "out"), DEMO_CLASSES="100"), timeout=120)
     assert proc.returncode != 0
     assert "FAILED in stage 'data'" in proc.stderr, explain(proc)
-    assert "==> [2/6]" not in proc.stdout  # nothing ran after the failing stage
+    assert "==> [2/8]" not in proc.stdout  # nothing ran after the failing stage
 
 
 def test_demo_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
@@ -205,3 +222,10 @@ def test_plot_losses_rejects_bad_input_with_the_file_name(tmp_path):
     no_terms = write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "lr": 1e-3}])
     with pytest.raises(ValueError, match="none of the keys"):
         plot_losses.plot_losses(plot_losses.read_metrics(str(no_terms)), str(tmp_path / "x.png"))
+
+
+def test_plot_losses_skips_evaluation_records(tmp_path):
+    records = [{"step": 2, "loss": 1.0, "loss_denoise": 0.9}, {"step": 2, "fid": 50.0},
+               {"step": 4, "loss": 0.5, "loss_denoise": 0.4}, {"step": 4, "fid": 40.0}]
+    metrics = write_jsonl(tmp_path / "metrics.jsonl", records)
+    assert [r["loss"] for r in plot_losses.read_metrics(str(metrics))] == [1.0, 0.5]
