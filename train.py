@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from checkpoint_io import CheckpointDir, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
-from models.sit import SiT_models, model_depth
+from models.sit import SiT_models, default_encoder_depth, model_depth
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
 from utils import atomic_json_dump, atomic_write, set_fp32_precision
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
     g.add_argument("--method", default="reg", choices=METHODS,
                    help="reg: class token + alignment; repa: alignment only; sit: neither (no encoder loaded)")
-    g.add_argument("--encoder-depth", type=int, default=8, help="block (1-based) whose output is aligned; 4 for B, 8 for L/XL")
+    g.add_argument("--encoder-depth", type=int, default=None,
+                   help="block (1-based) whose output is aligned (None: the paper's, 4 for S/B, 8 for L/XL)")
     g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLP")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="LayerNorm on q and k")
     g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True, help="PyTorch SDPA (flash) attention")
@@ -152,6 +153,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.proj_coeff < 0 or args.cls < 0:
         raise ValueError("--proj-coeff and --cls must be >= 0")
     depth = model_depth(args.model)
+    if args.encoder_depth is None:
+        args.encoder_depth = default_encoder_depth(args.model)
     if args.proj_coeff > 0 and not 1 <= args.encoder_depth <= depth:
         raise ValueError(f"--encoder-depth must be in [1, {depth}] for {args.model}, got {args.encoder_depth}")
     if args.method != "sit":

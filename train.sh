@@ -3,7 +3,7 @@
 # v-prediction, uniform t, DINOv2-B, proj-coeff 0.5, cls 0.03; arXiv 2507.01467, Sec. 4.1).
 #
 #   bash train.sh                                   # SiT-XL/2 + REG on one 8-GPU node
-#   PRESET=B bash train.sh --max-train-steps 400000 # SiT-B/2 (encoder depth 4); extra flags go to train.py
+#   PRESET=B bash train.sh --max-train-steps 400000 # SiT-B/2 (train.py aligns block 4 for B, 8 for L/XL); extra flags go to train.py
 #   NUM_NODES=4 NODE_RANK=$RANK MAIN_ADDR=$MASTER_ADDR bash train.sh   # on every node
 #
 # Environment: PRESET (B|L|XL), NUM_GPUS (per node), NUM_NODES, NODE_RANK, MAIN_ADDR, MAIN_PORT,
@@ -15,9 +15,9 @@ cd "$(dirname "$0")"
 
 PRESET=${PRESET:-XL}
 case "$PRESET" in
-  B)  MODEL=SiT-B/2;  ENC_DEPTH=4 ;;
-  L)  MODEL=SiT-L/2;  ENC_DEPTH=8 ;;
-  XL) MODEL=SiT-XL/2; ENC_DEPTH=8 ;;
+  B)  MODEL=SiT-B/2 ;;
+  L)  MODEL=SiT-L/2 ;;
+  XL) MODEL=SiT-XL/2 ;;
   *)  echo "train.sh: unknown PRESET=$PRESET (use B, L or XL)" >&2; exit 2 ;;
 esac
 NUM_GPUS=${NUM_GPUS:-8}
@@ -36,7 +36,7 @@ MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 DATA_DIR=${DATA_DIR:-data}
 OUTPUT_DIR=${OUTPUT_DIR:-exps}
-EXP_NAME=${EXP_NAME:-${MODEL//\//-}-reg-linear-dinov2-b-enc${ENC_DEPTH}}
+EXP_NAME=${EXP_NAME:-${MODEL//\//-}-reg-linear-dinov2-b}
 PRECISION=${PRECISION:-bf16}
 REPORT_TO=${REPORT_TO:-tensorboard}
 
@@ -53,7 +53,6 @@ flags=(
   --model "$MODEL"
   --enc-type dinov2-vit-b
   --proj-coeff 0.5
-  --encoder-depth "$ENC_DEPTH"   # 4 for SiT-B, 8 for SiT-L/XL
   --output-dir "$OUTPUT_DIR"
   --exp-name "$EXP_NAME"
   --batch-size 256

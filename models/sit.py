@@ -426,6 +426,16 @@ def parse_model_name(name: str) -> tuple[str, int]:
     return size, int(patch)
 
 
+# The block whose output is aligned to the encoder (REG, arXiv 2507.01467 Sec. 4.1, after REPA): 8 for L and XL,
+# 4 for B; S and the tiny T (6 blocks) use B's 4.
+ENCODER_DEPTH = {"T": 4, "S": 4, "B": 4, "L": 8, "XL": 8}
+
+
+def default_encoder_depth(name: str) -> int:
+    """The paper's alignment depth for a registry model, e.g. default_encoder_depth('SiT-B/2') == 4."""
+    return ENCODER_DEPTH[parse_model_name(name)[0]]
+
+
 def model_depth(name: str) -> int:
     """Number of transformer blocks of a registry model, e.g. model_depth('SiT-XL/2') == 28."""
     return SIZES[parse_model_name(name)[0]][0]

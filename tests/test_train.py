@@ -244,10 +244,14 @@ def test_train_sh_passes_every_flag_and_extra_arguments():
     out = subprocess.run(["bash", str(ROOT / "train.sh"), "--max-train-steps", "5"], env=env,
                          capture_output=True, text=True, check=True).stdout
     for piece in ("--num_processes 8", "--num_machines 2", "--machine_rank 1", "--main_process_ip 10.0.0.1",
-                  "--multi_gpu", "--model SiT-B/2", "--encoder-depth 4", "--proj-coeff 0.5", "--cls 0.03",
+                  "--multi_gpu", "--model SiT-B/2", "--proj-coeff 0.5", "--cls 0.03",
                   "--batch-size 256", "--enc-weights /w/dinov2_vitb14_pretrain.pth", "--max-train-steps 5"):
         assert piece in out, piece
     assert out.index("--cls 0.03") < out.index("--max-train-steps 5")  # extra flags come last and win
+    # the alignment depth follows the model (the paper's 4 for B, 8 for L/XL) unless given
+    assert "--encoder-depth" not in out
+    assert [train.parse_args(["--model", m]).encoder_depth for m in ("SiT-B/2", "SiT-L/2", "SiT-XL/2")] == [4, 8, 8]
+    assert train.parse_args(["--model", "SiT-B/2", "--encoder-depth", "8"]).encoder_depth == 8
     bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "PRESET": "Q"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown PRESET" in bad.stderr
 
