@@ -364,10 +364,6 @@ class CustomDataset(Dataset):
         """C, the channels of one latent (the moments file holds 2C)."""
         return self._channels
 
-    @property
-    def num_channels(self) -> int:
-        return self._channels
-
     def __len__(self) -> int:
         return len(self.latent_names)
 

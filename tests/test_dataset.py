@@ -51,7 +51,7 @@ def zip_folder(folder, archive, prefix: str = ""):
 def test_items_match_files(tmp_path):
     images, moments, labels = make_data(tmp_path, n=5, res=32)
     ds = CustomDataset(str(tmp_path), resolution=32, num_classes=10)
-    assert len(ds) == 5 and ds.latent_channels == ds.num_channels == 4
+    assert len(ds) == 5 and ds.latent_channels == 4
     assert ds.vae_info["latent_channels"] == 4 and ds.vae_info["scaling_factor"] == 0.18215  # SD defaults
     for i in range(5):
         image, mom, label = ds[i]
