@@ -23,12 +23,13 @@ import numpy as np
 LOSS0_REL_TOL = 2e-2  # bf16 autocast against fp32 at step 0 (same seed, same weights)
 
 
-def make_data(dest: Path, num_images: int, resolution: int, num_classes: int = 1000, seed: int = 0) -> None:
+def make_data(dest: Path, num_images: int, resolution: int, num_classes: int = 1000, seed: int = 0,
+              image_dir: str | None = None) -> None:
     """DATA/imagenet_{R}_vae/00000/img*.png, DATA/vae-sd/00000/img-mean-std-*.npy and vae-sd/dataset.json,
     plus DATA/ref.npz (128 images, the evaluator's reference batch)."""
     import PIL.Image
     rng = np.random.default_rng(seed)
-    img_dir, lat_dir = dest / f"imagenet_{resolution}_vae" / "00000", dest / "vae-sd" / "00000"
+    img_dir, lat_dir = dest / (image_dir or f"imagenet_{resolution}_vae") / "00000", dest / "vae-sd" / "00000"
     img_dir.mkdir(parents=True, exist_ok=True)
     lat_dir.mkdir(parents=True, exist_ok=True)
     lat, labels = resolution // 8, []
