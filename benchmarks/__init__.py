@@ -1,1 +1,1 @@
-"""Speed benchmarks (issue 8): `python -m benchmarks.run --help`."""
+"""Speed benchmarks: `python -m benchmarks.run --help`, `bash benchmarks/gpu_check.sh`, `benchmarks/cpu_vs_original.py`."""
