@@ -445,7 +445,7 @@ def make_sample_grid(args: argparse.Namespace, config: dict, device: torch.devic
     """EMA sample grids during training: 16 images, the same seeds every time (SDE, 50 steps, no guidance)."""
     from torchvision.utils import make_grid, save_image
 
-    from generate import generate_images
+    from generation import generate_images
     from models.vae import load_vae
 
     vae = load_vae(config["vae"], device=device)  # fails at start-up, not hours into the run
