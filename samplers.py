@@ -23,9 +23,10 @@ Randomness (SDE only) has one source: ``randn_like(x) -> eps``, a callable retur
 normal noise shaped like ``x`` (EDM2's convention). The default is ``torch.randn_like`` (torch's
 global generator). ``per_sample_randn_like(generators)`` builds one from N per-sample generators:
 row i of every draw comes from ``generators[i]`` alone, so a sample's trajectory depends only
-on its own generator and comes out the same whatever batch it is in. ``generate.py`` draws the
-initial latents, the initial class token and then, on every step, the latent noise and the
-class-token noise of image i from its own generator, in that order.
+on its own generator and comes out the same whatever batch it is in. ``generation.generate_images``
+(behind generate.py, sweep.py and train.py's FID) draws the initial latents, the initial class token
+and then, on every step, the latent noise and the class-token noise of image i from its own
+generator, in that order.
 """
 from __future__ import annotations
 
@@ -56,13 +57,6 @@ def per_sample_randn_like(generators: Sequence[torch.Generator]) -> RandnLike:
             raise ValueError(f"got {len(generators)} per-sample generators for a batch of {x.shape[0]}")
         rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=x.dtype, device=g.device) for g in generators]
         return torch.stack(rows).to(x.device)
-    return randn_like
-
-
-def generator_randn_like(generator: torch.Generator) -> RandnLike:
-    """A ``randn_like`` drawing the whole batch from one generator (on its device)."""
-    def randn_like(x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(tuple(x.shape), generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
     return randn_like
 
 
@@ -232,7 +226,6 @@ def euler_maruyama_sampler(
     guidance_high: float = 1.0,
     path_type: str = "linear",
     randn_like: RandnLike | None = None,
-    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Euler-Maruyama on the reverse SDE, jointly for the latents and the class token.
 
@@ -245,13 +238,8 @@ def euler_maruyama_sampler(
 
     latents: (N, C, H, W) initial noise; cls_latents: (N, z) initial noise or None; y: (N,)
     labels. Returns the final (latents, cls_token) in the dtypes of the inputs (cls_token None
-    if cls_latents is None). ``randn_like`` is the noise source (see the module docstring);
-    ``generator`` is shorthand for ``randn_like=generator_randn_like(generator)``.
+    if cls_latents is None). ``randn_like`` is the noise source (see the module docstring).
     """
-    if generator is not None:
-        if randn_like is not None:
-            raise ValueError("pass randn_like or generator, not both")
-        randn_like = generator_randn_like(generator)
     randn_like = randn_like or torch.randn_like
     forward, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps, cfg_scale=cfg_scale,
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,

@@ -6,8 +6,8 @@
     torchrun --nproc_per_node 8 sweep.py ...       # every process samples its share; rank 0 scores
 
 Every list flag takes comma-separated values and the grid is their product (--mode, --num-steps,
---cfg-scale, --cls-cfg-scale, --guidance-low, --guidance-high). Every setting samples the same images
-indices 0..N-1 with the same per-image seeds as generate.py (generate.generate_images), so settings
+--cfg-scale, --cls-cfg-scale, --guidance-low, --guidance-high). Every setting samples the same image
+indices 0..N-1 with the same per-image seeds as generate.py (generation.generate_images), so settings
 differ only by the sampler, never by the noise or the classes. Images stay in memory: decoded on the
 GPU, fed to the Inception network (evaluations.evaluator.FeatureAccumulator), gathered to rank 0.
 The reference batch's statistics are computed once and cached in the output folder.
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import generate
 from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
+from generation import DistInfo, generate_images, init_distributed
 from models.vae import load_vae
 from utils import atomic_json_dump, atomic_write, set_fp32_precision
 
@@ -68,8 +68,18 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written and every default in --help; flags whose default is None say in their
+    help what they fall back to."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=generate._HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("checkpoint and reference")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}", help="as generate.py's --ckpt")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
@@ -262,7 +272,7 @@ def write_plot(out: Path, rows: list[dict]) -> None:
 # Main
 
 
-def _gather_features(feats: dict[str, np.ndarray], info: generate.DistInfo, num: int) -> dict[str, np.ndarray] | None:
+def _gather_features(feats: dict[str, np.ndarray], info: DistInfo, num: int) -> dict[str, np.ndarray] | None:
     """Rank r holds images r, r + W, ...; rank 0 gets every image's features in index order."""
     if info.world_size == 1:
         return feats
@@ -287,7 +297,7 @@ def main(args: argparse.Namespace) -> dict | None:
     if args.num_samples < 2 or args.per_proc_batch_size < 1:
         raise ValueError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
     requested, distinct = build_grid(args)
-    info = generate.init_distributed(args.device)
+    info = init_distributed(args.device)
     try:
         if args.num_samples < info.world_size:
             raise ValueError(f"--num-samples {args.num_samples} < {info.world_size} processes")
@@ -297,7 +307,7 @@ def main(args: argparse.Namespace) -> dict | None:
             dist.destroy_process_group()
 
 
-def _sweep(args, info: generate.DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
+def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
     device = info.device
     set_fp32_precision("tf32" if args.tf32 else "ieee")
     spec = args.ckpt
@@ -345,7 +355,7 @@ def _sweep(args, info: generate.DistInfo, requested: list[dict], distinct: list[
     for n, s in enumerate(todo):
         start = time.perf_counter()
         acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
-        for _, images, _ in generate.generate_images(
+        for _, images, _ in generate_images(
                 model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes,
                 balanced=args.balanced, mode=s["mode"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
                 cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],

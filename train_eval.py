@@ -37,7 +37,7 @@ class InTrainingEval:
         """This process's share of the images, straight into Inception: (indices, features). Image i's
         seed depends only on (--seed, i), so every evaluation sees the same noise and classes."""
         from evaluations.evaluator import FeatureAccumulator
-        from generate import generate_images
+        from generation import generate_images
 
         a, acc = self.args, self.acc
         features = FeatureAccumulator(self.inception)

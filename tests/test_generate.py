@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import generate
+import generation
 from checkpoint_io import save_training_checkpoint
 from models.sit import SiT_models
 
@@ -75,7 +76,7 @@ def test_npz_byte_identical_across_batch_sizes_and_adm_format(assets, tmp_path):
         assert sorted(data.files) == ["arr_0", "arr_1"]
         images, labels = data["arr_0"], data["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)
-    assert labels.dtype == np.int64 and labels.tolist() == generate.class_labels(
+    assert labels.dtype == np.int64 and labels.tolist() == generation.class_labels(
         list(range(6)), global_seed=3, num_classes=NUM_CLASSES, balanced=False).tolist()
     assert images.std() > 1  # not a constant image
     assert len({im.tobytes() for im in images}) == 6  # every image has its own noise
@@ -178,16 +179,16 @@ def test_ode_heun_balanced_grid_without_class_token(assets, tmp_path):
 
 
 def test_per_image_seeds_and_labels():
-    seeds = {generate.image_seed(0, i) for i in range(1000)} | {generate.image_seed(1, i) for i in range(1000)}
+    seeds = {generation.image_seed(0, i) for i in range(1000)} | {generation.image_seed(1, i) for i in range(1000)}
     assert len(seeds) == 2000  # no collisions between indices or neighbouring global seeds
-    assert generate.image_seed(5, 7) == generate.image_seed(5, 7)
-    assert generate.image_seed(5, 7, generate.LABEL_STREAM) != generate.image_seed(5, 7)
-    labels = generate.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
+    assert generation.image_seed(5, 7) == generation.image_seed(5, 7)
+    assert generation.image_seed(5, 7, generation.LABEL_STREAM) != generation.image_seed(5, 7)
+    labels = generation.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
     assert set(labels.tolist()) == {0, 1, 2, 3} and abs(labels.float().mean().item() - 1.5) < 0.1
     # A label depends on its index only, not on which other indices are asked for.
-    assert generate.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
+    assert generation.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
         [labels[17].item(), labels[3].item()]
-    balanced = generate.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
+    balanced = generation.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
     assert torch.bincount(balanced).tolist() == [100] * 10
 
 
@@ -202,13 +203,13 @@ def test_generate_images_in_memory_equals_the_png_files(assets, tmp_path):
     model.to(torch.float64)
     codec = load_vae(str(assets / "vae"), dtype=torch.float64)
     seen = {}
-    for indices, images, labels in generate.generate_images(
+    for indices, images, labels in generation.generate_images(
             model, codec, [5, 0, 3, 1, 2, 4], global_seed=3, num_classes=NUM_CLASSES, mode="sde", num_steps=6,
             cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7, latents_scale=config["latents_scale"],
             batch_size=5, device="cpu"):
         assert images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
-        assert labels.tolist() == generate.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
-                                                        balanced=False).tolist()
+        assert labels.tolist() == generation.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
+                                                          balanced=False).tolist()
         seen.update(zip(indices, images.numpy()))
     assert sorted(seen) == list(range(6))
     for i, image in seen.items():

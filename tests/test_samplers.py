@@ -283,7 +283,9 @@ def test_default_rng_single_generator_and_randn_like():
     a = euler_maruyama_sampler(model, x1, y, **kw)
     torch.manual_seed(11)
     b = euler_maruyama_sampler(model, x1, y, **kw)
-    c = euler_maruyama_sampler(model, x1, y, generator=torch.Generator().manual_seed(11), **kw)
+    g = torch.Generator().manual_seed(11)
+    c = euler_maruyama_sampler(model, x1, y, randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype),
+                               **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(c[0], a[0])  # CPU default RNG == seeded generator
 
     # randn_like replaces the RNG: zero noise makes the SDE deterministic, and it sees both states.

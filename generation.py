@@ -1,0 +1,168 @@
+"""In-memory image generation with per-image seeds: the one sampling loop behind generate.py (PNGs and
+the ADM npz), sweep.py and train.py's FID and sample grids (through train_eval.py), plus the process
+setup that generate.py and sweep.py share (docs/design.md#sampling).
+
+Image i depends only on (global_seed, i) and the sampler settings: its class comes from a generator
+seeded with SeedSequence([global_seed, i, 1]) (or is i mod num_classes when balanced), and all of its
+noise (initial latents, initial class token, then every SDE step's latent and class-token noise) from
+one CPU torch.Generator seeded with SeedSequence([global_seed, i, 0]). So any batch size, order or
+split of the indices over processes gives the same images.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from samplers import euler_maruyama_sampler, euler_sampler, per_sample_randn_like
+
+NOISE_STREAM, LABEL_STREAM = 0, 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image seeds and labels
+
+
+def image_seed(global_seed: int, index: int, stream: int = NOISE_STREAM) -> int:
+    """A 64-bit seed for image `index`: SeedSequence hashes (seed, index, stream), so seeds of
+    nearby images or runs are unrelated (unlike global_seed + index)."""
+    if global_seed < 0 or index < 0:
+        raise ValueError(f"global seed and index must be >= 0, got {global_seed}, {index}")
+    state = np.random.SeedSequence([global_seed, index, stream]).generate_state(1, dtype=np.uint64)
+    return int(state[0])
+
+
+def image_generators(global_seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: its initial noise and all its SDE noise come from it."""
+    return [torch.Generator().manual_seed(image_seed(global_seed, i, NOISE_STREAM)) for i in indices]
+
+
+def class_labels(indices: Sequence[int], *, global_seed: int, num_classes: int, balanced: bool) -> torch.Tensor:
+    """Class of each image index: i mod num_classes if balanced, else uniform from its own seed."""
+    if balanced:
+        return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
+    labels = [torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+        image_seed(global_seed, i, LABEL_STREAM))).item() for i in indices]
+    return torch.tensor(labels, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory generation: the one code path of generate.py, train.py's FID and sweep.py
+
+
+def _param_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) on the same device, truncating as REPA/REG/ADM do."""
+    images = torch.clamp(255.0 * ((images.float() + 1) / 2), 0, 255)
+    return images.permute(0, 2, 3, 1).to(torch.uint8)
+
+
+@torch.no_grad()
+def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, num_classes: int,
+                    balanced: bool = False, mode: str = "sde", num_steps: int = 250, cfg_scale: float = 1.0,
+                    cls_cfg_scale: float = 0.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
+                    heun: bool = False, path_type: str = "linear", latents_scale: float, batch_size: int,
+                    device, dtype: torch.dtype | None = None
+                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Yield (indices, uint8 images (N, H, W, 3) on `device`, labels (N,)) batch by batch.
+
+    Image i depends only on (global_seed, i) and the settings: its label from class_labels, its
+    noise from image_generators (initial latents, initial class token, then each SDE step's noise),
+    so any batch size, order or split of `indices` gives the same images as generate.py's files.
+    `decode(z)` maps latents / latents_scale to images in [-1, 1]; a VAE object with a `.decode`
+    (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
+    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead.
+    """
+    if mode not in ("sde", "ode"):
+        raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    decode_fn: Callable[[torch.Tensor], torch.Tensor] = getattr(decode, "decode", decode)
+    device = torch.device(device)
+    model_dtype = _param_dtype(model)
+    latent_shape = (model.in_channels, model.input_size, model.input_size)
+    cls_dim = model.cls_dim if model.use_cls_token else None
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                              enabled=dtype is not None and dtype not in (torch.float32, torch.float64))
+    kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale,
+                  guidance_low=guidance_low, guidance_high=guidance_high, path_type=path_type)
+    indices = [int(i) for i in indices]
+    for b in range(0, len(indices), batch_size):
+        batch = indices[b:b + batch_size]
+        randn_like = per_sample_randn_like(image_generators(global_seed, batch))
+        y = class_labels(batch, global_seed=global_seed, num_classes=num_classes, balanced=balanced).to(device)
+        # Initial noise is drawn in float32 whatever the precision, so all precisions share it.
+        z = randn_like(torch.empty(len(batch), *latent_shape)).to(device, model_dtype)
+        c = None if cls_dim is None else randn_like(torch.empty(len(batch), cls_dim)).to(device, model_dtype)
+        with autocast:
+            if mode == "sde":
+                latents, _ = euler_maruyama_sampler(model, z, y, cls_latents=c, randn_like=randn_like, **kwargs)
+            else:
+                latents, _ = euler_sampler(model, z, y, cls_latents=c, heun=heun, **kwargs)
+        images = decode_fn(latents.to(model_dtype) / latents_scale)
+        yield batch, to_uint8(images.to(device)), y
+
+
+# ----------------------------------------------------------------------------------------------
+# Process setup shared by generate.py and sweep.py (every process samples its share of the indices)
+
+
+@dataclass
+class DistInfo:
+    """This process's rank, the number of processes and its device (world_size 1 without a launcher)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def main_first(self, fn: Callable[[], None]) -> None:
+        """Run fn on rank 0; if it raises, every rank raises (instead of waiting at a barrier forever)."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        if self.world_size > 1:
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                raise RuntimeError(f"rank 0 stopped: {message[0]}")
+        if error is not None:
+            raise error
+
+
+def init_distributed(device_flag: str | None, local_rank_flag: int = -1) -> DistInfo:
+    """Plain torch.distributed from the env:// variables that torch.distributed.launch, torchrun
+    and accelerate launch set; a single process without them."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_flag, 0)))
+    if device_flag is None:
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_flag)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(rank=rank, world_size=world_size, device=device)
