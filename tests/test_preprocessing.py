@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from dataset import CustomDataset
-from preprocessing import dataset_tools as dt
 from fixtures import save_tiny_vae
+from preprocessing import dataset_tools as dt
+from preprocessing import transforms
 from preprocessing.synthetic import COLOURS, render, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,23 +56,24 @@ def test_dhariwal_crop_against_hand_computation():
     step = src.resize((258, 150), PIL.Image.Resampling.BOX).resize((129, 75), PIL.Image.Resampling.BOX)
     step = step.resize((110, 64), PIL.Image.Resampling.BICUBIC)
     want = np.asarray(step)[0:64, 23:87]
-    got = np.asarray(dt.center_crop_dhariwal(src, 64))
+    got = np.asarray(transforms.center_crop_dhariwal(src, 64))
     assert got.shape == (64, 64, 3) and np.array_equal(got, want)
     # portrait, no halving (short side 100 < 2*64): BICUBIC to (64, round(64*160/100)=102), crop y from 19
     tall = PIL.Image.fromarray(rng.integers(0, 256, (160, 100, 3), dtype=np.uint8))
     want = np.asarray(tall.resize((64, 102), PIL.Image.Resampling.BICUBIC))[19:83, 0:64]
-    assert np.array_equal(np.asarray(dt.center_crop_dhariwal(tall, 64)), want)
+    assert np.array_equal(np.asarray(transforms.center_crop_dhariwal(tall, 64)), want)
     # already at the resolution: untouched
     square = PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    assert np.array_equal(np.asarray(dt.center_crop_dhariwal(square, 64)), np.asarray(square))
+    assert np.array_equal(np.asarray(transforms.center_crop_dhariwal(square, 64)), np.asarray(square))
 
 
 def test_parse_resolution():
-    assert dt.parse_resolution("256x256") == dt.parse_resolution("256,256") == dt.parse_resolution("256") == (256, 256)
-    assert dt.parse_resolution("512x256") == (512, 256)  # EDM2's WxH, e.g. for center-crop-wide
+    for text in ("256x256", "256,256", "256"):
+        assert transforms.parse_resolution(text) == (256, 256)
+    assert transforms.parse_resolution("512x256") == (512, 256)  # EDM2's WxH, e.g. for center-crop-wide
     for bad in ("abc", "0x0", "256x"):
         with pytest.raises(Exception, match="cannot parse|positive"):
-            dt.parse_resolution(bad)
+            transforms.parse_resolution(bad)
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -110,7 +112,7 @@ def test_convert_folder_labels_and_skips(tmp_path, capsys):
     # the crop is the ADM one, applied to the RGB-converted source
     src = PIL.Image.open(tmp_path / "src" / "n03" / "n03_1.png").convert("RGB")
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out" / dt.image_name(8))),
-                          np.asarray(dt.center_crop_dhariwal(src, 32)))
+                          np.asarray(transforms.center_crop_dhariwal(src, 32)))
     with pytest.raises(FileExistsError, match="not empty"):
         dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out")]))
 
@@ -278,17 +280,17 @@ def test_edm_transforms_by_hand():
     band = np.asarray(PIL.Image.fromarray(arr[21:69]).resize((64, 32), PIL.Image.Resampling.LANCZOS))
     want = np.zeros((64, 64, 3), np.uint8)
     want[16:48] = band
-    got = dt.make_transform("center-crop-wide", (64, 32))(src)
+    got = transforms.make_transform("center-crop-wide", (64, 32))(src)
     assert np.array_equal(np.asarray(got), want)
-    assert dt.make_transform("center-crop-wide", (128, 64))(src) is None  # narrower than 128: skipped, as EDM2
-    assert dt.make_transform("center-crop-wide", (120, 100))(src) is None  # band of 90 rows < 100
+    assert transforms.make_transform("center-crop-wide", (128, 64))(src) is None  # narrower than 128: skipped, as EDM2
+    assert transforms.make_transform("center-crop-wide", (120, 100))(src) is None  # band of 90 rows < 100
     # center-crop: the centred 90x90 square from column 15, LANCZOS to 32x32
     want = np.asarray(PIL.Image.fromarray(arr[:, 15:105]).resize((32, 32), PIL.Image.Resampling.LANCZOS))
-    assert np.array_equal(np.asarray(dt.make_transform("center-crop", (32, 32))(src)), want)
+    assert np.array_equal(np.asarray(transforms.make_transform("center-crop", (32, 32))(src)), want)
     # no transform: LANCZOS resize to --resolution (aspect not kept), or untouched without it
     want = np.asarray(src.resize((32, 32), PIL.Image.Resampling.LANCZOS))
-    assert np.array_equal(np.asarray(dt.make_transform(None, (32, 32))(src)), want)
-    assert dt.make_transform(None, None)(src) is src
+    assert np.array_equal(np.asarray(transforms.make_transform(None, (32, 32))(src)), want)
+    assert transforms.make_transform(None, None)(src) is src
 
 
 def test_convert_sizes_must_agree_without_resolution(tmp_path):
