@@ -50,7 +50,7 @@ from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
 from generation import DistInfo, class_labels, generate_images, init_distributed
 from models.sit import SiT_models
 from models.vae import load_vae
-from utils import atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
+from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
 
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this IEND chunk
@@ -64,19 +64,9 @@ SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "
 # Command line
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help (flags whose default is None say in
-    their help what they fall back to: the checkpoint's value, inferred from the weights, ...)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The original generate.py's flags (same names and meanings), plus ours."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     g = p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
 from models.vae import load_vae
-from utils import atomic_json_dump, atomic_write, set_fp32_precision
+from utils import HelpFormatter, atomic_json_dump, atomic_write, set_fp32_precision
 
 # What every stored metric depends on besides its own sampler setting.
 MANIFEST_KEYS = ("checkpoint", "ema", "reference", "inception_weights_id", "global_seed", "num_samples",
@@ -68,18 +68,8 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written and every default in --help; flags whose default is None say in their
-    help what they fall back to."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("checkpoint and reference")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}", help="as generate.py's --ckpt")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")

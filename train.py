@@ -28,7 +28,7 @@ from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import SiT_models, default_encoder_depth, model_depth
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
-from utils import atomic_json_dump, atomic_write, set_fp32_precision
+from utils import HelpFormatter, atomic_json_dump, atomic_write, set_fp32_precision
 
 METHODS = ("reg", "repa", "sit")
 
@@ -133,10 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -1,10 +1,12 @@
-"""Small helpers every stage shares: atomic file writes and the fp32 matmul precision switch.
+"""Small helpers every stage shares: atomic file writes, the fp32 matmul precision switch and the
+--help format of every command-line tool.
 
 Ground floor: imports nothing from this repository, so the evaluator, the preprocessing tools,
 the checkpoint code and the entry points can all use it.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -100,3 +102,16 @@ def set_fp32_precision(mode: str) -> None:
         raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help; a flag whose default is None
+    says in its own help what it falls back to."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)

@@ -12,7 +12,7 @@
    Step k is seeded as train.py seeds it, and both start from the same weights, so step 0 computes the
    same loss: the run prints both and their difference. Also FLOPs per image
    (`training_flops_per_image`), TFLOP/s, MFU (`peak_tflops`), peak memory and compile (warm-up) time.
-2. sample: `generate.generate_images` (generate.py's loop) with the 250-step SDE, cfg 2.3, cls-cfg 2.3,
+2. sample: `generation.generate_images` (generate.py's loop) with the 250-step SDE, cfg 2.3, cls-cfg 2.3,
    guidance t <= 0.85: eager fp32 vs compiled bf16.
 3. eval:   Inception features in images/s (ADM's synchronous batches of 64 vs the evaluator's prefetching
    reader), and the five ADM metrics on 50K x 10K random features; their sum estimates a 50K evaluation.
@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import torch
 
-from generate import generate_images
+from generation import generate_images
 from models.encoders import load_encoders
 from models.sit import build_model, parse_model_name
 from training import StepConfig, make_optimizer, peak_tflops, step_seed, train_step, training_flops_per_image
@@ -341,7 +341,7 @@ def report(results: dict) -> str:
                             for r in train]))
     sample = [r for r in rows if r["section"] == "sample"]
     if sample:
-        parts.append(f"Sampling (generate.generate_images): SDE {sample[0]['steps']} steps, cfg {CFG_SCALE}, "
+        parts.append(f"Sampling (generation.generate_images): SDE {sample[0]['steps']} steps, cfg {CFG_SCALE}, "
                      f"cls-cfg {CLS_CFG_SCALE}, guidance t <= {GUIDANCE_HIGH}, batch {sample[0]['batch']}")
         parts.append(table(["model", "path", "config", "img/s", "s/batch", "warm-up s", "peak GB", "speed-up"],
                            [[r["model"], r["path"], r["config"], fmt(r["img_per_s"], ".2f"), fmt(r["seconds"], ".2f"),

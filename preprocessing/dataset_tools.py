@@ -51,7 +51,7 @@ from tqdm import tqdm
 from dataset import FileTree, decode_image, is_image_name, parse_labels, read_dataset_json
 from models.vae import load_vae
 from preprocessing.transforms import TRANSFORMS, check_output_size, make_transform, parse_resolution
-from utils import atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
+from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
@@ -397,16 +397,12 @@ def encode(args: argparse.Namespace) -> dict:
 # CLI
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="images -> uncompressed PNGs (+ crop/resize) + dataset.json",
-                       formatter_class=_HelpFormatter)
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("input/output (EDM2's flags)")
     g.add_argument("--source", required=True, metavar="PATH",
                    help="input folder (ImageFolder style: class = sorted top-level folder) or .zip")
@@ -423,7 +419,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode/crop processes (0: in the main process)")
 
     p = sub.add_parser("encode", help="converted PNGs -> VAE posterior mean||std .npy + dataset.json",
-                       formatter_class=_HelpFormatter)
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("input/output (EDM2's flags)")
     g.add_argument("--source", required=True, metavar="PATH", help="output of convert (folder or .zip)")
     g.add_argument("--dest", required=True, metavar="PATH",

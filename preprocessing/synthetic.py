@@ -29,6 +29,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from utils import HelpFormatter
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "crescent")
 COLOURS = {
     "red": (225, 45, 45), "green": (50, 190, 70), "blue": (60, 110, 240), "yellow": (240, 215, 50),
@@ -119,8 +121,7 @@ def write_dataset(dest: str, *, num_images: int, resolution: int = 64, num_class
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dest", required=True, metavar="DIR", help="output folder (empty or new)")
     p.add_argument("--num-images", type=int, default=512, metavar="INT", help="how many images")
     p.add_argument("--resolution", type=int, default=64, metavar="INT", help="image side, a multiple of 8")

@@ -122,7 +122,7 @@ def test_gpu_check_quick_mode_runs_end_to_end(tmp_path):
     assert "FAIL" not in text
     row = next(line for line in text.splitlines() if line.startswith("| SiT-T/2 | 4 | 2 |"))
     assert float(row.split("|")[4]) > 0  # img/s from train.py's metrics.jsonl
-    for header in ("Training step (training.train_step)", "Sampling (generate.generate_images)",
+    for header in ("Training step (training.train_step)", "Sampling (generation.generate_images)",
                    "Evaluator", "PASS: SiT-T/2: step-0 loss"):
         assert header in text
     bench_rows = json.loads((tmp_path / "work" / "bench_1.json").read_text())["rows"]
