@@ -108,10 +108,10 @@ def set_fp32_precision(mode: str) -> None:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help; a flag whose default is None
-    says in its own help what it falls back to."""
+    """The module docstring as written, and every flag's default in --help (a None default whose help
+    already says what None means, "(None: ...)", is not repeated)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None:
-            return action.help or ""
+        if action.default is None and "None" in (action.help or ""):
+            return action.help
         return super()._get_help_string(action)

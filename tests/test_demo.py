@@ -149,20 +149,21 @@ def test_dry_run_says_which_weights_would_be_used(tmp_path):
     # Nothing local: random encoder and random Inception, both said out loud.
     text = dry_run(tmp_path)
     assert "encoder dinov2-vit-s: RANDOM weights" in text and "evaluator: RANDOM Inception weights" in text
-    # REG_ENC_WEIGHTS wins over the torch.hub cache, which wins over the HF cache.
+    # The HF cache is found; the torch.hub cache wins over it; torch-fidelity's file under TORCH_HOME is found.
     cached = fake_hf_cache_file(tmp_path / "hf", DINOV2_S_REPO, "model.safetensors")
     cached.write_bytes(b"x")
     assert f"pretrained weights found locally ({cached})" in dry_run(tmp_path)
     hub = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"x")
-    assert f"pretrained weights found locally ({hub})" in dry_run(tmp_path)
-    assert "weights from /w/reg.pth" in dry_run(tmp_path, REG_ENC_WEIGHTS="/w/reg.pth")
-    # Inception: torch-fidelity's file under TORCH_HOME, or REG_INCEPTION_WEIGHTS.
     hub_file = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     hub_file.write_bytes(b"x")
-    assert f"evaluator: Inception weights from {hub_file}" in dry_run(tmp_path)
-    assert "evaluator: Inception weights from /w/inc.pth" in dry_run(tmp_path, REG_INCEPTION_WEIGHTS="/w/inc.pth")
+    text = dry_run(tmp_path)
+    assert f"pretrained weights found locally ({hub})" in text
+    assert f"evaluator: Inception weights from {hub_file}" in text
+    # The environment variables win over every cache.
+    text = dry_run(tmp_path, REG_ENC_WEIGHTS="/w/reg.pth", REG_INCEPTION_WEIGHTS="/w/inc.pth")
+    assert "weights from /w/reg.pth" in text and "evaluator: Inception weights from /w/inc.pth" in text
 
 
 def test_failing_stage_stops_the_demo_and_is_named(tmp_path):

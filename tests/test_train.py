@@ -137,8 +137,12 @@ def test_sigkill_then_rerun_finishes_with_intact_checkpoints(data_dir, tmp_path)
 def test_two_process_cpu_launch(data_dir, tmp_path):
     # accelerate's --cpu flag alone starts one process (multi-CPU needs MPI); its torchrun launcher with
     # train.py's cpu fallback gives real 2-process DDP over gloo.
+    import socket
+    with socket.socket() as s:  # a free port: other tests may run in parallel (pytest -n 2)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+           "--main_process_port", port, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
            *tiny_argv(data_dir, tmp_path, "ddp", "--max-train-steps", "2", "--checkpointing-steps", "100")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
