@@ -17,3 +17,25 @@ def save_tiny_vae(path: str, *, seed: int = 0, latent_channels: int = 4) -> str:
         block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
     vae.save_pretrained(path)
     return path
+
+
+def save_tiny_reg_checkpoint(path, *, perturb: float = 0.0, seed: int = 0):
+    """A SiT-T/2 + REG EMA export (16 px images, pixel-unshuffle latents, 4 classes): the smallest model the
+    sampling tools accept. `perturb` moves the zero-initialised output layers so the samples are not constant."""
+    import torch
+
+    from checkpoint_io import export_safetensors
+    from models.sit import SiT_models
+
+    torch.manual_seed(seed)
+    config = {"model": "SiT-T/2", "input_size": 2, "in_channels": 192, "num_classes": 4, "z_dims": [32],
+              "encoder_depth": 2, "projector_dim": 64, "use_cls_token": True, "cls_token_dim": 32,
+              "path_type": "linear", "resolution": 16, "latents_scale": 1.0, "vae": "pixel-unshuffle"}
+    model = SiT_models["SiT-T/2"](**{k: config[k] for k in ("input_size", "in_channels", "num_classes", "z_dims",
+                                                             "encoder_depth", "projector_dim", "cls_token_dim")})
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    export_safetensors(path, model.state_dict(), config)
+    return path

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_io import export_safetensors
+from fixtures import save_tiny_reg_checkpoint, save_tiny_vae
 from models.sit import SiT_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +32,7 @@ def _reference(path: Path, n: int = 6, side: int = 16) -> Path:
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    torch.manual_seed(0)
-    config = {"model": "SiT-T/2", "input_size": 2, "in_channels": 192, "num_classes": 4, "z_dims": [32],
-              "encoder_depth": 2, "projector_dim": 64, "use_cls_token": True, "cls_token_dim": 32,
-              "path_type": "linear", "resolution": 16, "latents_scale": 1.0, "vae": "pixel-unshuffle"}
-    model = SiT_models["SiT-T/2"](**{k: config[k] for k in ("input_size", "in_channels", "num_classes", "z_dims",
-                                                             "encoder_depth", "projector_dim", "cls_token_dim")})
-    export_safetensors(tmp_path / "ema_0000010.safetensors", model.state_dict(), config)
-    return tmp_path / "ema_0000010.safetensors"
+    return save_tiny_reg_checkpoint(tmp_path / "ema_0000010.safetensors")
 
 
 def test_eval_sh_reports_the_npz_generate_wrote(tiny_ckpt, tmp_path):
@@ -79,10 +72,6 @@ def test_eval_sh_refuses_bad_settings(tiny_ckpt, tmp_path):
 
 def _hub_cache_with_tiny_vae(cache: Path) -> None:
     """An HF hub cache in which 'stabilityai/sd-vae-ft-ema' (--vae ema) is a tiny AutoencoderKL."""
-    try:
-        from fixtures import save_tiny_vae
-    except ImportError:  # until the helper lands in tests/fixtures.py
-        from preprocessing.synthetic import save_tiny_vae
     repo = cache / "models--stabilityai--sd-vae-ft-ema"
     commit = "0" * 40
     save_tiny_vae(str(repo / "snapshots" / commit))

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import sweep
-from checkpoint_io import export_safetensors
 from evaluations import evaluator
-from models.sit import SiT_models
+from fixtures import save_tiny_reg_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -41,16 +40,7 @@ def fake_metrics(ref, sample, **_):
 def setup(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluator, "build_inception", lambda weights, device, verbose=True: FakeInception())
     monkeypatch.setattr(evaluator, "compute_metrics", fake_metrics)
-    torch.manual_seed(0)
-    config = {"model": "SiT-T/2", "input_size": 2, "in_channels": 192, "num_classes": 4, "z_dims": [32],
-              "encoder_depth": 2, "projector_dim": 64, "use_cls_token": True, "cls_token_dim": 32,
-              "path_type": "linear", "resolution": 16, "latents_scale": 1.0, "vae": "pixel-unshuffle"}
-    model = SiT_models["SiT-T/2"](**{k: config[k] for k in ("input_size", "in_channels", "num_classes", "z_dims",
-                                                             "encoder_depth", "projector_dim", "cls_token_dim")})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    export_safetensors(tmp_path / "ema.safetensors", model.state_dict(), config)
+    save_tiny_reg_checkpoint(tmp_path / "ema.safetensors", perturb=0.05)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
     return tmp_path
