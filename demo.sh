@@ -93,17 +93,17 @@ stage() {  # stage NUMBER NAME WHAT: close the previous stage's clock, announce 
 
 # ---------------------------------------------------------------------------------------- setup
 # Encoder weights: a local file, the HF cache, or random.
-ENC_WEIGHTS_SPEC=${REG_ENC_WEIGHTS:-}
-if [[ "$ENC_WEIGHTS_SPEC" == random ]]; then
+ENC_CHOICE=${REG_ENC_WEIGHTS:-}
+if [[ "$ENC_CHOICE" == random ]]; then
   ENC_NOTE="RANDOM weights (asked for with REG_ENC_WEIGHTS=random)"
-elif [[ -n "$ENC_WEIGHTS_SPEC" ]]; then
-  ENC_NOTE="weights from $ENC_WEIGHTS_SPEC"
+elif [[ -n "$ENC_CHOICE" ]]; then
+  ENC_NOTE="weights from $ENC_CHOICE"
 elif LOCAL=$("$PY" -c "from models.encoders import local_weights; print(local_weights('dinov2-vit-s') or '')" 2>/dev/null) \
      && [[ -n "$LOCAL" ]]; then
-  ENC_WEIGHTS_SPEC=hub
+  ENC_CHOICE=hub
   ENC_NOTE="pretrained weights found locally ($LOCAL)"
 else
-  ENC_WEIGHTS_SPEC=random
+  ENC_CHOICE=random
   ENC_NOTE="RANDOM weights (no REG_ENC_WEIGHTS and none in the torch.hub or HF cache): the alignment and class-token targets are features of a random network"
 fi
 
@@ -160,10 +160,10 @@ stage 2 encode "images -> latents with the $VAE codec"
 
 EVAL_FLAGS=(--eval-every "$EVAL_EVERY" --eval-ref "$REF_NPZ" --eval-samples "$EVAL_SAMPLES" --eval-batch-size 64
             "${INCEPTION_FLAGS[@]}")
-stage 3 train "SiT-T/2 + REG through accelerate (encoder dinov2-vit-s: ${ENC_WEIGHTS_SPEC}), FID every $EVAL_EVERY steps"
+stage 3 train "SiT-T/2 + REG through accelerate (encoder dinov2-vit-s: ${ENC_CHOICE}), FID every $EVAL_EVERY steps"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train.py --model SiT-T/2 --resolution "$RES" --num-classes "$NUM_CLASSES" --data-dir "$DATA" \
-  --enc-type dinov2-vit-s --enc-weights "$ENC_WEIGHTS_SPEC" --encoder-depth 2 --projector-dim 256 \
+  --enc-type dinov2-vit-s --enc-weights "$ENC_CHOICE" --encoder-depth 2 --projector-dim 256 \
   --batch-size "$BATCH" --learning-rate "$LR" --ema-decay "$EMA" --max-train-steps "$STEPS" \
   --checkpointing-steps "$STEPS" --log-every "$LOG_EVERY" --num-workers 1 --report-to none \
   --output-dir "$OUT/exps" --exp-name "$EXP" "${EVAL_FLAGS[@]}"
@@ -211,7 +211,7 @@ echo "  loss plot     $LOSS_PNG"
 echo "  metrics JSON  $METRICS_JSON"
 echo "  comparison    $COMPARE/comparison.md and $COMPARE/comparison.png   (REG vs SiT: FID over steps, losses below)"
 echo "  (also: samples $SAMPLE_NPZ, training log $RUN/log.txt and $RUN/metrics.jsonl)"
-"$PY" - "$RUN/metrics.jsonl" "$METRICS_JSON" "$ENC_WEIGHTS_SPEC" <<'EOF'
+"$PY" - "$RUN/metrics.jsonl" "$METRICS_JSON" "$ENC_CHOICE" <<'EOF'
 import json, sys
 records = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 lines = [r for r in records if "loss" in r]  # training lines (evaluation lines carry fid instead)
