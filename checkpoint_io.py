@@ -43,6 +43,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, incomplete or with non-finite weights."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """Weights with NaN/inf: never written, never resumed from (no silent fallback past one either)."""
+
+
+def _non_finite(name: str, sd: dict[str, torch.Tensor]) -> str | None:
+    """None when every floating tensor of `sd` is finite, else a message naming the first bad keys."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not bad:
+        return None
+    return f"the {name} weights are not finite ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})"
+
+
 def torch_load(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True; argparse.Namespace (in official files) is the one allowed class."""
     try:
@@ -69,13 +81,6 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 k = k[len(prefix):]
         out[k] = v
     return out
-
-
-def save_training_checkpoint(path: str | os.PathLike, *, model: dict, ema: dict, opt: dict, steps: int,
-                             config: dict, args: dict) -> None:
-    """The original's layout (model, ema, opt, steps, args), with args and config as plain dicts."""
-    atomic_torch_save({"model": model, "ema": ema, "opt": opt, "steps": int(steps), "config": config,
-                       "args": args}, path)
 
 
 def export_safetensors(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> None:
@@ -349,10 +354,8 @@ class CheckpointDir:
     def save(self, step: int, *, model: dict, ema: dict, opt: dict, config: dict, args: dict) -> None:
         """Write one checkpoint (main process only). Non-finite weights are never written."""
         for name, sd in (("model", model), ("ema", ema)):
-            bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise RuntimeError(f"refusing to save checkpoint {self.pt(step)}: the {name} weights are not finite "
-                                   f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})")
+            if problem := _non_finite(name, sd):
+                raise NonFiniteCheckpointError(f"refusing to save checkpoint {self.pt(step)}: {problem}")
         atomic_torch_save({"opt": opt, "steps": int(step)}, self.opt_path(step))
         export_safetensors(self.path / f"ema_{step:07d}.safetensors", ema, config)
         atomic_torch_save({"model": model, "ema": ema, "steps": int(step), "config": config, "args": args},
@@ -395,10 +398,9 @@ class CheckpointDir:
                     f"resume from a step that has one, or start a new run with --init-from {self.pt(step)}")
             ckpt["opt"] = torch_load(self.opt_path(step))["opt"]
         for name in ("model", "ema"):
-            bad = [k for k, v in ckpt[name].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise CheckpointError(f"refusing to resume from {self.pt(step)}: its {name} weights are not finite "
-                                      f"({', '.join(bad[:5])}); pick an earlier one with --resume-step")
+            if problem := _non_finite(name, ckpt[name]):
+                raise NonFiniteCheckpointError(f"refusing to resume from {self.pt(step)}: {problem}; "
+                                               "pick an earlier one with --resume-step")
         return ckpt
 
     def load_for_resume(self, resume_step: int = 0) -> dict | None:
@@ -414,15 +416,15 @@ class CheckpointDir:
         for step in reversed(available):
             try:
                 ckpt = self.load(step)
+            except NonFiniteCheckpointError:
+                raise
             except CheckpointError as e:
-                if "not finite" in str(e):
-                    raise
                 failed.append(f"{self.pt(step)} ({e})")
                 self.log(f"WARNING: cannot resume from {self.pt(step)}: {e}")
                 continue
             if failed:
                 self.log(f"WARNING: resuming from the newest intact checkpoint {self.pt(step)} instead of "
-                         f"{failed[0].split(' (')[0]}")
+                         f"{self.pt(available[-1])}")
             return ckpt
         if failed:
             raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(failed))

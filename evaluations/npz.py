@@ -22,8 +22,8 @@ def _open_zip(path: str) -> zipfile.ZipFile:
         raise EvalInputError(f"{path}: no such file")
     try:
         return zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise EvalInputError(f"{path}: not an .npz file (expected np.savez output with arr_0)") from None
+    except zipfile.BadZipFile as e:
+        raise EvalInputError(f"{path}: not an .npz file (expected np.savez output with arr_0): {e}") from e
 
 
 def npz_keys(path: str) -> list[str]:

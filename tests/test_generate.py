@@ -13,7 +13,7 @@ from PIL import Image
 
 import generate
 import generation
-from checkpoint_io import save_training_checkpoint
+from checkpoint_io import CheckpointDir
 from models.sit import SiT_models
 
 NUM_CLASSES = 4
@@ -49,7 +49,7 @@ def assets(tmp_path_factory):
     sd = tiny_sit().state_dict()
     config = {"model": "SiT-T/2", "encoder_depth": 1, "path_type": "linear", "latents_scale": 0.18215,
               "vae": str(root / "vae")}
-    save_training_checkpoint(root / "0000100.pt", model=sd, ema=sd, opt={}, steps=100, config=config, args={})
+    CheckpointDir(root).save(100, model=sd, ema=sd, opt={}, config=config, args={})  # root/0000100.pt
     official_args = argparse.Namespace(model="SiT-T/2", encoder_depth=1, path_type="linear", resolution=32,
                                        fused_attn=True, qk_norm=False, cls=0.03)
     torch.save({"model": sd, "ema": sd, "opt": {}, "steps": 100, "args": official_args}, root / "official.pt")
@@ -284,7 +284,7 @@ def test_resume_refuses_another_checkpoint(assets, tmp_path):
     sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}
     config = {"model": "SiT-T/2", "encoder_depth": 1, "path_type": "linear", "latents_scale": 0.18215,
               "vae": str(assets / "vae")}
-    save_training_checkpoint(ckpt, model=sd, ema=sd, opt={}, steps=200, config=config, args={})
+    CheckpointDir(ckpt.parent).save(int(ckpt.stem), model=sd, ema=sd, opt={}, config=config, args={})
     with pytest.raises(ValueError, match="other settings.*sha256_first_mib"):
         run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2")
 
