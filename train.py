@@ -28,7 +28,7 @@ from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import SiT_models, default_encoder_depth, model_depth
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
-from utils import HelpFormatter, atomic_json_dump, atomic_write, set_fp32_precision
+from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, set_fp32_precision
 
 METHODS = ("reg", "repa", "sit")
 
@@ -213,14 +213,16 @@ class Logger:
     def truncate_metrics(self, step: int, aside: Path | None) -> None:
         """Drop metrics.jsonl lines after `step` (a resumed run rewrites them); keep them beside the
         checkpoints that were set aside, if any."""
+        if not self.acc.is_main_process:
+            return
         records = self.read_metrics()
         later = [r for r in records if r.get("step", 0) > step]
-        if not later or not self.acc.is_main_process:
+        if not later:
             return
+        lines = lambda rs: "".join(json.dumps(r) + "\n" for r in rs).encode()  # noqa: E731
         if aside is not None:
-            (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in later))
-        kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
-        atomic_write(self.run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(kept))
+            atomic_write_bytes(aside / "metrics.jsonl", lines(later))
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", lines(r for r in records if r.get("step", 0) <= step))
 
 
 # ----------------------------------------------------------------------------- set-up pieces
