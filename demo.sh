@@ -10,8 +10,8 @@
 #               + the reference batch for the evaluator    (an npz of the first DEMO_REF training images)
 #   2 encode    preprocessing/dataset_tools.py encode      pixel-unshuffle-lowpass codec (weight-free: 2x2 average +
 #                                                          space-to-depth, 48 channels; demo only), or DEMO_VAE
-#   3 train     accelerate launch train.py                 SiT-T/2 + REG with a DINOv2-S encoder, FID during training
-#   4 baseline  accelerate launch train.py --method sit    the plain SiT baseline (no encoder), the same evaluations
+#   3 train     accelerate launcher + train.py             SiT-T/2 + REG with a DINOv2-S encoder, FID during training
+#   4 baseline  the same, train.py --method sit            the plain SiT baseline (no encoder), the same evaluations
 #   5 sample    generate.py                                SDE sampler with CFG -> npz + grid PNG + JSON
 #   6 evaluate  python -m evaluations.evaluator            FID / sFID / IS / precision / recall -> JSON
 #   7 compare   python -m evaluations.compare              the two runs side by side: table + FID/loss figure
@@ -161,7 +161,7 @@ stage 2 encode "images -> latents with the $VAE codec"
 EVAL_FLAGS=(--eval-every "$EVAL_EVERY" --eval-ref "$REF_NPZ" --eval-samples "$EVAL_SAMPLES" --eval-batch-size 64
             "${INCEPTION_FLAGS[@]}")
 stage 3 train "SiT-T/2 + REG through accelerate (encoder dinov2-vit-s: ${ENC_CHOICE}), FID every $EVAL_EVERY steps"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+"$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train.py --model SiT-T/2 --resolution "$RES" --num-classes "$NUM_CLASSES" --data-dir "$DATA" \
   --enc-type dinov2-vit-s --enc-weights "$ENC_CHOICE" --encoder-depth 2 --projector-dim 256 \
   --batch-size "$BATCH" --learning-rate "$LR" --ema-decay "$EMA" --max-train-steps "$STEPS" \
@@ -170,7 +170,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
 CKPT=$(ls "$RUN"/checkpoints/ema_*.safetensors | sort | tail -n 1)
 
 stage 4 baseline "the plain SiT-T/2 baseline (--method sit: no alignment, no class token), the same evaluations"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+"$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train.py --model SiT-T/2 --method sit --resolution "$RES" --num-classes "$NUM_CLASSES" --data-dir "$DATA" \
   --batch-size "$BATCH" --learning-rate "$LR" --ema-decay "$EMA" --max-train-steps "$STEPS" \
   --checkpointing-steps "$STEPS" --log-every "$LOG_EVERY" --num-workers 1 --report-to none \

@@ -8,7 +8,8 @@
 #
 # Environment: PRESET (B|L|XL), NUM_GPUS (per node), NUM_NODES, NODE_RANK, MAIN_ADDR, MAIN_PORT,
 # DATA_DIR, OUTPUT_DIR, EXP_NAME, PRECISION (bf16|fp16|no), REPORT_TO (tensorboard|wandb|none),
-# REG_ENC_WEIGHTS (local DINOv2 weights for offline clusters), DRY_RUN=1 (print the command only).
+# REG_ENC_WEIGHTS (local DINOv2 weights for offline clusters), PYTHON (the interpreter, default python),
+# DRY_RUN=1 (print the command only).
 # Re-running the same command resumes from the newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -62,7 +63,9 @@ flags=(
 if [[ -n "${REG_ENC_WEIGHTS:-}" ]]; then flags+=(--enc-weights "$REG_ENC_WEIGHTS"); fi
 
 total=$((NUM_GPUS * NUM_NODES))
-launch=(accelerate launch --num_machines "$NUM_NODES" --num_processes "$total" --machine_rank "$NODE_RANK"
+# accelerate's launcher itself: the `accelerate` command first imports its model-size estimator, which
+# imports timm and torchvision (4-6 s on a CPU) before anything starts. Same parser, same flags.
+launch=("${PYTHON:-python}" -m accelerate.commands.launch --num_machines "$NUM_NODES" --num_processes "$total" --machine_rank "$NODE_RANK"
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" --dynamo_backend no)
 if (( total > 1 )); then launch+=(--multi_gpu); fi
 

@@ -62,7 +62,10 @@ train() {  # train NAME MODEL DEPTH [extra flags]
 }
 
 # what the evaluator and the VAE need: a missing package fails here, by name, not minutes into a phase
-phase imports "$PY" -c "import accelerate, timm, torch_fidelity, diffusers"
+# (looked up, not imported: importing all four takes 10-20 s)
+phase imports "$PY" -c "import importlib.util as u, sys
+missing = [m for m in ('accelerate', 'timm', 'torch_fidelity', 'diffusers') if u.find_spec(m) is None]
+sys.exit(f'missing packages: {\", \".join(missing)}' if missing else 0)"
 phase data "$PY" -m benchmarks.gpu_check data --dest "$WORK/data" --num-images "$IMAGES" --resolution "$RES"
 if [[ $QUICK == 1 ]]; then
   phase train_tiny train tiny "$XL" "$DEPTH_XL"

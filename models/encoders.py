@@ -29,11 +29,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers.pos_embed import resample_abs_pos_embed
 
 from models.hub import hub_offline
 
@@ -146,6 +144,7 @@ def resample_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     prefix = n - side * side  # 1 + s*s rows (class row + grid) or s*s (timm's register variants)
     if prefix not in (0, 1):
         raise ValueError(f"position table with {n} rows is not a square grid (+ class row)")
+    from timm.layers.pos_embed import resample_abs_pos_embed
     return resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=prefix)
 
 
@@ -226,6 +225,11 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
     """Build one frozen encoder; see the module docstring for `weights`."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
+    # timm (and torchvision with it) takes seconds to import: only building an encoder needs it, so the
+    # SiT baseline, the samplers and the weights lookup of demo.sh start without it.
+    import timm
+    import timm.models.vision_transformer
+
     spec = ENCODERS[name]
     size = encoder_resolution(resolution)
     vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0)

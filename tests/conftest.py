@@ -1,13 +1,13 @@
-"""Shared test fixtures."""
-import pytest
+"""Shared test set-up: one thread per test process.
+
+pytest runs on two workers (pytest.ini: -n 2) and the CI machine has two cores. Tiny tensors run as fast on
+one thread, and far faster when the cores are contended (OpenMP threads spin against the other worker), so
+each worker computes on one thread, and so do the scripts the tests launch (OMP_NUM_THREADS is inherited).
+"""
+import os
+
 import torch
 
-
-@pytest.fixture
-def single_thread():
-    """Tiny tensors run as fast on one thread, and far faster when the 2 cores are contended (OpenMP
-    threads spin against other processes), so such tests run single-threaded; the setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)

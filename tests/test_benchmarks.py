@@ -54,7 +54,7 @@ def assert_same_weights(a: bench.TrainArm, b: bench.TrainArm, rtol: float, atol:
     assert moved, "the EMA should lag the updated weights"
 
 
-def test_fused_adamw_step_equals_the_for_loop_step(encoders, single_thread):
+def test_fused_adamw_step_equals_the_for_loop_step(encoders):
     plain = arm(encoders, mixed_precision="no", compile=False, adamw="for-loop")
     fused = arm(encoders, mixed_precision="no", compile=False, adamw="fused")
     start = [p.clone() for p in plain.model.parameters()]
@@ -67,7 +67,7 @@ def test_fused_adamw_step_equals_the_for_loop_step(encoders, single_thread):
     assert any(not torch.equal(p, s) for p, s in zip(plain.model.parameters(), start))
 
 
-def test_bf16_autocast_step_matches_fp32_within_tolerance(encoders, single_thread):
+def test_bf16_autocast_step_matches_fp32_within_tolerance(encoders):
     fp32 = run_steps(arm(encoders, mixed_precision="no", compile=False, adamw="fused"))
     bf16 = run_steps(arm(encoders, mixed_precision="bf16", compile=False, adamw="fused"))
     for a, b in zip(fp32, bf16):
@@ -75,7 +75,7 @@ def test_bf16_autocast_step_matches_fp32_within_tolerance(encoders, single_threa
     assert bf16[0] != fp32[0], "bf16 autocast should change the low bits of the loss"
 
 
-def test_compiled_step_matches_eager(encoders, single_thread):
+def test_compiled_step_matches_eager(encoders):
     # aot_eager traces forward and backward as inductor does, without its minutes of C++ compilation here
     eager = arm(encoders, mixed_precision="no", compile=False, adamw="fused")
     compiled = arm(encoders, mixed_precision="no", compile=True, adamw="fused", compile_kw={"backend": "aot_eager"})

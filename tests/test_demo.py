@@ -168,7 +168,9 @@ def test_dry_run_says_which_weights_would_be_used(tmp_path):
 
 def test_failing_stage_stops_the_demo_and_is_named(tmp_path):
     # 100 classes is more than the synthetic generator has (56): the first stage fails.
-    proc = run_demo(demo_env(tmp_path, DEMO_OUT=str(tmp_path / "out"), DEMO_CLASSES="100"), timeout=120)
+    # (REG_ENC_WEIGHTS=random here and below: no Python start-up to look for local weights)
+    proc = run_demo(demo_env(tmp_path, DEMO_OUT=str(tmp_path / "out"), DEMO_CLASSES="100", REG_ENC_WEIGHTS="random"),
+                    timeout=120)
     assert proc.returncode != 0
     assert "FAILED in stage 'data'" in proc.stderr, explain(proc)
     assert "==> [2/8]" not in proc.stdout  # nothing ran after the failing stage
@@ -178,7 +180,7 @@ def test_demo_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc = run_demo(demo_env(tmp_path, DEMO_OUT=str(out)), timeout=60)
+    proc = run_demo(demo_env(tmp_path, DEMO_OUT=str(out), REG_ENC_WEIGHTS="random"), timeout=60)
     assert proc.returncode == 2, explain(proc)
     assert "not made by demo.sh" in proc.stderr
     assert (out / "notes.txt").read_text() == "keep me"

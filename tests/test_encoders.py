@@ -56,7 +56,7 @@ def reg_features(sd: dict, images: torch.Tensor, res: int) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("res", [256, 512])
-def test_torch_hub_file_gives_regs_position_table_and_features(dino_s_files, res, single_thread):
+def test_torch_hub_file_gives_regs_position_table_and_features(dino_s_files, res):
     d, sd = dino_s_files
     enc = load_encoder("dinov2-vit-s", weights=str(d / "dinov2_vits14_pretrain.pth"), resolution=res)
     grid = 16 * res // 256
@@ -80,7 +80,7 @@ def test_torch_hub_file_gives_regs_position_table_and_features(dino_s_files, res
     assert cls_diff <= 1e-6 and patch_diff <= 1e-6
 
 
-def test_official_file_and_safetensors_dir_give_same_features(dino_s_files, single_thread):
+def test_official_file_and_safetensors_dir_give_same_features(dino_s_files):
     d, sd = dino_s_files
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     enc_official = load_encoder("dinov2-vit-s", weights=str(d / "dinov2_vits14_pretrain.pth"), resolution=64)
@@ -103,7 +103,7 @@ def test_official_file_and_safetensors_dir_give_same_features(dino_s_files, sing
     assert not torch.allclose(rnd(images)[0], cls)
 
 
-def test_torch_hub_cache_is_used_before_the_hf_hub(dino_s_files, tmp_path, monkeypatch, single_thread):
+def test_torch_hub_cache_is_used_before_the_hf_hub(dino_s_files, tmp_path, monkeypatch):
     d, sd = dino_s_files
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -122,7 +122,7 @@ def test_torch_hub_cache_is_used_before_the_hf_hub(dino_s_files, tmp_path, monke
         assert torch.allclose(cls, reg_features(sd, images, 32)[0], atol=1e-6)
 
 
-def test_resample_pos_embed_is_timms_with_class_row(single_thread):
+def test_resample_pos_embed_is_timms_with_class_row():
     pos = smooth_table(8, seed=0)
     out = resample_pos_embed(pos, 16)
     assert out.shape == (1, 1 + 256, 8) and torch.equal(out[:, 0], pos[:, 0])

@@ -299,16 +299,6 @@ def test_original_flags_parse_with_their_types():
     assert ev.original_text_path("d/", 50, 7, 4.0, 1.0, 1.0, 0) == "d/5074.01.01.0cfg_cond_false.txt"
 
 
-def test_evaluator_runs_as_a_script():
-    """REG's eval.sh calls `python ./evaluations/evaluator.py ...` (not -m)."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "evaluations/evaluator.py", "--help"], cwd=root, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "--cls_cfg" in out.stdout
-
-
 def test_api_names_stay_importable_from_evaluator():
     """train_eval.py, sweep.py, benchmarks/run.py and the README import these from evaluations.evaluator
     (the authors' layout): they must be the modules' own objects, not copies."""

@@ -20,9 +20,6 @@ NUM_CLASSES = 4
 LATENT = 4  # latent side; images are 32 x 32 with the 8x VAE
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
-
-
 def tiny_sit(use_cls_token: bool = True, in_channels: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
     model = SiT_models["SiT-T/2"](input_size=LATENT, in_channels=in_channels, num_classes=NUM_CLASSES,

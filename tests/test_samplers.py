@@ -22,9 +22,6 @@ X_SHAPE = (2, 2, 2)  # (C, H, W) latents
 CLS_DIM = 3
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
-
-
 class GaussianVelocity:
     """Exact velocity of a per-class Gaussian (x0, c0), independent given the class.
 

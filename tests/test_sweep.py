@@ -13,8 +13,6 @@ import sweep
 from evaluations import evaluator
 from fixtures import save_tiny_reg_checkpoint
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 class FakeInception(torch.nn.Module):
     """Features that are the pixels themselves: equal images <=> equal features."""
