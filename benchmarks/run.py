@@ -185,11 +185,12 @@ def bench_training(args: argparse.Namespace, device: torch.device, peak: float |
             ("optimised", dict(mixed_precision=args.precision, compile=args.compile, adamw=args.adamw))]
     for name in args.models:
         kwargs = sit_kwargs(name, args.resolution, z_dim)
-        base = None
+        base = flops = None
         for label, setting in arms:
             reset_memory(device)
             arm = TrainArm(name, kwargs, encoders, device, seed=args.seed, compile_kw=compile_kwargs(args), **setting)
-            flops = training_flops_per_image(arm.model, encoders, cls_dim=z_dim, resolution=args.resolution)
+            if flops is None:  # one count per model: the arms share its architecture
+                flops = training_flops_per_image(arm.model, encoders, cls_dim=z_dim, resolution=args.resolution)
             t0 = time.perf_counter()
             first = arm.step(batch, 0, cfg, args.seed).terms.tolist()  # step 0: compiles; its loss is compared
             for k in range(1, args.warmup):

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from dataset import FileTree, decode_image, is_image_name, parse_labels, read_dataset_json
 from models.vae import load_vae
+from preprocessing import image_name
 from preprocessing.transforms import TRANSFORMS, check_output_size, make_transform, parse_resolution
 from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
 
@@ -60,12 +61,6 @@ _SHARD_DIR = re.compile(r"\d+")  # convert's 00000/, 00001/ ... folders: shards,
 
 # ---------------------------------------------------------------------------------------------
 # Output names
-
-
-def image_name(idx: int) -> str:
-    """EDM's naming: 1000 images per folder, 00000/img00000000.png."""
-    s = f"{idx:08d}"
-    return f"{s[:5]}/img{s}.png"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def render(label: int, resolution: int, rng: np.random.Generator) -> PIL.Image.I
 
 def write_dataset(dest: str, *, num_images: int, resolution: int = 64, num_classes: int = 8, seed: int = 0) -> int:
     """Write num_images PNGs (00000/img00000000.png ...) and dataset.json to dest; return the count."""
-    from preprocessing.dataset_tools import image_name  # the same naming as convert
+    from preprocessing import image_name  # the same naming as convert
     from utils import atomic_write_bytes
 
     if not 1 <= num_classes <= MAX_CLASSES:

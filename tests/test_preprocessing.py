@@ -395,20 +395,26 @@ def test_convert_with_nothing_readable_fails(tmp_path):
     assert os.listdir(tmp_path) == ["src"]  # no zip, and no temporary left behind
 
 
-def test_script_and_module_entry_points(converted, tmp_path):
-    """The original command lines: `python dataset_tools.py ...` inside preprocessing/, the root form, and -m."""
+def test_script_and_module_entry_points(converted, tmp_path, monkeypatch):
+    """The original command line `python dataset_tools.py ...` inside preprocessing/, and -m. (The root form
+    `python preprocessing/dataset_tools.py` runs in test_convert_with_nothing_readable_fails and in demo.sh.)"""
     src = converted / "imagenet_32_vae"
     runs = [(["dataset_tools.py"], os.path.join(REPO, "preprocessing")),
-            (["preprocessing/dataset_tools.py"], REPO),
             (["-m", "preprocessing.dataset_tools"], REPO)]
     for k, (entry, cwd) in enumerate(runs):
         r = subprocess.run([sys.executable, *entry, "convert", f"--source={src}", f"--dest={tmp_path / str(k)}",
                             "--max-images=2", "--num-workers=0"], cwd=cwd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert sorted(os.listdir(tmp_path / str(k))) == ["00000", "dataset.json"]
-    # importing the module changes nothing in sys.path
-    code = "import sys; before = list(sys.path); import preprocessing.dataset_tools; assert sys.path == before"
-    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
+    # importing the module (its code run afresh, as a new module) changes nothing in sys.path, even when the
+    # repository root is not on it (its imports are already loaded here)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fresh_dataset_tools", os.path.join(REPO, "preprocessing",
+                                                                                     "dataset_tools.py"))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.abspath(REPO)])
+    before = list(sys.path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert sys.path == before
 
 
 def test_encode_into_zip(converted, tmp_path):
