@@ -73,10 +73,11 @@ def test_reduced_demo_writes_every_output_and_the_loss_falls(tmp_path):
     out = tmp_path / "demo_out"
     # "Pretrained" DINOv2-S in the HF cache (random values): the demo must find it and train.py load it offline.
     save_random_dinov2_s(fake_hf_cache_file(tmp_path / "hf", DINOV2_S_REPO, "model.safetensors"))
-    steps, samples, classes = 8, 16, 4
+    # The fewest images the metrics take (precision/recall: 4 per set) and a 3x3 grid of 3 classes.
+    steps, samples, classes, refs = 8, 9, 3, 4
     env = demo_env(tmp_path, DEMO_OUT=str(out), DEMO_IMAGES="64", DEMO_CLASSES=str(classes),
                    DEMO_STEPS=str(steps), DEMO_BATCH="16", DEMO_LOG_EVERY="2", DEMO_SAMPLES=str(samples),
-                   DEMO_SAMPLER_STEPS="8", DEMO_REF="8", DEMO_EVAL_SAMPLES="4")
+                   DEMO_SAMPLER_STEPS="8", DEMO_REF=str(refs), DEMO_EVAL_SAMPLES="4")
     proc = run_demo(env)
     assert proc.returncode == 0, explain(proc)
 
@@ -95,7 +96,7 @@ def test_reduced_demo_writes_every_output_and_the_loss_falls(tmp_path):
         assert npz["arr_0"].shape == (samples, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
         assert npz["arr_1"].tolist() == [i % classes for i in range(samples)]  # --balanced
     with np.load(out / "ref_batch.npz") as npz:
-        assert npz["arr_0"].shape == (8, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["arr_0"].shape == (refs, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
     side = math.ceil(math.sqrt(samples)) * 32
     with Image.open(grid) as im:
         assert im.size == (side, side)
@@ -105,7 +106,7 @@ def test_reduced_demo_writes_every_output_and_the_loss_falls(tmp_path):
     metrics = json.loads(metrics_json.read_text())
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert math.isfinite(metrics[key]), (key, metrics[key])
-    assert metrics["sample_batch"]["num_images"] == samples and metrics["ref_batch"]["num_images"] == 8
+    assert metrics["sample_batch"]["num_images"] == samples and metrics["ref_batch"]["num_images"] == refs
     assert "warning" in metrics  # no Inception file under TORCH_HOME: random weights, and the JSON says so
 
     # The loss fell: first vs last logged interval.

@@ -31,6 +31,46 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def flops_counted_once_per_architecture():
+    """train.main counts the FLOPs per image on meta tensors, ~1 s of Python meta kernels per run; the runs
+    here share a few architectures, so the count is kept per architecture (the module reprs: every layer
+    and its shape). test_flops_per_image_on_meta_equal_a_real_count checks the count itself."""
+    real, cache = train.training_flops_per_image, {}
+
+    def memo(model, encoders, *, cls_dim, resolution, backward=True):
+        key = (repr(model), tuple(repr(e) for e in encoders), cls_dim, resolution, backward)
+        if key not in cache:
+            cache[key] = real(model, encoders, cls_dim=cls_dim, resolution=resolution, backward=backward)
+        return cache[key]
+
+    train.training_flops_per_image = memo
+    yield
+    train.training_flops_per_image = real
+
+
+def test_flops_per_image_on_meta_equal_a_real_count():
+    """The meta-device count (no memory, no time) equals FlopCounterMode on real tensors: the SiT forward and
+    backward of one image plus the frozen encoder's forward. (On meta, attention runs as its matmuls; the
+    real count does the same through the math backend, as CPU's fused kernel has no FLOP formula.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from models.encoders import load_encoders
+    from models.sit import SiT_models
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        encoders = load_encoders("dinov2-vit-s", weights="random", resolution=32)
+    model = SiT_models["SiT-T/2"](input_size=4, in_channels=8, num_classes=4, z_dims=[384], encoder_depth=2,
+                                  projector_dim=64, cls_token_dim=384).train()
+    got = training.training_flops_per_image(model, encoders, cls_dim=384, resolution=32)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        v, zs, v_cls = model(torch.randn(1, 8, 4, 4), torch.rand(1), torch.zeros(1, dtype=torch.long),
+                             cls_token=torch.randn(1, 384))
+        (v.sum() + sum(z.sum() for z in zs) + v_cls.sum()).backward()
+        encoders[0](torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
+    assert got == counter.get_total_flops() > 0
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
