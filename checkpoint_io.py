@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ import torch
 from models.hub import hub_offline
 from utils import atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
 from models.vae import SD_VAE_SCALING_FACTOR
-from models.sit import SIZES, SiT, build_model, model_depth, parse_model_name
+from models.sit import SIZES, SiT, build_model, model_depth
 
 OFFICIAL_HUB_REPO = "Martinser/REG"
 # Keyword arguments of models.sit.SiT that a config may carry.

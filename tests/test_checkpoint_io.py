@@ -7,7 +7,7 @@ import torch
 
 from checkpoint_io import (atomic_torch_save, clean_state_dict, export_safetensors, infer_config, load_generator,
                            load_weights, torch_load)
-from models.sit import SiT, SiT_models
+from models.sit import SiT_models
 
 TINY = dict(input_size=4, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
 
