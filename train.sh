@@ -65,8 +65,8 @@ if [[ -n "${REG_ENC_WEIGHTS:-}" ]]; then flags+=(--enc-weights "$REG_ENC_WEIGHTS
 total=$((NUM_GPUS * NUM_NODES))
 # accelerate's launcher itself: the `accelerate` command first imports its model-size estimator, which
 # imports timm and torchvision (4-6 s on a CPU) before anything starts. Same parser, same flags.
-launch=("${PYTHON:-python}" -m accelerate.commands.launch --num_machines "$NUM_NODES" --num_processes "$total" --machine_rank "$NODE_RANK"
-        --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" --dynamo_backend no)
+launch=("${PYTHON:-python}" -m accelerate.commands.launch --num_machines "$NUM_NODES" --num_processes "$total"
+        --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" --dynamo_backend no)
 if (( total > 1 )); then launch+=(--multi_gpu); fi
 
 cmd=("${launch[@]}" train.py "${flags[@]}" "$@")
