@@ -37,9 +37,9 @@ def flops_counted_once_per_architecture():
             cache[key] = real(model, encoders, cls_dim=cls_dim, resolution=resolution, backward=backward)
         return cache[key]
 
-    train.training_flops_per_image = memo
-    yield
-    train.training_flops_per_image = real
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "training_flops_per_image", memo)
+        yield
 
 
 @pytest.fixture(scope="module")
