@@ -16,6 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+# ----------------------------------------------------------------------------- user errors
+
+
+class UserError(ValueError):
+    """A mistake the user must fix: a bad flag value, a missing or unusable file or folder, a folder held
+    by another run. The message names the flag or the path. The command-line entry points print it as
+    one line and exit non-zero; bugs raise anything else and keep their traceback."""
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
