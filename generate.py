@@ -49,7 +49,7 @@ from tqdm import tqdm
 from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator, resolve_checkpoint
 from generation import DistInfo, class_labels, generate_images, init_distributed
 from models.sit import SiT_models
-from models.vae import load_vae
+from models.vae import config_decoding_vae, load_vae
 from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
 
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="image side in pixels; inferred (latent side x VAE downsampling), checked if given")
     g.add_argument("--vae", type=str, default=None,
                    help="ema | mse | HF hub id | local AutoencoderKL dir | pixel-unshuffle "
-                        "(default: the checkpoint's, else ema)")
+                        "(default: ema, as the original, for SD-VAE latents; the checkpoint's own codec otherwise)")
 
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", type=str, choices=["sde", "ode"], default="sde",
@@ -380,7 +380,7 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     model.to(compute_dtype)
     if args.compile:  # two static graphs: batch N, and 2N on guided steps
         model = torch.compile(model, dynamic=False)
-    vae_spec = args.vae or config.get("vae", "ema")
+    vae_spec = args.vae or config_decoding_vae(config)  # ft-ema for SD-VAE latents, as the original
     codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
     if codec.latent_channels != model.in_channels:
         raise ValueError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "

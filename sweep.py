@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
-from models.vae import load_vae
+from models.vae import config_decoding_vae, load_vae
 from utils import HelpFormatter, atomic_json_dump, atomic_write, set_fp32_precision
 
 # What every stored metric depends on besides its own sampler setting.
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's old decoder_blocks.* checkpoints (as generate.py)")
-    g.add_argument("--vae", type=str, default=None, help="as generate.py's --vae (default: the checkpoint's)")
+    g.add_argument("--vae", type=str, default=None, help="as generate.py's --vae (default: ema for SD-VAE latents, else the checkpoint's codec)")
     g.add_argument("--path-type", type=str, choices=["linear", "cosine"], default=None,
                    help="interpolant (default: the checkpoint's)")
     g.add_argument("--ref-batch", type=str, required=True, help="reference npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
@@ -306,7 +306,7 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
     model.requires_grad_(False)
     compute_dtype = torch.float64 if args.precision == "fp64" else torch.float32
     model.to(compute_dtype)
-    vae_spec = args.vae or config.get("vae", "ema")
+    vae_spec = args.vae or config_decoding_vae(config)  # ft-ema for SD-VAE latents, as the original
     codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
     if codec.latent_channels != model.in_channels:
         raise ValueError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "

@@ -26,6 +26,7 @@ from checkpoint_io import CheckpointDir, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import SiT_models, default_encoder_depth, model_depth
+from models.vae import decoding_vae
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
 from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, set_fp32_precision
@@ -110,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from these weights (any checkpoint generate.py loads) with a fresh optimizer at step 0")
     g.add_argument("--sample-every", "--sampling-steps", dest="sample_every", type=int, default=0,
                    help="steps between EMA sample grids (0 = off)")
-    g.add_argument("--vae", default=None, help="VAE for sample grids and evaluations (None: the one in vae-sd/dataset.json)")
+    g.add_argument("--vae", default=None, help="VAE that decodes sample grids and evaluations (default: "
+                   "sd-vae-ft-ema for SD-VAE latents, as the original; the data's own codec otherwise)")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("evaluation during training (FID of the EMA model)")
@@ -254,7 +256,9 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
         "cls_token_dim": encoders[0].embed_dim if use_cls else None, "qk_norm": args.qk_norm,
         "fused_attn": args.fused_attn, "class_dropout_prob": args.cfg_prob, "path_type": args.path_type,
         "resolution": args.resolution, "latents_scale": float(vae["scaling_factor"]),
-        "vae": args.vae or vae.get("name") or "ema", "enc_type": args.enc_type if encoders else None,
+        # which VAE encoded the data, and which decodes samples (ft-ema for SD-VAE latents, as the authors)
+        "encode_vae": vae.get("name"), "vae": args.vae or decoding_vae(vae.get("name")),
+        "enc_type": args.enc_type if encoders else None,
         "method": args.method,
     }
 

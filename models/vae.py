@@ -13,6 +13,10 @@ decodes `decode(z / scaling_factor)` (REG generate.py).
                           so the offline quick start can make real pictures without pretrained weights.
     "pixel-unshuffle-lowpass"  demo only: 2x2 box average, then space-to-depth by 4 (48 channels),
                           sized for the tiny SiT-T/2 of the quick start (see PixelUnshuffleCodec).
+Decoding: latents are decoded with sd-vae-ft-ema unless the user names another VAE (`--vae`), as the
+authors' generate.py does (its `--vae` default, the paper's FIDs), also when the data were encoded with
+sd-vae-ft-mse (the pair shares the encoder, only the decoders differ). Latents of any other codec (the demo
+codecs, another autoencoder) are decoded by that codec: `decoding_vae`, `config_decoding_vae`.
 Hub ids are looked up in the local HF cache first; the network is only tried when HF_HUB_OFFLINE
 is not set. A missing model gives a short error that says what to fetch, not a hub stack trace.
 """
@@ -34,6 +38,24 @@ SD_VAE_SCALING_FACTOR = 0.18215
 VAE_STRIDE = 8
 PIXEL_UNSHUFFLE = "pixel-unshuffle"
 PIXEL_UNSHUFFLE_LOWPASS = "pixel-unshuffle-lowpass"
+
+
+def decoding_vae(encode_vae: str | None) -> str:
+    """The VAE that decodes latents made by `encode_vae` (None: unknown, the SD-VAE): sd-vae-ft-ema for the
+    SD-VAE pair (the authors' generate.py `--vae` default), the codec itself for anything else."""
+    if encode_vae is None or encode_vae in SD_VAES or encode_vae in SD_VAES.values():
+        return SD_VAES["ema"]
+    return encode_vae
+
+
+def config_decoding_vae(config: dict) -> str:
+    """The decoding VAE a checkpoint config names. Configs that record `encode_vae` (the VAE that encoded
+    the training data) hold the decoder in `vae`. In older configs of ours `vae` was the encoding VAE (and
+    official checkpoints record none): those decode as `decoding_vae` says, so an old `vae:
+    stabilityai/sd-vae-ft-mse` decodes with ft-ema, as the authors do."""
+    if "encode_vae" in config:
+        return config["vae"]
+    return decoding_vae(config.get("vae"))
 
 
 def images_to_unit(images: torch.Tensor) -> torch.Tensor:

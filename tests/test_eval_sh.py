@@ -70,11 +70,11 @@ def test_eval_sh_refuses_bad_settings(tiny_ckpt, tmp_path):
     assert out.returncode != 0 and "VIRTUAL_imagenet256_labeled.npz" in out.stderr
 
 
-def _hub_cache_with_tiny_vae(cache: Path) -> None:
-    """An HF hub cache in which 'stabilityai/sd-vae-ft-ema' (--vae ema) is a tiny AutoencoderKL."""
-    repo = cache / "models--stabilityai--sd-vae-ft-ema"
+def _hub_cache_with_tiny_vae(cache: Path, which: str = "ema", seed: int = 0) -> None:
+    """An HF hub cache in which 'stabilityai/sd-vae-ft-{which}' (--vae ema) is a tiny AutoencoderKL."""
+    repo = cache / f"models--stabilityai--sd-vae-ft-{which}"
     commit = "0" * 40
-    save_tiny_vae(str(repo / "snapshots" / commit))
+    save_tiny_vae(str(repo / "snapshots" / commit), seed=seed)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
 
@@ -153,3 +153,45 @@ def test_original_eval_sh_commands_run_unchanged(tmp_path):
     # the original evaluator's text file, named as REG's evaluator names it, beside the checkpoints folder
     assert list(save_path.glob("checkpoints2*cfg_cond_true.txt")), sorted(os.listdir(save_path))
     shutil.rmtree(cache)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_run_on_data_encoded_by_our_tool_decodes_with_ema_under_the_original_name(tmp_path, monkeypatch):
+    """Our `encode` (default: sd-vae-ft-mse, as EDM2/REPA/REG) -> train.py -> generate.py: the samples are
+    decoded with sd-vae-ft-ema, as the authors' generate.py does, and the npz carries the name the authors'
+    eval.sh builds (`-vae-ema-`). Here ft-ema and ft-mse are two different tiny AutoencoderKLs in an HF cache."""
+    from huggingface_hub import constants
+
+    import generate
+    import train
+    from preprocessing import dataset_tools
+    from preprocessing.synthetic import write_dataset
+
+    cache = tmp_path / "hub"
+    _hub_cache_with_tiny_vae(cache, "ema", seed=0)
+    _hub_cache_with_tiny_vae(cache, "mse", seed=1)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at call time by the hub client
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "data"
+    write_dataset(str(data / "imagenet_32_vae"), num_images=8, resolution=32, num_classes=2, seed=0)
+    dataset_tools.main(dataset_tools.parse_args(["encode", "--source", str(data / "imagenet_32_vae"), "--dest",
+                                                 str(data / "vae-sd"), "--batch-size", "8", "--num-workers", "0",
+                                                 "--cpu"]))
+    assert json.loads((data / "vae-sd" / "dataset.json").read_text())["vae"]["name"] == "stabilityai/sd-vae-ft-mse"
+    train.main(train.parse_args(["--model", "SiT-T/2", "--method", "sit", "--data-dir", str(data), "--resolution",
+                                 "32", "--num-classes", "2", "--batch-size", "4", "--max-train-steps", "1",
+                                 "--output-dir", str(tmp_path / "exps"), "--exp-name", "run", "--num-workers", "0",
+                                 "--report-to", "none"]))
+    ckpt = tmp_path / "exps" / "run" / "checkpoints" / "0000001.pt"
+    config = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
+    assert (config["encode_vae"], config["vae"]) == ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
+    args = generate.parse_args(["--ckpt", str(ckpt), "--model", "SiT-T/2", "--resolution", "32",
+                                "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--num-steps", "2",
+                                "--sample-dir", str(tmp_path / "samples")])
+    generate.main(args)
+    # the authors' generate.py folder name (their `--vae` default is "ema"), as their eval.sh rebuilds it
+    name = (f"{args.model.replace('/', '-')}-{os.path.basename(args.ckpt).replace('.pt', '')}-size-{args.resolution}"
+            f"-vae-ema-cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.guidance_high}-{args.cls_cfg_scale}")
+    npz = tmp_path / "samples" / f"{name}.npz"
+    assert npz.is_file(), sorted(os.listdir(tmp_path / "samples"))
+    assert json.loads(npz.with_suffix(".json").read_text())["vae"] == "stabilityai/sd-vae-ft-ema"

@@ -124,3 +124,35 @@ def test_scaling_factor_comes_from_the_vae_config(tiny_vae_dir, tmp_path):
     del config["scaling_factor"]  # configs that predate the field (sd-vae-ft-ema/-mse): the SD default
     (other / "config.json").write_text(json.dumps(config))
     assert load_vae(str(other)).scaling_factor == SD_VAE_SCALING_FACTOR
+
+
+def test_decoding_vae_is_ema_for_sd_vae_latents_and_the_codec_itself_otherwise():
+    """The authors decode with sd-vae-ft-ema whatever encoded the (SD-VAE) data; the weight-free demo codecs
+    and other autoencoders decode their own latents. Old configs of ours recorded the encoding VAE as `vae`."""
+    from models.vae import config_decoding_vae, decoding_vae
+    ema, mse = "stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse"
+    for encoder in (None, "ema", "mse", ema, mse):
+        assert decoding_vae(encoder) == ema
+    for own in ("pixel-unshuffle", "pixel-unshuffle-lowpass", "/data/my-vae", "org/other-vae"):
+        assert decoding_vae(own) == own
+    # new configs: `vae` is the decoder, also an explicit `train.py --vae mse` one
+    assert config_decoding_vae({"encode_vae": mse, "vae": mse}) == mse
+    assert config_decoding_vae({"encode_vae": None, "vae": ema}) == ema
+    # old configs of ours (`vae` = the encoding VAE) and official ones (no VAE recorded)
+    assert config_decoding_vae({"vae": mse}) == ema
+    assert config_decoding_vae({"vae": "pixel-unshuffle-lowpass"}) == "pixel-unshuffle-lowpass"
+    assert config_decoding_vae({}) == ema
+
+
+def test_train_config_records_encoding_and_decoding_vae():
+    from types import SimpleNamespace
+
+    import train
+    args = train.parse_args(["--method", "sit", "--model", "SiT-T/2", "--resolution", "32", "--num-classes", "4"])
+    for name, decoder in (("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema"),
+                          ("pixel-unshuffle-lowpass", "pixel-unshuffle-lowpass"), (None, "stabilityai/sd-vae-ft-ema")):
+        data = SimpleNamespace(vae_stride=8, vae_info={"name": name, "latent_channels": 4, "scaling_factor": 0.18215})
+        config = train.model_config(args, data, [])
+        assert (config["encode_vae"], config["vae"]) == (name, decoder)
+    args.vae = "mse"  # the user's choice wins
+    assert train.model_config(args, data, [])["vae"] == "mse"
