@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from checkpoint_io import CheckpointDir, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
-from models.sit import SiT_models, default_encoder_depth, model_depth
+from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
     g.add_argument("--proj-coeff", type=float, default=None, help="alignment loss weight (None: 0.5; 0 for --method sit)")
     g.add_argument("--cls", type=float, default=0.03, help="class-token loss weight (REG)")
-    g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability")
+    g.add_argument("--cfg-prob", type=float, default=0.1,
+                   help="--legacy's extra label drop, as in the original; the model always drops labels with p 0.1")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's early runs: drop labels a second time before the model's own dropout")
 
@@ -254,7 +255,7 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
         "z_dims": [e.embed_dim for e in encoders] if args.proj_coeff > 0 else [],
         "encoder_depth": args.encoder_depth, "projector_dim": args.projector_dim, "use_cls_token": use_cls,
         "cls_token_dim": encoders[0].embed_dim if use_cls else None, "qk_norm": args.qk_norm,
-        "fused_attn": args.fused_attn, "class_dropout_prob": args.cfg_prob, "path_type": args.path_type,
+        "fused_attn": args.fused_attn, "class_dropout_prob": CLASS_DROPOUT_PROB, "path_type": args.path_type,
         "resolution": args.resolution, "latents_scale": float(vae["scaling_factor"]),
         # which VAE encoded the data, and which decodes samples (ft-ema for SD-VAE latents, as the authors)
         "encode_vae": vae.get("name"), "vae": args.vae or decoding_vae(vae.get("name")),
@@ -278,6 +279,7 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
+    keep_label_dropout(ckpt, model, log)
     if args.init_from:
         log.info(f"--init-from {args.init_from} ignored: the run folder has checkpoints, resuming instead")
     if ckpt["official"]:
@@ -289,6 +291,16 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     log.truncate_metrics(step, aside)
     log.info(f"resumed from {ckpts.pt(step)} at step {step}")
     return step
+
+
+def keep_label_dropout(ckpt: dict, model, log: Logger) -> None:
+    """Runs of ours started before --cfg-prob took the authors' meaning stored it as the model's label
+    dropout (config `class_dropout_prob`): such a run continues with its own value, never another objective."""
+    stored = ckpt["config"].get("class_dropout_prob") if not ckpt["official"] else None
+    if stored is not None and float(stored) != model.y_embedder.dropout_prob:
+        model.y_embedder.dropout_prob = float(stored)
+        log.info(f"label dropout {stored} kept from the checkpoint (it was --cfg-prob when this run started; "
+                 f"new runs always use {CLASS_DROPOUT_PROB}, as the original)")
 
 
 def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
@@ -342,6 +354,7 @@ def main(args: argparse.Namespace) -> dict:
     opt = make_optimizer(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, impl=args.adamw)
     step = restore(args, ckpts, model, ema, opt, log)
+    config["class_dropout_prob"] = model.y_embedder.dropout_prob  # as kept by restore
     flops = training_flops_per_image(model, encoders, cls_dim=config["cls_token_dim"], resolution=args.resolution)
 
     # ---- wrap for DDP / mixed precision / compile, and the data order that follows from the step

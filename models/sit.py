@@ -77,12 +77,17 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
 
+# Label dropout for classifier-free guidance. REG's and REPA's SiT always use 0.1: their train.py passes
+# --cfg-prob only to the model's unused `use_cfg` and to --legacy's extra drop.
+CLASS_DROPOUT_PROB = 0.1
+
+
 class LabelEmbedder(nn.Module):
     """Class-label table with an extra null row (index num_classes) for classifier-free guidance.
 
-    The null row is always built, also with dropout_prob 0 (where DiT/REPA/REG drop it): the
-    official checkpoints have it, guidance needs it, and so a table always holds num_classes + 1
-    rows and a checkpoint's class count is never ambiguous.
+    The null row is always built, also with dropout_prob 0 (where DiT leaves it out; REG's and REPA's
+    SiT always train with dropout CLASS_DROPOUT_PROB, whatever --cfg-prob says, so they always have
+    it): guidance needs it, and a checkpoint's class count is never ambiguous.
     """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
@@ -217,7 +222,7 @@ class SiT(nn.Module):
         depth: int = 28,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
+        class_dropout_prob: float = CLASS_DROPOUT_PROB,
         num_classes: int = 1000,
         z_dims: Sequence[int] = (768,),
         encoder_depth: int = 8,
