@@ -36,13 +36,13 @@ def encoder_targets(encoders: Sequence[torch.nn.Module], images: torch.Tensor):
     """Run the frozen encoders on raw uint8 images.
 
     Returns (zs, cls): zs is a list of (N, 1+T, z) = [class token, patch tokens] per encoder,
-    cls is the first encoder's normed class token (N, Z), REG's c0.
+    cls is the LAST encoder's normed class token (N, Z), REG's c0: REG's train.py overwrites `cls_token`
+    in its loop over the encoders.
     """
     zs, cls = [], None
     for enc in encoders:
-        c, patches = enc(images)
-        zs.append(torch.cat([c.unsqueeze(1), patches], dim=1))
-        cls = c if cls is None else cls
+        cls, patches = enc(images)
+        zs.append(torch.cat([cls.unsqueeze(1), patches], dim=1))
     return zs, cls
 
 

@@ -259,7 +259,8 @@ class SiT(nn.Module):
         self.z_dims = z_dims
         self.encoder_depth = encoder_depth
         self.use_cls_token = use_cls_token
-        # The class token lives in the first encoder's feature space (Z = 768 for DINOv2-B).
+        # The class token's width Z (768 for DINOv2-B): train.py gives the last encoder's, whose class token
+        # REG uses; without it z_dims[0], as the authors' SiT (which so fails for several encoders of other widths).
         self.cls_dim = (cls_token_dim or z_dims[0]) if use_cls_token else None
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)

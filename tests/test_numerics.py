@@ -46,3 +46,31 @@ def test_resumed_run_keeps_its_stored_label_dropout():
         train.keep_label_dropout(ckpt, model, log)
         assert model.y_embedder.dropout_prob == want
     assert len(lines) == 1 and "label dropout 0.0 kept" in lines[0]
+
+
+def test_class_token_comes_from_the_last_encoder():
+    """REG train.py overwrites `cls_token` in its loop over --enc-type: the class token (target and width) is the
+    last encoder's. Two random encoders of different widths (DINOv2-S 384, DINOv2-B 768), a REG model built
+    from train.py's config, one forward with the target."""
+    import warnings
+
+    from checkpoint_io import build_model_from_config
+    from loss import encoder_targets
+    from models.encoders import load_encoders
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning
+        encoders = load_encoders("dinov2-vit-s,dinov2-vit-b", weights="random", resolution=32)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    zs, cls = encoder_targets(encoders, images)
+    assert [z.shape for z in zs] == [(2, 5, 384), (2, 5, 768)]
+    assert torch.equal(cls, encoders[1](images)[0]) and torch.equal(cls, zs[1][:, 0])
+    args = train.parse_args(["--model", "SiT-T/2", "--resolution", "32", "--num-classes", "4", "--encoder-depth", "2",
+                             "--enc-type", "dinov2-vit-s,dinov2-vit-b"])
+    data = SimpleNamespace(vae_stride=8, vae_info={"name": "pixel-unshuffle-lowpass", "latent_channels": 48,
+                                                   "scaling_factor": 1.0})
+    config = train.model_config(args, data, encoders)
+    assert (config["z_dims"], config["cls_token_dim"]) == ([384, 768], 768)
+    model = build_model_from_config(config)
+    _, zs_pred, cls_v = model(torch.randn(2, 48, 4, 4), torch.rand(2), torch.zeros(2, dtype=torch.long), cls_token=cls)
+    assert cls_v.shape == (2, 768) and [z.shape for z in zs_pred] == [z.shape for z in zs]
