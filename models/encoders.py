@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,21 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     timm_name: str
     mean: tuple
     std: tuple
     official_url: str  # where the original weights live, for the "missing weights" message
-    torch_hub_file: str | None = None  # the file torch.hub.load caches in <hub dir>/checkpoints/
+    torch_hub_file: str | None = None  # the file torch.hub.load caches in <hub dir>/checkpoints/ (may be a glob)
     resize_first: bool = False  # REG's CLIP preprocessing resizes before normalising, DINOv2's after
+    patch: int = 14  # pixels a patch: the input side is 16 * res / 256 patches of it (224 px at 256 for 14)
+    final_norm: bool = True  # False: the last block's tokens without timm's final norm (REPA's CLIP: no ln_post)
+    class_token: bool = True  # False (SigLIP): REG's token is the model's own pooled output (MAP head / mean)
 
 
 def _dinov2(size: str, reg: bool) -> EncoderSpec:
@@ -62,11 +70,33 @@ def _dinov2(size: str, reg: bool) -> EncoderSpec:
     )
 
 
+def _dinov3(size: str) -> EncoderSpec:
+    """DINOv3 ViT/16 (timm's Eva: RoPE, no position table; class token, then 4 register tokens, then patches).
+    The official file is licence-gated; torch.hub caches it as dinov3_vit{size}16_pretrain_lvd1689m-<hash>.pth."""
+    arch = {"s": "small", "b": "base", "l": "large", "hplus": "huge_plus"}[size]
+    tag = f"dinov3_vit{size}16"
+    return EncoderSpec(
+        timm_name=f"vit_{arch}_patch16_dinov3.lvd1689m", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        official_url=f"https://github.com/facebookresearch/dinov3 ({tag}_pretrain_lvd1689m-*.pth, on request)",
+        torch_hub_file=f"{tag}_pretrain_lvd1689m*.pth", patch=16)
+
+
+def _siglip2(size: str) -> EncoderSpec:
+    """SigLIP 2 image tower at 256 px, patch 16 (timm's `.v2_webli` tags): no class token, a MAP head."""
+    arch = {"b": "base", "l": "large", "so400m": "so400m"}[size]
+    name = f"vit_{arch}_patch16_siglip_256.v2_webli"
+    return EncoderSpec(name, SIGLIP_MEAN, SIGLIP_STD, f"https://huggingface.co/timm/{name}", patch=16,
+                       class_token=False)
+
+
 ENCODERS: dict[str, EncoderSpec] = {
     **{f"dinov2-vit-{s}": _dinov2(s, False) for s in "sblg"},
     **{f"dinov2reg-vit-{s}": _dinov2(s, True) for s in "sblg"},
     "clip-vit-L": EncoderSpec("vit_large_patch14_clip_224.openai", CLIP_MEAN, CLIP_STD,
-                              "https://huggingface.co/timm/vit_large_patch14_clip_224.openai", resize_first=True),
+                              "https://huggingface.co/timm/vit_large_patch14_clip_224.openai", resize_first=True,
+                              final_norm=False),
+    **{f"dinov3-vit-{s}": _dinov3(s) for s in ("s", "b", "l", "hplus")},
+    **{f"siglip2-vit-{s}": _siglip2(s) for s in ("b", "l", "so400m")},
 }
 
 
@@ -104,9 +134,10 @@ class VisionEncoder(nn.Module):
         self.name = name
         self.vit = vit.eval().requires_grad_(False)
         self.resolution = resolution
-        self.input_size = encoder_resolution(resolution)
+        self.input_size = patch_grid(resolution) * spec.patch  # 224 * res / 256 at patch 14, res at patch 16
         self.embed_dim: int = vit.embed_dim
-        self.num_prefix_tokens: int = vit.num_prefix_tokens  # cls (+ registers)
+        self.num_prefix_tokens: int = vit.num_prefix_tokens  # cls (+ registers); 0 for SigLIP
+        self.class_token = spec.class_token
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.resize_first = spec.resize_first
@@ -122,6 +153,8 @@ class VisionEncoder(nn.Module):
             raise TypeError(f"encoder input must be raw uint8 images, got {images.dtype}")
         size = (self.input_size, self.input_size)
         x = images.float() / 255.0
+        if tuple(images.shape[-2:]) == size:  # DINOv3 / SigLIP 2 at patch 16: the image as it is
+            return (x - self.mean) / self.std
         if self.resize_first:
             return (F.interpolate(x, size=size, mode="bicubic", align_corners=False) - self.mean) / self.std
         return F.interpolate((x - self.mean) / self.std, size=size, mode="bicubic", align_corners=False)
@@ -129,10 +162,11 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(images)
-        tokens = self.vit.forward_features(x)  # (N, prefix + T, Z), after the final norm
-        cls = tokens[:, 0]  # (N, Z)
-        patches = tokens[:, self.num_prefix_tokens:]  # (N, T, Z)
-        return cls, patches
+        tokens = self.vit.forward_features(x)  # (N, prefix + T, Z), after the final norm (if kept)
+        patches = tokens[:, self.num_prefix_tokens:]  # (N, T, Z): registers are prefix tokens, never patches
+        if self.class_token:
+            return tokens[:, 0], patches  # (N, Z)
+        return self.vit.forward_head(tokens, pre_logits=True), patches  # SigLIP's pooled output (N, Z)
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -184,8 +218,8 @@ def torch_hub_weights(spec: EncoderSpec) -> Path | None:
     """The official file in the torch.hub cache (where REG's torch.hub.load put it), if present."""
     if spec.torch_hub_file is None:
         return None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / spec.torch_hub_file
-    return path if path.is_file() else None
+    found = sorted(p for p in (Path(torch.hub.get_dir()) / "checkpoints").glob(spec.torch_hub_file) if p.is_file())
+    return found[0] if found else None
 
 
 def local_weights(name: str) -> str | None:
@@ -221,8 +255,10 @@ def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     return _read_state_dict(Path(path))
 
 
-def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256) -> VisionEncoder:
-    """Build one frozen encoder; see the module docstring for `weights`."""
+def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256,
+                 timm_kwargs: dict | None = None) -> VisionEncoder:
+    """Build one frozen encoder; see the module docstring for `weights`. `timm_kwargs` override the
+    architecture (e.g. depth=2, embed_dim=64 for tests with random weights)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
     # timm (and torchvision with it) takes seconds to import: only building an encoder needs it, so the
@@ -231,8 +267,8 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
     import timm.models.vision_transformer
 
     spec = ENCODERS[name]
-    size = encoder_resolution(resolution)
-    vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0)
+    size = patch_grid(resolution) * spec.patch
+    vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0, **(timm_kwargs or {}))
     if weights == "random":
         warnings.warn(
             f"\n{'!' * 78}\n!! encoder {name} uses RANDOM weights: smoke tests only, the REPA/REG losses "
@@ -253,13 +289,15 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
             # REG's one resample (utils.py load_encoders): done here explicitly, so that timm's
             # checkpoint_filter_fn below finds the right size and leaves the table alone.
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], patch_grid(resolution))
-        # timm converts torch.hub DINOv2 / OpenAI CLIP naming to its own (drops mask_token, etc.)
-        sd = timm.models.vision_transformer.checkpoint_filter_fn(sd, vit)
+        # timm converts torch.hub DINOv2 / DINOv3 / OpenAI CLIP naming to its own (drops mask_token, etc.)
+        sd = sys.modules[type(vit).__module__].checkpoint_filter_fn(sd, vit)  # vision_transformer / eva
         missing, unexpected = vit.load_state_dict(sd, strict=False)
         unexpected = [k for k in unexpected if not k.startswith("head")]
         if missing or unexpected:
             raise ValueError(f"encoder weights {source} do not match {name} ({spec.timm_name}): "
                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if not spec.final_norm:  # REPA's CLIP wrapper returns the last block's tokens, without ln_post
+        vit.norm = nn.Identity()
     return VisionEncoder(name, vit, spec, resolution)
 
 

@@ -143,8 +143,8 @@ def test_names_and_errors(tmp_path, monkeypatch):
                              "dinov2reg-vit-b", "clip-vit-L"}
     assert parse_enc_type("dinov2-vit-b,clip-vit-L") == ["dinov2-vit-b", "clip-vit-L"]
     assert encoder_resolution(256) == 224 and encoder_resolution(512) == 448 and encoder_resolution(32) == 28
-    with pytest.raises(ValueError, match="unknown encoder 'dinov3-vit-b'"):
-        parse_enc_type("dinov3-vit-b")
+    with pytest.raises(ValueError, match="unknown encoder 'dinov4-vit-b'"):
+        parse_enc_type("dinov4-vit-b")
     with pytest.raises(ValueError, match="multiple of 16"):
         load_encoder("dinov2-vit-s", weights="random", resolution=100)
     with pytest.raises(WeightsNotFoundError, match="do not exist"):
@@ -169,3 +169,87 @@ def test_names_and_errors(tmp_path, monkeypatch):
     assert "weights_only" not in str(e.value) and "argparse" in str(e.value)
     with pytest.raises(ValueError, match="2 encoders but 3"):
         load_encoders("dinov2-vit-s,dinov2-vit-s", weights="a,b,c", resolution=32)
+
+
+TINY = dict(depth=2, embed_dim=64, num_heads=2)  # timm overrides: the real layouts, tiny widths
+
+
+def _random(name: str, res: int, **kw):
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return load_encoder(name, weights="random", resolution=res, timm_kwargs={**TINY, **kw})
+
+
+def test_clip_tokens_are_repas_without_ln_post():
+    """REPA's CLIP wrapper (models/clip_vit.py UpdatedVisionTransformer, REG's copy the same): conv1, class
+    embedding, positional embedding, ln_pre, the blocks, then the tokens as they are (ln_post commented
+    out). Computed by hand from the encoder's own parameters, at REPA's input 224 * (res // 256)."""
+    enc = _random("clip-vit-L", 256)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    x = (F.interpolate(images / 255.0, 224 * (256 // 256), mode="bicubic") - mean) / std  # REPA preprocess_raw_image
+    v = enc.vit
+    with torch.no_grad():
+        v.blocks[-1].mlp.fc2.bias.add_(3.0)  # random init leaves tokens near-normed: make ln_post visible
+        h = v.patch_embed.proj(x).flatten(2).transpose(1, 2)  # conv1: (N, 256, D)
+        h = torch.cat([v.cls_token.expand(2, -1, -1), h], dim=1) + v.pos_embed
+        h = v.blocks(v.norm_pre(h))  # ln_pre, transformer
+    cls, patches = enc(images)
+    assert patches.shape == (2, 256, 64)
+    assert torch.allclose(patches, h[:, 1:], atol=1e-5) and torch.allclose(cls, h[:, 0], atol=1e-5)
+    normed = F.layer_norm(h[:, 1:], (64,))  # what timm's ln_post would give (weight 1, bias 0 at init)
+    assert (patches - normed).abs().max() > 0.1
+
+
+def test_dinov3_patch_tokens_exclude_registers_and_hub_file_is_found(tmp_path, monkeypatch):
+    """DINOv3 ViT/16 (timm Eva): [class, 4 registers, patches]; at 256 px the image goes in as it is (16 x 16
+    patches = SiT's tokens). The torch.hub cache file (name with its hash) is found as DINOv2's is."""
+    enc = _random("dinov3-vit-s", 256)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert enc.input_size == 256 and enc.num_prefix_tokens == 5
+    x = enc.preprocess(images)
+    assert torch.equal(x, (images / 255.0 - MEAN) / STD)  # ImageNet mean/std, no resize
+    with torch.no_grad():
+        tokens = enc.vit.forward_features(x)  # (N, 1 + 4 + 256, D)
+    cls, patches = enc(images)
+    assert tokens.shape == (2, 261, 64) and patches.shape == (2, 256, 64)
+    assert torch.equal(cls, tokens[:, 0]) and torch.equal(patches, tokens[:, 5:])
+    for r in range(1, 5):  # no register token among the patch tokens
+        assert (patches - tokens[:, r:r + 1]).abs().amax(-1).min() > 1e-3
+
+    # weights from the torch.hub cache, named as the official download (with its hash)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(enc.vit.state_dict(), cached)
+    assert local_weights("dinov3-vit-s") == str(cached)
+    small = load_encoder("dinov3-vit-s", resolution=32, timm_kwargs=TINY)  # RoPE: any grid, here 2 x 2
+    img32 = images[:, :, :32, :32].contiguous()
+    with torch.no_grad():
+        want = enc.vit.forward_features((img32 / 255.0 - MEAN) / STD)
+    got_cls, got = small(img32)
+    assert got.shape == (2, 4, 64) and torch.allclose(got, want[:, 5:], atol=1e-5)
+
+
+def test_siglip2_token_is_the_map_head_output(tmp_path):
+    """SigLIP 2 has no class token: every token is a patch, and REG's token is the attention-pooled (MAP head)
+    image embedding. Its 16 x 16 position table is resampled once to 16 * res / 256, as DINOv2's."""
+    from safetensors.torch import save_file
+    enc = _random("siglip2-vit-b", 256)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    assert enc.num_prefix_tokens == 0 and enc.vit.global_pool == "map"
+    x = enc.preprocess(images)
+    assert torch.equal(x, (images / 255.0 - 0.5) / 0.5)
+    with torch.no_grad():
+        tokens = enc.vit.forward_features(x)
+        pooled = enc.vit.attn_pool(tokens)
+    cls, patches = enc(images)
+    assert patches.shape == (2, 256, 64) and torch.equal(patches, tokens)
+    assert cls.shape == (2, 64) and torch.allclose(cls, pooled, atol=1e-6)
+    assert not torch.allclose(cls, tokens.mean(1), atol=1e-3)
+
+    sd = {k: v.contiguous() for k, v in enc.vit.state_dict().items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    small = load_encoder("siglip2-vit-b", weights=str(tmp_path), resolution=32, timm_kwargs=TINY)
+    assert torch.equal(small.vit.pos_embed, resample_abs_pos_embed(sd["pos_embed"], [2, 2], num_prefix_tokens=0))
+    assert small(images[:, :, :32, :32].contiguous())[1].shape == (2, 4, 64)
