@@ -121,7 +121,7 @@ def test_encoder_targets_concatenate_class_and_patch_tokens():
 
     zs, cls = encoder_targets([FakeEncoder(8), FakeEncoder(16)], torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert [z.shape for z in zs] == [(2, 5, 8), (2, 5, 16)]
-    assert torch.all(zs[0][:, 0] == 1) and torch.all(zs[0][:, 1:] == 2) and cls.shape == (2, 8)
+    assert torch.all(zs[0][:, 0] == 1) and torch.all(zs[0][:, 1:] == 2) and cls.shape == (2, 16)  # the last encoder's, as REG
 
 
 def test_only_v_prediction():
