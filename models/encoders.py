@@ -1,21 +1,25 @@
-"""Frozen vision encoders (DINOv2, DINOv2 with registers, CLIP ViT-L) built with timm.
+"""Frozen vision encoders built with timm: DINOv2 (+ registers), CLIP ViT-L, DINOv3, SigLIP 2.
 
 `load_encoders("dinov2-vit-b", weights=None, resolution=256)` returns a list of `VisionEncoder`s.
 Each maps raw uint8 images (N, 3, R, R) to
-    cls:     (N, Z)     the normed class token  -> REG's entangled token
-    patches: (N, T, Z)  the normed patch tokens -> REPA's alignment target
-with T = (R/16)^2, so that [cls, patches] lines up with the SiT's 1+T tokens at patch size 2.
+    cls:     (N, Z)     the class token         -> REG's entangled token (the LAST encoder's, as REG)
+    patches: (N, T, Z)  the patch tokens        -> REPA's alignment target (registers excluded)
+with T = (16 R / 256)^2, so that [cls, patches] lines up with the SiT's 1+T tokens at patch size 2.
+Per-encoder preprocessing, token layouts and weights: docs/encoders.md.
 
-The network equals the torch.hub DINOv2 that REG trains with (REG utils.py `load_encoders`): the
+DINOv2 equals the torch.hub DINOv2 that REG trains with (REG utils.py `load_encoders`): the
 pretrained 37x37 position table is resampled ONCE, at load time, with
 `timm.layers.pos_embed.resample_abs_pos_embed(pos, [16 * res / 256] * 2)` (bicubic with antialias, the
 class row kept), so DINOv2's own run-time interpolation never runs. Inputs are preprocessed as REG's
 train.py `preprocess_raw_image`: x / 255, ImageNet mean/std, then bicubic to 224 * res / 256
-(CLIP: resize first, then CLIP's mean/std).
+(CLIP: resize first, then CLIP's mean/std; its tokens WITHOUT the final norm, as REPA's CLIP wrapper).
+DINOv3 and SigLIP 2 have patch 16: the image goes in at R px as it is (16 R / 256 patches a side).
+SigLIP has no class token: its `cls` is the model's pooled output (the MAP head).
 
 Weights (`weights` argument / `--enc-weights`, else the REG_ENC_WEIGHTS environment variable):
     None / "hub"  first the file REG users already have in the torch.hub cache,
-                  `torch.hub.get_dir()/checkpoints/dinov2_vitb14_pretrain.pth` (`_reg4_` for registers),
+                  `torch.hub.get_dir()/checkpoints/dinov2_vitb14_pretrain.pth` (`_reg4_` for registers,
+                  `dinov3_vitb16_pretrain_lvd1689m-*.pth` for DINOv3),
                   then the timm weights on the HF hub (HF cache first; HF_HUB_OFFLINE is honoured)
     PATH          a local file (.safetensors / .pth / .pt, timm or official torch.hub naming)
                   or a directory holding model.safetensors / pytorch_model.bin
@@ -74,7 +78,7 @@ def _dinov3(size: str) -> EncoderSpec:
     """DINOv3 ViT/16 (timm's Eva: RoPE, no position table; class token, then 4 register tokens, then patches).
     The official file is licence-gated; torch.hub caches it as dinov3_vit{size}16_pretrain_lvd1689m-<hash>.pth."""
     arch = {"s": "small", "b": "base", "l": "large", "hplus": "huge_plus"}[size]
-    tag = f"dinov3_vit{size}16"
+    tag = {"s": "dinov3_vits16", "b": "dinov3_vitb16", "l": "dinov3_vitl16", "hplus": "dinov3_vith16plus"}[size]
     return EncoderSpec(
         timm_name=f"vit_{arch}_patch16_dinov3.lvd1689m", mean=IMAGENET_MEAN, std=IMAGENET_STD,
         official_url=f"https://github.com/facebookresearch/dinov3 ({tag}_pretrain_lvd1689m-*.pth, on request)",
