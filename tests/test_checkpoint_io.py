@@ -193,7 +193,8 @@ def test_flags_restating_the_checkpoint_are_checked_runtime_flags_win(tmp_path):
 
 
 def test_label_table_without_null_row_is_refused(tmp_path):
-    """Weights trained by the original code with --cfg-prob 0 have num_classes rows, not num_classes + 1."""
+    """A label table without the null row (num_classes rows against its metadata; DiT with dropout 0 writes such;
+    REG and REPA never do: their SiT always trains with dropout 0.1) is refused."""
     sd = tiny().state_dict()
     sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"][:10]  # 10 classes, no null row
     torch.save({"ema": sd, "args": argparse.Namespace(model="SiT-T/2", num_classes=10, encoder_depth=2)},
