@@ -185,9 +185,9 @@ def test_run_on_data_encoded_by_our_tool_decodes_with_ema_under_the_original_nam
     ckpt = tmp_path / "exps" / "run" / "checkpoints" / "0000001.pt"
     config = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
     assert (config["encode_vae"], config["vae"]) == ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
-    args = generate.parse_args(["--ckpt", str(ckpt), "--model", "SiT-T/2", "--resolution", "32",
-                                "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--num-steps", "2",
-                                "--sample-dir", str(tmp_path / "samples")])
+    tail = ["--model", "SiT-T/2", "--resolution", "32", "--num-fid-samples", "2", "--per-proc-batch-size", "2",
+            "--num-steps", "2", "--sample-dir", str(tmp_path / "samples")]
+    args = generate.parse_args(["--ckpt", str(ckpt), *tail])
     generate.main(args)
     # the authors' generate.py folder name (their `--vae` default is "ema"), as their eval.sh rebuilds it
     name = (f"{args.model.replace('/', '-')}-{os.path.basename(args.ckpt).replace('.pt', '')}-size-{args.resolution}"
@@ -195,3 +195,9 @@ def test_run_on_data_encoded_by_our_tool_decodes_with_ema_under_the_original_nam
     npz = tmp_path / "samples" / f"{name}.npz"
     assert npz.is_file(), sorted(os.listdir(tmp_path / "samples"))
     assert json.loads(npz.with_suffix(".json").read_text())["vae"] == "stabilityai/sd-vae-ft-ema"
+    # a checkpoint of ours from before `encode_vae` existed (its `vae` was the encoding VAE) decodes the same way
+    old = torch.load(ckpt, map_location="cpu", weights_only=True)
+    old["config"] = {k: v for k, v in old["config"].items() if k != "encode_vae"} | {"vae": "stabilityai/sd-vae-ft-mse"}
+    torch.save(old, tmp_path / "old.pt")
+    generate.main(generate.parse_args(["--ckpt", str(tmp_path / "old.pt"), *tail]))
+    assert (tmp_path / "samples" / f"{name.replace('-0000001-', '-old-')}.npz").is_file()
