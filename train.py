@@ -280,6 +280,7 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
     keep_label_dropout(ckpt, model, log)
+    warn_class_token_source(ckpt, log)
     if args.init_from:
         log.info(f"--init-from {args.init_from} ignored: the run folder has checkpoints, resuming instead")
     if ckpt["official"]:
@@ -301,6 +302,17 @@ def keep_label_dropout(ckpt: dict, model, log: Logger) -> None:
         model.y_embedder.dropout_prob = float(stored)
         log.info(f"label dropout {stored} kept from the checkpoint (it was --cfg-prob when this run started; "
                  f"new runs always use {CLASS_DROPOUT_PROB}, as the original)")
+
+
+def warn_class_token_source(ckpt: dict, log: Logger) -> None:
+    """Runs of ours written before `encode_vae` was recorded took REG's class token from the FIRST of several
+    encoders; it is now the last one's, as in REG. Same widths: the run goes on with the new target (said
+    here); other widths: the class-token layers do not load (the strict load names them)."""
+    config = ckpt["config"] if not ckpt["official"] else {}
+    enc_type = config.get("enc_type") or ""
+    if config and "encode_vae" not in config and config.get("use_cls_token") and "," in enc_type:
+        log.info(f"WARNING: this run ({enc_type}) started when REG's class token came from the first encoder; "
+                 f"it now comes from the last, as in the original code")
 
 
 def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path) -> None:

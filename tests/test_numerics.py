@@ -74,3 +74,13 @@ def test_class_token_comes_from_the_last_encoder():
     model = build_model_from_config(config)
     _, zs_pred, cls_v = model(torch.randn(2, 48, 4, 4), torch.rand(2), torch.zeros(2, dtype=torch.long), cls_token=cls)
     assert cls_v.shape == (2, 768) and [z.shape for z in zs_pred] == [z.shape for z in zs]
+
+
+def test_old_multi_encoder_run_is_told_its_class_token_changed():
+    lines = []
+    log = SimpleNamespace(info=lines.append)
+    old = {"use_cls_token": True, "enc_type": "dinov2-vit-b,dinov2reg-vit-b", "vae": "stabilityai/sd-vae-ft-mse"}
+    for config, official in ((old, False), ({**old, "encode_vae": None}, False), ({**old, "enc_type": "dinov2-vit-b"},
+                             False), (None, True)):
+        train.warn_class_token_source({"official": official, "config": config}, log)
+    assert len(lines) == 1 and "from the first encoder" in lines[0]
