@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's old decoder_blocks.* checkpoints (as generate.py)")
-    g.add_argument("--vae", type=str, default=None, help="as generate.py's --vae (default: ema for SD-VAE latents, else the checkpoint's codec)")
+    g.add_argument("--vae", type=str, default=None,
+                   help="as generate.py's --vae (default: ema for SD-VAE latents, else the checkpoint's codec)")
     g.add_argument("--path-type", type=str, choices=["linear", "cosine"], default=None,
                    help="interpolant (default: the checkpoint's)")
     g.add_argument("--ref-batch", type=str, required=True, help="reference npz (e.g. VIRTUAL_imagenet256_labeled.npz)")

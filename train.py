@@ -254,7 +254,8 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
         "in_channels": int(vae["latent_channels"]), "num_classes": args.num_classes,
         "z_dims": [e.embed_dim for e in encoders] if args.proj_coeff > 0 else [],
         "encoder_depth": args.encoder_depth, "projector_dim": args.projector_dim, "use_cls_token": use_cls,
-        "cls_token_dim": encoders[-1].embed_dim if use_cls else None,  # REG's class token: the last encoder's "qk_norm": args.qk_norm,
+        "cls_token_dim": encoders[-1].embed_dim if use_cls else None,  # REG's class token: the last encoder's
+        "qk_norm": args.qk_norm,
         "fused_attn": args.fused_attn, "class_dropout_prob": CLASS_DROPOUT_PROB, "path_type": args.path_type,
         "resolution": args.resolution, "latents_scale": float(vae["scaling_factor"]),
         # which VAE encoded the data, and which decodes samples (ft-ema for SD-VAE latents, as the authors)

@@ -22,9 +22,11 @@ def test_cfg_prob_feeds_only_legacy_the_model_always_drops_at_0_1():
     """REG/REPA train.py: --cfg-prob reaches the model only as the unused `use_cfg`; the SiT keeps its default
     class_dropout_prob=0.1 (and so its null row), and --legacy drops labels once more with p = --cfg-prob."""
     assert CLASS_DROPOUT_PROB == 0.1
+    from checkpoint_io import MODEL_KWARGS
     for prob in ("0", "0.1", "0.3"):
         config = _config("--cfg-prob", prob)
         assert config["class_dropout_prob"] == 0.1
+    assert set(MODEL_KWARGS) <= set(config) and config["qk_norm"] is False and _config("--qk-norm")["qk_norm"]
     model = SiT_models["SiT-T/2"](input_size=4, num_classes=4, z_dims=[], use_cls_token=False)
     assert model.y_embedder.dropout_prob == 0.1 and model.y_embedder.embedding_table.num_embeddings == 5
     torch.manual_seed(0)
