@@ -231,9 +231,11 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
                  encoder_depth: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint in any supported format -> (state_dict, partial config from its metadata).
 
-    legacy=True renames REPA's old decoder_blocks.* keys (see convert_legacy)."""
+    legacy=True renames REPA's old decoder_blocks.* keys (see convert_legacy). Weights with a NaN or inf
+    are refused (NonFiniteCheckpointError naming the tensors)."""
     path = resolve_checkpoint(spec)
     meta: dict = {}
+    which = "stored"  # which weights of the file: the EMA or the raw training weights of a .pt
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -250,7 +252,7 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
             raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
         if "ema" in obj or "model" in obj:
             key = "ema" if (use_ema and "ema" in obj) or "model" not in obj else "model"
-            sd = obj[key]
+            sd, which = obj[key], key
             if isinstance(obj.get("config"), dict):
                 meta.update(obj["config"])
             elif "args" in obj:
@@ -258,6 +260,8 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
         else:
             sd = obj  # a bare state_dict
     sd = clean_state_dict(sd)
+    if problem := _non_finite(which, sd):  # NaN weights would sample black images, or train from NaN
+        raise NonFiniteCheckpointError(f"refusing checkpoint {path}: {problem}")
     if legacy:
         sd = convert_legacy(sd, encoder_depth)
     elif any(k.startswith("decoder_blocks.") for k in sd):
