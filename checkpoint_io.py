@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from models.hub import hub_offline
-from utils import atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
+from utils import UserError, atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
 from models.vae import SD_VAE_SCALING_FACTOR
 from models.sit import SIZES, SiT, build_model, model_depth
 
@@ -42,8 +42,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, incomplete or with non-finite weights."""
 
 
-class NonFiniteCheckpointError(CheckpointError):
-    """Weights with NaN/inf: never written, never resumed from (no silent fallback past one either)."""
+class NonFiniteCheckpointError(CheckpointError, UserError):
+    """Weights with NaN/inf: never written, never loaded or resumed from (no silent fallback past one either).
+    A UserError too: the message names the file and the tensors, and the entry points print it as one line."""
 
 
 def _non_finite(name: str, sd: dict[str, torch.Tensor]) -> str | None:

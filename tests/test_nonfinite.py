@@ -82,6 +82,7 @@ def test_generate_refuses_a_checkpoint_with_one_nan_tensor(ckpt, tmp_path):
     with pytest.raises(NonFiniteCheckpointError, match=rf"the ema weights are not finite \({key}\)"):
         load_weights(str(tmp_path / "nan.pt"))
     assert load_weights(str(tmp_path / "nan.pt"), use_ema=False)[0].keys() == sd.keys()
+    assert issubclass(NonFiniteCheckpointError, UserError)  # one line at the entry points
 
 
 def test_sweep_computes_no_fid_from_a_non_finite_image(ckpt, tmp_path, monkeypatch):
