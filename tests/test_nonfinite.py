@@ -137,3 +137,20 @@ def test_in_training_eval_logs_no_fid_from_a_non_finite_image(monkeypatch):
     assert ev.run(None, step=10) is None
     assert ev.log.records == [] and "step 10 skipped, no FID logged: image 3 is not finite" in ev.log.lines[0]
     assert 10 in ev.done
+
+
+def test_training_sample_grid_writes_no_black_grid(tmp_path, monkeypatch):
+    import generation
+    import train
+
+    def bad(*args, **kwargs):
+        raise NonFiniteSampleError("image 0 is not finite (NaN or inf in its latents)")
+        yield
+
+    monkeypatch.setattr(generation, "generate_images", bad)
+    lines = []
+    log = type("Log", (), {"info": lambda self, text: lines.append(text)})()
+    config = {"vae": "pixel-unshuffle", "num_classes": 4, "path_type": "linear", "latents_scale": 1.0}
+    sample = train.make_sample_grid(argparse.Namespace(seed=0, report_to="none"), config, torch.device("cpu"), log)
+    sample(None, 4, tmp_path, None)
+    assert not (tmp_path / "samples").exists() and "sample grid at step 4 skipped: image 0" in lines[0]
