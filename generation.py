@@ -66,7 +66,8 @@ class NonFiniteSampleError(UserError):
 
 def _settings_text(global_seed: int, mode: str, num_steps: int, cfg_scale: float, cls_cfg_scale: float,
                    guidance_low: float, guidance_high: float, heun: bool, path_type: str) -> str:
-    return (f"--mode {mode}{' --heun' if heun and mode == 'ode' else ''} --num-steps {num_steps} --cfg-scale {cfg_scale} "
+    heun_flag = " --heun" if heun and mode == "ode" else ""
+    return (f"--mode {mode}{heun_flag} --num-steps {num_steps} --cfg-scale {cfg_scale} "
             f"--cls-cfg-scale {cls_cfg_scale} --guidance-low {guidance_low} --guidance-high {guidance_high} "
             f"--path-type {path_type} --global-seed {global_seed}")
 

@@ -54,7 +54,8 @@ from models.vae import load_vae
 from preprocessing import image_name
 from preprocessing.transforms import (TRANSFORMS, UnsupportedImageMode, check_output_size, make_transform,
                                      parse_resolution, to_rgb)
-from utils import HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
+from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
+from utils import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
