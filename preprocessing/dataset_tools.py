@@ -312,9 +312,10 @@ def _check_destination(work: str, config: dict, source_info: dict) -> None:
                          f"use another --dest")
 
 
-# Content check (docs/data.md#content-check): the sha256 of every image's bytes as encode read them, and its
-# label, are stored per shard in DEST/image-hashes/; a rerun verifies every stored one against --source
-# before it writes anything, so a source replaced by another of the same names and sizes is refused.
+# Content check (docs/data.md#content-check-on-encode-resume): the sha256 of every image's bytes as encode
+# read them, and its label, are stored per shard in DEST/image-hashes/; a rerun verifies every stored one
+# against --source before it writes anything, so a source replaced by another of the same names and sizes
+# is refused.
 HASH_DIR = "image-hashes"
 
 
