@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from models.hub import hub_offline
-from utils import atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
+from utils import UserError, atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
 from models.vae import SD_VAE_SCALING_FACTOR
 from models.sit import SIZES, SiT, build_model, model_depth
 
@@ -42,8 +42,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, incomplete or with non-finite weights."""
 
 
-class NonFiniteCheckpointError(CheckpointError):
-    """Weights with NaN/inf: never written, never resumed from (no silent fallback past one either)."""
+class NonFiniteCheckpointError(CheckpointError, UserError):
+    """Weights with NaN/inf: never written, never loaded or resumed from (no silent fallback past one either).
+    A UserError too: the message names the file and the tensors, and the entry points print it as one line."""
 
 
 def _non_finite(name: str, sd: dict[str, torch.Tensor]) -> str | None:
@@ -231,9 +232,11 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
                  encoder_depth: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint in any supported format -> (state_dict, partial config from its metadata).
 
-    legacy=True renames REPA's old decoder_blocks.* keys (see convert_legacy)."""
+    legacy=True renames REPA's old decoder_blocks.* keys (see convert_legacy). Weights with a NaN or inf
+    are refused (NonFiniteCheckpointError naming the tensors)."""
     path = resolve_checkpoint(spec)
     meta: dict = {}
+    which = "stored"  # which weights of the file: the EMA or the raw training weights of a .pt
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -250,7 +253,7 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
             raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
         if "ema" in obj or "model" in obj:
             key = "ema" if (use_ema and "ema" in obj) or "model" not in obj else "model"
-            sd = obj[key]
+            sd, which = obj[key], key
             if isinstance(obj.get("config"), dict):
                 meta.update(obj["config"])
             elif "args" in obj:
@@ -258,6 +261,8 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
         else:
             sd = obj  # a bare state_dict
     sd = clean_state_dict(sd)
+    if problem := _non_finite(which, sd):  # NaN weights would sample black images, or train from NaN
+        raise NonFiniteCheckpointError(f"refusing checkpoint {path}: {problem}")
     if legacy:
         sd = convert_legacy(sd, encoder_depth)
     elif any(k.startswith("decoder_blocks.") for k in sd):

@@ -31,6 +31,8 @@ import torch
 from torch.utils.data import Dataset
 
 from models.vae import SD_VAE_SCALING_FACTOR, VAE_STRIDE
+from preprocessing.transforms import UnsupportedImageMode, to_rgb
+from utils import UserError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,16 @@ class FileTree:
         if self.is_zip:
             return list(self._names)
         names = []
-        for root, _dirs, files in os.walk(self.path):
+        # Symlinked folders are followed (a class folder b -> elsewhere/ is a class like any other; not
+        # following it would drop class b and shift every later label), refusing a link into its own ancestry.
+        for root, dirs, files in os.walk(self.path, followlinks=True):
             rel = os.path.relpath(root, self.path)
+            real = os.path.realpath(root)
+            for d in dirs:
+                target = os.path.realpath(os.path.join(root, d))
+                if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+                    raise UserError(f"{os.path.join(root, d)} is a symbolic link to {target}, a folder that "
+                                    f"contains it: the listing of {self.path} would never end; remove the link")
             for f in files:
                 names.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
         return sorted(names)
@@ -213,10 +223,13 @@ def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (H, W, 3); errors name the file."""
+    """PNG/JPEG bytes -> uint8 (H, W, 3) through transforms.to_rgb (16-bit scaled, alpha dropped, float refused);
+    errors name the file."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(to_rgb(img, where))
+    except UnsupportedImageMode:
+        raise
     except Exception as e:  # PIL raises many types for broken files
         raise RuntimeError(f"corrupt or unreadable image {where}: {e}") from e
 
@@ -340,10 +353,11 @@ class CustomDataset(Dataset):
         first = self.latent_names[0]
         try:
             with self.latents.open(first) as f:
-                shape, _dtype = read_npy_header(f)
+                shape, dtype = read_npy_header(f)
         except ValueError as e:
             raise RuntimeError(f"corrupt latent file {self.latents.describe(first)}: {e}") from e
         self._check_moments_shape(tuple(shape), first)
+        self._check_moments_dtype(dtype, first)
         with self.images.open(self.image_names[0]) as f:
             try:
                 size = PIL.Image.open(f).size
@@ -358,6 +372,13 @@ class CustomDataset(Dataset):
             c = self._channels
             raise ValueError(f"{self.latents.describe(name)} has shape {shape}, expected {self.moments_shape} "
                              f"(mean||std of {c}-channel latents at {self.resolution}/{VAE_STRIDE})")
+
+    def _check_moments_dtype(self, dtype: np.dtype, name: str) -> None:
+        """Moments are floats; an integer (or bool, complex) file is refused, never cast: it was written by
+        something else (quantised or label data), and a cast would train on it silently."""
+        if not np.issubdtype(dtype, np.floating):
+            raise UserError(f"{self.latents.describe(name)} holds {dtype} values, not floating-point VAE moments "
+                            f"(mean||std); re-encode it with preprocessing/dataset_tools.py encode")
 
     @property
     def latent_channels(self) -> int:
@@ -383,6 +404,7 @@ class CustomDataset(Dataset):
         except Exception as e:
             raise RuntimeError(f"corrupt or unreadable latent file {self.latents.describe(latent_name)}: {e}") from e
         self._check_moments_shape(moments.shape, latent_name)
+        self._check_moments_dtype(moments.dtype, latent_name)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(moments.astype(np.float32, copy=False)),
                 torch.tensor(self.labels[idx], dtype=torch.int64))

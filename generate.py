@@ -434,7 +434,7 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
                 save_png(image, png_path(run_dir, index))
             bar.update(len(indices))
 
-    make(mine)
+    info.run_together(lambda: make(mine))  # a non-finite sample on one rank stops every rank
     bar.close()
     info.barrier()
     elapsed = time.perf_counter() - start

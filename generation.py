@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from samplers import euler_maruyama_sampler, euler_sampler, per_sample_randn_like
+from utils import UserError
 
 NOISE_STREAM, LABEL_STREAM = 0, 1
 
@@ -58,6 +59,37 @@ def _param_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+class NonFiniteSampleError(UserError):
+    """A sample with NaN/inf values: an error naming the image, raised before any uint8 conversion (which
+    would quietly clamp NaN to black), so no PNG, npz or FID is ever made from it."""
+
+
+def _settings_text(global_seed: int, mode: str, num_steps: int, cfg_scale: float, cls_cfg_scale: float,
+                   guidance_low: float, guidance_high: float, heun: bool, path_type: str) -> str:
+    heun_flag = " --heun" if heun and mode == "ode" else ""
+    return (f"--mode {mode}{heun_flag} --num-steps {num_steps} --cfg-scale {cfg_scale} "
+            f"--cls-cfg-scale {cls_cfg_scale} --guidance-low {guidance_low} --guidance-high {guidance_high} "
+            f"--path-type {path_type} --global-seed {global_seed}")
+
+
+def check_finite_samples(indices: Sequence[int], parts: dict[str, torch.Tensor | None], settings: str) -> None:
+    """Raise NonFiniteSampleError naming the first image whose tensors in `parts` (name -> (N, ...)) hold a
+    NaN or inf. One isfinite per tensor and one host sync per batch; the error path alone looks closer."""
+    tensors = {name: t for name, t in parts.items() if t is not None}
+    device = next(iter(tensors.values())).device
+    ok = torch.stack([torch.isfinite(t).flatten(1).all(1).to(device) for t in tensors.values()])  # (parts, N)
+    if bool(ok.all()):
+        return
+    ok = ok.cpu()
+    col = int((~ok).any(0).nonzero()[0])
+    bad = [name for name, row in zip(tensors, ok) if not row[col]]
+    count = int((~ok).any(0).sum())
+    raise NonFiniteSampleError(
+        f"image {indices[col]} is not finite (NaN or inf in its {' and '.join(bad)}"
+        f"{f'; {count} image(s) of its batch of {len(indices)} are' if count > 1 else ''}) with {settings}; "
+        f"nothing is written from it. Check the sampler settings, or the checkpoint (a diverged model)")
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) on the same device, truncating as REPA/REG/ADM do."""
     images = torch.clamp(255.0 * ((images.float() + 1) / 2), 0, 255)
@@ -78,7 +110,9 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
     so any batch size, order or split of `indices` gives the same images as generate.py's files.
     `decode(z)` maps latents / latents_scale to images in [-1, 1]; a VAE object with a `.decode`
     (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
-    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead.
+    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead. A batch holding an image
+    whose latents, class token or decoded pixels are not finite raises NonFiniteSampleError naming it,
+    before that batch is yielded.
     """
     if mode not in ("sde", "ode"):
         raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
@@ -93,6 +127,8 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
                               enabled=dtype is not None and dtype not in (torch.float32, torch.float64))
     kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale,
                   guidance_low=guidance_low, guidance_high=guidance_high, path_type=path_type)
+    settings = _settings_text(global_seed, mode, num_steps, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
+                              heun, path_type)
     indices = [int(i) for i in indices]
     for b in range(0, len(indices), batch_size):
         batch = indices[b:b + batch_size]
@@ -103,10 +139,13 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
         c = None if cls_dim is None else randn_like(torch.empty(len(batch), cls_dim)).to(device, model_dtype)
         with autocast:
             if mode == "sde":
-                latents, _ = euler_maruyama_sampler(model, z, y, cls_latents=c, randn_like=randn_like, **kwargs)
+                latents, cls_token = euler_maruyama_sampler(model, z, y, cls_latents=c, randn_like=randn_like,
+                                                            **kwargs)
             else:
-                latents, _ = euler_sampler(model, z, y, cls_latents=c, heun=heun, **kwargs)
+                latents, cls_token = euler_sampler(model, z, y, cls_latents=c, heun=heun, **kwargs)
         images = decode_fn(latents.to(model_dtype) / latents_scale)
+        # before to_uint8, which would clamp a NaN to 0 (black)
+        check_finite_samples(batch, {"latents": latents, "class token": cls_token, "decoded image": images}, settings)
         yield batch, to_uint8(images.to(device)), y
 
 
@@ -143,6 +182,25 @@ class DistInfo:
             dist.broadcast_object_list(message, src=0)
             if message[0] is not None and error is None:
                 raise RuntimeError(f"rank 0 stopped: {message[0]}")
+        if error is not None:
+            raise error
+
+    def run_together(self, fn: Callable[[], None]) -> None:
+        """Run fn on every rank; if it raises on one, every rank raises (none is left waiting at the next
+        collective). The others raise a UserError when the first failing rank's error was one."""
+        error = None
+        try:
+            fn()
+        except Exception as e:
+            error = e
+        if self.world_size > 1:
+            mine = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, UserError))
+            messages: list = [None] * self.world_size
+            dist.all_gather_object(messages, mine)
+            failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+            if failed and error is None:
+                rank, (text, user) = failed[0]
+                raise (UserError if user else RuntimeError)(f"rank {rank} stopped: {text}")
         if error is not None:
             raise error
 

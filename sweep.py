@@ -281,6 +281,20 @@ def _gather_features(feats: dict[str, np.ndarray], info: DistInfo, num: int) -> 
     return out
 
 
+def _sample_features(acc, model, codec, mine: list[int], s: dict, args, config: dict, latents_scale: float,
+                     device) -> None:
+    """Sample this process's images of setting `s` into the feature accumulator (NonFiniteSampleError names
+    an image that is not finite: no FID is computed from it)."""
+    for _, images, _ in generate_images(
+            model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes,
+            balanced=args.balanced, mode=s["mode"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
+            cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],
+            guidance_high=s["guidance_high"], heun=s["heun"], path_type=config["path_type"],
+            latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
+            dtype=torch.bfloat16 if args.precision == "bf16" else None):
+        acc.add(images)
+
+
 @torch.no_grad()
 def main(args: argparse.Namespace) -> dict | None:
     from evaluations import evaluator
@@ -346,14 +360,7 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
     for n, s in enumerate(todo):
         start = time.perf_counter()
         acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
-        for _, images, _ in generate_images(
-                model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes,
-                balanced=args.balanced, mode=s["mode"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
-                cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],
-                guidance_high=s["guidance_high"], heun=s["heun"], path_type=config["path_type"],
-                latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
-                dtype=torch.bfloat16 if args.precision == "bf16" else None):
-            acc.add(images)
+        info.run_together(lambda: _sample_features(acc, model, codec, mine, s, args, config, latents_scale, device))
         feats = _gather_features(acc.features(), info, args.num_samples)
         if info.is_main:
             batch = evaluator.batch_from_features(feats["pool"], feats["spatial"], feats["logits"],

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generation import NonFiniteSampleError
+
 
 class InTrainingEval:
     def __init__(self, args: argparse.Namespace, config: dict, accelerator, log):
@@ -58,13 +60,20 @@ class InTrainingEval:
 
         a, acc = self.args, self.acc
         start = time.time()
-        shards = [self.sample_features(ema)]
+        try:
+            shards = [self.sample_features(ema)]
+        except NonFiniteSampleError as e:  # gathered like a shard, so that every rank learns of it
+            shards = [str(e)]
         if acc.num_processes > 1:
             gathered = [None] * acc.num_processes
             torch.distributed.all_gather_object(gathered, shards[0])
             shards = gathered
         record = None
-        if acc.is_main_process:
+        if failed := [s for s in shards if isinstance(s, str)]:
+            # never a FID from NaN images; the weights themselves are checked at every checkpoint
+            if acc.is_main_process:
+                self.log.info(f"WARNING: eval at step {step} skipped, no FID logged: {failed[0]}")
+        elif acc.is_main_process:
             order = np.argsort(np.concatenate([s[0] for s in shards]), kind="stable")  # index order
             merged = {k: np.concatenate([s[1][k] for s in shards])[order] for k in shards[0][1]}
             sample = batch_from_features(merged["pool"], merged["spatial"], merged["logits"], name=f"step {step}")

@@ -32,6 +32,7 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, [sys.executable, "-m", "preprocessing.dataset_tools", *sys.argv[1:]], _env)
 
 import argparse
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -51,8 +52,10 @@ from tqdm import tqdm
 from dataset import FileTree, decode_image, is_image_name, parse_labels, read_dataset_json
 from models.vae import load_vae
 from preprocessing import image_name
-from preprocessing.transforms import TRANSFORMS, check_output_size, make_transform, parse_resolution
+from preprocessing.transforms import (TRANSFORMS, UnsupportedImageMode, check_output_size, make_transform,
+                                     parse_resolution, to_rgb)
 from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
+from utils import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
@@ -87,8 +90,23 @@ def source_labels(source: FileTree, names: list[str]) -> dict[str, int] | None:
     folders = sorted({n.split("/", 1)[0] for n in names})
     if len(folders) < 2 or any(_SHARD_DIR.fullmatch(f) for f in folders):
         return None
+    if isinstance(source, FileTree) and not source.is_zip:
+        check_class_folders(source.path, folders)
     index = {c: i for i, c in enumerate(folders)}
     return {n: index[n.split("/", 1)[0]] for n in names}
+
+
+def check_class_folders(root: str, folders: list[str]) -> None:
+    """Refuse a top-level entry that would silently shift the class labels: a broken symbolic link, or a
+    folder (symlinked or not) without images. Class = index among the folders with images, so either
+    would drop a class and move every later one down by one."""
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise UserError(f"--source {root}: {entry.path} is a broken symbolic link (-> {os.readlink(entry.path)}); "
+                            "as a missing class folder it would shift every later class label: fix or remove it")
+        if entry.is_dir() and entry.name not in folders:
+            raise UserError(f"--source {root}: class folder {entry.path} holds no images; it would shift every "
+                            "later class label: remove it, or put its images back")
 
 
 def list_source(args: argparse.Namespace) -> tuple[FileTree, list[str], list[str], dict[str, int] | None]:
@@ -129,7 +147,9 @@ def _convert_one(task: tuple[int, str]) -> tuple[int, bytes | None, tuple[int, i
     source: FileTree = _WORKER["source"]
     try:
         with PIL.Image.open(io.BytesIO(source.read(name))) as im:
-            img = im.convert("RGB")  # forces the full decode: broken files fail here
+            img = to_rgb(im, source.describe(name))  # forces the full decode: broken files fail here
+    except UnsupportedImageMode as e:  # skipped and listed like a broken file
+        return idx, None, None, str(e)
     except Exception as e:  # PIL raises many types for broken files
         return idx, None, None, f"{source.describe(name)}: unreadable: {type(e).__name__}: {e}"
     img = _WORKER["transform"](img)
@@ -240,7 +260,7 @@ def shards_for_rank(num_items: int, shard_size: int, rank: int, world_size: int)
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """(index, uint8 (3, R, R)) for the given indices of a converted dataset."""
+    """(index, uint8 (3, R, R), sha256 of the file's bytes) for the given indices of a converted dataset."""
 
     def __init__(self, tree: FileTree, names: list[str], indices: list[int], resolution: int):
         self.tree, self.names, self.indices, self.resolution = tree, names, indices, resolution
@@ -248,14 +268,15 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, str]:
         i = self.indices[k]
         where = self.tree.describe(self.names[i])
-        img = decode_image(self.tree.read(self.names[i]), where)
+        data = self.tree.read(self.names[i])
+        img = decode_image(data, where)
         if img.shape[:2] != (self.resolution, self.resolution):
             raise ValueError(f"{where} is {img.shape[1]}x{img.shape[0]}, expected {self.resolution}x{self.resolution} "
                              "like the first image")
-        return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), content_hash(data)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -291,6 +312,84 @@ def _check_destination(work: str, config: dict, source_info: dict) -> None:
                          f"use another --dest")
 
 
+# Content check (docs/data.md#content-check-on-encode-resume): the sha256 of every image's bytes as encode
+# read them, and its label, are stored per shard in DEST/image-hashes/; a rerun verifies every stored one
+# against --source before it writes anything, so a source replaced by another of the same names and sizes
+# is refused.
+HASH_DIR = "image-hashes"
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_content_record(work: str, entries: list[list]) -> None:
+    """One shard's [latent name, image name, sha256, label] rows, written atomically after its latents."""
+    name = os.path.join(work, HASH_DIR, os.path.basename(entries[0][0])[:-len(".npy")] + ".json")
+    atomic_json_dump({"algorithm": "sha256", "images": entries}, name)
+
+
+def read_content_records(work: str) -> dict[str, tuple[str, str, int | None]]:
+    """{latent name: (image name, sha256, label)} of every shard recorded in the destination."""
+    folder = os.path.join(work, HASH_DIR)
+    records: dict[str, tuple[str, str, int | None]] = {}
+    if not os.path.isdir(folder):
+        return records
+    for f in sorted(os.listdir(folder)):
+        if not f.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, f)) as fh:
+                rows = json.load(fh)["images"]
+            records.update({latent: (image, digest, label) for latent, image, digest, label in rows})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read {os.path.join(folder, f)} ({type(e).__name__}: {e}); "
+                            "use another --dest") from e
+    return records
+
+
+def verify_content(work: str, source: FileTree, records: dict, by_latent: dict[str, str],
+                   labels: dict[str, int] | None, rank: int, world: int, threads: int) -> str | None:
+    """The first difference between --source and what the destination was encoded from, or None.
+
+    Every process checks the names and labels of all records (in memory) and re-hashes its share
+    (records[rank::world]) of the images on `threads` threads (file reads and sha256 release the GIL)."""
+    def describe(latent: str, image: str, what: str) -> str:
+        return (f"--source {source.path} is not what --dest {work} was encoded from: {source.describe(image)} {what} "
+                f"(encoded into {latent}); refusing to mix datasets: use another --dest")
+    for latent, (image, _digest, label) in records.items():
+        if by_latent.get(latent) != image:
+            return describe(latent, image, "is no longer the image of that latent file")
+        now = None if labels is None else labels[image]
+        if now != label:
+            return describe(latent, image, f"has label {now} now, {label} when encoded")
+    dest_labels = os.path.join(work, "dataset.json")  # the labels already written, if any
+    if os.path.isfile(dest_labels):
+        with open(dest_labels) as f:
+            written = json.load(f).get("labels")
+        for latent, label in written or []:
+            image = by_latent.get(latent)
+            if image is not None and labels is not None and labels[image] != label:
+                return describe(latent, image, f"has label {labels[image]} now, {label} in {dest_labels}")
+    mine = sorted(records.items())[rank::world]
+
+    def differs(item) -> str | None:
+        latent, (image, digest, _label) = item
+        try:
+            now = content_hash(source.read(image))
+        except OSError as e:
+            return describe(latent, image, f"cannot be read ({e})")
+        return None if now == digest else describe(
+            latent, image, f"has other content (sha256 {now[:12]} now, {digest[:12]} when encoded)")
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(mine), 1024):  # in chunks: not a million futures at once
+            problem = next((p for p in pool.map(differs, mine[start:start + 1024]) if p is not None), None)
+            if problem is not None:
+                return problem
+    return None
+
+
 def encode(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -323,6 +422,12 @@ def encode(args: argparse.Namespace) -> dict:
     # Every rank checks (so that none is left waiting at a barrier); rank 0 records the settings and
     # the source, and removes stale temporaries. Nothing is written before the check passes.
     _check_destination(work, config, source_info)
+    records = read_content_records(work)
+    problem = verify_content(work, source, records, dict(zip(all_latent_names, all_names)), labels, rank, world,
+                             threads=max(args.num_workers, 4))
+    problems = [p for p in gather_object([problem]) if p is not None]
+    if problems:
+        raise UserError(problems[0])
     if state.is_main_process:
         os.makedirs(work, exist_ok=True)
         atomic_json_dump({**config, "source": source_info}, os.path.join(work, ENCODE_CONFIG))
@@ -332,8 +437,15 @@ def encode(args: argparse.Namespace) -> dict:
 
     existing = set(FileTree(work).list())
     mine = shards_for_rank(len(names), args.shard_size, rank, world)
-    todo = [s for s in mine if not all(latent_names[i] in existing for i in s)]
+    # a latent without a content record (killed before its shard's record, or an older version) is made again
+    todo = [s for s in mine if not all(latent_names[i] in existing and latent_names[i] in records for i in s)]
+    unrecorded = sum(latent_names[i] in existing and latent_names[i] not in records for s in todo for i in s)
+    if unrecorded:
+        print(f"encode (rank {rank}): {unrecorded} latent file(s) have no content record (an older version or a "
+              f"killed run wrote them): encoded again", file=sys.stderr)
     indices = [i for s in todo for i in s]
+    shard_of = {i: k for k, s in enumerate(todo) for i in s}
+    pending: dict[int, list] = {}
     num_done_before = sum(len(s) for s in mine) - len(indices)
 
     loader = torch.utils.data.DataLoader(
@@ -343,11 +455,15 @@ def encode(args: argparse.Namespace) -> dict:
     bar = tqdm(total=len(indices), desc=f"encode (rank {rank})", unit="img", disable=not state.is_main_process)
     # fp32 means fp32: TF32 convolutions would make the moments depend on the batch size.
     with fp32_precision("ieee") if dtype == torch.float32 else contextlib.nullcontext():
-        for idx, images in loader:
+        for idx, images, digests in loader:
             mean, std = codec.encode_moments(images.to(state.device, non_blocking=True))
             moments = torch.cat([mean, std], dim=1).cpu().numpy()  # (N, 2C, h, w) float32
-            for i, m in zip(idx.tolist(), moments):
+            for i, m, digest in zip(idx.tolist(), moments, digests):
                 atomic_write_bytes(os.path.join(work, latent_names[i]), npy_bytes(m))
+                rows = pending.setdefault(shard_of[i], [])
+                rows.append([latent_names[i], names[i], digest, None if labels is None else labels[names[i]]])
+                if len(rows) == len(todo[shard_of[i]]):  # the shard is complete: record it
+                    write_content_record(work, pending.pop(shard_of[i]))
             bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - t0
