@@ -211,7 +211,7 @@ def test_consecutive_nan_steps_stop_the_run(data_dir, tmp_path):
     (["--model", "SiT-Q/2"], "unknown --model"),
     (["--encoder-depth", "7"], r"--encoder-depth must be in \[1, 6\]"),
     (["--method", "sit", "--proj-coeff", "0.5"], "no alignment loss"),
-    (["--enc-type", "dinov3-vit-b"], "unknown encoder"),
+    (["--enc-type", "dinov4-vit-b"], "unknown encoder"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--cfg-prob", "1.5"], "--cfg-prob"),
     (["--prediction", "noise"], "invalid choice"),
