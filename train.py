@@ -357,7 +357,9 @@ def main(args: argparse.Namespace) -> dict:
         set_fp32_precision("tf32")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    torch.manual_seed(step_seed(args.seed, rank, -1))  # initialisation; each step reseeds below
+    # initialisation, the same on every rank: DDP broadcasts rank 0's weights, but the EMA copy is made before
+    # (a rank-dependent seed, as the original's, gave every other rank its own EMA start); each step reseeds below
+    torch.manual_seed(step_seed(args.seed, 0, -1))
 
     # ---- data, encoders, model, EMA, optimizer
     dataset = CustomDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes,
