@@ -230,10 +230,14 @@ def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path):
     assert "non-finite loss" in (tmp_path / "nan1/log.txt").read_text()
 
 
-def test_consecutive_nan_steps_stop_the_run(data_dir, tmp_path):
+@pytest.mark.parametrize("extra,stop", [([], 3), (["--device-skip", "--log-every", "4"], 4)])
+def test_consecutive_nan_steps_stop_the_run(data_dir, tmp_path, extra, stop):
+    """--device-skip knows the skips at the log interval only: the run stops at the first log step after the
+    limit (step 4 with --log-every 4), reporting the longest run of skips in that interval."""
     bad = _nan_copy(data_dir, tmp_path / "data2", "all")
-    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses.*--max-bad-steps"):
-        train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan2", "--max-train-steps", "8", "--max-bad-steps", "3")))
+    with pytest.raises(RuntimeError, match=f"{stop} consecutive non-finite losses at step {stop}.*--max-bad-steps"):
+        train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan2", "--max-train-steps", "8", "--max-bad-steps", "3",
+                                              *extra)))
 
 
 @pytest.mark.parametrize("flags,message", [
