@@ -128,9 +128,9 @@ def category(name: str) -> str:
     if any(s in n for s in ("adam", "foreach", "multi_tensor", "lerp", "ema")):
         return "optimizer + EMA"
     if any(s in n for s in ("gemm", "cutlass", "xmma", "nvjet", "addmm", "aten::mm", "bmm", "matmul", "linear",
-                            "conv")):
+                            "conv", "_mm_", "fused_mm", "tem_fused")):  # cuBLAS, CUTLASS, inductor's Triton GEMMs
         return "GEMM"
-    if any(s in n for s in ("memcpy", "memset", "copy", "aten::to", "cat")):
+    if any(s in n for s in ("memcpy", "memset", "copy", "aten::to", "aten::cat", "fused_cat")):
         return "copies"
     return "elementwise"
 
