@@ -277,7 +277,8 @@ class Meter:
         # device-side skips (StepResult.finite a tensor): skipped steps, current run of consecutive skips,
         # longest run since the last sync; read at the log interval (sync_counts), the same on every rank
         self.pending = torch.zeros(3, device=accelerator.device)
-        self.longest_run = 0  # longest run of consecutive skips in the last synced interval
+        self.longest_run = 0  # longest run of consecutive skips in the last log interval (set by flush)
+        self._longest = 0     # the same, accumulated over the syncs of the current interval
         self.device_counts = False  # set by the first add() of a device-side decision
         self.last_time, self.last_step = time.time(), step
 
@@ -299,19 +300,20 @@ class Meter:
         self.sums[-1] += bad_samples
 
     def sync_counts(self) -> None:
-        """Bring the device-side skip counts to the host (one small sync): skipped_total, skipped_run
-        (consecutive skips up to the last step) and longest_run (the longest run since the last call)."""
+        """Bring the device-side skip counts to the host (one small sync): skipped_total, updates_total and
+        skipped_run (consecutive skips up to the last step). flush() also sets longest_run."""
         if not self.device_counts:
             return
         skipped, run, longest = (int(v) for v in self.pending.tolist())
         self.skipped_total += skipped
         self.updates_total -= skipped
-        self.skipped_run, self.longest_run = run, longest
-        self.pending[0], self.pending[2] = 0, run
+        self.skipped_run, self._longest = run, max(self._longest, longest)
+        self.pending[0], self.pending[2] = 0, run  # a run of skips carries into the next interval
 
     def flush(self, step: int, lr: float) -> dict:
         stats = self.acc.reduce(self.sums, "sum").tolist()  # the one host sync per interval
         self.sync_counts()
+        self.longest_run, self._longest = self._longest, 0
         updates = stats[len(STEP_TERMS)]
         now = time.time()
         seconds, steps = now - self.last_time, max(step - self.last_step, 1)
