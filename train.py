@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model and encoder (None: on for GPU)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for the logged MFU (None: looked up from the GPU name; no MFU on CPU)")
+    add_speed_args(g)
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--output-dir", default="exps")
@@ -138,6 +139,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_speed_args(g) -> None:
+    """Step speed-ups (docs/performance.md): each exact or within a tolerance pinned by tests/test_speed.py,
+    each off by default until measured on a GPU (benchmarks/gpu_check.sh)."""
+    g.add_argument("--attn-split", action=argparse.BooleanOptionalAction, default=False,
+                   help="the class token's query row in its own attention call (1 + 256 rows tile, 257 do not)")
+    g.add_argument("--device-skip", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip a non-finite step on the device (fused AdamW's found_inf): no host sync per step; "
+                        "skips are counted and --max-bad-steps checked at each log interval")
+    g.add_argument("--ema-lerp", action=argparse.BooleanOptionalAction, default=False,
+                   help="EMA as one lerp kernel (differs from the original's formula by rounding only)")
+    g.add_argument("--ddp-bucket-mb", type=float, default=None, help="DDP gradient bucket size (None: DDP's 25 MB)")
+    g.add_argument("--ddp-bucket-view", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy)")
+    g.add_argument("--ddp-static-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP static_graph (the same parameters take part in every step, as here)")
+    g.add_argument("--ddp-bf16-allreduce", action=argparse.BooleanOptionalAction, default=False,
+                   help="all-reduce gradients in bf16 (half the bytes; rounds the averaged gradient to bf16)")
+    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     if args.model not in SiT_models:
         raise ValueError(f"unknown --model {args.model!r}; choose from {', '.join(SiT_models)}")
@@ -173,6 +197,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--eval-every needs --eval-ref (an ADM reference batch .npz or a --save-stats file)")
     if args.eval_cfg < 0 or args.eval_cls_cfg < 0:
         raise ValueError("--eval-cfg and --eval-cls-cfg must be >= 0")
+    if args.device_skip and (args.adamw != "fused" or args.mixed_precision == "fp16"):
+        raise ValueError("--device-skip needs --adamw fused and no fp16 (whose GradScaler skips steps itself)")
+    if args.ddp_bucket_mb is not None and args.ddp_bucket_mb <= 0:
+        raise ValueError("--ddp-bucket-mb must be positive")
     if args.init_from and args.resume_step:
         raise ValueError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
     if args.report_to == "wandb":
@@ -233,15 +261,22 @@ class Logger:
 def make_accelerator(args: argparse.Namespace, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils.dataclasses import DDPCommunicationHookType
     cuda = torch.cuda.is_available()
+    # every trainable parameter takes part in every step: no unused-parameter search
+    ddp = dict(find_unused_parameters=False, gradient_as_bucket_view=args.ddp_bucket_view,
+               static_graph=args.ddp_static_graph)
+    if args.ddp_bucket_mb is not None:
+        ddp["bucket_cap_mb"] = args.ddp_bucket_mb
+    if args.ddp_bf16_allreduce:
+        ddp["comm_hook"] = DDPCommunicationHookType.BF16
     return Accelerator(
         cpu=not cuda,  # without a GPU, a torchrun-style launch runs DDP over gloo
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / args.logging_dir)),
-        # every trainable parameter takes part in every step: no unused-parameter search
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(**ddp)],
     )
 
 
@@ -351,7 +386,9 @@ def main(args: argparse.Namespace) -> dict:
         set_fp32_precision("tf32")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    torch.manual_seed(step_seed(args.seed, rank, -1))  # initialisation; each step reseeds below
+    # initialisation, the same on every rank: DDP broadcasts rank 0's weights, but the EMA copy is made before
+    # (a rank-dependent seed, as the original's, gave every other rank its own EMA start); each step reseeds below
+    torch.manual_seed(step_seed(args.seed, 0, -1))
 
     # ---- data, encoders, model, EMA, optimizer
     dataset = CustomDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes,
@@ -363,6 +400,7 @@ def main(args: argparse.Namespace) -> dict:
             log.info("WARNING: encoders use RANDOM weights (smoke test only)")
     config = model_config(args, dataset, encoders)
     model = build_model_from_config(config).to(device)
+    model.attn_split = args.attn_split  # a runtime switch, not in the config (the EMA copy inherits it)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, impl=args.adamw)
@@ -373,8 +411,9 @@ def main(args: argparse.Namespace) -> dict:
     # ---- wrap for DDP / mixed precision / compile, and the data order that follows from the step
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     ddp_model, opt = accelerator.prepare(model, opt)  # opt too: under fp16 the GradScaler steps through it
-    train_model = torch.compile(ddp_model) if use_compile else ddp_model
-    encoders = [torch.compile(e) for e in encoders] if use_compile else encoders
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    train_model = torch.compile(ddp_model, mode=mode) if use_compile else ddp_model
+    encoders = [torch.compile(e, mode=mode) for e in encoders] if use_compile else encoders
     local_batch = args.batch_size // world
     sampler = StepSampler(len(dataset), local_batch=local_batch, rank=rank, world=world, seed=args.seed,
                           start_batch=step * args.gradient_accumulation_steps)
@@ -386,7 +425,8 @@ def main(args: argparse.Namespace) -> dict:
                      proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
                      ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
                      use_proj=bool(config["z_dims"]), num_classes=args.num_classes,
-                     legacy_drop_prob=args.cfg_prob if args.legacy else 0.0)
+                     legacy_drop_prob=args.cfg_prob if args.legacy else 0.0, device_skip=args.device_skip,
+                     ema_lerp=args.ema_lerp)
 
     if accelerator.is_main_process:
         atomic_json_dump(vars(args), run_dir / "args.json")
@@ -420,13 +460,15 @@ def main(args: argparse.Namespace) -> dict:
         step += 1
         bar.update(1)
         meter.add(result.terms, result.finite, bad)
-        if not result.finite:
+        if not isinstance(result.finite, torch.Tensor) and not result.finite:  # --device-skip: at the log step
             check_bad_step(args, meter, step, ckpts, log, fp16=accelerator.scaler is not None)
         if step % args.log_every == 0 or step == max_steps:
             record = meter.flush(step, opt.param_groups[0]["lr"])
             history.append(record)
             log.metrics(record)
             log.info(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+            if meter.longest_run:
+                check_bad_interval(args, meter, step, ckpts, log)
         if step % args.checkpointing_steps == 0 or step == max_steps:
             save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log)
         if evaluator is not None and evaluator.due(step, max_steps):
@@ -453,8 +495,20 @@ def check_bad_step(args, meter: Meter, step: int, ckpts: CheckpointDir, log: Log
             "Check the data for NaN latents, lower --learning-rate, or use bf16 instead of fp16.")
 
 
+def check_bad_interval(args, meter: Meter, step: int, ckpts: CheckpointDir, log: Logger) -> None:
+    """--device-skip: the skips are known at the log interval only, so --max-bad-steps is checked there
+    against the longest run of consecutive skips in the interval (the run stops up to --log-every steps
+    later than without the flag)."""
+    log.info(f"steps up to {step}: non-finite loss or gradient, updates skipped (longest run in this interval "
+             f"{meter.longest_run}, {meter.skipped_total} in all)")
+    if meter.longest_run >= args.max_bad_steps:
+        meter.skipped_run = max(meter.skipped_run, meter.longest_run)
+        check_bad_step(args, meter, step, ckpts, log, fp16=False)
+
+
 def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, config: dict,
                     args: argparse.Namespace, meter: Meter, log: Logger) -> None:
+    meter.sync_counts()  # --device-skip: the updates made so far (a no-op otherwise)
     if meter.updates_total == 0:  # every step of this run was skipped: nothing new to keep
         raise RuntimeError(f"no update was made in this run up to step {step} (every step had a non-finite loss "
                            f"or gradient); not saving. Check the data and the checkpoint it resumed from.")

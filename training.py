@@ -77,11 +77,36 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tu
 
 
 @torch.no_grad()
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float,
+               lerp: bool = False) -> None:
     """ema = decay * ema + (1 - decay) * p for every tensor, in two multi-tensor kernels; the same
-    arithmetic as the original's per-name loop (REG train.py `update_ema`), so the result is identical."""
+    arithmetic as the original's per-name loop (REG train.py `update_ema`), so the result is identical.
+
+    lerp=True (train.py --ema-lerp): ema += (1 - decay) (p - ema) in one kernel (one read of the EMA
+    less). Not bitwise the original's: a rounding difference of about one ulp of the EMA per step."""
+    if lerp:
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        return
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+@torch.no_grad()
+def ema_update_masked(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float,
+                      finite: torch.Tensor, lerp: bool = False) -> None:
+    """ema_update that leaves the EMA as it is where `finite` (a 0-d bool on the device) is False, with no
+    host sync (train.py --device-skip). On a finite step the result is bitwise ema_update's on CPU (pinned
+    by tests/test_speed.py): the same float32 decay, and the increment (1 - decay) p as an addcmul with the
+    factor broadcast from a 0-d tensor ((1 - decay) or 0)."""
+    dtype = ema_params[0].dtype
+    if lerp:
+        weight = torch.where(finite, 1 - decay, 0.0).to(dtype)  # lerp by 0 leaves the EMA as it is
+        torch._foreach_lerp_(ema_params, params, [weight.expand_as(p) for p in params])
+        return
+    keep = torch.where(finite, decay, 1.0).to(dtype)  # (,)
+    step = torch.where(finite, 1 - decay, 0.0).to(dtype)  # (,)
+    torch._foreach_mul_(ema_params, keep)
+    torch._foreach_addcmul_(ema_params, params, [step.expand_as(p) for p in params])
 
 
 # ----------------------------------------------------------------------------- one step
@@ -102,16 +127,33 @@ class StepConfig:
     use_proj: bool = True       # the alignment term (False: plain SiT)
     num_classes: int = 1000
     legacy_drop_prob: float = 0.0  # REPA's --legacy: labels dropped once more before the model's own dropout
+    device_skip: bool = False   # decide the skip of a non-finite step on the device (no host sync; fused AdamW)
+    ema_lerp: bool = False      # EMA as one lerp kernel (not bitwise the original's; see ema_update)
 
 
 # The five numbers a step reports, in this order (summed on the device, read once per log interval).
 STEP_TERMS = ("loss", "loss_denoise", "loss_proj", "loss_cls", "grad_norm")
 
 
+def fused_step_unless(opt: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """opt.step() that changes nothing (parameters, moments, step count) where `finite` is False, decided
+    on the device: fused AdamW's `found_inf` input (the one GradScaler uses), which the kernel reads
+    itself. On a finite step the update is bitwise opt.step()'s."""
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if not inner.defaults.get("fused"):
+        raise ValueError("the device-side skip needs the fused AdamW (--adamw fused)")
+    inner.found_inf = (~finite).to(torch.float32)  # (,): 1.0 = skip
+    try:
+        opt.step()
+    finally:
+        del inner.found_inf
+
+
 @dataclass
 class StepResult:
     terms: torch.Tensor  # (5,) float32 on the device: STEP_TERMS of the last micro-batch, grad norm
-    finite: bool         # False: the update was skipped (non-finite loss or gradient on some rank)
+    finite: bool | torch.Tensor  # False: the update was skipped (non-finite loss or gradient on some rank);
+                                 # a 0-d bool on the device with StepConfig.device_skip (read at the log interval)
 
 
 def train_step(micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, model: Callable,
@@ -147,12 +189,18 @@ def train_step(micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.T
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                finite = bool(torch.isfinite(grad_norm))  # the step's one host sync
-                if finite or accelerator.scaler is not None:
-                    opt.step()
+                if cfg.device_skip:
+                    finite = torch.isfinite(grad_norm)  # (,) bool, the same on every rank: no host sync
+                    fused_step_unless(opt, finite)
+                else:
+                    finite = bool(torch.isfinite(grad_norm))  # the step's one host sync
+                    if finite or accelerator.scaler is not None:
+                        opt.step()
             opt.zero_grad(set_to_none=True)
-    if finite:
-        ema_update(ema_params, params, cfg.ema_decay)
+    if isinstance(finite, torch.Tensor):
+        ema_update_masked(ema_params, params, cfg.ema_decay, finite, lerp=cfg.ema_lerp)
+    elif finite:
+        ema_update(ema_params, params, cfg.ema_decay, lerp=cfg.ema_lerp)
     terms = torch.stack([out.loss.detach().float(), out.denoise.detach().mean(),
                          out.proj.detach().mean() if out.proj is not None else zero,
                          out.cls.detach().mean() if out.cls is not None else zero,
@@ -226,10 +274,24 @@ class Meter:
         self.proj_coeff, self.cls_coeff = proj_coeff, cls_coeff
         self.sums = torch.zeros(len(STEP_TERMS) + 2, device=accelerator.device)  # terms, updates, bad samples
         self.skipped_total, self.skipped_run, self.updates_total = 0, 0, 0
+        # device-side skips (StepResult.finite a tensor): skipped steps, current run of consecutive skips,
+        # longest run since the last sync; read at the log interval (sync_counts), the same on every rank
+        self.pending = torch.zeros(3, device=accelerator.device)
+        self.longest_run = 0  # longest run of consecutive skips in the last log interval (set by flush)
+        self._longest = 0     # the same, accumulated over the syncs of the current interval
+        self.device_counts = False  # set by the first add() of a device-side decision
         self.last_time, self.last_step = time.time(), step
 
-    def add(self, terms: torch.Tensor, finite: bool, bad_samples: torch.Tensor | int = 0) -> None:
-        if finite:
+    def add(self, terms: torch.Tensor, finite: bool | torch.Tensor, bad_samples: torch.Tensor | int = 0) -> None:
+        if isinstance(finite, torch.Tensor):  # decided on the device: count there, no host sync
+            self.device_counts, ok = True, finite.to(self.sums.dtype)
+            self.sums[:len(STEP_TERMS)] += torch.where(finite, terms, 0.0)
+            self.sums[len(STEP_TERMS)] += ok
+            self.pending[0] += 1 - ok
+            self.pending[1] = (self.pending[1] + 1) * (1 - ok)
+            self.pending[2] = torch.maximum(self.pending[2], self.pending[1])
+            self.updates_total += 1  # corrected by the skips in sync_counts
+        elif finite:
             self.sums[:len(STEP_TERMS)] += terms
             self.sums[len(STEP_TERMS)] += 1
             self.skipped_run, self.updates_total = 0, self.updates_total + 1
@@ -237,8 +299,21 @@ class Meter:
             self.skipped_run, self.skipped_total = self.skipped_run + 1, self.skipped_total + 1
         self.sums[-1] += bad_samples
 
+    def sync_counts(self) -> None:
+        """Bring the device-side skip counts to the host (one small sync): skipped_total, updates_total and
+        skipped_run (consecutive skips up to the last step). flush() also sets longest_run."""
+        if not self.device_counts:
+            return
+        skipped, run, longest = (int(v) for v in self.pending.tolist())
+        self.skipped_total += skipped
+        self.updates_total -= skipped
+        self.skipped_run, self._longest = run, max(self._longest, longest)
+        self.pending[0], self.pending[2] = 0, run  # a run of skips carries into the next interval
+
     def flush(self, step: int, lr: float) -> dict:
         stats = self.acc.reduce(self.sums, "sum").tolist()  # the one host sync per interval
+        self.sync_counts()
+        self.longest_run, self._longest = self._longest, 0
         updates = stats[len(STEP_TERMS)]
         now = time.time()
         seconds, steps = now - self.last_time, max(step - self.last_step, 1)

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# The whole GPU check, offline, on synthetic data (about 8 minutes on one H100):
-#   1. SiT-XL/2 + REG trained through train.py with its defaults (bf16, compile, fused AdamW), with one
-#      in-training evaluation at train.py's eval defaults (ODE 50 steps, no guidance), scaled to 10K images;
-#   2. benchmarks/run.py: the same training step as fp32-eager baseline vs optimised (SiT-B/2 and SiT-XL/2,
-#      step-0 losses compared), sampling (SDE 250 steps, cfg 2.3, cls-cfg 2.3, guidance t <= 0.85, eager
-#      fp32 vs compiled bf16) and the evaluator (Inception images/s, the five metrics on 50K x 10K features);
-#   3. SiT-B/2 + REG through train.py;
-# then writes benchmarks/RESULTS.md (device, date, torch, every figure, ratios, checks) and prints it.
+# The whole GPU check, offline, on synthetic photo-like data (one H100/H200; see the phase list below and
+# docs/performance.md), in one run of about 8 minutes:
+#   0. provisioning: any missing pure-Python package the pipeline needs (accelerate, timm, diffusers,
+#      torch-fidelity, ...) is installed from the wheels folder .wheels/ (no network needed; make it with
+#      the command in docs/performance.md#the-wheels-folder and carry it with the working tree);
+#   1. the attention microbenchmark (B, 16, T, 72): T = 256, 257 and 1 + 256 split, per SDPA backend;
+#   2. the data loader on photo-like 256 px PNGs (~120 KB, as ImageNet crops) with 4 and 8 workers;
+#   3. SiT-XL/2 + REG through train.py (bf16, compile, fused AdamW) at 32, 64, 128 and 256 images per GPU,
+#      the 32 one with an in-training evaluation (ODE 50 steps, SD-VAE decode, Inception) scaled to 10K;
+#   4. benchmarks/speed.py ab: today's step against each speed flag at 32 per GPU, and a per-phase profile
+#      (GEMM, attention + backend, elementwise, optimizer + EMA, copies, idle) at 32 and 128;
+#   5. --compile-mode reduce-overhead at 32 per GPU through train.py (max-autotune-no-cudagraphs is left
+#      out: its compile alone takes longer than the whole check; GPU_CHECK_AUTOTUNE=1 adds it);
+#   6. benchmarks/run.py: sampling (SDE 250 steps, cfg 2.3, cls-cfg 2.3, t <= 0.85, eager fp32 vs compiled
+#      bf16) and the evaluator; with GPU_CHECK_EXTRA=1 also the fp32-eager training baseline and SiT-B/2;
+# then writes benchmarks/RESULTS.md (device, date, torch, every figure next to its target) and prints it.
+# RESULTS.md is rewritten after every phase, so a run cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_check.sh            # GPU
 #   QUICK=1 bash benchmarks/gpu_check.sh    # tiny sizes on a CPU (tests/test_benchmarks.py runs this)
 #
 # Environment: GPU_CHECK_WORK (scratch folder, default a new temp dir), GPU_CHECK_RESULTS (default
-# benchmarks/RESULTS.md), GPU_CHECK_BATCH (per-GPU batch, default 64). Exit status 1 if a phase or a check failed.
+# benchmarks/RESULTS.md), GPU_CHECK_BATCHES (per-GPU batches, default "32 64 128 256"), GPU_CHECK_WHEELS
+# (default .wheels). Exit status 1 if a phase or a check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ "${1:-}" == "--quick" ]] && QUICK=1
@@ -25,15 +35,18 @@ mkdir -p "$WORK/exps"
 : > "$WORK/phases.txt"
 : > "$WORK/failures.txt"
 
-if [[ $QUICK == 1 ]]; then  # one tiny train.py run and one benchmarks/run.py process: under a minute on 2 cores
+if [[ $QUICK == 1 ]]; then  # one tiny train.py run and two benchmark processes: about a minute on 2 cores
   RES=32; BATCH=4; IMAGES=8; STEPS=2; LOG=1; ENC=dinov2-vit-s; WORKERS=0; XL=SiT-T/2; DEPTH_XL=4
   BENCH=(--quick --device cpu)
   export OMP_NUM_THREADS=1  # 2 busy cores: more threads than free cores make OpenMP wait at barriers
 else
-  RES=256; BATCH=${GPU_CHECK_BATCH:-64}; IMAGES=256; STEPS=40; LOG=10; ENC=dinov2-vit-b; EVAL=256; WORKERS=4
+  RES=256; IMAGES=256; STEPS=30; LOG=10; ENC=dinov2-vit-b; EVAL=256; WORKERS=4
   XL=SiT-XL/2; B=SiT-B/2; DEPTH_XL=8; DEPTH_B=4
-  BENCH=(--batch-size "$BATCH" --eval-images 2000)
+  read -r -a BATCHES <<< "${GPU_CHECK_BATCHES:-32 64 128 256}"
+  BATCH=${BATCHES[0]}
+  BENCH=(--batch-size 64 --eval-images 2000)
 fi
+WHEELS=${GPU_CHECK_WHEELS:-.wheels}
 
 report() {
   "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS" \
@@ -61,22 +74,51 @@ train() {  # train NAME MODEL DEPTH [extra flags]
     --num-workers "$WORKERS" --report-to none "$@"
 }
 
-# what the evaluator and the VAE need: a missing package fails here, by name, not minutes into a phase
-# (looked up, not imported: importing all four takes 10-20 s)
-phase imports "$PY" -c "import importlib.util as u, sys
-missing = [m for m in ('accelerate', 'timm', 'torch_fidelity', 'diffusers') if u.find_spec(m) is None]
-sys.exit(f'missing packages: {\", \".join(missing)}' if missing else 0)"
+provision() {  # install what is missing from the wheels folder, offline; then name anything still missing
+  local missing
+  missing=$("$PY" -c "import importlib.util as u
+need = {'accelerate': 'accelerate', 'timm': 'timm', 'torch_fidelity': 'torch-fidelity', 'diffusers': 'diffusers',
+        'safetensors': 'safetensors', 'huggingface_hub': 'huggingface_hub', 'scipy': 'scipy', 'PIL': 'pillow',
+        'tqdm': 'tqdm', 'yaml': 'pyyaml', 'tensorboard': 'tensorboard'}
+print(' '.join(dist for mod, dist in need.items() if u.find_spec(mod) is None))")
+  if [[ -n $missing && -d $WHEELS ]]; then
+    echo "installing from $WHEELS: $missing" >&2
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" $missing || true
+  fi
+  # looked up, not imported: importing them all takes 10-20 s
+  "$PY" -c "import importlib.util as u, sys
+missing = [m for m in ('accelerate', 'timm', 'torch_fidelity', 'diffusers', 'scipy', 'PIL') if u.find_spec(m) is None]
+sys.exit(f'missing packages: {\", \".join(missing)} (see docs/performance.md#the-wheels-folder)' if missing else 0)"
+}
+
+speed_flags=(--attn-split --device-skip --ema-lerp --ddp-bucket-view --ddp-static-graph --ddp-bucket-mb 100)
+phase imports provision
 phase data "$PY" -m benchmarks.gpu_check data --dest "$WORK/data" --num-images "$IMAGES" --resolution "$RES"
 if [[ $QUICK == 1 ]]; then
-  phase train_tiny train tiny "$XL" "$DEPTH_XL"
+  phase train_tiny train tiny "$XL" "$DEPTH_XL" "${speed_flags[@]}"  # every speed flag runs (defaults: everywhere else)
+  phase speed "$PY" -m benchmarks.speed attn,loader,ab --data "$WORK/data" --workers 1 --out "$WORK/speed_all.json"
   phase bench "$PY" -m benchmarks.run "${BENCH[@]}" --out "$WORK/bench_1.json"
 else
+  phase attn "$PY" -m benchmarks.speed attn --out "$WORK/speed_attn.json"
+  phase loader "$PY" -m benchmarks.speed loader --data "$WORK/data" --workers 4,8 --out "$WORK/speed_loader.json"
   phase vae "$PY" -m benchmarks.gpu_check vae --dest "$WORK/vae"
-  phase train_xl train xl "$XL" "$DEPTH_XL" --eval-every "$STEPS" --eval-samples "$EVAL" \
-    --eval-ref "$WORK/data/ref.npz" --vae "$WORK/vae" --inception-weights random
-  phase bench_train "$PY" -m benchmarks.run "${BENCH[@]}" --sections train --models "$B,$XL" --out "$WORK/bench_1.json"
+  for b in "${BATCHES[@]}"; do
+    if [[ $b == "$BATCH" ]]; then  # the paper's per-GPU batch, with the in-training evaluation
+      phase "train_xl_$b" train "xl-$b" "$XL" "$DEPTH_XL" --batch-size "$b" --eval-every "$STEPS" \
+        --eval-samples "$EVAL" --eval-ref "$WORK/data/ref.npz" --vae "$WORK/vae" --inception-weights random
+    else
+      phase "train_xl_$b" train "xl-$b" "$XL" "$DEPTH_XL" --batch-size "$b"
+    fi
+  done
+  phase ab "$PY" -m benchmarks.speed ab --batches "$BATCH,128" --out "$WORK/speed_ab.json"
+  phase train_xl_ro train "xl-$BATCH-reduce-overhead" "$XL" "$DEPTH_XL" --compile-mode reduce-overhead
+  [[ ${GPU_CHECK_AUTOTUNE:-0} == 1 ]] && phase train_xl_mat train "xl-$BATCH-max-autotune" "$XL" "$DEPTH_XL" \
+    --compile-mode max-autotune-no-cudagraphs
   phase bench_sample_eval "$PY" -m benchmarks.run "${BENCH[@]}" --sections sample,eval --out "$WORK/bench_2.json"
-  phase train_b train b "$B" "$DEPTH_B"
+  if [[ ${GPU_CHECK_EXTRA:-0} == 1 ]]; then
+    phase bench_train "$PY" -m benchmarks.run "${BENCH[@]}" --sections train --models "$XL" --out "$WORK/bench_1.json"
+    phase train_b train b "$B" "$DEPTH_B" --batch-size 64
+  fi
 fi
 "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS" \
   --command "$([[ $QUICK == 1 ]] && echo 'QUICK=1 ')bash benchmarks/gpu_check.sh"

@@ -122,6 +122,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = fused_attn
+        # Rows of the query that get their own SDPA call (0: one call). 1 with REG's class token: 257 query
+        # rows do not tile (flash/cuDNN pad them to 3 x 128), 1 + 256 do. A runtime switch, not a weight.
+        self.split_rows = 0
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         # timm's default qk-norm layer is nn.LayerNorm(head_dim), which is what REPA checkpoints hold.
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -133,13 +136,23 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, H, T, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
+        if self.fused_attn and 0 < self.split_rows < T:
+            x = split_sdpa(q, k, v, self.split_rows)
+        elif self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (N, H, T, T)
             x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(N, T, D)
         return self.proj(x)
+
+
+def split_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """SDPA with the first `rows` query rows in a call of their own; every row still attends to all keys,
+    so the result is the plain call's (the softmax is per row). q, k, v: (N, H, T, Dh) -> (N, H, T, Dh)."""
+    head = F.scaled_dot_product_attention(q[:, :, :rows], k, v)  # (N, H, rows, Dh)
+    tail = F.scaled_dot_product_attention(q[:, :, rows:], k, v)  # (N, H, T - rows, Dh)
+    return torch.cat([head, tail], dim=2)
 
 
 class Mlp(nn.Module):
@@ -283,6 +296,17 @@ class SiT(nn.Module):
     @property
     def num_tokens(self) -> int:
         return self.pos_embed.shape[1]
+
+    @property
+    def attn_split(self) -> bool:
+        """True: the class token's query row gets its own SDPA call (train.py --attn-split). Only a
+        runtime switch (no parameter, no state_dict key); a no-op without the class token."""
+        return any(b.attn.split_rows for b in self.blocks)
+
+    @attn_split.setter
+    def attn_split(self, on: bool) -> None:
+        for block in self.blocks:
+            block.attn.split_rows = int(bool(on) and self.use_cls_token)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but a strict load that cannot succeed says exactly which keys and shapes differ."""

@@ -120,11 +120,18 @@ def test_gpu_check_quick_mode_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
     assert "FAIL" not in text
-    row = next(line for line in text.splitlines() if line.startswith("| SiT-T/2 | 4 | 2 |"))
-    assert float(row.split("|")[4]) > 0  # img/s from train.py's metrics.jsonl
+    # the tiny train.py run takes every speed flag (their defaults run in every other test)
+    row = next(line for line in text.splitlines() if line.startswith("| SiT-T/2 | --attn-split --device-skip --ema-lerp | 4 | 2 |"))
+    assert float(row.split("|")[5]) > 0  # img/s from train.py's metrics.jsonl
     for header in ("Training step (training.train_step)", "Sampling (generation.generate_images)",
-                   "Evaluator", "PASS: SiT-T/2: step-0 loss"):
+                   "Evaluator", "PASS: SiT-T/2: step-0 loss", "## The speed flags against today's step",
+                   "## Per-phase profile", "## Attention microbenchmark", "## Data loader"):
         assert header in text
+    speed = json.loads((tmp_path / "work" / "speed_all.json").read_text())
+    assert [r["flag"] for r in speed["ab"]] == list(__import__("benchmarks.speed").speed.FLAGS)
+    assert {r["case"] for r in speed["attn"]} == {"T=256", "T=257", "T=257 split 1+256"}
+    assert all(r["ms"] for r in speed["attn"] if r["backend"] == "MATH")
+    assert speed["profile"][0]["GEMM"] > 0 and speed["loader"][0]["png_kb"] > 0
     bench_rows = json.loads((tmp_path / "work" / "bench_1.json").read_text())["rows"]
     assert {(r["section"], r["path"]) for r in bench_rows} == {
         ("train", "baseline"), ("train", "optimised"), ("sample", "baseline"), ("sample", "optimised"),

@@ -143,22 +143,52 @@ def test_sigkill_then_rerun_finishes_with_intact_checkpoints(data_dir, tmp_path)
     assert [f.name for f in pts if ".opt" in f.name] == ["0000008.opt.pt", "0000010.opt.pt", "0000012.opt.pt"]
 
 
-def test_two_process_cpu_launch(data_dir, tmp_path):
-    # accelerate's --cpu flag alone starts one process (multi-CPU needs MPI); its torchrun launcher with
-    # train.py's cpu fallback gives real 2-process DDP over gloo.
+def test_two_process_cpu_launch_and_ddp_speed_variants(data_dir, tmp_path):
+    """Real 2-process DDP over gloo (accelerate's --cpu flag alone starts one process; its torchrun launcher
+    with train.py's cpu fallback does it), one launch for every set of speed flags, 3 steps each; image 0
+    is NaN and read by rank 1 only, at step 2 (seed 4). Today's step skips it on both ranks (the clipped
+    grad norm is all-reduced); so must --device-skip, bitwise. The DDP options change nothing (with 2 ranks
+    an all-reduce is one addition, in any bucketing); the bf16 all-reduce rounds the averaged gradient."""
     import socket
+    bad = _nan_copy(data_dir, tmp_path / "data", "one")
     with socket.socket() as s:  # a free port: other tests may run in parallel (pytest -n 2)
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
+    variants = {"today": "", "device-skip": "--device-skip",
+                "ddp": "--ddp-bucket-view --ddp-static-graph --ddp-bucket-mb 0.05",
+                "bf16-allreduce": "--ddp-bf16-allreduce --device-skip"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", port, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
-           *tiny_argv(data_dir, tmp_path, "ddp", "--max-train-steps", "2", "--checkpointing-steps", "100")]
+           "--main_process_port", port, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "ddp_variants.py"), str(tmp_path), *(f"{k}={v}" for k, v in variants.items()), "--",
+           *tiny_argv(bad, tmp_path, "x", "--max-train-steps", "3", "--checkpointing-steps", "100", "--seed", "4",
+                      "--log-every", "3")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpts = tmp_path / "ddp" / "checkpoints"
-    assert sorted(f.name for f in ckpts.glob("[0-9]*.pt")) == ["0000002.opt.pt", "0000002.pt"]
-    assert "2 processes" in (tmp_path / "ddp" / "log.txt").read_text()
+    assert "2 processes" in (tmp_path / "today" / "log.txt").read_text()
+    assert "step 2: non-finite loss" in (tmp_path / "today" / "log.txt").read_text()
+    assert "updates skipped" in (tmp_path / "device-skip" / "log.txt").read_text()  # logged at the interval
+    ckpt = {}
+    for name in variants:
+        run = tmp_path / name
+        assert sorted(f.name for f in (run / "checkpoints").glob("[0-9]*.pt")) == ["0000003.opt.pt", "0000003.pt"]
+        # rank 0 never read the NaN image, yet skipped: the decision is global
+        assert json.loads((run / "result.json").read_text()) == {"skipped": 1, "steps": 3}
+        d0, d1 = (json.loads((run / f"digest-rank{r}.json").read_text()) for r in (0, 1))
+        assert d0 == d1  # both ranks hold the same weights and EMA after the skip
+        ckpt[name] = torch.load(run / "checkpoints" / "0000003.pt", weights_only=True)
+        ckpt[name]["opt"] = torch.load(run / "checkpoints" / "0000003.opt.pt", weights_only=True)["opt"]
+    ref = ckpt["today"]
+    for name in ("device-skip", "ddp"):
+        for part in ("model", "ema"):
+            assert all(torch.equal(ref[part][k], ckpt[name][part][k]) for k in ref[part]), (name, part)
+        state, ref_state = ckpt[name]["opt"]["state"], ref["opt"]["state"]
+        assert all(torch.equal(ref_state[i][k], state[i][k]) for i in ref_state for k in ref_state[i]), name
+    # bf16 all-reduce: the averaged gradient rounded to bf16 (8 bits of mantissa), 2 updates of Adam at lr 1e-4.
+    # Adam moves a weight by about lr per step whatever the gradient's size, so a weight whose tiny gradient
+    # changed sign moves up to 2 lr the other way per step: the bound is 4 lr; on average far less.
+    diff = torch.cat([(ckpt["bf16-allreduce"]["model"][k] - ref["model"][k]).abs().flatten() for k in ref["model"]])
+    assert 0 < diff.max() <= 4e-4 + 1e-7 and diff.mean() < 1e-5, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("method", ["repa", "sit"])
@@ -200,10 +230,14 @@ def test_nan_steps_are_skipped_and_counted(data_dir, tmp_path):
     assert "non-finite loss" in (tmp_path / "nan1/log.txt").read_text()
 
 
-def test_consecutive_nan_steps_stop_the_run(data_dir, tmp_path):
+@pytest.mark.parametrize("extra,stop", [([], 3), (["--device-skip", "--log-every", "4"], 4)])
+def test_consecutive_nan_steps_stop_the_run(data_dir, tmp_path, extra, stop):
+    """--device-skip knows the skips at the log interval only: the run stops at the first log step after the
+    limit (step 4 with --log-every 4), reporting the longest run of skips in that interval."""
     bad = _nan_copy(data_dir, tmp_path / "data2", "all")
-    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses.*--max-bad-steps"):
-        train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan2", "--max-train-steps", "8", "--max-bad-steps", "3")))
+    with pytest.raises(RuntimeError, match=f"{stop} consecutive non-finite losses at step {stop}.*--max-bad-steps"):
+        train.main(train.parse_args(tiny_argv(bad, tmp_path, "nan2", "--max-train-steps", "8", "--max-bad-steps", "3",
+                                              *extra)))
 
 
 @pytest.mark.parametrize("flags,message", [
