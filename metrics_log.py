@@ -62,7 +62,7 @@ def _parse(path: str, lines: list[str]) -> tuple[list[dict], str | None]:
                 raise ValueError("not an object with an integer 'step'")
         except ValueError as e:
             if i == last:
-                note = f"{path}:{i + 1}: skipped a torn last line (a run killed mid-write): {line[:60]!r}"
+                note = f"{path}:{i + 1}: skipped an unfinished last line (torn by a kill mid-write): {line[:60]!r}"
                 continue
             raise UserError(f"{path}:{i + 1}: not a metrics record ({e}); only the last line may be torn "
                             f"by a kill, so something else wrote this file") from e

@@ -39,7 +39,7 @@ from generation import generate_images
 from models.encoders import load_encoders
 from models.sit import build_model, parse_model_name
 from training import StepConfig, make_optimizer, peak_tflops, step_seed, train_step, training_flops_per_image
-from utils import fp32_precision
+from utils import finite_float, fp32_precision
 
 CFG_SCALE, CLS_CFG_SCALE, GUIDANCE_HIGH = 2.3, 2.3, 0.85  # REG eval.sh / generate.py settings
 ADM_EVAL_BATCH = 64  # ADM's evaluator feeds Inception 64 images at a time
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile in the optimised arms (default: on GPU only, as train.py)")
     p.add_argument("--compile-backend", default="inductor", help="'aot_eager' only traces (for CPU tests)")
     p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "for-loop"], help="optimised arm's AdamW")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for the MFU (default: by GPU name)")
+    p.add_argument("--peak-tflops", type=finite_float(0, lo_open=True), default=None, help="device bf16 peak for the MFU (default: by GPU name)")
     p.add_argument("--models", default=None, help=f"comma-separated (full: {FULL['models']})")
     for key in ("batch_size", "resolution", "warmup", "steps", "sample_batch", "sample_steps", "eval_images",
                 "eval_batch", "metric_samples", "metric_refs"):
