@@ -388,4 +388,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from utils import run_main
+    run_main(main, parse_args)
