@@ -126,7 +126,8 @@ def parse_allow_run_change(text: str | None) -> set[str]:
     bad = sorted(d for d in dests if FLAG_CLASSES.get(d, (None,))[0] != RUN)
     if bad:
         run_flags = ", ".join("--" + d.replace("_", "-") for d, (k, _) in FLAG_CLASSES.items() if k == RUN)
-        raise UserError(f"--allow-run-change {text}: {', '.join(bad)} is not a run-defining flag; "
+        named = ", ".join("--" + d.replace("_", "-") for d in bad)
+        raise UserError(f"--allow-run-change {text}: {named} is not a run-defining flag; "
                         f"those are {run_flags} (hyperparameters and operational flags may change freely)")
     return dests
 
