@@ -39,7 +39,7 @@ from generation import generate_images
 from models.encoders import load_encoders
 from models.sit import build_model, parse_model_name
 from training import StepConfig, make_optimizer, peak_tflops, step_seed, train_step, training_flops_per_image
-from utils import finite_float, fp32_precision
+from utils import ArgumentParser, finite_float, fp32_precision
 
 CFG_SCALE, CLS_CFG_SCALE, GUIDANCE_HIGH = 2.3, 2.3, 0.85  # REG eval.sh / generate.py settings
 ADM_EVAL_BATCH = 64  # ADM's evaluator feeds Inception 64 images at a time
@@ -53,8 +53,8 @@ SECTIONS = ("train", "sample", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="tiny sizes (SiT-T/2, 32 px); automatic on CPU")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics_log  # noqa: E402
-from utils import UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main  # noqa: E402
+from utils import ArgumentParser, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main  # noqa: E402
 
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")
@@ -285,8 +285,8 @@ def compare(run_dirs: Sequence[str], out: str) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evaluations.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m evaluations.compare", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders (OUTPUT_DIR/EXP_NAME)")
     p.add_argument("--out", default="comparison",
                    help="folder for comparison.md, comparison.json and comparison.png")

@@ -56,7 +56,7 @@ from evaluations.inception import (INCEPTION_FILENAME, WEIGHTS_ENV, InceptionV3,
 from evaluations.metrics import (compute_statistics, frechet_distance, inception_score,  # noqa: E402,F401
                                  precision_recall)
 from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch  # noqa: E402,F401
-from utils import atomic_json_dump, atomic_write_bytes, finite_float, run_main  # noqa: E402
+from utils import ArgumentParser, atomic_json_dump, atomic_write_bytes, finite_float, run_main  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ from utils import atomic_json_dump, atomic_write_bytes, finite_float, run_main  
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m evaluations.evaluator",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ADM-exact FID / sFID / IS / precision / recall without TensorFlow "
