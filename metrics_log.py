@@ -14,28 +14,17 @@ benchmarks all read through here, and the last three start without torch.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Callable
 
-from utils import UserError, atomic_write_bytes
+from utils import UserError, atomic_write_bytes, nan_to_null
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def _strict(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def dumps_record(record: dict) -> str:
     """One metrics line (without the newline): strict JSON, non-finite numbers as null."""
-    return json.dumps(_strict(record), allow_nan=False)
+    return json.dumps(nan_to_null(record), allow_nan=False)
 
 
 def append_record(path: str | os.PathLike, record: dict) -> None:

@@ -202,7 +202,7 @@ def write_table(out: Path, rows: list[dict], manifest: dict, paper: list[dict] |
         "unguided": unguided[0] if unguided else None,
         "paper": paper,
     }
-    atomic_json_dump({"manifest": manifest, "summary": summary, "rows": rows}, out / "results.json")
+    atomic_json_dump({"manifest": manifest, "summary": summary, "rows": rows}, out / "results.json", nan_as_null=True)
 
     cols = ["mode", "num_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high"]
     metrics = ["fid", "sfid", "inception_score", "precision", "recall"]
@@ -354,7 +354,7 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
             metrics = evaluator.compute_metrics(ref, batch)
             seconds = time.perf_counter() - start
             atomic_json_dump({**s, "metrics": metrics, "seconds": seconds},
-                             settings_dir / f"{setting_key(s)}.json")
+                             settings_dir / f"{setting_key(s)}.json", nan_as_null=True)
             print(f"[{n + 1}/{len(todo)}] {setting_key(s)}: FID {metrics['fid']:.3f}, sFID {metrics['sfid']:.3f}, "
                   f"IS {metrics['inception_score']:.2f} ({seconds:.0f} s)", flush=True)
         info.barrier()

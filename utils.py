@@ -70,15 +70,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_json_dump(obj: Any, path: str | os.PathLike, *, sort_keys: bool = True) -> None:
-    """Strict JSON (allow_nan=False): a NaN or inf raises ValueError instead of writing `NaN`, which no
-    JSON parser but Python's reads. Callers that may hold a non-finite number write it as null."""
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"  # raises before any write
+def atomic_json_dump(obj: Any, path: str | os.PathLike, *, sort_keys: bool = True, nan_as_null: bool = False) -> None:
+    """Strict JSON (allow_nan=False): a NaN or inf raises ValueError, before anything is written, instead
+    of writing `NaN`, which no JSON parser but Python's reads. Files of measured values that may come out
+    non-finite (metrics) pass nan_as_null=True: such a value is written as null."""
+    if nan_as_null:
+        obj = nan_to_null(obj)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def nan_to_null(obj: Any) -> Any:
+    """A copy of a JSON-able structure with every non-finite float replaced by None (null in JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
 
 
 def clean_stale_tmp(folder: str | os.PathLike, name: str = "*") -> list[Path]:

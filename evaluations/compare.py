@@ -279,7 +279,7 @@ def compare(run_dirs: Sequence[str], out: str) -> dict:
     table = markdown_table(rows)
     os.makedirs(out, exist_ok=True)
     atomic_write_bytes(os.path.join(out, "comparison.md"), table.encode())
-    atomic_json_dump({"rows": rows}, os.path.join(out, "comparison.json"), sort_keys=False)
+    atomic_json_dump({"rows": rows}, os.path.join(out, "comparison.json"), sort_keys=False, nan_as_null=True)
     plot(runs, rows, os.path.join(out, "comparison.png"))
     return {"rows": rows, "table": table, "notes": [n for r in runs for n in r.notes]}
 

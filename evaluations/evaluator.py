@@ -236,7 +236,7 @@ def main(args: argparse.Namespace) -> dict:
         atomic_write_bytes(plan.text_path, original_text(metrics).encode())
         log(f"wrote {plan.text_path}", verbose)
     if plan.json_path:
-        atomic_json_dump(result, plan.json_path, sort_keys=False)
+        atomic_json_dump(result, plan.json_path, sort_keys=False, nan_as_null=True)
         log(f"wrote {plan.json_path}", verbose)
     return result
 
