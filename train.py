@@ -257,7 +257,9 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
 def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log: Logger) -> int:
     """Resume (newest checkpoint, or --resume-step), else --init-from, else nothing. Returns the step.
     A resume compares the command line with the checkpoint's args first (run_flags.check_resume)."""
-    if log.acc.is_main_process and (warning := trim_torn_tail(log.run_dir / METRICS_FILE)):
+    if not log.acc.is_main_process:
+        read_metrics(log.run_dir / METRICS_FILE)  # a broken line raises on every rank alike, not on rank 0 alone
+    elif warning := trim_torn_tail(log.run_dir / METRICS_FILE):
         log.info(warning)  # a kill mid-append; the next append must start on a line of its own
     ckpt = ckpts.load_for_resume(args.resume_step)
     args.history = []
