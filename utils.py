@@ -209,15 +209,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, No
 
 
 def run_main(main: Callable[..., Any], parse_args: Callable[[list[str]], Any] | None = None, *,
-             user_errors: tuple[type[BaseException], ...] = ()) -> None:
+             user_errors: tuple[type[BaseException], ...] = ()) -> Any:
     """The `if __name__ == "__main__":` of every entry point: main(parse_args(argv)), or main() when
     parse_args is None.
 
     A user's mistake (USER_ERRORS, plus `user_errors`, e.g. checkpoint_io.CheckpointError) is printed
     as one line, `prog: error: MESSAGE`, and the process exits with status 2, on every rank; only rank
     0 prints (every rank meets the same flags and files). REG_DEBUG=1 in the environment shows the
-    traceback instead. Any other exception is a bug: its traceback is shown as usual. A main that
-    returns an int makes it the exit status."""
+    traceback instead. Any other exception is a bug: its traceback is shown as usual. Returns main's
+    result."""
     prog = os.path.basename(sys.argv[0]) or "python"
     try:
         result = main(parse_args(sys.argv[1:])) if parse_args is not None else main()
@@ -228,5 +228,4 @@ def run_main(main: Callable[..., Any], parse_args: Callable[[list[str]], Any] | 
             message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
             print(f"{prog}: error: {message} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
-    if isinstance(result, int) and not isinstance(result, bool):
-        sys.exit(result)
+    return result

@@ -157,5 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
     from utils import run_main
-    run_main(main)  # its int result is the exit status
+    sys.exit(run_main(main))  # main's result: the number of failed checks
