@@ -39,7 +39,7 @@ from generation import generate_images
 from models.encoders import load_encoders
 from models.sit import build_model, parse_model_name
 from training import StepConfig, make_optimizer, peak_tflops, step_seed, train_step, training_flops_per_image
-from utils import ArgumentParser, finite_float, fp32_precision
+from utils import ArgumentParser, finite_float, fp32_precision, nan_to_null
 
 CFG_SCALE, CLS_CFG_SCALE, GUIDANCE_HIGH = 2.3, 2.3, 0.85  # REG eval.sh / generate.py settings
 ADM_EVAL_BATCH = 64  # ADM's evaluator feeds Inception 64 images at a time
@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+            json.dump(nan_to_null(results), f, indent=1, default=str, allow_nan=False)
     return results
 
 

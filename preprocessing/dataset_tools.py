@@ -169,7 +169,7 @@ def _convert_into(args: argparse.Namespace, names: list[str], labels: dict[str, 
         if not written:
             raise RuntimeError(f"convert: no image of --source {args.source} could be converted "
                                f"({len(skipped)} skipped):\n  " + "\n  ".join(skipped[:20]))
-        write("dataset.json", json.dumps({"labels": written if labels is not None else None}).encode())
+        write("dataset.json", json.dumps({"labels": written if labels is not None else None}, allow_nan=False).encode())
     finally:
         if pool is not None:
             pool.terminate()
@@ -372,7 +372,7 @@ def encode(args: argparse.Namespace) -> dict:
         covered = [n for n in all_latent_names if n in present]
         label_list = [[n, labels[by_latent[n]]] for n in covered] if labels is not None else None
         meta = {"labels": label_list, "vae": vae_info}
-        atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta).encode())
+        atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta, allow_nan=False).encode())
         if label_list is None:
             print(f"encode: {args.source} has no dataset.json labels and no class folders: wrote an unlabelled "
                   "dataset (\"labels\": null); train it with --num-classes 1", file=sys.stderr)
