@@ -88,7 +88,7 @@ def export_safetensors(path: str | os.PathLike, state_dict: dict[str, torch.Tens
     from safetensors.torch import save_file
     path = Path(path)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "config": json.dumps(config)}))
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", "config": json.dumps(config, allow_nan=False)}))
     atomic_json_dump(config, path.with_suffix(".json"))
 
 

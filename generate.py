@@ -46,11 +46,12 @@ from numpy.lib import format as npy_format
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator, resolve_checkpoint
+from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator, resolve_checkpoint
 from generation import DistInfo, class_labels, generate_images, init_distributed
 from models.sit import SiT_models
 from models.vae import config_decoding_vae, load_vae
-from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
+                   clean_stale_tmp, finite_float, run_main, set_fp32_precision)
 
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this IEND chunk
@@ -66,7 +67,7 @@ SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The original generate.py's flags (same names and meanings), plus ours."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     g = p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",
@@ -103,13 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-steps", type=int, default=50, help="sampler steps (the paper: 250)")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="Heun corrector (ode only)")
-    g.add_argument("--cfg-scale", type=float, default=1.5,
+    g.add_argument("--cfg-scale", type=finite_float(0), default=1.5,
                    help="classifier-free guidance scale; > 1 enables CFG (the paper: 2.3)")
-    g.add_argument("--cls-cfg-scale", type=float, default=1.5,
+    g.add_argument("--cls-cfg-scale", type=finite_float(0), default=1.5,
                    help="CFG scale of the class token under CFG (REG); 0: its conditional drift only")
-    g.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
+    g.add_argument("--guidance-low", "--guidance_low", type=finite_float(0, 1), default=0.0,
                    help="guide only while guidance_low <= t <= guidance_high (t = 1 is noise)")
-    g.add_argument("--guidance-high", "--guidance_high", type=float, default=1.0,
+    g.add_argument("--guidance-high", "--guidance_high", type=finite_float(0, 1), default=1.0,
                    help="upper end of the guidance interval (the paper: 0.85)")
     g.add_argument("--path-type", type=str, choices=["linear", "cosine"], default=None,
                    help="interpolant (default: the checkpoint's, else linear)")
@@ -143,14 +144,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse settings that cannot be meant (before any model is loaded)."""
     if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.num_steps < 1:
-        raise ValueError("--num-fid-samples, --per-proc-batch-size and --num-steps must be >= 1")
+        raise UserError("--num-fid-samples, --per-proc-batch-size and --num-steps must be >= 1")
     if args.global_seed < 0:
-        raise ValueError(f"--global-seed must be >= 0, got {args.global_seed}")
+        raise UserError(f"--global-seed must be >= 0, got {args.global_seed}")
     if args.cfg_scale < 0 or args.cls_cfg_scale < 0:
-        raise ValueError(f"--cfg-scale {args.cfg_scale} and --cls-cfg-scale {args.cls_cfg_scale} must be >= 0")
+        raise UserError(f"--cfg-scale {args.cfg_scale} and --cls-cfg-scale {args.cls_cfg_scale} must be >= 0")
     if args.guidance_low > args.guidance_high:
-        raise ValueError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}: "
-                         "no step would be guided")
+        raise UserError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}: "
+                        "no step would be guided")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def write_npz(path: str | os.PathLike, run_dir: Path, num: int, labels: np.ndarr
                         details.append(str(e))
                         image = np.zeros(shape[1:], dtype=np.uint8)  # keep streaming; the file is discarded
                     if image.shape != shape[1:]:
-                        raise ValueError(f"{png_path(run_dir, i)} has shape {image.shape}, expected {shape[1:]}")
+                        raise UserError(f"{png_path(run_dir, i)} has shape {image.shape}, expected {shape[1:]}")
                     f.write(np.ascontiguousarray(image).tobytes())
                 if bad:
                     raise UnreadablePNGs(bad, details[0])
@@ -332,20 +333,20 @@ def check_resumable(run_dir: Path, settings: dict) -> None:
     settings_path = run_dir / "settings.json"
     if not settings_path.exists():
         if finished_indices(run_dir):
-            raise ValueError(f"{run_dir} holds PNGs but no settings.json (made by another program or an "
-                             "older version?): their settings are unknown, so they cannot be resumed; "
-                             "use another --sample-dir or --run-name")
+            raise UserError(f"{run_dir} holds PNGs but no settings.json (made by another program or an "
+                            "older version?): their settings are unknown, so they cannot be resumed; "
+                            "use another --sample-dir or --run-name")
         return
     try:
         old = json.loads(settings_path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {settings_path} ({e}); use another --sample-dir or --run-name") from e
+        raise UserError(f"cannot read {settings_path} ({e}); use another --sample-dir or --run-name") from e
     differ = [k for k in SAMPLING_KEYS
               if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
     if differ:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in differ)
-        raise ValueError(f"{run_dir} holds samples made with other settings ({detail}); the folder name "
-                         f"does not show every setting, so use another --sample-dir or --run-name")
+        raise UserError(f"{run_dir} holds samples made with other settings ({detail}); the folder name "
+                        f"does not show every setting, so use another --sample-dir or --run-name")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,12 +384,12 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     vae_spec = args.vae or config_decoding_vae(config)  # ft-ema for SD-VAE latents, as the original
     codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
     if codec.latent_channels != model.in_channels:
-        raise ValueError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
-                         f"expects {model.in_channels}")
+        raise UserError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
+                        f"expects {model.in_channels}")
     resolution = model.input_size * codec.downsample
     if args.resolution is not None and args.resolution != resolution:
-        raise ValueError(f"--resolution {args.resolution} does not match the checkpoint: latent side "
-                         f"{model.input_size} x VAE downsampling {codec.downsample} = {resolution}")
+        raise UserError(f"--resolution {args.resolution} does not match the checkpoint: latent side "
+                        f"{model.input_size} x VAE downsampling {codec.downsample} = {resolution}")
     config = {**config, "resolution": resolution}
     latents_scale = float(config.get("latents_scale", codec.scaling_factor))
 
@@ -472,4 +473,4 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args, user_errors=(CheckpointError,))

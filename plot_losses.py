@@ -10,9 +10,12 @@ alignment) while the others are mean squared errors.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
+
+import metrics_log
+from utils import ArgumentParser, UserError, run_main
 
 DEFAULT_KEYS = ("loss", "loss_denoise", "loss_proj", "loss_cls")
 TITLES = {
@@ -24,28 +27,15 @@ TITLES = {
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The training records of a metrics.jsonl file, in step order. Blank lines and evaluation records
-    (those with a `fid`, written by --eval-every at the same steps) are skipped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"metrics file {path} does not exist (train.py writes it every --log-every steps)")
-    records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if "step" not in record:
-                raise ValueError(f"{path}:{lineno}: record has no 'step' key (keys: {sorted(record)})")
-            if "fid" not in record:
-                records.append(record)
+    """The training records of a metrics.jsonl file, in step order, read by metrics_log (the one reader:
+    a torn last line is skipped with a warning on stderr). Evaluation records (those with a `fid`,
+    written by --eval-every at the same steps) are left out."""
+    warn = lambda msg: print(f"plot_losses: warning: {msg}", file=sys.stderr)  # noqa: E731
+    records = [r for r in metrics_log.read_metrics(path, warn=warn, missing_ok=False) if "fid" not in r]
     if not records:
-        raise ValueError(f"{path} holds no records: has the run logged anything yet?")
+        raise UserError(f"{path} holds no records: has the run logged anything yet?")
     # A resumed run appends; keep the last record of each step so a replayed interval is drawn once.
-    by_step = {int(r["step"]): r for r in records}
-    return [by_step[s] for s in sorted(by_step)]
+    return metrics_log.latest_per_step(records)
 
 
 def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_KEYS, title: str | None = None) -> list[str]:
@@ -57,7 +47,7 @@ def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_K
     # A key is drawn if some record has a finite value for it (e.g. loss_cls is 0 for --method repa but present).
     drawn = [k for k in keys if any(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for r in records)]
     if not drawn:
-        raise ValueError(f"none of the keys {list(keys)} are in the metrics (found {sorted(records[0])})")
+        raise UserError(f"none of the keys {list(keys)} are in the metrics (found {sorted(records[0])})")
     cols = min(len(drawn), 2)
     rows = math.ceil(len(drawn) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False, sharex=True)
@@ -81,7 +71,7 @@ def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_K
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("--out", default=None, help="output PNG (default: losses.png beside the metrics file)")
     p.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics to draw, one panel each")
@@ -102,4 +92,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

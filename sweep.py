@@ -36,21 +36,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
+from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
 from models.vae import config_decoding_vae, load_vae
-from utils import HelpFormatter, atomic_json_dump, atomic_write, set_fp32_precision
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats, run_main,
+                   set_fp32_precision)
 
 # What every stored metric depends on besides its own sampler setting.
 MANIFEST_KEYS = ("checkpoint", "ema", "reference", "inception_weights_id", "global_seed", "num_samples",
                  "balanced", "precision", "vae", "latents_scale", "path_type", "model")
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} ({e})") from e
 
 
 def _ints(text: str) -> list[int]:
@@ -69,7 +63,7 @@ def _modes(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("checkpoint and reference")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}", help="as generate.py's --ckpt")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA weights")
@@ -87,10 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("grid (comma-separated lists; the grid is their product)")
     g.add_argument("--mode", type=_modes, default="sde", help="sde and/or ode")
     g.add_argument("--num-steps", type=_ints, default="250", help="sampler steps")
-    g.add_argument("--cfg-scale", type=_floats, default="1,1.5,2.3", help="guidance scales (<= 1: unguided)")
-    g.add_argument("--cls-cfg-scale", type=_floats, default="2.3", help="class-token guidance scales")
-    g.add_argument("--guidance-low", type=_floats, default="0", help="lower ends of the guidance interval")
-    g.add_argument("--guidance-high", type=_floats, default="0.85,1", help="upper ends of the guidance interval")
+    g.add_argument("--cfg-scale", type=finite_floats(0), default="1,1.5,2.3", help="guidance scales (<= 1: unguided)")
+    g.add_argument("--cls-cfg-scale", type=finite_floats(0), default="2.3", help="class-token guidance scales")
+    g.add_argument("--guidance-low", type=finite_floats(0, 1), default="0", help="lower ends of the guidance interval")
+    g.add_argument("--guidance-high", type=finite_floats(0, 1), default="0.85,1", help="upper ends of the guidance interval")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun (ode only)")
 
     g = p.add_argument_group("run")
@@ -138,12 +132,12 @@ def build_grid(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             warnings.warn(f"skipping guidance-low {low} > guidance-high {high}")
             continue
         if cfg < 0 or cls_cfg < 0 or steps < 1:
-            raise ValueError(f"impossible setting {s}: scales must be >= 0 and steps >= 1")
+            raise UserError(f"impossible setting {s}: scales must be >= 0 and steps >= 1")
         requested.append(s)
         c = canonical(s)
         distinct.setdefault(setting_key(c), c)
     if not requested:
-        raise ValueError("the grid is empty (every combination has guidance-low > guidance-high)")
+        raise UserError("the grid is empty (every combination has guidance-low > guidance-high)")
     return requested, list(distinct.values())
 
 
@@ -156,18 +150,18 @@ def check_manifest(out: Path, manifest: dict) -> None:
     path = out / "sweep.json"
     if not path.exists():
         if (out / "settings").is_dir() and any((out / "settings").glob("*.json")):
-            raise ValueError(f"{out} holds results but no sweep.json: their provenance is unknown; "
-                             "use another --out")
+            raise UserError(f"{out} holds results but no sweep.json: their provenance is unknown; "
+                            "use another --out")
         atomic_json_dump(manifest, path)
         return
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); use another --out") from e
+        raise UserError(f"cannot read {path} ({e}); use another --out") from e
     differ = [k for k in MANIFEST_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(manifest[k], sort_keys=True)]
     if differ:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {manifest[k]!r}" for k in differ)
-        raise ValueError(f"{out} holds a sweep made with other settings ({detail}); use another --out")
+        raise UserError(f"{out} holds a sweep made with other settings ({detail}); use another --out")
 
 
 def paper_numbers(model: str) -> list[dict] | None:
@@ -209,7 +203,7 @@ def write_table(out: Path, rows: list[dict], manifest: dict, paper: list[dict] |
         "unguided": unguided[0] if unguided else None,
         "paper": paper,
     }
-    atomic_json_dump({"manifest": manifest, "summary": summary, "rows": rows}, out / "results.json")
+    atomic_json_dump({"manifest": manifest, "summary": summary, "rows": rows}, out / "results.json", nan_as_null=True)
 
     cols = ["mode", "num_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high"]
     metrics = ["fid", "sfid", "inception_score", "precision", "recall"]
@@ -300,12 +294,12 @@ def main(args: argparse.Namespace) -> dict | None:
     from evaluations import evaluator
 
     if args.num_samples < 2 or args.per_proc_batch_size < 1:
-        raise ValueError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
+        raise UserError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
     requested, distinct = build_grid(args)
     info = init_distributed(args.device)
     try:
         if args.num_samples < info.world_size:
-            raise ValueError(f"--num-samples {args.num_samples} < {info.world_size} processes")
+            raise UserError(f"--num-samples {args.num_samples} < {info.world_size} processes")
         return _sweep(args, info, requested, distinct, evaluator)
     finally:
         if info.world_size > 1 and dist.is_initialized():
@@ -324,8 +318,8 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
     vae_spec = args.vae or config_decoding_vae(config)  # ft-ema for SD-VAE latents, as the original
     codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
     if codec.latent_channels != model.in_channels:
-        raise ValueError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
-                         f"expects {model.in_channels}")
+        raise UserError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
+                        f"expects {model.in_channels}")
     latents_scale = float(config.get("latents_scale", codec.scaling_factor))
     inception = evaluator.build_inception(args.inception_weights, device, verbose=info.is_main)
     ref_stat = os.stat(args.ref_batch)
@@ -368,7 +362,7 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
             metrics = evaluator.compute_metrics(ref, batch)
             seconds = time.perf_counter() - start
             atomic_json_dump({**s, "metrics": metrics, "seconds": seconds},
-                             settings_dir / f"{setting_key(s)}.json")
+                             settings_dir / f"{setting_key(s)}.json", nan_as_null=True)
             print(f"[{n + 1}/{len(todo)}] {setting_key(s)}: FID {metrics['fid']:.3f}, sFID {metrics['sfid']:.3f}, "
                   f"IS {metrics['inception_score']:.2f} ({seconds:.0f} s)", flush=True)
         info.barrier()
@@ -392,4 +386,4 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args, user_errors=(CheckpointError,))

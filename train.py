@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoint_io import CheckpointDir, build_model_from_config, load_weights
+from checkpoint_io import CheckpointDir, CheckpointError, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
-from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, set_fp32_precision
+from metrics_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
+from run_flags import HYPER, check_resume, parse_allow_run_change
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_float, run_main,
+                   set_fp32_precision)
 
 METHODS = ("reg", "repa", "sit")
 
@@ -37,7 +38,7 @@ METHODS = ("reg", "repa", "sit")
 # ----------------------------------------------------------------------------- arguments
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
@@ -69,9 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--prediction", default="v", choices=["v"], help="REG predicts the velocity")
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
-    g.add_argument("--proj-coeff", type=float, default=None, help="alignment loss weight (None: 0.5; 0 for --method sit)")
-    g.add_argument("--cls", type=float, default=0.03, help="class-token loss weight (REG)")
-    g.add_argument("--cfg-prob", type=float, default=0.1,
+    g.add_argument("--proj-coeff", type=finite_float(0), default=None, help="alignment loss weight (None: 0.5; 0 for --method sit)")
+    g.add_argument("--cls", type=finite_float(0), default=0.03, help="class-token loss weight (REG)")
+    g.add_argument("--cfg-prob", type=finite_float(0, 1, hi_open=True), default=0.1,
                    help="--legacy's extra label drop, as in the original; the model always drops labels with p 0.1")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's early runs: drop labels a second time before the model's own dropout")
@@ -80,14 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=1400)
     g.add_argument("--max-train-steps", type=int, default=1_000_000)
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--learning-rate", type=float, default=1e-4)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-epsilon", type=float, default=1e-8)
+    g.add_argument("--learning-rate", type=finite_float(0, lo_open=True), default=1e-4)
+    g.add_argument("--adam-beta1", type=finite_float(0, 1, hi_open=True), default=0.9)
+    g.add_argument("--adam-beta2", type=finite_float(0, 1, hi_open=True), default=0.999)
+    g.add_argument("--adam-weight-decay", type=finite_float(0), default=0.0)
+    g.add_argument("--adam-epsilon", type=finite_float(0, lo_open=True), default=1e-8)
     g.add_argument("--adamw", default="fused", choices=ADAMW_IMPLS, help="AdamW kernel (fused is fastest on GPU and CPU)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--max-grad-norm", type=finite_float(0, lo_open=True), default=1.0,
+                   help="gradient clipping norm (> 0; a large value clips in name only)")
+    g.add_argument("--ema-decay", type=finite_float(0, 1, hi_open=True), default=0.9999)
     g.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many consecutive non-finite losses (each is skipped)")
 
@@ -96,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model and encoder (None: on for GPU)")
-    g.add_argument("--peak-tflops", type=float, default=None,
+    g.add_argument("--peak-tflops", type=finite_float(0, lo_open=True), default=None,
                    help="device peak for the logged MFU (None: looked up from the GPU name; no MFU on CPU)")
     add_speed_args(g)
 
@@ -116,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vae", default=None, help="VAE that decodes sample grids and evaluations (default: "
                    "sd-vae-ft-ema for SD-VAE latents, as the original; the data's own codec otherwise)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--allow-run-change", default=None, metavar="FLAG[,FLAG]",
+                   help="resume although these run-defining flags changed (docs/resuming.md); recorded in args.json")
 
     g = p.add_argument_group("evaluation during training (FID of the EMA model)")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, and the last step (0 = off)")
@@ -123,9 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-ref", default=None, help="ADM reference batch .npz, or a statistics file from --save-stats")
     g.add_argument("--eval-mode", default="ode", choices=["ode", "sde"])
     g.add_argument("--eval-steps", type=int, default=50)
-    g.add_argument("--eval-cfg", type=float, default=1.0, help="1 = no guidance")
-    g.add_argument("--eval-cls-cfg", type=float, default=0.0)
-    g.add_argument("--eval-guidance-high", type=float, default=1.0)
+    g.add_argument("--eval-cfg", type=finite_float(0), default=1.0, help="1 = no guidance")
+    g.add_argument("--eval-cls-cfg", type=finite_float(0), default=0.0)
+    g.add_argument("--eval-guidance-high", type=finite_float(0, 1), default=1.0)
     g.add_argument("--eval-batch-size", type=int, default=64, help="per process")
     g.add_argument("--inception-weights", default=None,
                    help="Inception-v3 weights file ('random' for smoke tests; None: $REG_INCEPTION_WEIGHTS, then the "
@@ -134,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         validate_args(args)
-    except ValueError as e:
+    except ValueError as e:  # UserError, and the encoder table's ValueError
         p.error(str(e))
     return args
 
@@ -164,50 +168,44 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 def validate_args(args: argparse.Namespace) -> None:
     if args.model not in SiT_models:
-        raise ValueError(f"unknown --model {args.model!r}; choose from {', '.join(SiT_models)}")
+        raise UserError(f"unknown --model {args.model!r}; choose from {', '.join(SiT_models)}")
     if args.resolution <= 0 or args.resolution % 16:
-        raise ValueError(f"--resolution must be a positive multiple of 16, got {args.resolution}")
+        raise UserError(f"--resolution must be a positive multiple of 16, got {args.resolution}")
     if args.method == "sit":
         if args.proj_coeff not in (None, 0):
-            raise ValueError("--method sit has no alignment loss: drop --proj-coeff or set it to 0")
+            raise UserError("--method sit has no alignment loss: drop --proj-coeff or set it to 0")
         args.proj_coeff = 0.0
     elif args.proj_coeff is None:
         args.proj_coeff = 0.5
-    if args.proj_coeff < 0 or args.cls < 0:
-        raise ValueError("--proj-coeff and --cls must be >= 0")
+    # the float flags' finiteness and ranges are checked by their argparse types (utils.finite_float)
     depth = model_depth(args.model)
     if args.encoder_depth is None:
         args.encoder_depth = default_encoder_depth(args.model)
     if args.proj_coeff > 0 and not 1 <= args.encoder_depth <= depth:
-        raise ValueError(f"--encoder-depth must be in [1, {depth}] for {args.model}, got {args.encoder_depth}")
+        raise UserError(f"--encoder-depth must be in [1, {depth}] for {args.model}, got {args.encoder_depth}")
     if args.method != "sit":
         parse_enc_type(args.enc_type)
     for name in ("batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps", "max_train_steps",
                  "epochs", "max_bad_steps", "keep_last", "eval_samples", "eval_steps", "eval_batch_size"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
     for name in ("sample_every", "eval_every", "resume_step", "num_workers"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-    if not 0 <= args.cfg_prob < 1:
-        raise ValueError(f"--cfg-prob must be in [0, 1), got {args.cfg_prob}")
-    if not 0 <= args.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    parse_allow_run_change(args.allow_run_change)
     if args.eval_every and not args.eval_ref:
-        raise ValueError("--eval-every needs --eval-ref (an ADM reference batch .npz or a --save-stats file)")
-    if args.eval_cfg < 0 or args.eval_cls_cfg < 0:
-        raise ValueError("--eval-cfg and --eval-cls-cfg must be >= 0")
+        raise UserError("--eval-every needs --eval-ref (an ADM reference batch .npz or a --save-stats file)")
     if args.device_skip and (args.adamw != "fused" or args.mixed_precision == "fp16"):
-        raise ValueError("--device-skip needs --adamw fused and no fp16 (whose GradScaler skips steps itself)")
+        raise UserError("--device-skip needs --adamw fused and no fp16 (whose GradScaler skips steps itself)")
     if args.ddp_bucket_mb is not None and args.ddp_bucket_mb <= 0:
-        raise ValueError("--ddp-bucket-mb must be positive")
+        raise UserError("--ddp-bucket-mb must be positive")
     if args.init_from and args.resume_step:
-        raise ValueError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
+        raise UserError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
     if args.report_to == "wandb":
         try:
             import wandb  # noqa: F401
         except ImportError as e:
-            raise ValueError(f"--report-to wandb needs wandb installed ({e}); or use tensorboard / none") from e
+            raise UserError(f"--report-to wandb needs wandb installed ({e}); or use tensorboard / none") from e
     if args.exp_name is None:
         enc = args.enc_type if args.method != "sit" else "noenc"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.method}-{args.path_type}-{enc}"
@@ -234,12 +232,10 @@ class Logger:
         if tracker and self.acc.log_with:
             self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.run_dir / METRICS_FILE, record)  # strict JSON: a non-finite value is null
 
     def read_metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return read_metrics(self.run_dir / METRICS_FILE, warn=self.info)
 
     def truncate_metrics(self, step: int, aside: Path | None) -> None:
         """Drop metrics.jsonl lines after `step` (a resumed run rewrites them); keep them beside the
@@ -250,10 +246,9 @@ class Logger:
         later = [r for r in records if r.get("step", 0) > step]
         if not later:
             return
-        lines = lambda rs: "".join(json.dumps(r) + "\n" for r in rs).encode()  # noqa: E731
         if aside is not None:
-            atomic_write_bytes(aside / "metrics.jsonl", lines(later))
-        atomic_write_bytes(self.run_dir / "metrics.jsonl", lines(r for r in records if r.get("step", 0) <= step))
+            write_records(aside / METRICS_FILE, later)
+        write_records(self.run_dir / METRICS_FILE, [r for r in records if r.get("step", 0) <= step])
 
 
 # ----------------------------------------------------------------------------- set-up pieces
@@ -301,8 +296,14 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
 
 
 def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log: Logger) -> int:
-    """Resume (newest checkpoint, or --resume-step), else --init-from, else nothing. Returns the step."""
+    """Resume (newest checkpoint, or --resume-step), else --init-from, else nothing. Returns the step.
+    A resume compares the command line with the checkpoint's args first (run_flags.check_resume)."""
+    if not log.acc.is_main_process:
+        read_metrics(log.run_dir / METRICS_FILE)  # a broken line raises on every rank alike, not on rank 0 alone
+    elif warning := trim_torn_tail(log.run_dir / METRICS_FILE):
+        log.info(warning)  # a kill mid-append; the next append must start on a line of its own
     ckpt = ckpts.load_for_resume(args.resume_step)
+    args.history = []
     if ckpt is None:
         if args.init_from:
             model_sd, _ = load_weights(args.init_from, use_ema=False)
@@ -312,11 +313,16 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
             log.info(f"initialised model and EMA from {args.init_from}; fresh optimizer, step 0")
         return 0
     step = int(ckpt["steps"])
+    changed = check_resume(ckpt.get("args"), args, step=step, where=str(ckpts.pt(step)))  # refuses run changes
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
     keep_label_dropout(ckpt, model, log)
     warn_class_token_source(ckpt, log)
+    apply_optimizer_flags(args, opt)  # after the state: load_state_dict restored the old lr, betas, ...
+    if changed:
+        log.info(f"resumed with changed flags (applied from step {step}, recorded in args.json): "
+                 + ", ".join(f"{c}{'' if c.kind == HYPER else ' (run-defining, --allow-run-change)'}" for c in changed))
     if args.init_from:
         log.info(f"--init-from {args.init_from} ignored: the run folder has checkpoints, resuming instead")
     if ckpt["official"]:
@@ -349,6 +355,14 @@ def warn_class_token_source(ckpt: dict, log: Logger) -> None:
     if config and "encode_vae" not in config and config.get("use_cls_token") and "," in enc_type:
         log.info(f"WARNING: this run ({enc_type}) started when REG's class token came from the first encoder; "
                  f"it now comes from the last, as in the original code")
+
+
+def apply_optimizer_flags(args: argparse.Namespace, opt: torch.optim.Optimizer) -> None:
+    """The command line's lr, betas, weight decay and eps in every param group (a resumed optimizer
+    state carries the values it was saved with; the ones in effect are the command line's)."""
+    for group in opt.param_groups:
+        group.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                     weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
@@ -385,7 +399,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.allow_tf32:
         set_fp32_precision("tf32")
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     # initialisation, the same on every rank: DDP broadcasts rank 0's weights, but the EMA copy is made before
     # (a rank-dependent seed, as the original's, gave every other rank its own EMA start); each step reseeds below
     torch.manual_seed(step_seed(args.seed, 0, -1))
@@ -447,7 +461,7 @@ def main(args: argparse.Namespace) -> dict:
                   flops_per_image=flops, peak=peak_tflops(device, args.peak_tflops), proj_coeff=args.proj_coeff,
                   cls_coeff=args.cls, step=step)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    data_iter, history = iter(loader), []
+    data_iter, history, saved_at = iter(loader), [], step  # saved_at: the last checkpoint's step (or the start)
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     model.train()
     while step < max_steps:
@@ -470,7 +484,9 @@ def main(args: argparse.Namespace) -> dict:
             if meter.longest_run:
                 check_bad_interval(args, meter, step, ckpts, log)
         if step % args.checkpointing_steps == 0 or step == max_steps:
-            save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log)
+            if save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log,
+                               saved_at=saved_at, final=step == max_steps):
+                saved_at = step
         if evaluator is not None and evaluator.due(step, max_steps):
             evaluator.run(ema, step)
         if sample_grid is not None and (step % args.sample_every == 0 or step == max_steps):
@@ -487,11 +503,9 @@ def check_bad_step(args, meter: Meter, step: int, ckpts: CheckpointDir, log: Log
     log.info(f"step {step}: non-finite loss or gradient, update skipped ({meter.skipped_run} in a row, "
              f"{meter.skipped_total} in all){hint}")
     if meter.skipped_run >= args.max_bad_steps:
-        last = ckpts.steps()
         raise RuntimeError(
             f"{meter.skipped_run} consecutive non-finite losses at step {step} (limit --max-bad-steps "
-            f"{args.max_bad_steps}); stopping. The last good checkpoint is "
-            f"{ckpts.pt(last[-1]) if last else 'none (no checkpoint was written yet)'}. "
+            f"{args.max_bad_steps}); stopping. {last_good_checkpoint(ckpts, step - meter.skipped_run + 1)} "
             "Check the data for NaN latents, lower --learning-rate, or use bf16 instead of fp16.")
 
 
@@ -506,12 +520,32 @@ def check_bad_interval(args, meter: Meter, step: int, ckpts: CheckpointDir, log:
         check_bad_step(args, meter, step, ckpts, log, fp16=False)
 
 
+def last_good_checkpoint(ckpts: CheckpointDir, first_skipped: int) -> str:
+    """Names the newest checkpoint from before the first skipped step of the current run of skips: one
+    written later holds the weights that diverged (finite, but producing non-finite losses)."""
+    good = [s for s in ckpts.steps() if s < first_skipped]
+    if not good:
+        return f"No checkpoint was written before step {first_skipped}, the first skipped one."
+    return (f"The last checkpoint from before step {first_skipped}, the first skipped one, is {ckpts.pt(good[-1])} "
+            f"(resume it with --resume-step {good[-1]}).")
+
+
 def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, config: dict,
-                    args: argparse.Namespace, meter: Meter, log: Logger) -> None:
-    meter.sync_counts()  # --device-skip: the updates made so far (a no-op otherwise)
-    if meter.updates_total == 0:  # every step of this run was skipped: nothing new to keep
-        raise RuntimeError(f"no update was made in this run up to step {step} (every step had a non-finite loss "
-                           f"or gradient); not saving. Check the data and the checkpoint it resumed from.")
+                    args: argparse.Namespace, meter: Meter, log: Logger, *, saved_at: int = 0,
+                    final: bool = False) -> bool:
+    """Write checkpoint `step`, unless every step since the last checkpoint (step `saved_at`, or the
+    start of the run) was skipped: that would save the weights that diverged again, under a newer name
+    that a resume would pick. Returns whether it was written; raises on the last step instead."""
+    meter.sync_counts()  # --device-skip: the skips made so far (a no-op otherwise)
+    if meter.skipped_run >= step - saved_at:
+        since = f"checkpoint {saved_at}" if saved_at and saved_at in ckpts.steps() else f"step {saved_at}"
+        message = (f"no update was made since {since} (every step up to {step} had a non-finite loss or "
+                   f"gradient); not saving checkpoint {step}")
+        if final:
+            raise RuntimeError(f"{message}. {last_good_checkpoint(ckpts, step - meter.skipped_run + 1)} "
+                               "Check the data and the checkpoint it resumed from.")
+        log.info(f"WARNING: {message}")
+        return False
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
@@ -519,6 +553,7 @@ def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, op
         ckpts.prune_optimizer_states(args.keep_last)
         log.info(f"saved checkpoint {ckpts.pt(step)}")
     accelerator.wait_for_everyone()
+    return True
 
 
 # ----------------------------------------------------------------------------- EMA samples and evaluation
@@ -560,4 +595,4 @@ def make_evaluator(args: argparse.Namespace, config: dict, accelerator, log: Log
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    run_main(main, parse_args, user_errors=(CheckpointError,))

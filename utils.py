@@ -1,5 +1,5 @@
-"""Small helpers every stage shares: atomic file writes, the fp32 matmul precision switch and the
---help format of every command-line tool.
+"""Small helpers every stage shares: atomic file writes, strict JSON, the fp32 matmul precision switch,
+and what every command-line tool shares (--help format, checked float flags, one-line user errors).
 
 Ground floor: imports nothing from this repository, so the evaluator, the preprocessing tools,
 the checkpoint code and the entry points can all use it. torch is imported inside the functions that
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,12 +70,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_json_dump(obj: Any, path: str | os.PathLike, *, sort_keys: bool = True) -> None:
+def atomic_json_dump(obj: Any, path: str | os.PathLike, *, sort_keys: bool = True, nan_as_null: bool = False) -> None:
+    """Strict JSON (allow_nan=False): a NaN or inf raises ValueError, before anything is written, instead
+    of writing `NaN`, which no JSON parser but Python's reads. Files of measured values that may come out
+    non-finite (metrics) pass nan_as_null=True: such a value is written as null."""
+    if nan_as_null:
+        obj = nan_to_null(obj)
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys)
-            f.write("\n")
+            f.write(text)
     atomic_write(path, write)
+
+
+def nan_to_null(obj: Any) -> Any:
+    """A copy of a JSON-able structure with every non-finite float replaced by None (null in JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
 
 
 def clean_stale_tmp(folder: str | os.PathLike, name: str = "*") -> list[Path]:
@@ -127,3 +146,86 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None and "None" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: `prog: error: MESSAGE (see prog --help)` and exit status 2,
+    instead of the whole usage block (dozens of lines for train.py) above the one line that matters."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse `type` for a float flag: a finite number within [lo, hi] (open ends with lo_open /
+    hi_open). argparse names the flag in the error: `argument --cfg-scale: must be finite, got 'nan'`.
+    Every float flag of every command line uses it (tests/test_flags.py checks that)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be in {_interval(lo, hi, lo_open, hi_open)}, got {text}")
+        return value
+    parse.__name__ = "finite float"  # argparse's fallback message: "invalid finite float value"
+    parse.finite_range = (lo, hi)  # type: ignore[attr-defined]  # marks a checked float flag
+    return parse
+
+
+def finite_floats(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                  hi_open: bool = False) -> Callable[[str], list[float]]:
+    """finite_float for a comma-separated list (sweep.py's grid axes)."""
+    one = finite_float(lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+    def parse(text: str) -> list[float]:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        return values
+    parse.__name__ = "list of finite floats"
+    parse.finite_range = (lo, hi)  # type: ignore[attr-defined]
+    return parse
+
+
+def _interval(lo, hi, lo_open, hi_open) -> str:
+    left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+    right = "inf)" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
+    return f"{left}, {right}"
+
+
+# ----------------------------------------------------------------------------- entry points
+
+DEBUG_ENV = "REG_DEBUG"
+# What counts as a user's mistake besides UserError: a path that is missing, of the wrong kind or not
+# ours to write. Their messages name the path. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                                PermissionError, FileExistsError)
+
+
+def run_main(main: Callable[..., Any], parse_args: Callable[[list[str]], Any] | None = None, *,
+             user_errors: tuple[type[BaseException], ...] = ()) -> Any:
+    """The `if __name__ == "__main__":` of every entry point: main(parse_args(argv)), or main() when
+    parse_args is None.
+
+    A user's mistake (USER_ERRORS, plus `user_errors`, e.g. checkpoint_io.CheckpointError) is printed
+    as one line, `prog: error: MESSAGE`, and the process exits with status 2, on every rank; only rank
+    0 prints (every rank meets the same flags and files). REG_DEBUG=1 in the environment shows the
+    traceback instead. Any other exception is a bug: its traceback is shown as usual. Returns main's
+    result."""
+    prog = os.path.basename(sys.argv[0]) or "python"
+    try:
+        result = main(parse_args(sys.argv[1:])) if parse_args is not None else main()
+    except USER_ERRORS + tuple(user_errors) as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
+            print(f"{prog}: error: {message} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return result

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -101,7 +100,8 @@ def make_vae(dest: Path) -> None:
 def read_run(run_dir: Path) -> dict:
     """Steady-state figures of one train.py run from its metrics.jsonl: the first log interval holds the
     compilation and is left out of the medians; its excess over them is the compile time."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from metrics_log import METRICS_FILE, read_metrics  # the one reader of metrics.jsonl
+    records = read_metrics(run_dir / METRICS_FILE, warn=print)
     train = [r for r in records if "img_per_s" in r]
     steady = train[1:] or train
     med = lambda key: statistics.median(r[key] for r in steady) if all(key in r for r in steady) else None  # noqa: E731
@@ -212,4 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    from utils import run_main
+    sys.exit(run_main(main))  # main's result: the number of failed checks

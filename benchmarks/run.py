@@ -39,7 +39,7 @@ from generation import generate_images
 from models.encoders import load_encoders
 from models.sit import build_model, parse_model_name
 from training import StepConfig, make_optimizer, peak_tflops, step_seed, train_step, training_flops_per_image
-from utils import fp32_precision
+from utils import ArgumentParser, finite_float, fp32_precision, nan_to_null
 
 CFG_SCALE, CLS_CFG_SCALE, GUIDANCE_HIGH = 2.3, 2.3, 0.85  # REG eval.sh / generate.py settings
 ADM_EVAL_BATCH = 64  # ADM's evaluator feeds Inception 64 images at a time
@@ -53,8 +53,8 @@ SECTIONS = ("train", "sample", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="tiny sizes (SiT-T/2, 32 px); automatic on CPU")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile in the optimised arms (default: on GPU only, as train.py)")
     p.add_argument("--compile-backend", default="inductor", help="'aot_eager' only traces (for CPU tests)")
     p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "for-loop"], help="optimised arm's AdamW")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for the MFU (default: by GPU name)")
+    p.add_argument("--peak-tflops", type=finite_float(0, lo_open=True), default=None, help="device bf16 peak for the MFU (default: by GPU name)")
     p.add_argument("--models", default=None, help=f"comma-separated (full: {FULL['models']})")
     for key in ("batch_size", "resolution", "warmup", "steps", "sample_batch", "sample_steps", "eval_images",
                 "eval_batch", "metric_samples", "metric_refs"):
@@ -383,9 +383,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+            json.dump(nan_to_null(results), f, indent=1, default=str, allow_nan=False)
     return results
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from utils import run_main
+    run_main(main, parse_args)

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from utils import UserError
+
 POOL_DIM = 2048      # pool_3
 SPATIAL_DIM = 2023   # mixed_6/conv[..., :7], 17 * 17 * 7
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -14,7 +16,7 @@ STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
 FEATURES_KEY = "pool_3"  # per-image pool_3 features, written by --save-stats (precision/recall need them)
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """An input file that would give wrong numbers: the message names the file and the problem."""
 
 

@@ -27,7 +27,8 @@ from typing import Any, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import atomic_json_dump, atomic_write, atomic_write_bytes  # noqa: E402
+import metrics_log  # noqa: E402
+from utils import ArgumentParser, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main  # noqa: E402
 
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")
@@ -36,7 +37,7 @@ DASH = "–"  # shown for a value a run does not have
 EVAL_SETTING_KEYS = ("eval_mode", "eval_steps", "eval_cfg", "eval_cls_cfg", "eval_samples")
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run folder that cannot be read as one: the message names the folder or file."""
 
 
@@ -92,35 +93,21 @@ def _read_json(path: str) -> dict:
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict], list[str]]:
-    """(training lines, evaluation lines, notes) of a metrics.jsonl. A line with `fid` is an
-    evaluation, one with `loss` a training line. A broken last line (a run killed mid-write) is
-    skipped with a note; a broken line anywhere else is an error."""
-    train, evals, notes = [], [], []
+    """(training lines, evaluation lines, notes) of a metrics.jsonl, read by metrics_log (the one reader).
+    A line with `fid` is an evaluation, one with `loss` a training line. A torn last line (a run killed
+    mid-write) is skipped with a note; a broken line anywhere else is an error."""
+    notes: list[str] = []
     if not os.path.isfile(path):
-        return train, evals, [f"no {os.path.basename(path)}"]
-    with open(path) as f:
-        lines = f.read().split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("not an object with an integer 'step'")
-        except ValueError as e:
-            if i == last:
-                notes.append(f"{path}:{i + 1}: skipped an unfinished last line")
-                continue
-            raise RunError(f"{path}:{i + 1}: not a metrics record ({e})") from e
-        if "fid" in record:
-            evals.append(record)
-        elif "loss" in record:
-            train.append(record)
+        return [], [], [f"no {os.path.basename(path)}"]
+    try:
+        records = metrics_log.read_metrics(path, warn=notes.append)
+    except UserError as e:
+        raise RunError(str(e)) from e
+    train = [r for r in records if "fid" not in r and "loss" in r]
+    evals = [r for r in records if "fid" in r]
     # A resumed run may repeat steps: keep the last record of each (step, kind, eval setting).
-    train = list({r["step"]: r for r in train}.values())
-    evals = list({(r["step"], _setting_key(r)): r for r in evals}.values())
-    return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"]), notes
+    return (metrics_log.latest_per_step(train),
+            metrics_log.latest_per_step(evals, key=lambda r: (r["step"], _setting_key(r))), notes)
 
 
 def load_run(path: str) -> Run:
@@ -292,14 +279,14 @@ def compare(run_dirs: Sequence[str], out: str) -> dict:
     table = markdown_table(rows)
     os.makedirs(out, exist_ok=True)
     atomic_write_bytes(os.path.join(out, "comparison.md"), table.encode())
-    atomic_json_dump({"rows": rows}, os.path.join(out, "comparison.json"), sort_keys=False)
+    atomic_json_dump({"rows": rows}, os.path.join(out, "comparison.json"), sort_keys=False, nan_as_null=True)
     plot(runs, rows, os.path.join(out, "comparison.png"))
     return {"rows": rows, "table": table, "notes": [n for r in runs for n in r.notes]}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evaluations.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m evaluations.compare", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py run folders (OUTPUT_DIR/EXP_NAME)")
     p.add_argument("--out", default="comparison",
                    help="folder for comparison.md, comparison.json and comparison.png")
@@ -319,8 +306,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main(main)

@@ -56,7 +56,7 @@ from evaluations.inception import (INCEPTION_FILENAME, WEIGHTS_ENV, InceptionV3,
 from evaluations.metrics import (compute_statistics, frechet_distance, inception_score,  # noqa: E402,F401
                                  precision_recall)
 from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch  # noqa: E402,F401
-from utils import atomic_json_dump, atomic_write_bytes  # noqa: E402
+from utils import ArgumentParser, atomic_json_dump, atomic_write_bytes, finite_float, run_main  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ from utils import atomic_json_dump, atomic_write_bytes  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m evaluations.evaluator",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ADM-exact FID / sFID / IS / precision / recall without TensorFlow "
@@ -88,9 +88,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--cfg_cond", default=1, type=int, help="1: name ends in cfg_cond_true.txt, 0: cfg_cond_false.txt")
     g.add_argument("--step", default=1, type=int, help="training step of the checkpoint")
     g.add_argument("--num_steps", default=250, type=int, help="sampling steps")
-    g.add_argument("--cfg", default=1.0, type=float, help="classifier-free guidance scale")
-    g.add_argument("--cls_cfg", default=1.0, type=float, help="class-token guidance scale")
-    g.add_argument("--gh", default=1.0, type=float, help="guidance high (guidance while t <= gh)")
+    g.add_argument("--cfg", default=1.0, type=finite_float(0), help="classifier-free guidance scale")
+    g.add_argument("--cls_cfg", default=1.0, type=finite_float(0), help="class-token guidance scale")
+    g.add_argument("--gh", default=1.0, type=finite_float(0, 1), help="guidance high (guidance while t <= gh)")
     g = p.add_argument_group("Inception network")
     g.add_argument("--inception-weights", default=None,
                    help=f"local {INCEPTION_FILENAME}, or 'random' (smoke tests only); if unset: "
@@ -236,14 +236,10 @@ def main(args: argparse.Namespace) -> dict:
         atomic_write_bytes(plan.text_path, original_text(metrics).encode())
         log(f"wrote {plan.text_path}", verbose)
     if plan.json_path:
-        atomic_json_dump(result, plan.json_path, sort_keys=False)
+        atomic_json_dump(result, plan.json_path, sort_keys=False, nan_as_null=True)
         log(f"wrote {plan.json_path}", verbose)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (EvalInputError, InceptionWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main(main, parse_args)  # EvalInputError is a UserError, InceptionWeightsError a FileNotFoundError

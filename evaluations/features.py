@@ -283,7 +283,7 @@ def save_statistics(path: str, batch: BatchFeatures, model: InceptionV3) -> None
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
             np.savez(f, mu=batch.mu, sigma=batch.sigma, mu_s=batch.mu_s, sigma_s=batch.sigma_s,
-                     **{FEATURES_KEY: batch.pool.astype(np.float32)}, meta=np.array(json.dumps(meta)))
+                     **{FEATURES_KEY: batch.pool.astype(np.float32)}, meta=np.array(json.dumps(meta, allow_nan=False)))
     atomic_write(path, write)
 
 

@@ -54,8 +54,8 @@ from models.vae import load_vae
 from preprocessing import image_name
 from preprocessing.transforms import (TRANSFORMS, UnsupportedImageMode, check_output_size, make_transform,
                                      parse_resolution, to_rgb)
-from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, fp32_precision
-from utils import UserError
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
+                   clean_stale_tmp, fp32_precision, run_main)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
@@ -82,8 +82,8 @@ def source_labels(source: FileTree, names: list[str]) -> dict[str, int] | None:
         if labels is not None:
             missing = [n for n in names if n not in labels]
             if missing:
-                raise ValueError(f"{source.describe('dataset.json')} has no label for {len(missing)} "
-                                 f"image(s), e.g. {missing[0]}")
+                raise UserError(f"{source.describe('dataset.json')} has no label for {len(missing)} "
+                                f"image(s), e.g. {missing[0]}")
             return {n: labels[n] for n in names}
     if not names or not all("/" in n for n in names):
         return None
@@ -117,7 +117,7 @@ def list_source(args: argparse.Namespace) -> tuple[FileTree, list[str], list[str
     all_names = [n for n in source.list() if is_image_name(n)]
     names = all_names[: args.max_images] if args.max_images is not None else all_names
     if not names:
-        raise ValueError(f"no images found in --source {args.source}")
+        raise UserError(f"no images found in --source {args.source}")
     labels = source_labels(source, all_names)  # classes from every image, as EDM2, not only the first K
     return source, all_names, names, labels
 
@@ -181,14 +181,14 @@ def _convert_into(args: argparse.Namespace, names: list[str], labels: dict[str, 
                 check_output_size(out_size)
                 size = out_size
             elif out_size != size:  # EDM2: every image of a dataset has the same size
-                raise ValueError(f"{names[idx]} becomes {out_size[0]}x{out_size[1]} but earlier images "
-                                 f"{size[0]}x{size[1]}: set --resolution (and --transform)")
+                raise UserError(f"{names[idx]} becomes {out_size[0]}x{out_size[1]} but earlier images "
+                                f"{size[0]}x{size[1]}: set --resolution (and --transform)")
             write(image_name(idx), data)
             written.append([image_name(idx), labels[names[idx]] if labels is not None else None])
         if not written:
             raise RuntimeError(f"convert: no image of --source {args.source} could be converted "
                                f"({len(skipped)} skipped):\n  " + "\n  ".join(skipped[:20]))
-        write("dataset.json", json.dumps({"labels": written if labels is not None else None}).encode())
+        write("dataset.json", json.dumps({"labels": written if labels is not None else None}, allow_nan=False).encode())
     finally:
         if pool is not None:
             pool.terminate()
@@ -274,8 +274,8 @@ class _ImageFiles(torch.utils.data.Dataset):
         data = self.tree.read(self.names[i])
         img = decode_image(data, where)
         if img.shape[:2] != (self.resolution, self.resolution):
-            raise ValueError(f"{where} is {img.shape[1]}x{img.shape[0]}, expected {self.resolution}x{self.resolution} "
-                             "like the first image")
+            raise UserError(f"{where} is {img.shape[1]}x{img.shape[0]}, expected {self.resolution}x{self.resolution} "
+                            "like the first image")
         return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), content_hash(data)
 
 
@@ -297,10 +297,10 @@ def _check_destination(work: str, config: dict, source_info: dict) -> None:
         with open(config_path) as f:
             previous = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {config_path}: {e}") from e
+        raise UserError(f"cannot read {config_path}: {e}") from e
     prev_source = previous.get("source") or {}
     if prev_source.get("fingerprint") != source_info["fingerprint"]:
-        raise ValueError(
+        raise UserError(
             f"--dest {work} was made from {prev_source.get('path', 'an unrecorded source')} "
             f"({prev_source.get('num_images', '?')} images, file-list fingerprint "
             f"{str(prev_source.get('fingerprint'))[:12]}), not from --source {source_info['path']} "
@@ -308,8 +308,8 @@ def _check_destination(work: str, config: dict, source_info: dict) -> None:
             "refusing to mix datasets: use another --dest")
     settings = {k: v for k, v in previous.items() if k != "source"}
     if settings != config:
-        raise ValueError(f"--dest {work} holds latents made with {settings}, but this run uses {config}; "
-                         f"use another --dest")
+        raise UserError(f"--dest {work} holds latents made with {settings}, but this run uses {config}; "
+                        f"use another --dest")
 
 
 # Content check (docs/data.md#content-check-on-encode-resume): the sha256 of every image's bytes as encode
@@ -405,8 +405,8 @@ def encode(args: argparse.Namespace) -> dict:
         w, h = PIL.Image.open(f).size
     codec = load_vae(args.model_url, device=state.device, dtype=dtype)
     if w != h or w % codec.downsample:
-        raise ValueError(f"{source.describe(names[0])} is {w}x{h}; expected square images whose side is a "
-                         f"multiple of {codec.downsample} (run convert first)")
+        raise UserError(f"{source.describe(names[0])} is {w}x{h}; expected square images whose side is a "
+                        f"multiple of {codec.downsample} (run convert first)")
     vae_info = {"name": codec.name, "latent_channels": codec.latent_channels,
                 "scaling_factor": codec.scaling_factor, "resolution": w}
     config = {**vae_info, "dtype": args.dtype}
@@ -487,7 +487,7 @@ def encode(args: argparse.Namespace) -> dict:
         covered = [n for n in all_latent_names if n in present]
         label_list = [[n, labels[by_latent[n]]] for n in covered] if labels is not None else None
         meta = {"labels": label_list, "vae": vae_info}
-        atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta).encode())
+        atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta, allow_nan=False).encode())
         if label_list is None:
             print(f"encode: {args.source} has no dataset.json labels and no class folders: wrote an unlabelled "
                   "dataset (\"labels\": null); train it with --num-classes 1", file=sys.stderr)
@@ -509,7 +509,7 @@ def encode(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="images -> uncompressed PNGs (+ crop/resize) + dataset.json",
@@ -568,4 +568,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

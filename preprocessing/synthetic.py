@@ -116,7 +116,7 @@ def write_dataset(dest: str, *, num_images: int, resolution: int = 64, num_class
         atomic_write_bytes(os.path.join(dest, image_name(i)), buf.getvalue())
         entries.append([image_name(i), label])
     meta = {"labels": entries, "class_names": [class_name(k) for k in range(num_classes)]}
-    atomic_write_bytes(os.path.join(dest, "dataset.json"), json.dumps(meta).encode())
+    atomic_write_bytes(os.path.join(dest, "dataset.json"), json.dumps(meta, allow_nan=False).encode())
     return num_images
 
 

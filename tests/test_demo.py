@@ -212,15 +212,18 @@ def test_plot_losses_draws_every_term(tmp_path):
                                    keys=("loss", "no_such_key")) == ["loss"]
 
 
-def test_plot_losses_rejects_bad_input_with_the_file_name(tmp_path):
+def test_plot_losses_rejects_bad_input_with_the_file_name(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty.jsonl holds no records"):
         plot_losses.read_metrics(str(empty))
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss"\n')
-    with pytest.raises(ValueError, match="broken.jsonl:2"):
+    broken.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss"\n{"step": 3, "loss": 0.5}\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2"):  # a broken line in the middle: not a kill
         plot_losses.read_metrics(str(broken))
+    broken.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss"')  # torn by a kill: skipped, said
+    assert [r["step"] for r in plot_losses.read_metrics(str(broken))] == [1]
+    assert "broken.jsonl:2: skipped an unfinished last line" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         plot_losses.read_metrics(str(tmp_path / "nope.jsonl"))
     no_terms = write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "lr": 1e-3}])

@@ -1,0 +1,134 @@
+"""Resuming with a changed command line (run_flags.py): every train.py flag classed, run-defining changes
+refused, hyperparameters applied after the optimizer state and recorded; divergence never checkpointed;
+a torn metrics.jsonl line trimmed on resume."""
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_flags
+import train
+import training
+from run_flags import FLAG_CLASSES, HYPER, OPERATIONAL, RUN
+from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401  (fixtures)
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+class _Parser(Exception):
+    pass
+
+
+def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
+    """The ArgumentParser a module's parse_args builds (caught at its parse_args call)."""
+    def capture(self, *a, **k):
+        raise _Parser(self)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(_Parser) as e:
+            parse_args(list(argv))
+    return e.value.args[0]
+
+
+def test_every_train_flag_has_a_resume_class():
+    dests = {a.dest for a in parser_of(train.parse_args)._actions if a.dest != "help"}
+    missing = sorted(dests - set(FLAG_CLASSES))
+    assert not missing, (f"train.py flag(s) {['--' + d.replace('_', '-') for d in missing]} have no resume class: "
+                         f"add each to FLAG_CLASSES in run_flags.py (run / hyper / operational, with why) and its "
+                         f"row to docs/resuming.md (`python run_flags.py` prints the table)")
+    stale = sorted(set(FLAG_CLASSES) - dests)
+    assert not stale, f"FLAG_CLASSES in run_flags.py names flags train.py no longer has: {stale}"
+    assert {k for k, _ in FLAG_CLASSES.values()} == {RUN, HYPER, OPERATIONAL}
+
+
+def test_docs_table_is_the_code_table():
+    doc = (ROOT / "docs/resuming.md").read_text()
+    assert run_flags.markdown_table() in doc, "docs/resuming.md: paste the output of `python run_flags.py`"
+
+
+def test_official_and_old_args_are_compared_by_their_names():
+    """The authors' checkpoints hold an argparse.Namespace (their --sampling-steps is our --sample-every);
+    flags an older checkpoint does not record are not compared."""
+    args = train.parse_args(["--model", "SiT-B/2", "--path-type", "cosine", "--sample-every", "5"])
+    theirs = argparse.Namespace(model="SiT-B/2", path_type="linear", sampling_steps=10000, encoder_depth=4)
+    with pytest.raises(UserError, match=r"--path-type 'linear' -> 'cosine'\. Restore") as e:
+        run_flags.check_resume(theirs, args, step=4, where="ckpt.pt")
+    assert "\n" not in str(e.value) and "--sample-every" not in str(e.value)
+    assert run_flags.check_resume({"model": "SiT-B/2"}, train.parse_args(["--model", "SiT-B/2"]), step=4,
+                                  where="x") == []
+    with pytest.raises(UserError, match="--learning-rate is not a run-defining flag"):
+        run_flags.parse_allow_run_change("path-type,learning-rate")
+
+
+def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    common = ("--checkpointing-steps", "2")
+    run = tmp_path / "chg"
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "2", *common)))
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    # run-defining: refused, naming each old -> new, nothing written
+    with pytest.raises(UserError) as e:
+        train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "4", *common,
+                                              "--path-type", "cosine", "--cls", "0.5")))
+    assert "--path-type 'linear' -> 'cosine'" in str(e.value) and "--cls 0.03 -> 0.5" in str(e.value)
+    assert "--allow-run-change path-type,cls" in str(e.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == files
+
+    # hyperparameters: applied (lr in the param groups and the log, EMA decay and clipping in the step)
+    # and recorded once; operational flags (--log-every) accepted; a torn last metrics line trimmed
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')
+    seen = []
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append(k["cfg"]) or real_step(*a, **k))
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "4", *common,
+                                          "--learning-rate", "0.01", "--adam-beta2", "0.99", "--ema-decay", "0.5",
+                                          "--max-grad-norm", "2", "--log-every", "1")))
+    assert {(c.ema_decay, c.max_grad_norm) for c in seen} == {(0.5, 2.0)}
+    opt = torch.load(run / "checkpoints/0000004.opt.pt", weights_only=True)["opt"]
+    assert {(g["lr"], tuple(g["betas"])) for g in opt["param_groups"]} == {(0.01, (0.9, 0.99))}
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 3, 4] and [r["lr"] for r in lines] == [1e-4, 0.01, 0.01]
+    log = (run / "log.txt").read_text()
+    assert "metrics.jsonl:2: skipped an unfinished last line" in log
+    assert log.count("--learning-rate 0.0001 -> 0.01") == 1 and "--log-every" not in log
+    history = json.loads((run / "args.json").read_text())["history"]
+    assert history == [{"step": 2, "flag": f, "old": o, "new": n} for f, o, n in (
+        ("--learning-rate", 1e-4, 0.01), ("--adam-beta2", 0.999, 0.99), ("--max-grad-norm", 1.0, 2.0),
+        ("--ema-decay", 0.9999, 0.5))]
+
+    # a run-defining change on purpose: applied and recorded; the history carries over
+    train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "6", *common,
+                                          "--learning-rate", "0.01", "--adam-beta2", "0.99", "--ema-decay", "0.5",
+                                          "--max-grad-norm", "2", "--cls", "0.5", "--allow-run-change", "cls")))
+    ckpt_args = torch.load(run / "checkpoints/0000006.pt", weights_only=True)["args"]
+    assert ckpt_args["history"][:4] == history and ckpt_args["history"][4:] == [
+        {"step": 4, "flag": "--cls", "old": 0.03, "new": 0.5}]
+    assert json.loads((run / "args.json").read_text())["history"] == ckpt_args["history"]
+
+
+def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Steps 1-3 update, every later step is non-finite. Checkpoint 4 holds step 3's update; 6 would hold
+    nothing new and is not written; the stop at step 8 names checkpoint 2, from before the first skip."""
+    real_step = train.train_step
+    calls = []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) <= 3:
+            return real_step(*a, **k)
+        return training.StepResult(torch.full((5,), float("nan")), False)
+    monkeypatch.setattr(train, "train_step", step)
+    argv = tiny_argv(data_dir, tmp_path, "div", "--max-train-steps", "10", "--checkpointing-steps", "2",
+                     "--max-bad-steps", "5")
+    with pytest.raises(RuntimeError, match=r"5 consecutive non-finite losses at step 8") as e:
+        train.main(train.parse_args(argv))
+    assert re.search(r"before step 4, the first skipped one, is \S*0000002\.pt", str(e.value))
+    assert sorted(p.name for p in (tmp_path / "div/checkpoints").glob("0*.pt")) == [
+        "0000002.opt.pt", "0000002.pt", "0000004.opt.pt", "0000004.pt"]
+    assert "not saving checkpoint 6" in (tmp_path / "div/log.txt").read_text()
