@@ -396,26 +396,29 @@ def any_rank_stopping(world: int = 1) -> bool:
 
 
 class StepStop:
-    """For a loop whose ranks run the same steps: `due()` after each step says, alike on every rank, whether
-    to stop there. Ranks agree through an all-reduce of a CPU flag over gloo that is started at one step and
-    read at the next, so no step waits for it and the GPU is never synchronised (the decision lags one step)."""
+    """For a loop whose ranks run the same steps: `due(step)` after each step says, alike on every rank,
+    whether to stop there. Ranks agree through an all-reduce (max) of a one-element CPU flag over gloo,
+    started after every `every`-th step and read after the next one: no step waits for it (it has long
+    finished), the GPU is never synchronised, and a stop lags the signal by at most `every` + 1 steps."""
 
-    def __init__(self, world: int):
+    def __init__(self, world: int, every: int = 10):
         self.dist = _dist() if world > 1 else None
+        self.every = every
         self.work, self.flag = None, None
 
-    def due(self) -> bool:
+    def due(self, step: int) -> bool:
         if self.dist is None:
             return stop_requested() is not None
-        import torch
-        agreed = False
         if self.work is not None:
             self.work.wait()
-            agreed = bool(self.flag.item())
-        self.flag = torch.tensor([int(stop_requested() is not None)])
-        self.work = self.dist.all_reduce(self.flag, op=self.dist.ReduceOp.MAX, group=_cpu_group(self.dist),
-                                         async_op=True)
-        return agreed
+            self.work = None
+            return bool(self.flag.item())
+        if step % self.every == 0:
+            import torch
+            self.flag = torch.tensor([int(stop_requested() is not None)])
+            self.work = self.dist.all_reduce(self.flag, op=self.dist.ReduceOp.MAX, group=_cpu_group(self.dist),
+                                             async_op=True)
+        return False
 
     def close(self) -> None:
         if self.work is not None:

@@ -407,7 +407,7 @@ def main(args: argparse.Namespace) -> dict:
             evaluator.run(ema, step)
         if sample_grid is not None and (step % args.sample_every == 0 or step == max_steps):
             sample_grid(ema, step, run_dir, accelerator)
-        if stop.due() and step < max_steps:
+        if stop.due(step) and step < max_steps:
             stop_at_step(accelerator, ckpts, step, model, ema, opt, config, args, meter, log)
     stop.close()
     bar.close()

@@ -269,3 +269,32 @@ def test_generate_stops_after_a_batch_on_sigterm_and_resumes(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) is handler  # handlers restored after the command
     summary = generate.main(generate.parse_args(argv))
     assert summary["generated"] == 6 and (tmp_path / "s" / "r.npz").is_file()
+
+
+def _step_loop(rank, port, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+    stop = cluster.StepStop(2, every=4)
+    for step in range(1, 40):
+        if rank == 1 and step == 6:
+            cluster.request_stop("SIGUSR1")  # only one rank is signalled, at a step of its own
+        if stop.due(step):
+            break
+    stop.close()
+    out.put((rank, step))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_step_loop, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(out.get(timeout=5) for _ in procs) == [(0, 9), (1, 9)]  # flag at 6, agreed at 8, read at 9
