@@ -132,6 +132,26 @@ def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_
     assert not (dest / cluster.LOCK_NAME).exists()
 
 
+def test_encode_stops_after_a_batch_on_sigusr1_and_the_rerun_completes(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    dest = tmp_path / "vae-sd"
+    argv = ["encode", "--source", str(data_dir / "imagenet_32_vae"), "--dest", str(dest), "--model-url",
+            "pixel-unshuffle", "--batch-size", "8", "--num-workers", "0", "--shard-size", "16"]
+    real, calls = dataset_tools.npy_bytes, []
+
+    def signal_once(array):
+        calls.append(1)
+        if len(calls) == 17:  # the first latent of the third batch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(array)
+
+    monkeypatch.setattr(dataset_tools, "npy_bytes", signal_once)
+    with pytest.raises(SystemExit) as e:
+        dataset_tools.main(dataset_tools.parse_args(argv))
+    assert e.value.code == cluster.EXIT_STOPPED
+    assert len(list(dest.rglob("*.npy"))) == 24 and not (dest / "dataset.json").exists()  # that batch, finished
+    assert dataset_tools.main(dataset_tools.parse_args(argv))["written"] == 64 - 16  # the complete shard is kept
+
+
 # ----------------------------------------------------------------------------- SLURM
 
 @pytest.mark.parametrize("module,argv,launcher", [
@@ -260,12 +280,14 @@ def test_generate_stops_after_a_batch_on_sigterm_and_resumes(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)  # mid-batch: the batch is finished, then the run stops
 
     monkeypatch.setattr(generate, "save_png", save_then_signal)
+    monkeypatch.setenv("REG_STOP_FILE", str(tmp_path / "stop"))  # read by slurm/train.sbatch behind a launcher
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         generate.main(generate.parse_args(argv))
     assert e.value.code == cluster.EXIT_STOPPED and "SIGTERM" in str(e.value)
     assert sorted(p.name for p in (tmp_path / "s" / "r").glob("*.png")) == ["000000.png", "000001.png"]
     assert not (tmp_path / "s" / "r.npz").exists() and not (tmp_path / "s" / "r" / cluster.LOCK_NAME).exists()
+    assert (tmp_path / "stop").read_text() == "75\n"
     assert signal.getsignal(signal.SIGTERM) is handler  # handlers restored after the command
     summary = generate.main(generate.parse_args(argv))
     assert summary["generated"] == 6 and (tmp_path / "s" / "r.npz").is_file()
