@@ -104,6 +104,11 @@ def test_processes_racing_to_replace_one_stale_lock_one_wins(tmp_path):
     outcomes = sorted(results.get(timeout=5) for _ in procs)
     assert outcomes == ["busy"] * 5 + ["won"]
     assert not list((tmp_path / "f").iterdir())  # no lock and no set-aside leftovers
+    # the slow loser's case, made deterministic: it judged the stale lock "t0" but finds a fresh one in its place
+    fabricate_lock(tmp_path / "g", host=socket.gethostname(), pid=os.getpid(), token="fresh")
+    assert cluster.FolderLock(tmp_path / "g")._displace("t0") is None
+    assert [p.name for p in (tmp_path / "g").iterdir()] == [cluster.LOCK_NAME]
+    assert json.loads((tmp_path / "g" / cluster.LOCK_NAME).read_text())["token"] == "fresh"  # put back untouched
 
 
 # ----------------------------------------------------------------------------- encode: the FileNotFoundError race
