@@ -18,6 +18,7 @@ import generate
 import train
 from fixtures import save_tiny_reg_checkpoint
 from preprocessing import dataset_tools
+from test_sweep import run as sweep_run, setup  # noqa: F401 (a fixture)
 from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def test_sigusr1_checkpoints_exits_75_resumes_bit_identical_and_a_second_run_is_
         # a second run into the same folder (another seed), while the first trains: refused, naming it
         start = time.time()
         with pytest.raises(cluster.FolderBusy, match=f"pid {proc.pid}, started .*command: .*train.py"):
-            train.main(train.parse_args(argv + ["--seed", "2"]))
+            train.main(train.parse_args(argv + ["--seed", "2", "--max-train-steps", "4"]))
         assert time.time() - start < 30
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=240)
@@ -325,3 +326,25 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled():
     for p in procs:
         p.join(60)
     assert sorted(out.get(timeout=5) for _ in procs) == [(0, 9), (1, 9)]  # flag at 6, agreed at 8, read at 9
+
+
+
+def test_sweep_discards_the_setting_in_progress_on_a_signal_and_resumes(setup, monkeypatch):  # noqa: F811
+    from evaluations import evaluator
+    real, calls = evaluator.FeatureAccumulator.add, []
+
+    def add_then_signal(self, images):
+        calls.append(1)
+        if len(calls) == 5:  # the first batch of the second setting (2 batches of reference images come first)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, images)
+
+    monkeypatch.setattr(evaluator.FeatureAccumulator, "add", add_then_signal)
+    small = ("--cfg-scale", "1,3", "--guidance-high", "1.0")  # two settings
+    with pytest.raises(SystemExit) as e:
+        sweep_run(setup, *small)
+    assert e.value.code == cluster.EXIT_STOPPED and "discarded" in str(e.value)
+    assert len(list((setup / "out" / "settings").glob("*.json"))) == 1 and not (setup / "out" / "results.json").exists()
+    monkeypatch.setattr(evaluator.FeatureAccumulator, "add", real)
+    sweep_run(setup, *small)
+    assert len(list((setup / "out" / "settings").glob("*.json"))) == 2 and (setup / "out" / "results.json").is_file()
