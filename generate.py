@@ -46,6 +46,7 @@ from numpy.lib import format as npy_format
 from PIL import Image
 from tqdm import tqdm
 
+import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator, resolve_checkpoint
 from generation import DistInfo, class_labels, generate_images, init_distributed
 from models.sit import SiT_models
@@ -354,6 +355,7 @@ def check_resumable(run_dir: Path, settings: dict) -> None:
 
 
 @torch.no_grad()
+@cluster.command("generate.py", launcher="torchrun")
 def main(args: argparse.Namespace) -> dict:
     """Generate the missing images of the run, then (rank 0) pack the npz. Returns a summary."""
     check_args(args)
@@ -399,6 +401,11 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     npz_path = sample_dir / f"{run_name}.npz"
     identity = checkpoint_identity(args.ckpt if args.ckpt != OFFICIAL_HUB_REPO else f"hf:{args.ckpt}")
     settings = build_settings(args, config, model, vae_spec, latents_scale, info.world_size, identity)
+    # One writer per sample folder (and the npz, json and grid named after it): the clean-up below then only
+    # removes what a dead run left.
+    cluster.hold_folder(run_dir, hint="choose another --sample-dir or --run-name", rank=info.rank,
+                        world=info.world_size)
+
     def prepare() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_resumable(run_dir, settings)
@@ -434,9 +441,13 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
             for index, image in zip(indices, images.cpu().numpy()):
                 save_png(image, png_path(run_dir, index))
             bar.update(len(indices))
+            if cluster.stop_requested():  # a signal: this batch's PNGs are written; a rerun makes the rest
+                break
 
     info.run_together(lambda: make(mine))  # a non-finite sample on one rank stops every rank
     bar.close()
+    if cluster.any_rank_stopping(info.world_size):
+        raise cluster.stopped(f"the PNGs in {run_dir} are complete, the npz is not written yet", is_main=info.is_main)
     info.barrier()
     elapsed = time.perf_counter() - start
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
 from models.vae import config_decoding_vae, load_vae
@@ -287,9 +288,12 @@ def _sample_features(acc, model, codec, mine: list[int], s: dict, args, config: 
             latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
             dtype=torch.bfloat16 if args.precision == "bf16" else None):
         acc.add(images)
+        if cluster.stop_requested():  # a signal: the caller discards this setting
+            break
 
 
 @torch.no_grad()
+@cluster.command("sweep.py", launcher="torchrun")
 def main(args: argparse.Namespace) -> dict | None:
     from evaluations import evaluator
 
@@ -336,6 +340,8 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
     settings_dir = out / "settings"
     ref = None
 
+    cluster.hold_folder(out, hint="choose another --out", rank=info.rank, world=info.world_size)
+
     def prepare() -> None:
         nonlocal ref
         settings_dir.mkdir(parents=True, exist_ok=True)
@@ -355,6 +361,8 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
         start = time.perf_counter()
         acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
         info.run_together(lambda: _sample_features(acc, model, codec, mine, s, args, config, latents_scale, device))
+        if cluster.any_rank_stopping(info.world_size):  # a signal: this setting is discarded, the finished kept
+            raise cluster.stopped(f"{n} setting(s) finished in {out}, {setting_key(s)} discarded", is_main=info.is_main)
         feats = _gather_features(acc.features(), info, args.num_samples)
         if info.is_main:
             batch = evaluator.batch_from_features(feats["pool"], feats["spatial"], feats["logits"],

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+import cluster
 from checkpoint_io import CheckpointDir, CheckpointError, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
@@ -383,6 +384,7 @@ def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+@cluster.command("train.py")  # SLURM launch check, stop signals, the run folder's lock released at the end
 def main(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -390,6 +392,7 @@ def main(args: argparse.Namespace) -> dict:
     run_dir = Path(args.output_dir) / args.exp_name
     accelerator = make_accelerator(args, run_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    cluster.hold_folder(run_dir, hint="choose another --output-dir/--exp-name", rank=rank, world=world)
     log = Logger(accelerator, run_dir)
     ckpts = CheckpointDir(run_dir / "checkpoints", log=log.info)
     if accelerator.is_main_process:
@@ -463,6 +466,7 @@ def main(args: argparse.Namespace) -> dict:
     params, ema_params = list(model.parameters()), list(ema.parameters())
     data_iter, history, saved_at = iter(loader), [], step  # saved_at: the last checkpoint's step (or the start)
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    stop = cluster.StepStop(world)  # SIGTERM/SIGUSR1 on any rank: every rank stops at the same step
     model.train()
     while step < max_steps:
         torch.manual_seed(step_seed(args.seed, rank, step))  # exact resume without saved RNG states
@@ -491,6 +495,9 @@ def main(args: argparse.Namespace) -> dict:
             evaluator.run(ema, step)
         if sample_grid is not None and (step % args.sample_every == 0 or step == max_steps):
             sample_grid(ema, step, run_dir, accelerator)
+        if stop.due(step) and step < max_steps:
+            stop_at_step(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at)
+    stop.close()
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -528,6 +535,19 @@ def last_good_checkpoint(ckpts: CheckpointDir, first_skipped: int) -> str:
         return f"No checkpoint was written before step {first_skipped}, the first skipped one."
     return (f"The last checkpoint from before step {first_skipped}, the first skipped one, is {ckpts.pt(good[-1])} "
             f"(resume it with --resume-step {good[-1]}).")
+
+
+def stop_at_step(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, config: dict,
+                 args: argparse.Namespace, meter: Meter, log: Logger, saved_at: int) -> None:
+    """A stop signal: log the steps since the last log line, write a full checkpoint at this step (a normal
+    one: pruning, --resume-step and set-aside apply) unless one was just written, and exit with
+    cluster.EXIT_STOPPED (docs/cluster.md)."""
+    if step % args.log_every:
+        log.metrics(meter.flush(step, opt.param_groups[0]["lr"]))
+    if step % args.checkpointing_steps:
+        save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at=saved_at)
+    log.info(f"stopped by {cluster.stop_requested() or 'a signal on another process'} at step {step}")
+    raise cluster.stopped(f"checkpoint {ckpts.pt(step)} written", is_main=accelerator.is_main_process)
 
 
 def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, config: dict,

@@ -49,6 +49,7 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
+import cluster
 from dataset import FileTree, decode_image, is_image_name, parse_labels, read_dataset_json
 from models.vae import load_vae
 from preprocessing import image_name
@@ -216,9 +217,9 @@ def convert(args: argparse.Namespace) -> dict:
         atomic_write(dest, write_zip)
         written, skipped = outcome["result"]
     else:
-        if os.path.isdir(dest) and os.listdir(dest):
+        if os.path.isdir(dest) and [n for n in os.listdir(dest) if n != cluster.LOCK_NAME]:
             raise FileExistsError(f"--dest folder {dest} is not empty")
-        os.makedirs(dest, exist_ok=True)
+        cluster.hold_folder(dest, hint="choose another --dest")
         written, skipped = _convert_into(
             args, names, labels, lambda name, data: atomic_write_bytes(os.path.join(dest, name), data))
 
@@ -419,6 +420,8 @@ def encode(args: argparse.Namespace) -> dict:
     if to_zip and os.path.exists(args.dest):
         raise FileExistsError(f"--dest {args.dest} already exists; remove it or choose another name")
 
+    # One encode per destination: its stale temporaries below are then certainly a dead run's.
+    cluster.hold_folder(work, hint="choose another --dest", rank=rank, world=world)
     # Every rank checks (so that none is left waiting at a barrier); rank 0 records the settings and
     # the source, and removes stale temporaries. Nothing is written before the check passes.
     _check_destination(work, config, source_info)
@@ -465,8 +468,12 @@ def encode(args: argparse.Namespace) -> dict:
                 if len(rows) == len(todo[shard_of[i]]):  # the shard is complete: record it
                     write_content_record(work, pending.pop(shard_of[i]))
             bar.update(len(idx))
+            if cluster.stop_requested():  # a signal: this batch is written; a rerun redoes the rest
+                break
     bar.close()
     seconds = time.perf_counter() - t0
+    if cluster.any_rank_stopping(world):
+        raise cluster.stopped(f"the latents written so far in {work} are complete", is_main=state.is_main_process)
 
     counts = gather_object([(len(indices), num_done_before)])
     state.wait_for_everyone()
@@ -561,6 +568,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@cluster.command("preprocessing/dataset_tools.py")
 def main(args: argparse.Namespace) -> dict:
     if args.command == "convert":
         return convert(args)
