@@ -154,7 +154,7 @@ def add_speed_args(g) -> None:
                         "skips are counted and --max-bad-steps checked at each log interval")
     g.add_argument("--ema-lerp", action=argparse.BooleanOptionalAction, default=False,
                    help="EMA as one lerp kernel (differs from the original's formula by rounding only)")
-    g.add_argument("--ddp-bucket-mb", type=float, default=None, help="DDP gradient bucket size (None: DDP's 25 MB)")
+    g.add_argument("--ddp-bucket-mb", type=finite_float(0, lo_open=True), default=None, help="DDP gradient bucket size (None: DDP's 25 MB)")
     g.add_argument("--ddp-bucket-view", action=argparse.BooleanOptionalAction, default=False,
                    help="DDP gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy)")
     g.add_argument("--ddp-static-graph", action=argparse.BooleanOptionalAction, default=False,
