@@ -119,3 +119,128 @@ def test_two_process_run_resumes_with_two_processes_and_with_one(data_dir, tmp_p
     assert result["steps"] == 4 and "resumed from" in (tmp_path / "one/log.txt").read_text()
     expect = [i for m in range(4, 8) for r in (0, 1) for i in straight[r][m * local:(m + 1) * local]]
     assert RecordingDataset.reads == expect
+
+
+# ----------------------------------------------------------------------------- the samplers' time grids
+
+class TimeSpy:
+    """A velocity field v(x, t) = v_const that records the times the sampler evaluates it at."""
+    num_classes = 4
+
+    def __init__(self, v_const: float):
+        self.v_const, self.times = v_const, []
+
+    def __call__(self, x, t, y, cls_token=None):
+        self.times.append(float(t[0]))
+        return torch.full_like(x, self.v_const), [], torch.full_like(cls_token, self.v_const)
+
+
+def test_sde_time_grid_is_the_authors():
+    """REG samplers.py euler_maruyama_sampler: t_steps = linspace(1, 0.04, num_steps), then 0; the model
+    is evaluated at the first num_steps times, and the last step, 0.04 -> 0, adds no noise."""
+    from samplers import euler_maruyama_sampler
+    x, c = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    spy = TimeSpy(0.0)
+    zeros = lambda a: torch.zeros_like(a)  # noqa: E731  no noise: the update is deterministic
+    out, out_c = euler_maruyama_sampler(spy, x, torch.tensor([0, 1]), cls_latents=c, num_steps=5, randn_like=zeros)
+    assert spy.times == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04], abs=1e-15)
+    # linear path, v = 0: the score is -x/t and the drift v - g/2 s = t * x/t = x, so each step multiplies x
+    # by (1 + dt): dt = -0.24 four times, then -0.04 to t = 0
+    factor = 0.76 ** 4 * 0.96
+    assert torch.allclose(out, x * factor, rtol=1e-12, atol=0) and torch.allclose(out_c, c * factor, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("heun", [False, True])
+def test_ode_time_grid_is_the_authors(heun):
+    """REPA samplers.py euler_sampler: t_steps = linspace(1, 0, num_steps + 1); Heun's corrector is evaluated
+    at t_next on every step but the last (which would need the model at t = 0)."""
+    from samplers import euler_sampler
+    x, c = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    spy = TimeSpy(1.0)
+    out, out_c = euler_sampler(spy, x, torch.tensor([0, 1]), cls_latents=c, num_steps=4, heun=heun)
+    expect = [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25] if heun else [1.0, 0.75, 0.5, 0.25]
+    assert spy.times == expect
+    assert torch.allclose(out, x - 1, rtol=0, atol=1e-15) and torch.allclose(out_c, c - 1, rtol=0, atol=1e-15)  # t: 1 -> 0
+
+
+# ----------------------------------------------------------------------------- run identity: generate.py, sweep.py
+
+# Every setting that changes the pixels of image i, with another value and why it matters. Written out here
+# (not read from generate.SAMPLING_KEYS) so that a key dropped from the check fails this test.
+GENERATE_PIXEL_SETTINGS = {
+    "checkpoint": ({"path": "/other.pt", "size": 1, "mtime_ns": 1, "sha256_first_mib": "0" * 64}, "the weights"),
+    "model_config": ({"model": "SiT-T/2", "path_type": "linear", "fused_attn": False}, "the network and overrides"),
+    "vae": ("mse", "the decoder"),
+    "latents_scale": (1.0, "latents are divided by it before decoding"),
+    "mode": ("ode", "another sampler"),
+    "num_steps": (250, "another time grid"),
+    "heun": (True, "the ODE corrector"),
+    "cfg_scale": (4.0, "guidance"),
+    "cls_cfg_scale": (4.0, "class-token guidance"),
+    "guidance_low": (0.3, "the guidance interval"),
+    "guidance_high": (0.7, "the guidance interval"),
+    "path_type": ("cosine", "the score the SDE derives from the velocity"),
+    "global_seed": (1, "image i's noise and class"),
+    "balanced": (True, "image i's class"),
+    "num_classes": (10, "image i's class and the null label"),
+    "precision": ("fp64", "the sampler's dtype"),
+    "ema": (False, "EMA or raw weights"),
+    "tf32": (False, "matmul precision on GPU"),
+}
+
+
+def _generate_settings():
+    import generate
+    args = generate.parse_args(["--ckpt", "exps/run/checkpoints/ema_0000010.safetensors"])
+    model = type("Model", (), {"num_classes": 4})()
+    config = {"model": "SiT-T/2", "path_type": "linear", "fused_attn": True}
+    identity = {"path": "/exps/run/checkpoints/ema_0000010.safetensors", "size": 10, "mtime_ns": 5,
+                "sha256_first_mib": "f" * 64}
+    return generate.build_settings(args, config, model, "ema", 0.18215, 1, identity)
+
+
+def test_generate_refuses_a_folder_sampled_with_any_other_pixel_setting(tmp_path):
+    import generate
+    base = _generate_settings()
+    (tmp_path / "settings.json").write_text(json.dumps(base))
+    generate.check_resumable(tmp_path, base)  # the same settings resume
+    for key, (value, why) in GENERATE_PIXEL_SETTINGS.items():
+        assert key in base and base[key] != value, key
+        with pytest.raises(ValueError, match=rf"[(;] ?{key}: "):
+            generate.check_resumable(tmp_path, {**base, key: value})
+            pytest.fail(f"a change of {key} ({why}) was accepted")
+    # image i does not depend on these: a rerun may change them
+    for key, value in (("per_proc_batch_size", 7), ("world_size", 3), ("num_fid_samples", 100)):
+        generate.check_resumable(tmp_path, {**base, key: value})
+
+
+# What every stored metric of a sweep depends on besides its own sampler setting (the manifest's keys).
+SWEEP_RESULT_SETTINGS = {
+    "checkpoint": ({"path": "/other.pt", "size": 1, "mtime_ns": 1, "sha256_first_mib": "0" * 64}, "the weights"),
+    "ema": (False, "EMA or raw weights"),
+    "reference": ({"source": "/other.npz", "size": 1, "mtime_ns": 1}, "the FID reference batch"),
+    "inception_weights_id": ("other", "the feature network"),
+    "global_seed": (1, "the noise and classes of every image"),
+    "num_samples": (5000, "FID is biased by the sample count"),
+    "balanced": (True, "the classes"),
+    "precision": ("fp64", "the sampler's dtype"),
+    "vae": ("mse", "the decoder"),
+    "latents_scale": (1.0, "latents are divided by it before decoding"),
+    "path_type": ("cosine", "the score the SDE derives from the velocity"),
+    "model": ("SiT-B/2", "the network"),
+}
+
+
+def test_sweep_refuses_an_output_folder_made_with_any_other_setting(tmp_path):
+    import sweep
+    base = {"checkpoint": {"path": "/exps/ema.safetensors", "size": 10, "mtime_ns": 5, "sha256_first_mib": "f" * 64},
+            "ema": True, "reference": {"source": "/ref.npz", "size": 3, "mtime_ns": 4}, "inception_weights_id": "pt",
+            "global_seed": 0, "num_samples": 10_000, "balanced": False, "precision": "fp32", "vae": "ema",
+            "latents_scale": 0.18215, "path_type": "linear", "model": "SiT-XL/2", "model_config": {"model": "SiT-XL/2"}}
+    sweep.check_manifest(tmp_path, base)  # writes sweep.json
+    sweep.check_manifest(tmp_path, base)  # the same settings resume
+    for key, (value, why) in SWEEP_RESULT_SETTINGS.items():
+        assert key in base and base[key] != value, key
+        with pytest.raises(ValueError, match=rf"[(;] ?{key}: "):
+            sweep.check_manifest(tmp_path, {**base, key: value})
+            pytest.fail(f"a change of {key} ({why}) was accepted")
