@@ -14,6 +14,8 @@ import json
 import math
 import os
 
+from utils import HelpFormatter
+
 DEFAULT_KEYS = ("loss", "loss_denoise", "loss_proj", "loss_cls")
 TITLES = {
     "loss": "total loss",
@@ -81,11 +83,11 @@ def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_K
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("metrics", help="a run's metrics.jsonl")
-    p.add_argument("--out", default=None, help="output PNG (default: losses.png beside the metrics file)")
+    p.add_argument("--out", default=None, help="output PNG (None: losses.png beside the metrics file)")
     p.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics to draw, one panel each")
-    p.add_argument("--title", default=None, help="figure title (default: the run folder's name)")
+    p.add_argument("--title", default=None, help="figure title (None: the run folder's name)")
     return p.parse_args(argv)
 
 
