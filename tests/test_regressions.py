@@ -281,6 +281,7 @@ def _fp16_step(scaler, state: dict, seed: int = 0):
     return result, model.state_dict(), ema.state_dict(), grads
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_fp16_grad_scaler_skips_overflowing_steps_and_otherwise_equals_the_unscaled_step():
     from models.sit import SiT
     torch.manual_seed(0)
