@@ -15,7 +15,8 @@ import os
 import sys
 
 import metrics_log
-from utils import ArgumentParser, UserError, run_main
+from utils import ArgumentParser, HelpFormatter, UserError, run_main
+
 
 DEFAULT_KEYS = ("loss", "loss_denoise", "loss_proj", "loss_cls")
 TITLES = {
@@ -71,11 +72,11 @@ def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_K
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("metrics", help="a run's metrics.jsonl")
-    p.add_argument("--out", default=None, help="output PNG (default: losses.png beside the metrics file)")
+    p.add_argument("--out", default=None, help="output PNG (None: losses.png beside the metrics file)")
     p.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics to draw, one panel each")
-    p.add_argument("--title", default=None, help="figure title (default: the run folder's name)")
+    p.add_argument("--title", default=None, help="figure title (None: the run folder's name)")
     return p.parse_args(argv)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -146,6 +147,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None and "None" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse prints nothing for a flag without help text, not even its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -8,7 +8,8 @@ and `metrics.jsonl` (one JSON object per line: training lines carry `loss`, `los
 `precision`, `recall`, `eval_samples`, `eval_mode`, `eval_cfg`, ...). A folder of the authors' REG
 train.py (args.json only) is accepted too. Prints a markdown table (run, method, model, encoder,
 encoder depth, cls weight, steps, latest FID, best FID and its step) and writes DIR/comparison.md,
-DIR/comparison.json and DIR/comparison.png (FID against step on top, the loss terms below).
+DIR/comparison.json and DIR/comparison.png (FID against step on top, below the loss terms each run
+trains with: a plain SiT's loss_proj and loss_cls, logged as 0, are left out, as is REPA's loss_cls).
 
 FIDs measured with different settings (sampler, guidance, number of samples) are never merged:
 a run evaluated in two ways gets one row per setting, named in the `eval` column. See
@@ -137,6 +138,20 @@ def method_of(run: Run) -> str:
     return DASH
 
 
+def loss_terms(run: Run) -> tuple[str, ...]:
+    """The loss terms the run trains with. train.py logs 0 for a term its method lacks (a plain SiT has
+    neither the alignment nor the class-token term, REPA no class-token term), which is no curve to draw;
+    a term a record does not hold at all is skipped point by point."""
+    method = method_of(run)
+    proj_coeff = run.args.get("proj_coeff")
+    absent = set()
+    if method == "sit" or run.config.get("z_dims") == [] or (_finite(proj_coeff) and proj_coeff == 0):
+        absent.add("loss_proj")
+    if method in ("sit", "repa") or run.config.get("use_cls_token") is False:
+        absent.add("loss_cls")
+    return tuple(t for t in LOSS_TERMS if t not in absent)
+
+
 def _setting_key(r: dict) -> tuple:
     return tuple(r.get(k) for k in EVAL_SETTING_KEYS)
 
@@ -243,7 +258,7 @@ def plot(runs: Sequence[Run], rows: Sequence[dict], path: str) -> None:
             label = run.name if len(settings) == 1 else f"{run.name} ({r['eval']})"
             ax_fid.plot(steps, fids, marker=markers[j % len(markers)], color=colour[run.name], label=label)
             drawn_fid = True
-        for term in LOSS_TERMS:
+        for term in loss_terms(run):
             pts = [(r["step"], r[term]) for r in run.train if _finite(r.get(term))]
             if pts:
                 xs, ys = zip(*pts)

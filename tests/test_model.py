@@ -47,8 +47,9 @@ def reference_forward(sd, x, t, y, cls, *, depth, heads, patch, encoder_depth):
     c_tok = F.layer_norm(lin(cls, "cls_projectors2"), (D,), sd["wg_norm.weight"], sd["wg_norm.bias"], eps=1e-6)
     tok = torch.cat([c_tok[:, None], tok], 1) + sd["pos_embed"]
     half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
-    temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
+    # the sinusoidal features in float32 whatever the model's dtype, as the authors' TimestepEmbedder does
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    temb = torch.cat([torch.cos(t.float()[:, None] * freqs), torch.sin(t.float()[:, None] * freqs)], -1).to(t.dtype)
     temb = lin(F.silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = temb + sd["y_embedder.embedding_table.weight"][y]
     ln = lambda h: F.layer_norm(h, (D,), eps=1e-6)
@@ -76,23 +77,27 @@ def reference_forward(sd, x, t, y, cls, *, depth, heads, patch, encoder_depth):
 
 
 def test_official_names_strict_load_and_reference_numerics():
+    """In float64, so that the tolerance leaves no room for a changed layer: exact instead of tanh GELU
+    moves the output by ~1e-3, float32 rounding alone by ~1e-6; float64 rounding stays below 1e-12."""
     torch.manual_seed(0)
-    depth, heads, patch = 12, 12, 2  # SiT-B/2 with REG
-    model = SiT_models["SiT-B/2"](input_size=8, encoder_depth=4).eval()
+    depth, heads, patch = 4, 4, 2  # SiT-B/2's structure, narrower (a 130M-parameter init costs seconds)
+    model = SiT(input_size=8, hidden_size=96, depth=depth, num_heads=heads, encoder_depth=2, z_dims=[64],
+                projector_dim=80, cls_token_dim=64).eval().double()
     assert set(model.state_dict()) == official_keys(depth, n_proj=1)
     # A state_dict made only from the official names, with random values everywhere
     # (adaLN-Zero init would hide most of the network behind zeros).
-    sd = {k: torch.randn(v.shape) * (0.5 / math.sqrt(v.shape[-1]) if v.dim() > 1 else 0.1)
+    sd = {k: torch.randn(v.shape, dtype=torch.float64) * (0.5 / math.sqrt(v.shape[-1]) if v.dim() > 1 else 0.1)
           for k, v in model.state_dict().items()}
     model.load_state_dict(sd, strict=True)
-    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
-    y, cls = torch.tensor([3, 1000]), torch.randn(2, 768)
+    x, t = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    y, cls = torch.tensor([3, 1000]), torch.randn(2, 64, dtype=torch.float64)
     with torch.no_grad():
         v, zs, cv = model(x, t, y, cls_token=cls)
-        rv, rz, rc = reference_forward(sd, x, t, y, cls, depth=depth, heads=heads, patch=patch, encoder_depth=4)
+        rv, rz, rc = reference_forward(sd, x, t, y, cls, depth=depth, heads=heads, patch=patch, encoder_depth=2)
+    assert v.dtype == zs[0].dtype == cv.dtype == torch.float64
     err = max((v - rv).abs().max(), (zs[0] - rz).abs().max(), (cv - rc).abs().max()).item()
-    print(f"SiT-B/2 official-name forward vs the plain-ops reference: max abs diff {err:.3g}")
-    assert err < 1e-4
+    print(f"official-name forward vs the plain-ops reference (float64): max abs diff {err:.3g}")
+    assert err < 1e-10
     assert v.abs().mean() > 1e-2  # not trivially zero
 
 
@@ -250,15 +255,18 @@ def test_null_row_exists_without_label_dropout():
     count is read unambiguously (rows - 1)."""
     from checkpoint_io import infer_config
 
+    y = torch.zeros(1000, dtype=torch.long)
     for prob in (0.0, 0.1):
         model = SiT_models["SiT-T/2"](input_size=4, num_classes=5, z_dims=[16], encoder_depth=1, projector_dim=16,
                                       class_dropout_prob=prob)
         assert model.y_embedder.embedding_table.num_embeddings == 5 + 1
         assert infer_config(model.state_dict())["num_classes"] == 5
-    y = torch.zeros(1000, dtype=torch.long)  # prob 0: training never drops a label
-    assert torch.equal(model.y_embedder(y, train=True), model.y_embedder.embedding_table.weight[y]) is False
-    model.y_embedder.dropout_prob = 0.0
-    assert torch.equal(model.y_embedder(y, train=True), model.y_embedder.embedding_table.weight[y])
+        table = model.y_embedder.embedding_table.weight
+        dropped = (model.y_embedder(y, train=True) == table[5]).all(-1).float().mean().item()  # the null row
+        if prob == 0.0:  # training never drops a label
+            assert torch.equal(model.y_embedder(y, train=True), table[y])
+        else:  # about 100 of 1000 labels become the null label
+            assert 0.05 < dropped < 0.15
 
 
 def test_projections_skipped_for_sampling_training_output_unchanged():
