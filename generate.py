@@ -50,6 +50,7 @@ from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
 from generation import DistInfo, class_labels, generate_images, init_distributed
 from models.sit import SiT_models
 from models.vae import load_vae
+from samplers import SAMPLER_MODES
 from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
 
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
@@ -98,8 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the checkpoint's, else ema)")
 
     g = p.add_argument_group("sampler")
-    g.add_argument("--mode", type=str, choices=["sde", "ode"], default="sde",
-                   help="sde: Euler-Maruyama (the papers' numbers); ode: Euler/Heun probability flow")
+    g.add_argument("--mode", type=str, choices=list(SAMPLER_MODES), default="sde",
+                   help="sde: Euler-Maruyama (the papers' numbers); ode: Euler/Heun probability flow; "
+                        "dpm2m: DPM-Solver++(2M); unipc: DPM-Solver++(2M) + UniPC corrector, the fewest "
+                        "evaluations for a given accuracy (docs/sampling.md); all ODE modes: one evaluation per "
+                        "step (Heun: two)")
     g.add_argument("--num-steps", type=int, default=50, help="sampler steps (the paper: 250)")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="Heun corrector (ode only)")
@@ -370,7 +374,7 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
 
     model, config = load_model(args, device)
     using_cfg = args.cfg_scale > 1.0
-    if args.mode == "sde" and args.heun and info.is_main:
+    if args.mode != "ode" and args.heun and info.is_main:
         warnings.warn("--heun only applies to --mode ode; ignored")
     if args.balanced and args.num_fid_samples % model.num_classes and info.is_main:
         warnings.warn(f"--balanced: {args.num_fid_samples} is not a multiple of {model.num_classes} classes; "

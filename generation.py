@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from samplers import euler_maruyama_sampler, euler_sampler, per_sample_randn_like
+from samplers import SAMPLER_MODES, euler_maruyama_sampler, euler_sampler, multistep_sampler, per_sample_randn_like
 
 NOISE_STREAM, LABEL_STREAM = 0, 1
 
@@ -80,8 +80,8 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
     (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
     `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead.
     """
-    if mode not in ("sde", "ode"):
-        raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     decode_fn: Callable[[torch.Tensor], torch.Tensor] = getattr(decode, "decode", decode)
@@ -104,8 +104,10 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
         with autocast:
             if mode == "sde":
                 latents, _ = euler_maruyama_sampler(model, z, y, cls_latents=c, randn_like=randn_like, **kwargs)
-            else:
+            elif mode == "ode":
                 latents, _ = euler_sampler(model, z, y, cls_latents=c, heun=heun, **kwargs)
+            else:  # dpm2m / unipc
+                latents, _ = multistep_sampler(model, z, y, cls_latents=c, corrector=mode == "unipc", **kwargs)
         images = decode_fn(latents.to(model_dtype) / latents_scale)
         yield batch, to_uint8(images.to(device)), y
 

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
 from models.vae import load_vae
+from samplers import SAMPLER_MODES
 from utils import HelpFormatter, atomic_json_dump, atomic_write, set_fp32_precision
 
 # What every stored metric depends on besides its own sampler setting.
@@ -62,9 +63,9 @@ def _ints(text: str) -> list[int]:
 
 def _modes(text: str) -> list[str]:
     modes = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [m for m in modes if m not in ("sde", "ode")]
+    bad = [m for m in modes if m not in SAMPLER_MODES]
     if bad:
-        raise argparse.ArgumentTypeError(f"modes must be sde or ode, got {bad}")
+        raise argparse.ArgumentTypeError(f"modes must be among {', '.join(SAMPLER_MODES)}, got {bad}")
     return modes
 
 
@@ -84,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", type=str, required=True, help="output folder (resumable)")
 
     g = p.add_argument_group("grid (comma-separated lists; the grid is their product)")
-    g.add_argument("--mode", type=_modes, default="sde", help="sde and/or ode")
+    g.add_argument("--mode", type=_modes, default="sde",
+                   help="sde, ode, dpm2m and/or unipc (as generate.py's --mode)")
     g.add_argument("--num-steps", type=_ints, default="250", help="sampler steps")
     g.add_argument("--cfg-scale", type=_floats, default="1,1.5,2.3", help="guidance scales (<= 1: unguided)")
     g.add_argument("--cls-cfg-scale", type=_floats, default="2.3", help="class-token guidance scales")

@@ -26,6 +26,7 @@ from checkpoint_io import CheckpointDir, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import SiT_models, default_encoder_depth, model_depth
+from samplers import SAMPLER_MODES
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
 from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, set_fp32_precision
@@ -117,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, and the last step (0 = off)")
     g.add_argument("--eval-samples", type=int, default=10_000)
     g.add_argument("--eval-ref", default=None, help="ADM reference batch .npz, or a statistics file from --save-stats")
-    g.add_argument("--eval-mode", default="ode", choices=["ode", "sde"])
+    g.add_argument("--eval-mode", default="ode", choices=list(SAMPLER_MODES),
+                   help="sampler of the evaluation, as generate.py's --mode (unipc: accurate in few --eval-steps)")
     g.add_argument("--eval-steps", type=int, default=50)
     g.add_argument("--eval-cfg", type=float, default=1.0, help="1 = no guidance")
     g.add_argument("--eval-cls-cfg", type=float, default=0.0)
