@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",
-                   help="our training .pt, our exported .safetensors, an official REG/REPA .pt, or "
-                        "hf:OWNER/REPO[/FILE] (from the HF cache, downloaded on first use)")
+                   help="our training .pt, our exported .safetensors, an official REG/REPA .pt, a Hub folder "
+                        "(config.json + model.safetensors: python -m models.hub export), a Hub repo id OWNER/NAME "
+                        "(when no such local path exists), or hf:OWNER/REPO[/FILE] (from the HF cache, downloaded "
+                        "on first use)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="sample from the EMA weights (--no-ema: the raw training weights)")
     g.add_argument("--model", type=str, choices=list(SiT_models), default=None, metavar="NAME",
@@ -178,8 +180,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def checkpoint_name(spec: str) -> str:
-    """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name."""
-    name = resolve_checkpoint(spec).name if spec.startswith("hf:") else os.path.basename(spec)
+    """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name; Hub folders
+    and repo ids (OWNER/NAME) by their last component."""
+    path = resolve_checkpoint(spec)
+    if path.is_dir():
+        name = os.path.basename(os.path.normpath(spec.removeprefix("hf:")))
+    else:
+        name = path.name if spec.startswith("hf:") else os.path.basename(spec)
     if name.endswith(".safetensors"):
         return name[:-len(".safetensors")]
     return name.replace(".pt", "")

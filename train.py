@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from checkpoint_io import CheckpointDir, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
+from models.hub import portable_vae_spec
 from models.sit import SiT_models, default_encoder_depth, model_depth
 from samplers import SAMPLER_MODES
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
@@ -256,7 +257,7 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
         "cls_token_dim": encoders[0].embed_dim if use_cls else None, "qk_norm": args.qk_norm,
         "fused_attn": args.fused_attn, "class_dropout_prob": args.cfg_prob, "path_type": args.path_type,
         "resolution": args.resolution, "latents_scale": float(vae["scaling_factor"]),
-        "vae": args.vae or vae.get("name") or "ema", "enc_type": args.enc_type if encoders else None,
+        "vae": portable_vae_spec(args.vae or vae.get("name") or "ema"), "enc_type": args.enc_type if encoders else None,
         "method": args.method,
     }
 
