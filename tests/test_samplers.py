@@ -443,3 +443,39 @@ def test_mismatched_class_token_is_an_error():
         euler_maruyama_sampler(needs_cls, x1, y, num_steps=2)
     with pytest.raises(ValueError, match="unknown path type"):
         euler_sampler(model, x1, y, num_steps=2, path_type="vp")
+
+
+def test_multistep_modes_are_selectable_everywhere():
+    """--mode dpm2m/unipc in generate.py and sweep.py, --eval-mode in train.py, and generation's dispatch."""
+    import generate
+    import sweep
+    import train
+    from samplers import SAMPLER_MODES
+
+    assert SAMPLER_MODES == ("sde", "ode", "dpm2m", "unipc")
+    assert generate.parse_args(["--mode", "unipc"]).mode == "unipc"
+    assert sweep.parse_args(["--ref-batch", "r.npz", "--out", "o", "--mode", "sde,dpm2m,unipc"]).mode == \
+        ["sde", "dpm2m", "unipc"]
+    assert train.parse_args(["--eval-mode", "dpm2m"]).eval_mode == "dpm2m"
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--ref-batch", "r.npz", "--out", "o", "--mode", "sde,dpm3"])
+
+
+@pytest.mark.parametrize("mode, corrector", [("dpm2m", False), ("unipc", True)])
+def test_generation_dispatches_the_multistep_modes(mode, corrector, monkeypatch):
+    import generation
+    from models.sit import SiT_models
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["corrector"])
+        return multistep_sampler(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "multistep_sampler", recording)
+    model = SiT_models["SiT-T/2"](input_size=2, in_channels=3, num_classes=2, z_dims=[8], encoder_depth=1,
+                                  projector_dim=8).eval()
+    (_, images, _), = generation.generate_images(
+        model, lambda z: z.repeat_interleave(4, -1).repeat_interleave(4, -2).tanh(), [0, 1], global_seed=0,
+        num_classes=2, mode=mode, num_steps=3, latents_scale=1.0, batch_size=2, device="cpu")
+    assert seen == [corrector] and images.shape == (2, 8, 8, 3)
