@@ -50,6 +50,13 @@ def test_class_labels_npz_seeds_and_labelled_grid(ckpt, tmp_path):
     assert np.array_equal(other[0], images[0]) and np.array_equal(other[2], images[2])
     assert not np.array_equal(other[1], images[1])  # class 2 instead of 1
 
+    # the list is a setting of the run: resuming the folder with another list is refused
+    with pytest.raises(ValueError, match="class_labels"):
+        run(ckpt, tmp_path / "a", "--num-fid-samples", "5", "--class-labels", "3,2", "--run-name", "a")
+    names = [generate.default_run_name(generate.parse_args(["--ckpt", str(ckpt), *labels]), "SiT-T/2", 16, "ema")
+             for labels in (["--class-labels", "3,1"], ["--class-labels", "3,2"], [])]
+    assert len(set(names)) == 3 and names[0].startswith(names[2] + "-classes-")
+
     grid = np.asarray(Image.open(tmp_path / "a" / "a-grid.png").convert("RGB"))
     side = images.shape[1]
     assert grid.shape[0] == 2 * side and (grid.shape[1] - 2 * side) > side  # 2 rows, a label strip, 2 columns

@@ -139,6 +139,13 @@ def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, mon
     assert generate.checkpoint_name("someone/tiny-reg") == "tiny-reg"
     assert generate.checkpoint_name("tiny-reg/") == "tiny-reg"
     assert checkpoint_identity("someone/tiny-reg")["path"].endswith("model.safetensors")
+    # a repo id fetches config.json with the weights (a download of the weights alone would lose the metadata)
+    import checkpoint_io
+    asked = []
+    real_get = checkpoint_io._hub_get
+    monkeypatch.setattr(checkpoint_io, "_hub_get", lambda repo, f: asked.append(f) or real_get(repo, f))
+    assert load_generator("someone/tiny-reg")[1]["vae"] == "pixel-unshuffle"
+    assert asked == ["config.json", "model.safetensors"]
     back = SiT.from_pretrained("someone/tiny-reg", local_files_only=True)  # the mixin itself, from the cache
     assert back.state_dict().keys() == load_file(str(folder / "model.safetensors")).keys()
 
