@@ -157,3 +157,19 @@ def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, mon
     assert not is_repo_id("someone/tiny-reg")
     with pytest.raises(FileNotFoundError, match="read as a Hub repo id"):
         load_generator("nobody/nothing")
+
+
+def test_training_config_records_the_vae_without_an_absolute_path(tmp_path, monkeypatch):
+    import types
+
+    import train
+    monkeypatch.chdir(tmp_path)
+    encoder = types.SimpleNamespace(embed_dim=32)
+    for vae_flag, dataset_name, expected in [
+            (None, str(tmp_path / "vae-dir"), "vae-dir"),
+            (str(tmp_path / "hf" / "models--org--my-vae" / "snapshots" / ("c" * 40)), None, "org/my-vae"),
+            (None, "stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-mse")]:
+        args = train.parse_args(["--model", "SiT-T/2", *(["--vae", vae_flag] if vae_flag else [])])
+        dataset = types.SimpleNamespace(vae_stride=8, vae_info={"name": dataset_name, "latent_channels": 4,
+                                                                "scaling_factor": 0.18215})
+        assert train.model_config(args, dataset, [encoder])["vae"] == expected
