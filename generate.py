@@ -182,11 +182,11 @@ def check_args(args: argparse.Namespace) -> None:
 def checkpoint_name(spec: str) -> str:
     """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name; Hub folders
     and repo ids (OWNER/NAME) by their last component."""
-    path = resolve_checkpoint(spec)
-    if path.is_dir():
-        name = os.path.basename(os.path.normpath(spec.removeprefix("hf:")))
-    else:
-        name = path.name if spec.startswith("hf:") else os.path.basename(spec)
+    if spec.startswith("hf:"):
+        path = resolve_checkpoint(spec)
+        name = spec.rstrip("/").split("/")[-1] if path.is_dir() else path.name
+    else:  # a file, a folder or a bare repo id OWNER/NAME: its last component
+        name = os.path.basename(os.path.normpath(spec))
     if name.endswith(".safetensors"):
         return name[:-len(".safetensors")]
     return name.replace(".pt", "")

@@ -137,7 +137,7 @@ def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, mon
     for spec in ("tiny-reg", "someone/tiny-reg", "hf:someone/tiny-reg", "hf:someone/tiny-reg/model.safetensors"):
         assert np.array_equal(images(spec, spec.replace("/", "_").replace(":", "_")), reference), spec
     assert generate.checkpoint_name("someone/tiny-reg") == "tiny-reg"
-    assert generate.checkpoint_name("tiny-reg/") == "tiny-reg"
+    assert generate.checkpoint_name("tiny-reg/") == generate.checkpoint_name("hf:someone/tiny-reg") == "tiny-reg"
     assert checkpoint_identity("someone/tiny-reg")["path"].endswith("model.safetensors")
     # a repo id fetches config.json with the weights (a download of the weights alone would lose the metadata)
     import checkpoint_io
