@@ -94,6 +94,16 @@ def test_export_writes_config_card_and_portable_vae(tmp_path, monkeypatch):
     assert loaded_cfg["path_type"] == "cosine" and loaded_cfg["vae"] == cfg["vae"]
     for k, v in sd.items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    # --push-to-hub: the repo is created and the folder uploaded (the hub calls are stubbed: no network)
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: calls.append(("create", repo, kw)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)) or "url")
+    hub.main(hub.parse_args(["export", str(tmp_path / "ckpts" / "0001234.pt"), "pushed", "--push-to-hub",
+                             "me/tiny", "--private"]))
+    assert calls == [("create", "me/tiny", {"private": True, "exist_ok": True}),
+                     ("upload", {"repo_id": "me/tiny", "folder_path": "pushed"})]
+    assert "--ckpt me/tiny" in (tmp_path / "pushed" / "README.md").read_text()
     # a checkpoint's VAE from an HF cache snapshot is recorded by its hub id
     snap = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema" / "snapshots" / ("a" * 40)
     assert hub.portable_vae_spec(str(snap)) == "stabilityai/sd-vae-ft-ema"
