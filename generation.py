@@ -81,8 +81,9 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
     noise from image_generators (initial latents, initial class token, then each SDE step's noise),
     so any batch size, order or split of `indices` gives the same images as generate.py's files.
     `decode(z)` maps latents / latents_scale to images in [-1, 1]; a VAE object with a `.decode`
-    (models.vae.load_vae) may be passed instead. `label_list` fixes the classes (see class_labels). The model computes in its parameters' dtype;
-    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead.
+    (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
+    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead. `label_list` fixes the
+    classes (see class_labels). `mode`: one of samplers.SAMPLER_MODES.
     """
     if mode not in SAMPLER_MODES:
         raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
