@@ -54,8 +54,8 @@ from models.sit import SiT_models
 from models.vae import load_vae
 from sample_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
 from samplers import SAMPLER_MODES
-from utils import (HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp,
-                   set_fp32_precision)
+from utils import HelpFormatter, atomic_json_dump, atomic_write, atomic_write_bytes, clean_stale_tmp, set_fp32_precision
+from utils import UserError
 
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this IEND chunk
