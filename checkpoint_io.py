@@ -7,6 +7,9 @@ Formats:
   * official REG/REPA .pt files: {"model", "ema", "opt", "steps", "args": argparse.Namespace}; the
     Namespace is allow-listed for the weights_only unpickler, nothing else is.
   * the HF hub repo Martinser/REG ("hf:Martinser/REG" or "hf:Martinser/REG/FILE").
+  * Hub folders (SiT.save_pretrained, models/hub.py export): DIR/config.json + DIR/model.safetensors, as a
+    local DIR, or a Hub repo id OWNER/NAME (also "hf:OWNER/NAME"): a bare OWNER/NAME is a repo id when no
+    local path of that name exists (write ./OWNER/NAME for a local folder that does not exist yet).
 
 Writes are atomic: a temporary file in the same folder, fsync, then os.replace, so a process
 killed at any moment leaves either the old file or the new one, never half of one.
@@ -145,6 +148,8 @@ def _config_from_official_args(args: Any) -> dict:
 # ----------------------------------------------------------------------------- resolving and loading
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"  # a Hub folder (huggingface_hub's names)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # Flags that only restate what a checkpoint fixes: checked against it, never used to rebuild.
 CHECKED_FLAGS = {"model": "--model", "num_classes": "--num-classes", "qk_norm": "--qk-norm",
                  "cls_token_dim": "--cls", "z_dims": "--projector-embed-dims", "encoder_depth": "--encoder-depth"}
@@ -180,17 +185,36 @@ def _hub_weight_file(repo: str) -> str:
     return files[0]
 
 
+def is_repo_id(spec: str) -> bool:
+    """A bare OWNER/NAME that names no local path: read as a Hub repo id (see the module docstring)."""
+    return (REPO_ID.fullmatch(spec) is not None and not spec.endswith(WEIGHT_SUFFIXES)
+            and not os.path.exists(os.path.expanduser(spec)))
+
+
+def _hub_folder(repo: str) -> Path | None:
+    """The snapshot folder of a Hub-folder repo (config.json + model.safetensors), None for other repos."""
+    try:
+        config, weights = _hub_get(repo, HUB_CONFIG), _hub_get(repo, HUB_WEIGHTS)
+        return weights.parent if config.parent == weights.parent else None
+    except Exception:
+        return None
+
+
 def resolve_checkpoint(spec: str) -> Path:
-    """A local path, or 'hf:OWNER/REPO[/FILE]' from the HF cache (downloaded into it on first use)."""
-    if not spec.startswith("hf:"):
+    """A local file or Hub folder, or 'hf:OWNER/REPO[/FILE]' / a bare repo id OWNER/REPO from the HF cache
+    (downloaded into it on first use). A Hub-folder repo resolves to its snapshot folder."""
+    if not spec.startswith("hf:") and not is_repo_id(spec):
         path = Path(os.path.expanduser(spec))
         if not path.exists():
             raise FileNotFoundError(
-                f"checkpoint {spec} does not exist. Give a local .pt/.safetensors file, or "
-                f"'hf:{OFFICIAL_HUB_REPO}' for the released REG weights.")
+                f"checkpoint {spec} does not exist. Give a local .pt/.safetensors file or Hub folder, a Hub repo "
+                f"id OWNER/NAME, or 'hf:{OFFICIAL_HUB_REPO}' for the released REG weights.")
         return path
-    parts = spec[3:].split("/")
+    parts = spec.removeprefix("hf:").split("/")
     repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
+    folder = None if fname else _hub_folder(repo)
+    if folder is not None:
+        return folder
     try:
         return _hub_get(repo, fname or _hub_weight_file(repo))
     except ValueError:
@@ -199,13 +223,17 @@ def resolve_checkpoint(spec: str) -> Path:
         raise FileNotFoundError(
             f"could not fetch {spec} from the HF hub ({type(e).__name__}: {e}). On a machine with network "
             f"access run\n  hf download {repo} {fname or 'FILE'}\nthen copy the HF cache (~/.cache/huggingface) "
-            f"here, or pass the downloaded file to --ckpt.") from e
+            f"here, or pass the downloaded file to --ckpt."
+            + ("" if spec.startswith("hf:") else f" ({spec} is no local path, so it was read as a Hub repo id.)")
+        ) from e
 
 
 def checkpoint_identity(spec: str) -> dict:
     """What tells two checkpoint files apart cheaply: resolved path, size, mtime and the sha256 of
     the first MiB. generate.py stores it so a resumed run cannot mix images of two checkpoints."""
     path = resolve_checkpoint(spec).resolve()
+    if path.is_dir():  # a Hub folder: its weights
+        path = path / HUB_WEIGHTS
     stat = path.stat()
     with open(path, "rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()
@@ -228,6 +256,16 @@ def convert_legacy(sd: dict[str, torch.Tensor], encoder_depth: int | None = None
     return out
 
 
+def load_hub_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, config.json) of a Hub folder; its config holds SiT's keyword arguments and our metadata."""
+    from safetensors.torch import load_file
+    missing = [name for name in (HUB_CONFIG, HUB_WEIGHTS) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint folder {path} has no {' or '.join(missing)}: expected a folder "
+                                f"written by SiT.save_pretrained or `python -m models.hub export`")
+    return load_file(str(path / HUB_WEIGHTS)), json.loads((path / HUB_CONFIG).read_text())
+
+
 def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
                  encoder_depth: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint in any supported format -> (state_dict, partial config from its metadata).
@@ -237,11 +275,15 @@ def load_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
     path = resolve_checkpoint(spec)
     meta: dict = {}
     which = "stored"  # which weights of the file: the EMA or the raw training weights of a .pt
-    if path.suffix == ".safetensors":
+    if path.is_dir():
+        sd, meta = load_hub_folder(path)
+    elif path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
         sd = load_file(str(path))
         side = path.with_suffix(".json")
+        if path.name == HUB_WEIGHTS and not side.is_file():
+            side = path.with_name(HUB_CONFIG)  # a Hub folder's weights, named by hf:OWNER/NAME/model.safetensors
         if side.is_file():
             meta = json.loads(side.read_text())
         else:

@@ -24,12 +24,14 @@ Output, under --sample-dir (RUN = --run-name, by default the original's folder n
     RUN/settings.json        settings and checkpoint identity; a re-run with others is refused
     RUN.npz                  arr_0 uint8 (N, H, W, 3), arr_1 int64 labels (N,), in index order
     RUN.json                 the exact settings, the checkpoint config and the throughput
-    RUN-grid.png             with --grid N: the first N images in a grid
+    RUN-grid.png             with --grid N: the first N images in a grid; with --class-labels, one labelled
+                             row per class holding its first N images (sample_grid.py)
 The last line printed is `NPZ_PATH=/absolute/RUN.npz`; --npz-path-file FILE also writes that path.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -51,6 +53,8 @@ from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identit
 from generation import DistInfo, class_labels, generate_images, init_distributed
 from models.sit import SiT_models
 from models.vae import config_decoding_vae, load_vae
+from sample_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
+from samplers import SAMPLER_MODES
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
                    clean_stale_tmp, finite_float, run_main, set_fp32_precision)
 
@@ -59,7 +63,7 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this
 # Settings that change the pixels of image i: a re-run into the same folder must match them.
 SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "num_steps", "heun", "cfg_scale",
                  "cls_cfg_scale", "guidance_low", "guidance_high", "path_type", "global_seed",
-                 "balanced", "num_classes", "precision", "ema", "tf32")
+                 "balanced", "num_classes", "precision", "ema", "tf32", "class_labels")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,8 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)")
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",
-                   help="our training .pt, our exported .safetensors, an official REG/REPA .pt, or "
-                        "hf:OWNER/REPO[/FILE] (from the HF cache, downloaded on first use)")
+                   help="our training .pt, our exported .safetensors, an official REG/REPA .pt, a Hub folder "
+                        "(config.json + model.safetensors: python -m models.hub export), a Hub repo id OWNER/NAME "
+                        "(when no such local path exists), or hf:OWNER/REPO[/FILE] (from the HF cache, downloaded "
+                        "on first use)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="sample from the EMA weights (--no-ema: the raw training weights)")
     g.add_argument("--model", type=str, choices=list(SiT_models), default=None, metavar="NAME",
@@ -100,8 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: ema, as the original, for SD-VAE latents; the checkpoint's own codec otherwise)")
 
     g = p.add_argument_group("sampler")
-    g.add_argument("--mode", type=str, choices=["sde", "ode"], default="sde",
-                   help="sde: Euler-Maruyama (the papers' numbers); ode: Euler/Heun probability flow")
+    g.add_argument("--mode", type=str, choices=list(SAMPLER_MODES), default="sde",
+                   help="sde: Euler-Maruyama (the papers' numbers); ode: Euler/Heun probability flow; "
+                        "dpm2m: DPM-Solver++(2M); unipc: DPM-Solver++(2M) + UniPC corrector, the fewest "
+                        "evaluations for a given accuracy (docs/sampling.md); all ODE modes: one evaluation per "
+                        "step (Heun: two)")
     g.add_argument("--num-steps", type=int, default=50, help="sampler steps (the paper: 250)")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="Heun corrector (ode only)")
@@ -127,7 +136,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--run-name", type=str, default=None, help="run folder name (default: the original's name)")
     g.add_argument("--npz-path-file", type=str, default=None, metavar="FILE",
                    help="also write the path of the npz written into FILE (eval.sh reads it)")
-    g.add_argument("--grid", type=int, default=0, metavar="N", help="also write a grid PNG of the first N images")
+    g.add_argument("--grid", type=int, default=0, metavar="N",
+                   help="also write a grid PNG of the first N images; with --class-labels a labelled figure, "
+                        "one row per listed class holding its first N images")
+    g.add_argument("--class-labels", type=str, default=None, metavar="LIST|@FILE",
+                   help="sample these classes: comma-separated indices (e.g. 1,207,360) or @FILE with one per "
+                        "line; image i gets label[i mod len], its noise still comes from (seed, i)")
+    g.add_argument("--class-names", type=str, default=None, metavar="FILE",
+                   help="with --class-labels and --grid: row labels 'index: name', line k of FILE naming class k")
     g.add_argument("--precision", type=str, choices=["fp32", "bf16", "fp64"], default="fp32",
                    help="model compute dtype (bf16 via autocast; fp64 runs model and VAE in float64, a slow "
                         "reference that is bit-stable across batch sizes); the sampler state is float64 always")
@@ -153,6 +169,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.guidance_low > args.guidance_high:
         raise UserError(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}: "
                         "no step would be guided")
+    if args.class_labels is not None:
+        parse_class_labels(args.class_labels)  # syntax only; the range is checked against the model
+        if args.balanced:
+            raise UserError("--class-labels and --balanced both choose the classes: give one of them")
+    elif args.class_names is not None:
+        raise UserError("--class-names labels the rows of the --class-labels grid: give --class-labels too")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +182,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def checkpoint_name(spec: str) -> str:
-    """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name."""
-    name = resolve_checkpoint(spec).name if spec.startswith("hf:") else os.path.basename(spec)
+    """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name; Hub folders
+    and repo ids (OWNER/NAME) by their last component."""
+    if spec.startswith("hf:"):
+        path = resolve_checkpoint(spec)
+        name = spec.rstrip("/").split("/")[-1] if path.is_dir() else path.name
+    else:  # a file, a folder or a bare repo id OWNER/NAME: its last component
+        name = os.path.basename(os.path.normpath(spec))
     if name.endswith(".safetensors"):
         return name[:-len(".safetensors")]
     return name.replace(".pt", "")
@@ -180,6 +207,9 @@ def default_run_name(args: argparse.Namespace, model_name: str, resolution: int,
     name = (f"{model_name.replace('/', '-')}-{checkpoint_name(args.ckpt)}-size-{resolution}-vae-{vae_name(vae)}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.guidance_high}-{args.cls_cfg_scale}")
     suffixes = [("balanced", args.balanced), (args.precision, args.precision != "fp32"), ("raw", not args.ema)]
+    if args.class_labels is not None:  # another list of classes is another run
+        digest = hashlib.sha1(args.class_labels.encode()).hexdigest()[:8]
+        suffixes.append((f"classes-{digest}", True))
     return name + "".join(f"-{s}" for s, on in suffixes if on)
 
 
@@ -307,6 +337,15 @@ def load_model(args: argparse.Namespace, device: torch.device):
     return model.requires_grad_(False), config
 
 
+def save_class_grid(run_dir: Path, labels: list[int], num: int, per_row: int, names_file: str | None,
+                    path: Path) -> None:
+    """The labelled figure of --grid with --class-labels: a row per class (sample_grid.py)."""
+    names = read_class_names(names_file) if names_file else None
+    rows = [(row_label(y, names), [read_png(png_path(run_dir, i)) for i in idx])
+            for y, idx in grid_rows(labels, num, per_row).items() if idx]
+    atomic_write(path, lambda tmp: labelled_grid(rows).save(tmp, format="PNG"))
+
+
 def build_settings(args, config, model, vae_spec, latents_scale, world_size, identity: dict) -> dict:
     sampling = {
         "checkpoint": {k: identity[k] for k in ("path", "size", "mtime_ns", "sha256_first_mib")},
@@ -316,6 +355,7 @@ def build_settings(args, config, model, vae_spec, latents_scale, world_size, ide
         "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
         "path_type": config["path_type"], "global_seed": args.global_seed, "balanced": args.balanced,
         "num_classes": model.num_classes, "precision": args.precision, "ema": args.ema,
+        "class_labels": args.label_list,
     }
     return {
         **sampling,
@@ -372,8 +412,9 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     set_fp32_precision("tf32" if args.tf32 else "ieee")
 
     model, config = load_model(args, device)
+    args.label_list = None if args.class_labels is None else parse_class_labels(args.class_labels, model.num_classes)
     using_cfg = args.cfg_scale > 1.0
-    if args.mode == "sde" and args.heun and info.is_main:
+    if args.mode != "ode" and args.heun and info.is_main:
         warnings.warn("--heun only applies to --mode ode; ignored")
     if args.balanced and args.num_fid_samples % model.num_classes and info.is_main:
         warnings.warn(f"--balanced: {args.num_fid_samples} is not a multiple of {model.num_classes} classes; "
@@ -434,7 +475,7 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
         mode=args.mode, num_steps=args.num_steps, cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
         guidance_low=args.guidance_low, guidance_high=args.guidance_high, heun=args.heun,
         path_type=config["path_type"], latents_scale=latents_scale, batch_size=args.per_proc_batch_size,
-        device=device, dtype=torch.bfloat16 if args.precision == "bf16" else None)
+        device=device, dtype=torch.bfloat16 if args.precision == "bf16" else None, label_list=args.label_list)
 
     def make(indices_to_make: list[int]) -> None:
         for indices, images, _ in generate_images(model, codec, indices_to_make, **gen_kwargs):
@@ -459,7 +500,8 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
         if missing:
             raise RuntimeError(f"{len(missing)} images missing in {run_dir} after sampling, e.g. {missing[:5]}")
         labels = class_labels(list(range(args.num_fid_samples)), global_seed=args.global_seed,
-                              num_classes=model.num_classes, balanced=args.balanced).numpy()
+                              num_classes=model.num_classes, balanced=args.balanced,
+                              label_list=args.label_list).numpy()
         try:
             shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
         except UnreadablePNGs as e:  # damaged on disk since they were written: make them again, here
@@ -468,7 +510,10 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
                 png_path(run_dir, i).unlink(missing_ok=True)
             make(e.indices)
             shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
-        if args.grid:
+        if args.grid and args.label_list:
+            save_class_grid(run_dir, args.label_list, args.num_fid_samples, args.grid, args.class_names,
+                            sample_dir / f"{run_name}-grid.png")
+        elif args.grid:
             n = min(args.grid, args.num_fid_samples)
             save_grid(run_dir, n, sample_dir / f"{run_name}-grid.png")
         summary.update(npz=str(npz_path), shape=list(shape))

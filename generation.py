@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from samplers import euler_maruyama_sampler, euler_sampler, per_sample_randn_like
+from samplers import SAMPLER_MODES, euler_maruyama_sampler, euler_sampler, multistep_sampler, per_sample_randn_like
 from utils import UserError
 
 NOISE_STREAM, LABEL_STREAM = 0, 1
@@ -42,8 +42,12 @@ def image_generators(global_seed: int, indices: Sequence[int]) -> list[torch.Gen
     return [torch.Generator().manual_seed(image_seed(global_seed, i, NOISE_STREAM)) for i in indices]
 
 
-def class_labels(indices: Sequence[int], *, global_seed: int, num_classes: int, balanced: bool) -> torch.Tensor:
-    """Class of each image index: i mod num_classes if balanced, else uniform from its own seed."""
+def class_labels(indices: Sequence[int], *, global_seed: int, num_classes: int, balanced: bool,
+                 label_list: Sequence[int] | None = None) -> torch.Tensor:
+    """Class of each image index: label_list[i mod len] if given (generate.py --class-labels), else
+    i mod num_classes if balanced, else uniform from its own seed."""
+    if label_list:
+        return torch.tensor([int(label_list[i % len(label_list)]) for i in indices], dtype=torch.long)
     if balanced:
         return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
     labels = [torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
@@ -101,7 +105,7 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
                     balanced: bool = False, mode: str = "sde", num_steps: int = 250, cfg_scale: float = 1.0,
                     cls_cfg_scale: float = 0.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
                     heun: bool = False, path_type: str = "linear", latents_scale: float, batch_size: int,
-                    device, dtype: torch.dtype | None = None
+                    device, dtype: torch.dtype | None = None, label_list: Sequence[int] | None = None
                     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Yield (indices, uint8 images (N, H, W, 3) on `device`, labels (N,)) batch by batch.
 
@@ -110,12 +114,13 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
     so any batch size, order or split of `indices` gives the same images as generate.py's files.
     `decode(z)` maps latents / latents_scale to images in [-1, 1]; a VAE object with a `.decode`
     (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
-    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead. A batch holding an image
+    `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead. `label_list` fixes the
+    classes (see class_labels). `mode`: one of samplers.SAMPLER_MODES. A batch holding an image
     whose latents, class token or decoded pixels are not finite raises NonFiniteSampleError naming it,
     before that batch is yielded.
     """
-    if mode not in ("sde", "ode"):
-        raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     decode_fn: Callable[[torch.Tensor], torch.Tensor] = getattr(decode, "decode", decode)
@@ -133,7 +138,8 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
     for b in range(0, len(indices), batch_size):
         batch = indices[b:b + batch_size]
         randn_like = per_sample_randn_like(image_generators(global_seed, batch))
-        y = class_labels(batch, global_seed=global_seed, num_classes=num_classes, balanced=balanced).to(device)
+        y = class_labels(batch, global_seed=global_seed, num_classes=num_classes, balanced=balanced,
+                         label_list=label_list).to(device)
         # Initial noise is drawn in float32 whatever the precision, so all precisions share it.
         z = randn_like(torch.empty(len(batch), *latent_shape)).to(device, model_dtype)
         c = None if cls_dim is None else randn_like(torch.empty(len(batch), cls_dim)).to(device, model_dtype)
@@ -141,8 +147,11 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
             if mode == "sde":
                 latents, cls_token = euler_maruyama_sampler(model, z, y, cls_latents=c, randn_like=randn_like,
                                                             **kwargs)
-            else:
+            elif mode == "ode":
                 latents, cls_token = euler_sampler(model, z, y, cls_latents=c, heun=heun, **kwargs)
+            else:  # dpm2m / unipc
+                latents, cls_token = multistep_sampler(model, z, y, cls_latents=c, corrector=mode == "unipc",
+                                                       **kwargs)
         images = decode_fn(latents.to(model_dtype) / latents_scale)
         # before to_uint8, which would clamp a NaN to 0 (black)
         check_finite_samples(batch, {"latents": latents, "class token": cls_token, "decoded image": images}, settings)

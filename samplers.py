@@ -1,10 +1,14 @@
 """Samplers for REG: latents and the class token are generated jointly from pure noise
 (docs/design.md#sampling; REG samplers.py).
 
-Two samplers, both pure functions returning ``(latents, cls_token)``:
+Three samplers, all pure functions returning ``(latents, cls_token)``:
 
 * ``euler_maruyama_sampler``: the reverse SDE used for every number in the REPA and REG papers.
 * ``euler_sampler``: the probability-flow ODE, Euler or Heun.
+* ``multistep_sampler``: the probability-flow ODE with DPM-Solver++(2M), a multistep second-order
+  solver, and UniPC's corrector on top: one evaluation per step (docs/sampling.md).
+
+``SAMPLER_MODES`` names them for the command lines (generate.py, sweep.py, train.py --eval-mode).
 
 "The model" is any callable with the SiT forward signature
 ``model(x, t, y, cls_token=c) -> (velocity, zs, cls_velocity)``. ``cls_velocity`` is ``None``
@@ -31,6 +35,7 @@ generator, in that order.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,6 +44,9 @@ from interpolant import check_path_type, interpolant
 
 # SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REG samplers.py, euler_maruyama_sampler).
 T_LAST = 0.04
+# --mode values: sde = euler_maruyama_sampler, ode = euler_sampler (Euler/Heun), and multistep_sampler:
+# dpm2m = DPM-Solver++(2M), unipc = DPM-Solver++(2M) + UniPC's corrector (the better of the two).
+SAMPLER_MODES = ("sde", "ode", "dpm2m", "unipc")
 
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 
@@ -323,4 +331,119 @@ def euler_sampler(
             c_next = None if c is None else c + dt * 0.5 * (vc + vc2)
         x, c = x_next, c_next
 
+    return x.to(latents.dtype), None if c is None else c.to(cls_latents.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multistep ODE solvers in the data prediction: DPM-Solver++(2M) and UniPC
+
+
+def data_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path_type: str = "linear") -> torch.Tensor:
+    """E[x0 | x_t] from the velocity: x0 = (sigma' x - sigma v) / (sigma' alpha - sigma alpha').
+
+    Follows from x = alpha x0 + sigma eps and v = alpha' x0 + sigma' eps. The denominator is
+    pi/2 for the cosine path and 1 for the linear one (x0 = x - t v), never 0.
+    """
+    alpha, sigma, d_alpha, d_sigma = (float(q) for q in interpolant(torch.tensor(t, dtype=torch.float64), path_type))
+    return (d_sigma * x - sigma * v) / (d_sigma * alpha - sigma * d_alpha)
+
+
+def _log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma): -inf at t = 1 (alpha = 0), +inf at t = 0 (sigma = 0)."""
+    if alpha <= 0:
+        return -math.inf
+    return math.inf if sigma <= 0 else math.log(alpha / sigma)
+
+
+def _both(fn, *states):
+    """fn applied to the latents of (latents, cls_token) pairs, then to the class tokens (None stays None)."""
+    return fn(*(s[0] for s in states)), None if states[0][1] is None else fn(*(s[1] for s in states))
+
+
+def _unic_weights(h: float, r: float | None) -> tuple[float, float]:
+    """UniC's weights (B(h) = e^h - 1, "bh2") of D1 = (D_prev - D_s) / r and of D_t - D_s.
+
+    r = (lambda_prev - lambda_s) / h < 0. Without a usable previous point (r None) the corrector
+    is the trapezoid, weight 1/2 on D_t - D_s. Otherwise the weights solve UniPC's order
+    conditions [[1, 1], [r, 1]] rho = b (Zhao et al. 2023, arXiv 2302.04867, Alg. 2 / diffusers).
+    """
+    if r is None:
+        return 0.0, 0.5
+    hh = -h
+    b_h = math.expm1(hh)
+    phi = b_h / hh - 1
+    b1 = phi / b_h
+    b2 = 2 * (phi / hh - 0.5) / b_h
+    rho_prev = (b1 - b2) / (1 - r)
+    return rho_prev, b1 - rho_prev
+
+
+@torch.no_grad()
+def multistep_sampler(
+    model,
+    latents: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    cls_latents: torch.Tensor | None = None,
+    num_steps: int = 20,
+    cfg_scale: float = 1.0,
+    cls_cfg_scale: float = 0.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    path_type: str = "linear",
+    corrector: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probability-flow ODE with DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), plus UniPC's
+    corrector UniC when `corrector` (UniPC-2 with B(h) = e^h - 1), jointly for latents and class
+    token: num_steps evaluations either way (twice the batch on guided ones); docs/sampling.md.
+
+    The guided velocity (as in euler_sampler) gives the data prediction D = E[x0 | x_t]
+    (data_from_velocity). With lambda = log(alpha / sigma), h = lambda_t - lambda_s, a step s -> t is
+        x_t = (sigma_t / sigma_s) x_s + (alpha_t - alpha_s sigma_t / sigma_s) D',
+        predictor D' = D_s + (D_s - D_prev) / (2 r'),   r' = (lambda_s - lambda_prev) / h,
+    exact when D is linear in lambda; the coefficients stay finite at alpha_s = 0 (t = 1) and
+    sigma_t = 0 (t = 0). The corrector recomputes x_t with D' = D_s + weights on (D_prev, D_t), D_t
+    being the evaluation at the predicted x_t that the next step needs anyway (not redone at the
+    corrected point). First order (DDIM) where the previous point is t = 1 (lambda = -inf: the
+    first two steps) and on the last step to t = 0, which has no corrector (as DPM-Solver++'s
+    lower_order_final). Time grid linspace(1, 0, num_steps + 1), as euler_sampler's; an evaluation
+    at time t is guided when guidance_low <= t <= guidance_high (t is the start of its step).
+    Returns (latents, cls_token) as the other samplers do; it draws no randomness.
+    """
+    forward, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps, cfg_scale=cfg_scale,
+                           cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+                           path_type=path_type)
+
+    def data(state, t: float):
+        pred = forward(state[0], state[1], y, t, guided=_in_interval(t, cfg_scale, guidance_low, guidance_high))
+        v, vc = _cfg(pred.v, pred.v_uncond, cfg_scale), _cfg(pred.vc, pred.vc_uncond, cls_cfg_scale)
+        return _both(lambda v_, x_: data_from_velocity(v_, x_, t, path_type), (v, vc), state)
+
+    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    alphas, sigmas, _, _ = interpolant(t_steps, path_type)
+    alphas = torch.where(t_steps == 1.0, 0.0, alphas)  # the cosine path's cos(pi/2) is 6e-17, not 0
+    lams = [_log_snr(a, s) for a, s in zip(alphas.tolist(), sigmas.tolist())]
+    state = (x, c)
+    d_cur, d_prev, lam_prev = data(state, 1.0), None, -math.inf
+    for i in range(num_steps):
+        a_s, s_s, a_t, s_t = (float(q) for q in (alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]))
+        h = lams[i + 1] - lams[i]
+        ratio, w = s_t / s_s, a_t - a_s * s_t / s_s  # w = alpha_t (1 - e^-h)
+        r = (lam_prev - lams[i]) / h if math.isfinite(lam_prev) and math.isfinite(h) else None
+        d1 = None if r is None else _both(lambda p, d: (p - d) / r, d_prev, d_cur)
+        d_hat = d_cur if r is None else _both(lambda d, e: d + 0.5 * e, d_cur, d1)
+        predicted = _both(lambda s_, d: ratio * s_ + w * d, state, d_hat)
+        if i == num_steps - 1:  # the last step ends at t = 0: no evaluation there to correct with
+            state = predicted
+            break
+        d_next = data(predicted, float(t_steps[i + 1]))
+        if corrector:
+            rho_prev, rho_next = _unic_weights(h, r)
+            d_hat = _both(lambda d, n: d + rho_next * (n - d), d_cur, d_next)
+            if r is not None:
+                d_hat = _both(lambda d, e: d + rho_prev * e, d_hat, d1)
+            predicted = _both(lambda s_, d: ratio * s_ + w * d, state, d_hat)
+        state, d_prev, lam_prev, d_cur = predicted, d_cur, lams[i], d_next
+
+    x, c = state
     return x.to(latents.dtype), None if c is None else c.to(cls_latents.dtype)

@@ -40,6 +40,7 @@ import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
 from models.vae import config_decoding_vae, load_vae
+from samplers import SAMPLER_MODES
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats, run_main,
                    set_fp32_precision)
 
@@ -57,9 +58,9 @@ def _ints(text: str) -> list[int]:
 
 def _modes(text: str) -> list[str]:
     modes = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [m for m in modes if m not in ("sde", "ode")]
+    bad = [m for m in modes if m not in SAMPLER_MODES]
     if bad:
-        raise argparse.ArgumentTypeError(f"modes must be sde or ode, got {bad}")
+        raise argparse.ArgumentTypeError(f"modes must be among {', '.join(SAMPLER_MODES)}, got {bad}")
     return modes
 
 
@@ -80,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", type=str, required=True, help="output folder (resumable)")
 
     g = p.add_argument_group("grid (comma-separated lists; the grid is their product)")
-    g.add_argument("--mode", type=_modes, default="sde", help="sde and/or ode")
+    g.add_argument("--mode", type=_modes, default="sde",
+                   help="sde, ode, dpm2m and/or unipc (as generate.py's --mode)")
     g.add_argument("--num-steps", type=_ints, default="250", help="sampler steps")
     g.add_argument("--cfg-scale", type=finite_floats(0), default="1,1.5,2.3", help="guidance scales (<= 1: unguided)")
     g.add_argument("--cls-cfg-scale", type=finite_floats(0), default="2.3", help="class-token guidance scales")

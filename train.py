@@ -24,8 +24,10 @@ import cluster
 from checkpoint_io import CheckpointDir, CheckpointError, build_model_from_config, load_weights
 from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
+from models.hub import portable_vae_spec
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
+from samplers import SAMPLER_MODES
 from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
 from metrics_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
@@ -126,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, and the last step (0 = off)")
     g.add_argument("--eval-samples", type=int, default=10_000)
     g.add_argument("--eval-ref", default=None, help="ADM reference batch .npz, or a statistics file from --save-stats")
-    g.add_argument("--eval-mode", default="ode", choices=["ode", "sde"])
+    g.add_argument("--eval-mode", default="ode", choices=list(SAMPLER_MODES),
+                   help="sampler of the evaluation, as generate.py's --mode (unipc: accurate in few --eval-steps)")
     g.add_argument("--eval-steps", type=int, default=50)
     g.add_argument("--eval-cfg", type=finite_float(0), default=1.0, help="1 = no guidance")
     g.add_argument("--eval-cls-cfg", type=finite_float(0), default=0.0)
@@ -290,7 +293,8 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
         "fused_attn": args.fused_attn, "class_dropout_prob": CLASS_DROPOUT_PROB, "path_type": args.path_type,
         "resolution": args.resolution, "latents_scale": float(vae["scaling_factor"]),
         # which VAE encoded the data, and which decodes samples (ft-ema for SD-VAE latents, as the authors)
-        "encode_vae": vae.get("name"), "vae": args.vae or decoding_vae(vae.get("name")),
+        "encode_vae": portable_vae_spec(vae.get("name")) if vae.get("name") else None,
+        "vae": portable_vae_spec(args.vae or decoding_vae(vae.get("name"))),
         "enc_type": args.enc_type if encoders else None,
         "method": args.method,
     }

@@ -1,9 +1,165 @@
-"""HF hub helpers shared by the encoder, VAE and checkpoint loaders."""
+"""HF hub helpers shared by the encoder, VAE and checkpoint loaders, and the Hub folders of our models.
+
+A Hub folder is what `SiT.save_pretrained(dir)` writes (huggingface_hub's PyTorchModelHubMixin):
+
+    config.json        SiT's keyword arguments + the sampling metadata (models.sit.HUB_METADATA_KEYS:
+                       model name, path_type, resolution, latents_scale, vae, enc_type, train_steps)
+    model.safetensors  the state_dict (the same keys as our .pt files and the authors' checkpoints)
+    README.md          the model card (model_card below)
+
+`SiT.from_pretrained(dir or OWNER/NAME)` rebuilds the model from it; generate.py and sweep.py take the folder or
+the repo id as --ckpt. Write one from any checkpoint generate.py loads, and optionally push it:
+
+    python -m models.hub export exps/NAME/checkpoints/0400000.pt hub/NAME --fid 1.86 \\
+        --sampling "--mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85"
+    python -m models.hub export exps/NAME/checkpoints/0400000.pt hub/NAME --push-to-hub OWNER/NAME
+"""
 from __future__ import annotations
 
+import argparse
 import os
+import re
+from pathlib import Path
+
+# The paper's sampler settings (REG's eval recipe): shown on the card when no other settings are given.
+PAPER_SAMPLING = "--mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85"
+HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE, read at call time (huggingface_hub reads it only once, at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def portable_vae_spec(spec: str) -> str:
+    """The VAE as a checkpoint should record it: a hub id or name as is, a folder never by this machine's
+    absolute path. A snapshot in an HF cache becomes its hub id ORG/NAME, another absolute folder its path
+    relative to the working directory (where train.py and generate.py are run from)."""
+    if not os.path.isabs(spec):
+        return spec
+    posix = Path(spec).as_posix()
+    if match := HF_CACHE_SNAPSHOT.search(posix):
+        return f"{match.group(1)}/{match.group(2)}"
+    return os.path.relpath(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub folders
+
+
+def hub_config(model, config: dict, *, train_steps: int | None = None) -> dict:
+    """config.json of a Hub folder: the model's own keyword arguments (recorded by the mixin when it was
+    built) and the metadata generate.py needs from `config` (load_generator's)."""
+    from models.sit import HUB_METADATA_KEYS
+    out = dict(model._hub_mixin_config or {})
+    out.update({k: config[k] for k in HUB_METADATA_KEYS if config.get(k) is not None})
+    if "vae" in out:
+        out["vae"] = portable_vae_spec(str(out["vae"]))
+    if train_steps is not None:
+        out["train_steps"] = int(train_steps)
+    return out
+
+
+def model_card(model, *, config: dict | None = None, fid: float | None = None, sampling: str | None = None,
+               repo_id: str | None = None, **_unused):
+    """The README.md of a Hub folder (huggingface_hub.ModelCard): method, model size, encoder, training steps,
+    sampling settings and the FID when known. SiT.generate_model_card calls it (save_pretrained)."""
+    from huggingface_hub import ModelCard
+
+    cfg = {**(model._hub_mixin_config or {}), **(config or {})}
+    name = cfg.get("model") or f"SiT (depth {model.depth}, width {model.hidden_size}, patch {model.patch_size})"
+    params = sum(p.numel() for p in model.parameters())
+    resolution = cfg.get("resolution") or model.input_size * 8
+    encoder = cfg.get("enc_type") or ("unknown" if model.use_cls_token else "none (no class token)")
+    method = ("REG: SiT + REPA alignment + the entangled class token of a frozen vision encoder"
+              if model.use_cls_token else "SiT / REPA (no class token)")
+    steps = cfg.get("train_steps")
+    ckpt = repo_id or "OWNER/NAME"
+    card_data = model._hub_mixin_info.model_card_data
+    rows = [("method", method), ("model", f"{name}, {params / 1e6:.1f}M parameters"),
+            ("classes", f"{model.num_classes} (label {model.num_classes} is the null label of guidance)"),
+            ("resolution", f"{resolution} x {resolution} ({model.in_channels} latent channels, "
+                           f"{model.input_size} x {model.input_size} latents)"),
+            ("encoder (REPA targets, class token)", encoder),
+            ("training steps", f"{steps:,}" if steps is not None else "unknown"),
+            ("interpolant", cfg.get("path_type", "linear")),
+            ("VAE", f"{cfg.get('vae', 'unknown')} (latents scale {cfg.get('latents_scale', 'unknown')})"),
+            ("FID-50K", f"{fid}" if fid is not None else "not measured"),
+            ("sampling settings", f"`{sampling or PAPER_SAMPLING}`" + ("" if sampling else " (the paper's)"))]
+    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    text = f"""---
+{card_data.to_yaml()}
+---
+
+# {name} trained with REG
+
+Class-conditional image generator: REG (Representation Entanglement for Generation,
+[arXiv 2507.01467](https://arxiv.org/abs/2507.01467)) jointly denoises the VAE latents and one class token
+of a frozen vision encoder.
+
+{table}
+
+## Sampling
+
+```bash
+python generate.py --ckpt {ckpt} {sampling or PAPER_SAMPLING}
+```
+
+## Loading
+
+```python
+from models.sit import SiT
+model = SiT.from_pretrained("{ckpt}")  # config.json + model.safetensors, strict
+```
+"""
+    return ModelCard(text)
+
+
+def export(ckpt: str, out_dir: str | os.PathLike, *, use_ema: bool = True, fid: float | None = None,
+           sampling: str | None = None, repo_id: str | None = None, legacy: bool = False) -> Path:
+    """Write the Hub folder of a checkpoint (any format generate.py loads) into out_dir; returns out_dir."""
+    from checkpoint_io import load_generator
+
+    model, config = load_generator(ckpt, use_ema=use_ema, legacy=legacy)
+    match = re.search(r"(\d+)\.(pt|safetensors)$", os.path.basename(ckpt))
+    out = Path(out_dir)
+    (out / "README.md").unlink(missing_ok=True)  # save_pretrained keeps an existing card
+    full = hub_config(model, config, train_steps=int(match.group(1)) if match else None)
+    model.save_pretrained(out, config=full,
+                          model_card_kwargs={"config": full, "fid": fid, "sampling": sampling, "repo_id": repo_id})
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a Hub folder (config.json, model.safetensors, README.md)")
+    e.add_argument("ckpt", help="our .pt or ema_*.safetensors, an official .pt, hf:OWNER/REPO[/FILE], a Hub folder")
+    e.add_argument("out_dir", help="folder to write (created; its files are replaced)")
+    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="the EMA weights (--no-ema: the raw training weights)")
+    e.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA's old decoder_blocks.* checkpoints (as generate.py)")
+    e.add_argument("--fid", type=float, default=None, help="FID-50K to state on the card")
+    e.add_argument("--sampling", type=str, default=None,
+                   help=f"generate.py flags of that FID, shown on the card (default: the paper's: {PAPER_SAMPLING})")
+    e.add_argument("--push-to-hub", type=str, default=None, metavar="OWNER/NAME",
+                   help="also upload the folder to this Hub repo (needs `hf auth login`)")
+    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> Path:
+    out = export(args.ckpt, args.out_dir, use_ema=args.ema, fid=args.fid, sampling=args.sampling,
+                 repo_id=args.push_to_hub, legacy=args.legacy)
+    print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
+    if args.push_to_hub:
+        from huggingface_hub import upload_folder, create_repo
+        create_repo(args.push_to_hub, private=args.private, exist_ok=True)
+        url = upload_folder(repo_id=args.push_to_hub, folder_path=str(out))
+        print(f"pushed to {url}")
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

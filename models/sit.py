@@ -24,6 +24,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+
+# Keys a Hub folder's config.json carries besides SiT's own keyword arguments (models/hub.py): what
+# sampling needs and the weights do not fix. from_pretrained passes every key to SiT(**config): ignored there.
+HUB_METADATA_KEYS = ("model", "path_type", "resolution", "latents_scale", "vae", "enc_type", "train_steps")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -219,11 +224,18 @@ def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential
 #                                 Core SiT model                                #
 #################################################################################
 
-class SiT(nn.Module):
+class SiT(nn.Module, PyTorchModelHubMixin, library_name="reg", paper_url="https://arxiv.org/abs/2507.01467",
+          tags=["image-generation", "diffusion", "sit", "reg", "imagenet"]):
     """SiT + REPA projectors + REG class token.
 
     forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, 1+T, z)] per encoder, cls_velocity (N, Z))
     Without the class token the token count is T instead of 1+T and cls_velocity is None.
+
+    huggingface_hub's PyTorchModelHubMixin adds save_pretrained(dir) / from_pretrained(dir or repo id) /
+    push_to_hub: config.json holds the keyword arguments the model was built with (recorded at construction,
+    all JSON values) and model.safetensors the state_dict, whose keys are unchanged. from_pretrained loads
+    strictly here (the mixin's default is not strict). models/hub.py writes such folders from our checkpoints,
+    with the sampling metadata (HUB_METADATA_KEYS) and a model card.
     """
 
     def __init__(
@@ -249,7 +261,7 @@ class SiT(nn.Module):
         super().__init__()
         # Accept (and ignore) the original's extra keywords (path_type, use_cfg, decoder_hidden_size, ...)
         # so configs written for it still build; anything else is a typo worth reporting.
-        ignorable = {"path_type", "use_cfg", "decoder_hidden_size", "learn_sigma", "bn_momentum"}
+        ignorable = {"path_type", "use_cfg", "decoder_hidden_size", "learn_sigma", "bn_momentum", *HUB_METADATA_KEYS}
         unknown = set(unused) - ignorable
         if unknown:
             raise TypeError(f"SiT got unexpected keyword arguments: {sorted(unknown)}")
@@ -292,6 +304,16 @@ class SiT(nn.Module):
             self.cls_projectors2 = nn.Linear(self.cls_dim, hidden_size, bias=True)
             self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.initialize_weights()
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        """The mixin's loader, strict by default: a folder whose weights do not fit its config is an error."""
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+    def generate_model_card(self, *args, **kwargs):
+        """The card save_pretrained writes as README.md: models/hub.py's (method, size, encoder, sampling)."""
+        from models.hub import model_card
+        return model_card(self, **kwargs)
 
     @property
     def num_tokens(self) -> int:

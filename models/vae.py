@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.hub import hub_offline
+from models.hub import hub_offline, portable_vae_spec
 
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # The SD-VAE latent scale (REG train.py `latents_scale`) and spatial stride: defined here once.
@@ -208,7 +208,7 @@ def load_vae(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtyp
             raise FileNotFoundError(f"VAE directory {repo_or_dir!r} has no config.json; "
                                     "expected a folder written by AutoencoderKL.save_pretrained")
         vae = _from_pretrained(repo_or_dir, local_files_only=True, torch_dtype=dtype)
-        name = os.path.abspath(repo_or_dir)
+        name = portable_vae_spec(os.path.abspath(repo_or_dir))  # never this machine's absolute path
     elif os.path.exists(repo_or_dir) or repo_or_dir.startswith((".", "/", "~")) or repo_or_dir.count("/") == 0:
         raise FileNotFoundError(
             f"VAE {spec!r} is neither a local AutoencoderKL directory nor a hub id "

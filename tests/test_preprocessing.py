@@ -140,7 +140,8 @@ def test_round_trip_exact_moments(converted, tiny_vae_dir, tmp_path):
     assert out["written"] == 20
     ds = CustomDataset(str(converted), resolution=32, num_classes=5)
     assert len(ds) == 20 and ds.latent_channels == 4
-    assert ds.vae_info == {"name": os.path.abspath(tiny_vae_dir), "latent_channels": 4,
+    # the VAE folder by a relative path (to the working directory), never this machine's absolute one
+    assert ds.vae_info == {"name": os.path.relpath(tiny_vae_dir), "latent_channels": 4,
                            "scaling_factor": 0.18215, "resolution": 32}
     src_labels = json.loads((converted / "imagenet_32_vae" / "dataset.json").read_text())["labels"]
     images = torch.stack([ds[i][0] for i in range(20)])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from interpolant import interpolant
-from samplers import (T_LAST, euler_maruyama_sampler, euler_sampler, per_sample_randn_like,
-                      score_from_velocity)
+from samplers import (T_LAST, data_from_velocity, euler_maruyama_sampler, euler_sampler, multistep_sampler,
+                      per_sample_randn_like, score_from_velocity)
 
 X_SHAPE = (2, 2, 2)  # (C, H, W) latents
 CLS_DIM = 3
@@ -141,6 +141,94 @@ def test_ode_is_the_exact_gaussian_flow(path_type):
     assert 0.35 < errors[False, 100] / errors[False, 50] < 0.65
 
 
+def flow_map_errors(path_type: str, nfes=(10, 20, 40), n: int = 64) -> dict[str, list[float]]:
+    """Max |error| (latents and class token) against the exact flow map, per solver, at equal
+    evaluations: Euler nfe steps, Heun (nfe + 1) // 2 steps (2 steps - 1 evaluations), the
+    multistep solvers nfe steps. Also used by docs/make_sampling_figure.py."""
+    model = two_class_model(path_type)
+    x1, c1 = initial_noise(n, seed=2)
+    y = torch.arange(2).repeat(n // 2)
+    target = (model.mu_x[y] + model.s_x * x1, model.mu_c[y] + model.s_c * c1)
+    solvers = {
+        "euler": lambda k: (k, lambda: euler_sampler(model, x1, y, cls_latents=c1, num_steps=k, path_type=path_type)),
+        "heun": lambda k: (2 * ((k + 1) // 2) - 1, lambda: euler_sampler(
+            model, x1, y, cls_latents=c1, num_steps=(k + 1) // 2, heun=True, path_type=path_type)),
+        "dpm2m": lambda k: (k, lambda: multistep_sampler(model, x1, y, cls_latents=c1, num_steps=k,
+                                                         corrector=False, path_type=path_type)),
+        "unipc": lambda k: (k, lambda: multistep_sampler(model, x1, y, cls_latents=c1, num_steps=k,
+                                                         path_type=path_type)),
+    }
+    errors: dict[str, list[float]] = {name: [] for name in solvers}
+    for name, make in solvers.items():
+        for nfe in nfes:
+            expected_calls, run = make(nfe)
+            model.batch_sizes.clear()
+            out = run()
+            assert len(model.batch_sizes) == expected_calls <= nfe, (name, nfe, len(model.batch_sizes))
+            errors[name].append(max((o - t).abs().max().item() for o, t in zip(out, target)))
+    return errors
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_multistep_beats_heun_at_equal_evaluations(path_type):
+    """UniPC below Heun (and Euler) at 10, 20 and 40 evaluations; DPM-Solver++(2M) below Euler and
+    second order (docs/sampling.md has the table and the figure)."""
+    nfes = (10, 20, 40, 80)
+    e = flow_map_errors(path_type, nfes)
+    for k, nfe in enumerate(nfes[:3]):
+        assert e["unipc"][k] < e["heun"][k] < e["euler"][k], (nfe, e)
+        assert e["dpm2m"][k] < e["euler"][k], (nfe, e)
+    # Second order: 40 -> 80 evaluations divides the error by ~4 (Euler by 2).
+    for name in ("dpm2m", "unipc"):
+        assert e[name][3] / e[name][2] < 0.4, (name, e[name])
+
+
+def test_data_from_velocity_is_exact():
+    """D = E[x0 | x_t] of the Gaussian from its exact velocity, for both paths and at t = 1."""
+    model = two_class_model("cosine")
+    x, c = initial_noise(8, seed=13)
+    y = torch.zeros(8, dtype=torch.long)
+    for path_type in ("linear", "cosine"):
+        model.path_type = path_type
+        for tv in [1.0, 0.5, 0.1]:
+            v, _, _ = model(x, torch.full((8,), tv, dtype=torch.float64), y)
+            a, sig, _, _ = (float(q) for q in interpolant(torch.tensor(tv, dtype=torch.float64), path_type))
+            var = a**2 * model.s_x**2 + sig**2
+            exact = model.mu_x[0] + a * model.s_x**2 / var * (x - a * model.mu_x[0])
+            torch.testing.assert_close(data_from_velocity(v, x, tv, path_type), exact)
+
+
+@pytest.mark.parametrize("corrector", [False, True])
+def test_multistep_guidance_interval_and_one_evaluation_per_step(corrector):
+    """Evaluation k is at grid time t_k (k < num_steps), guided (one batched forward of 2N, null
+    label second) iff guidance_low <= t_k <= guidance_high; an interval between grid times is
+    exactly unguided sampling; cls_cfg_scale acts on the class token only."""
+    model = two_class_model()
+    x1, c1 = initial_noise(6, seed=6)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    steps = 10
+    multistep_sampler(model, x1, y, cls_latents=c1, num_steps=steps, cfg_scale=2.0, guidance_low=0.3,
+                      guidance_high=0.7, corrector=corrector)
+    t_grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+    assert model.batch_sizes == [12 if 0.3 <= t <= 0.7 else 6 for t in t_grid.tolist()]
+    for labels, size in zip(model.labels, model.batch_sizes):
+        assert labels[:6].tolist() == y.tolist()
+        assert size == 6 or (labels[6:] == model.num_classes).all()
+
+    kw = dict(cls_latents=c1, num_steps=steps, corrector=corrector)
+    inside = multistep_sampler(model, x1, y, cfg_scale=4.0, cls_cfg_scale=4.0, guidance_low=0.55,
+                               guidance_high=0.58, **kw)
+    plain = multistep_sampler(model, x1, y, **kw)
+    assert torch.equal(inside[0], plain[0]) and torch.equal(inside[1], plain[1])
+    # cfg_scale <= 1 turns guidance off, whatever cls_cfg_scale (as REG); cls_cfg_scale 0 leaves the
+    # class token on its conditional prediction while the latents are guided.
+    cls_only = multistep_sampler(model, x1, y, cfg_scale=1.0, cls_cfg_scale=4.0, **kw)
+    assert torch.equal(cls_only[0], plain[0]) and torch.equal(cls_only[1], plain[1])
+    guided = multistep_sampler(model, x1, y, cfg_scale=3.0, cls_cfg_scale=3.0, **kw)
+    lat_only = multistep_sampler(model, x1, y, cfg_scale=3.0, cls_cfg_scale=0.0, **kw)
+    assert not torch.allclose(guided[0], plain[0]) and not torch.allclose(guided[1], lat_only[1])
+
+
 def test_score_from_velocity_is_exact():
     """s = -E[eps | x] / sigma for the linear path: check the formula on a Gaussian."""
     model = two_class_model("linear")
@@ -163,7 +251,7 @@ def class_means(samples, y):
     return torch.stack([samples[y == k].mean(0) for k in range(2)])
 
 
-@pytest.mark.parametrize("sampler", ["sde", "ode"])
+@pytest.mark.parametrize("sampler", ["sde", "ode", "unipc"])
 def test_cfg_pushes_class_means_away_from_unconditional_mean(sampler):
     model = two_class_model()
     n = 1500
@@ -175,6 +263,8 @@ def test_cfg_pushes_class_means_away_from_unconditional_mean(sampler):
         kw = dict(cls_latents=c1, cfg_scale=cfg, cls_cfg_scale=cls_cfg)
         if sampler == "sde":
             return euler_maruyama_sampler(model, x1, y, num_steps=100, **kw)
+        if sampler == "unipc":
+            return multistep_sampler(model, x1, y, num_steps=30, **kw)
         return euler_sampler(model, x1, y, num_steps=30, heun=True, **kw)
 
     x_1, c_1 = run(1.0, 1.0)
@@ -227,7 +317,7 @@ def test_cfg_is_one_batched_forward_inside_the_interval_only():
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
     # Settings that cannot be meant are refused by both samplers.
-    for sampler in (euler_maruyama_sampler, euler_sampler):
+    for sampler in (euler_maruyama_sampler, euler_sampler, multistep_sampler):
         with pytest.raises(ValueError, match="guidance_low 0.8 > guidance_high 0.2"):
             sampler(model, x1, y, cls_latents=c1, num_steps=2, cfg_scale=2.0, guidance_low=0.8, guidance_high=0.2)
         with pytest.raises(ValueError, match="must be >= 0"):
@@ -304,7 +394,8 @@ def test_without_class_token_and_float32_io():
     x1 = x1.float()
     y = torch.arange(2).repeat(4)
     for out in [euler_maruyama_sampler(model, x1, y, num_steps=8, cfg_scale=2.0),
-                euler_sampler(model, x1, y, num_steps=8, heun=True, cfg_scale=2.0)]:
+                euler_sampler(model, x1, y, num_steps=8, heun=True, cfg_scale=2.0),
+                multistep_sampler(model, x1, y, num_steps=8, cfg_scale=2.0)]:
         latents, cls = out
         assert cls is None and latents.dtype == torch.float32 and latents.shape == x1.shape
         assert torch.isfinite(latents).all()
@@ -352,3 +443,39 @@ def test_mismatched_class_token_is_an_error():
         euler_maruyama_sampler(needs_cls, x1, y, num_steps=2)
     with pytest.raises(ValueError, match="unknown path type"):
         euler_sampler(model, x1, y, num_steps=2, path_type="vp")
+
+
+def test_multistep_modes_are_selectable_everywhere():
+    """--mode dpm2m/unipc in generate.py and sweep.py, --eval-mode in train.py, and generation's dispatch."""
+    import generate
+    import sweep
+    import train
+    from samplers import SAMPLER_MODES
+
+    assert SAMPLER_MODES == ("sde", "ode", "dpm2m", "unipc")
+    assert generate.parse_args(["--mode", "unipc"]).mode == "unipc"
+    assert sweep.parse_args(["--ref-batch", "r.npz", "--out", "o", "--mode", "sde,dpm2m,unipc"]).mode == \
+        ["sde", "dpm2m", "unipc"]
+    assert train.parse_args(["--eval-mode", "dpm2m"]).eval_mode == "dpm2m"
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--ref-batch", "r.npz", "--out", "o", "--mode", "sde,dpm3"])
+
+
+@pytest.mark.parametrize("mode, corrector", [("dpm2m", False), ("unipc", True)])
+def test_generation_dispatches_the_multistep_modes(mode, corrector, monkeypatch):
+    import generation
+    from models.sit import SiT_models
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["corrector"])
+        return multistep_sampler(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "multistep_sampler", recording)
+    model = SiT_models["SiT-T/2"](input_size=2, in_channels=3, num_classes=2, z_dims=[8], encoder_depth=1,
+                                  projector_dim=8).eval()
+    (_, images, _), = generation.generate_images(
+        model, lambda z: z.repeat_interleave(4, -1).repeat_interleave(4, -2).tanh(), [0, 1], global_seed=0,
+        num_classes=2, mode=mode, num_steps=3, latents_scale=1.0, batch_size=2, device="cpu")
+    assert seen == [corrector] and images.shape == (2, 8, 8, 3)
