@@ -178,8 +178,12 @@ def test_training_config_records_the_vae_without_an_absolute_path(tmp_path, monk
     for vae_flag, dataset_name, expected in [
             (None, str(tmp_path / "vae-dir"), "vae-dir"),
             (str(tmp_path / "hf" / "models--org--my-vae" / "snapshots" / ("c" * 40)), None, "org/my-vae"),
-            (None, "stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-mse")]:
+            (None, "stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")]:  # SD-VAE latents decode with ft-ema
         args = train.parse_args(["--model", "SiT-T/2", *(["--vae", vae_flag] if vae_flag else [])])
         dataset = types.SimpleNamespace(vae_stride=8, vae_info={"name": dataset_name, "latent_channels": 4,
                                                                 "scaling_factor": 0.18215})
-        assert train.model_config(args, dataset, [encoder])["vae"] == expected
+        config = train.model_config(args, dataset, [encoder])
+        assert config["vae"] == expected
+        # the VAE that encoded the data is recorded as portably (None: the dataset names none)
+        assert config["encode_vae"] == (dataset_name and {str(tmp_path / "vae-dir"): "vae-dir"}.get(dataset_name,
+                                                                                                     dataset_name))
