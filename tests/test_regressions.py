@@ -186,12 +186,14 @@ GENERATE_PIXEL_SETTINGS = {
     "precision": ("fp64", "the sampler's dtype"),
     "ema": (False, "EMA or raw weights"),
     "tf32": (False, "matmul precision on GPU"),
+    "class_labels": ([1, 207], "image i's class (--class-labels)"),
 }
 
 
 def _generate_settings():
     import generate
     args = generate.parse_args(["--ckpt", "exps/run/checkpoints/ema_0000010.safetensors"])
+    args.label_list = None  # what generate.py makes of --class-labels (none given)
     model = type("Model", (), {"num_classes": 4})()
     config = {"model": "SiT-T/2", "path_type": "linear", "fused_attn": True}
     identity = {"path": "/exps/run/checkpoints/ema_0000010.safetensors", "size": 10, "mtime_ns": 5,
