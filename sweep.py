@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from checkpoint_io import OFFICIAL_HUB_REPO, checkpoint_identity, load_generator
 from generation import DistInfo, generate_images, init_distributed
@@ -345,7 +346,9 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
     for n, s in enumerate(todo):
         start = time.perf_counter()
         acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
-        for _, images, _ in generate_images(
+        bar = tqdm(total=len(mine), desc=f"setting {n + 1}/{len(todo)} {setting_key(s)}", unit="img",
+                   disable=not info.is_main, leave=False)  # this process's share; the main process shows it
+        for idx, images, _ in generate_images(
                 model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes,
                 balanced=args.balanced, mode=s["mode"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
                 cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],
@@ -353,6 +356,8 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
                 latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
                 dtype=torch.bfloat16 if args.precision == "bf16" else None):
             acc.add(images)
+            bar.update(len(idx))
+        bar.close()
         feats = _gather_features(acc.features(), info, args.num_samples)
         if info.is_main:
             batch = evaluator.batch_from_features(feats["pool"], feats["spatial"], feats["logits"],
