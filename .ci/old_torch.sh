@@ -4,17 +4,20 @@
 #
 # Core = model, loss, samplers, checkpoints, two training steps, one generation (CORE_TESTS below).
 # PyPI's Linux torch wheels are CUDA builds: the first run downloads ~3.5 GB (torch + nvidia-* libraries,
-# ~5 GB installed) and takes ~3-4 minutes; the tests run on the CPU. Later runs reuse the venv.
+# ~5 GB installed); the tests run on the CPU. Later runs reuse the venv.
 #   REG_OLD_VENV  where the venv lives (default: $TMPDIR/reg-old-torch, outside the repository)
 #   OLD_PYTHON    the interpreter (default: the first Python 3.10 found, pyenv's included)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# test_compat trains 2 steps (wandb offline, bf16 autocast) and writes a checkpoint; test_resume_is_exact
+# trains, saves and resumes. torch.compile's test is left out: inductor's C++ build takes ~1.5 min on 2 cores
+# (it passed on torch 2.4.0 when checked by hand; the main suite runs it on the locked torch).
 CORE_TESTS=(
   tests/test_model.py tests/test_loss.py tests/test_samplers.py tests/test_checkpoint_io.py
-  tests/test_compat.py
-  "tests/test_train.py::test_loss_falls" "tests/test_train.py::test_resume_is_exact"
+  tests/test_compat.py "tests/test_train.py::test_resume_is_exact"
   "tests/test_generate.py::test_npz_byte_identical_across_batch_sizes_and_adm_format"
+  --deselect tests/test_model.py::test_torch_compile_forward_matches_eager
 )
 
 find_python() {
@@ -39,7 +42,7 @@ if [ "$(cat "$VENV/.reg-stamp" 2>/dev/null)" != "$STAMP" ]; then
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check $MINIMUMS
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile $MINIMUMS  # no .pyc: faster
   echo "$STAMP" > "$VENV/.reg-stamp"
 fi
 echo "old_torch.sh: $("$VENV/bin/python" -c 'import sys, torch, numpy, accelerate, timm, diffusers

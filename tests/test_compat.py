@@ -19,6 +19,7 @@ import torch
 import launch_settings
 import plot_losses
 from launch_settings import parse_report_to, resolve_mixed_precision, wandb_run
+from test_sweep import setup  # noqa: F401  (a fixture: the sweep progress-bar test reuses it)
 from utils import UserError, fp32_precision, get_fp32_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_training_continues_a_given_wandb_run_logs_every_step_and_takes_the_laun
     data = tmp_path / "data"
     write_dataset(str(data / "imagenet_32_vae"), num_images=16, resolution=32, num_classes=4, seed=0)
     dataset_tools.main(dataset_tools.parse_args(["encode", "--source", str(data / "imagenet_32_vae"), "--dest",
-                                                 str(data / "vae-sd"), "--model-url", "pixel-unshuffle"]))
+                                                 str(data / "vae-sd"), "--model-url", "pixel-unshuffle", "--num-workers", "0"]))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -178,3 +179,80 @@ def test_plot_losses_takes_the_run_folder(tmp_path, capsys):
     assert "over steps 1..3 (3 points)" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_losses.main(plot_losses.parse_args([str(tmp_path)]))
+
+
+class _Bars:
+    """Stands in for tqdm: records each bar's settings and how far it went."""
+
+    def __init__(self):
+        self.bars = []
+
+    def __call__(self, **kwargs):
+        bars = self
+
+        class Bar:
+            def __init__(self):
+                self.kwargs, self.n, self.closed = kwargs, 0, False
+                bars.bars.append(self)
+
+            def update(self, n):
+                self.n += n
+
+            def close(self):
+                self.closed = True
+        return Bar()
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, main_process):
+    import argparse
+
+    import generation
+    import train_eval
+    from evaluations import evaluator
+
+    bars = _Bars()
+    monkeypatch.setattr(train_eval, "tqdm", bars)
+
+    def fake_generate(model, vae, indices, *, batch_size, **kw):  # batches of this process's indices
+        indices = list(indices)
+        for b in range(0, len(indices), batch_size):
+            yield indices[b:b + batch_size], torch.zeros(len(indices[b:b + batch_size]), 8, 8, 3, dtype=torch.uint8), None
+
+    class FakeFeatures:
+        def __init__(self, model):
+            pass
+
+        def add(self, images):
+            pass
+
+        def features(self):
+            return {}
+
+    monkeypatch.setattr(generation, "generate_images", fake_generate)
+    monkeypatch.setattr(evaluator, "FeatureAccumulator", FakeFeatures)
+    ev = object.__new__(train_eval.InTrainingEval)
+    ev.args = argparse.Namespace(eval_samples=11, seed=0, eval_mode="ode", eval_steps=2, eval_cfg=1.0, eval_cls_cfg=0.0,
+                                 eval_guidance_high=1.0, eval_batch_size=2)
+    ev.acc = argparse.Namespace(process_index=1, num_processes=2, is_main_process=main_process, device=torch.device("cpu"))
+    ev.config, ev.vae, ev.inception, ev.dtype = {"num_classes": 4, "path_type": "linear", "latents_scale": 1.0}, None, None, None
+    indices, _ = ev.sample_features(None, 300)
+    assert list(indices) == [1, 3, 5, 7, 9]
+    (bar,) = bars.bars
+    assert bar.kwargs["total"] == 5 and bar.n == 5 and bar.closed and "step 300" in bar.kwargs["desc"]
+    assert bar.kwargs["disable"] is (not main_process)
+
+
+def test_each_sweep_setting_shows_a_progress_bar(setup, monkeypatch):
+    """Reuses test_sweep's tiny checkpoint, stand-in Inception and grid (its `setup` fixture, imported above)."""
+    import sweep
+    from test_sweep import run
+
+    bars = _Bars()
+    monkeypatch.setattr(sweep, "tqdm", bars)
+    root = setup
+    run(root)
+    settings = list((root / "out" / "settings").glob("*.json"))
+    assert len(bars.bars) == len(settings) > 1
+    assert all(b.kwargs["total"] == 6 and b.n == 6 and b.closed and not b.kwargs["disable"] for b in bars.bars)
+    assert bars.bars[0].kwargs["desc"].startswith(f"setting 1/{len(settings)} ")
