@@ -108,6 +108,23 @@ def get_fp32_precision() -> tuple[str, str]:
             "tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
 
 
+def _raw_fp32_precision() -> tuple:
+    """The settings exactly as torch holds them (torch >= 2.9: "none" defers to the global setting, and
+    cuDNN conv defaults to "tf32"), so that a block restores them unchanged."""
+    import torch
+    if _has_fp32_precision_api():
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_raw_fp32_precision(raw: tuple) -> None:
+    import torch
+    if _has_fp32_precision_api():
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = raw
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = raw
+
+
 def _set_fp32_precision(matmul: str, conv: str) -> None:
     import torch
     if _has_fp32_precision_api():
@@ -127,12 +144,12 @@ def fp32_precision(mode: str) -> Iterator[None]:
     """
     if mode not in ("tf32", "ieee"):
         raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
-    before = get_fp32_precision()
+    before = _raw_fp32_precision()
     _set_fp32_precision(mode, mode)
     try:
         yield
     finally:
-        _set_fp32_precision(*before)
+        _set_raw_fp32_precision(before)
 
 
 def set_fp32_precision(mode: str) -> None:

@@ -35,14 +35,20 @@ def _tf32_flags() -> tuple[bool, bool]:
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
+def _raw() -> tuple:
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
 def test_fp32_precision_shim_sets_and_restores_on_this_torch():
-    before = get_fp32_precision()
+    before, raw = get_fp32_precision(), _raw()  # torch >= 2.9 starts at ("none", "tf32"): restored as such
     with fp32_precision("tf32"):
         assert _tf32_flags() == (True, True) and get_fp32_precision() == ("tf32", "tf32")
         with fp32_precision("ieee"):
             assert _tf32_flags() == (False, False)
         assert _tf32_flags() == (True, True)
-    assert get_fp32_precision() == before
+    assert get_fp32_precision() == before and _raw() == raw
     with pytest.raises(ValueError, match="tf32"):
         with fp32_precision("highest"):
             pass
