@@ -28,7 +28,7 @@ find_python() {
     fi
   done
   if [ -n "${OLD_PYTHON:-}" ]; then echo "old_torch.sh: OLD_PYTHON=$OLD_PYTHON is not a Python 3.10" >&2; exit 2; fi
-  echo "old_torch.sh: WARNING no Python 3.10 found; using python3 (only the old packages are checked)" >&2
+  echo "old_torch.sh: WARNING no Python 3.10 found; using python3, and vermin checks the 3.10 syntax" >&2
   command -v python3
 }
 
@@ -49,5 +49,10 @@ echo "old_torch.sh: $("$VENV/bin/python" -c 'import sys, torch, numpy, accelerat
 print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}, "
       f"accelerate {accelerate.__version__}, timm {timm.__version__}, diffusers {diffusers.__version__}")') \
 (venv ready in $((SECONDS - start)) s)"
+if ! "$VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 10)'; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check vermin
+  # shellcheck disable=SC2046
+  "$VENV/bin/vermin" --no-tips --violations --eval-annotations -t=3.10- $(git ls-files '*.py')
+fi
 "$VENV/bin/python" -m pytest -q -p no:xdist -o addopts="" "${CORE_TESTS[@]}"
 echo "old_torch.sh: done in $((SECONDS - start)) s"
