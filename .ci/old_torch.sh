@@ -39,8 +39,11 @@ MINIMUMS=$(sed -nE 's/^([A-Za-z0-9_.-]+)>=([^,; ]+).*/\1==\2/p' requirements.txt
 STAMP="$("$PY" --version 2>&1) $(echo "$MINIMUMS" | tr '\n' ' ')"
 start=$SECONDS
 if [ "$(cat "$VENV/.reg-stamp" 2>/dev/null)" != "$STAMP" ]; then
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
+  # a new interpreter needs a new venv; changed bounds only reinstall what changed
+  if [ "$("$VENV/bin/python" --version 2>&1)" != "$("$PY" --version 2>&1)" ]; then
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+  fi
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile $MINIMUMS  # no .pyc: faster
   echo "$STAMP" > "$VENV/.reg-stamp"
