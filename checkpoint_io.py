@@ -30,6 +30,7 @@ import torch
 
 from models.hub import hub_offline
 from utils import UserError, atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp  # noqa: F401
+from utils import safe_globals
 from models.vae import SD_VAE_SCALING_FACTOR
 from models.sit import SIZES, SiT, build_model, model_depth
 
@@ -61,7 +62,7 @@ def _non_finite(name: str, sd: dict[str, torch.Tensor]) -> str | None:
 def torch_load(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True; argparse.Namespace (in official files) is the one allowed class."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with safe_globals([argparse.Namespace]):  # utils' shim: torch 2.4 has no scoped form
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from e

@@ -1,5 +1,6 @@
 """Plot the loss terms of a training run from its metrics.jsonl (written by train.py).
 
+    python plot_losses.py exps/NAME                  # the run folder: its metrics.jsonl -> exps/NAME/losses.png
     python plot_losses.py exps/NAME/metrics.jsonl --out exps/NAME/losses.png
 
 metrics.jsonl holds one JSON object per log interval: step, loss, loss_denoise, loss_proj,
@@ -73,7 +74,7 @@ def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_K
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("metrics", help="a run's metrics.jsonl")
+    p.add_argument("metrics", help="a run folder, or its metrics.jsonl")
     p.add_argument("--out", default=None, help="output PNG (None: losses.png beside the metrics file)")
     p.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics to draw, one panel each")
     p.add_argument("--title", default=None, help="figure title (None: the run folder's name)")
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> str:
+    if os.path.isdir(args.metrics):  # a run folder: train.py writes metrics.jsonl at its top
+        args.metrics = os.path.join(args.metrics, "metrics.jsonl")
     records = read_metrics(args.metrics)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "losses.png")
     title = args.title or os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator
@@ -279,10 +280,10 @@ def _gather_features(feats: dict[str, np.ndarray], info: DistInfo, num: int) -> 
 
 
 def _sample_features(acc, model, codec, mine: list[int], s: dict, args, config: dict, latents_scale: float,
-                     device) -> None:
+                     device, bar) -> None:
     """Sample this process's images of setting `s` into the feature accumulator (NonFiniteSampleError names
     an image that is not finite: no FID is computed from it)."""
-    for _, images, _ in generate_images(
+    for idx, images, _ in generate_images(
             model, codec, mine, global_seed=args.global_seed, num_classes=model.num_classes,
             balanced=args.balanced, mode=s["mode"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
             cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],
@@ -290,6 +291,7 @@ def _sample_features(acc, model, codec, mine: list[int], s: dict, args, config: 
             latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
             dtype=torch.bfloat16 if args.precision == "bf16" else None):
         acc.add(images)
+        bar.update(len(idx))
         if cluster.stop_requested():  # a signal: the caller discards this setting
             break
 
@@ -362,7 +364,11 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
     for n, s in enumerate(todo):
         start = time.perf_counter()
         acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
-        info.run_together(lambda: _sample_features(acc, model, codec, mine, s, args, config, latents_scale, device))
+        bar = tqdm(total=len(mine), desc=f"setting {n + 1}/{len(todo)} {setting_key(s)}", unit="img",
+                   disable=not info.is_main, leave=False)  # this process's share; the main process shows it
+        info.run_together(lambda: _sample_features(acc, model, codec, mine, s, args, config, latents_scale, device,
+                                                   bar))
+        bar.close()
         if cluster.any_rank_stopping(info.world_size):  # a signal: this setting is discarded, the finished kept
             raise cluster.stopped(f"{n} setting(s) finished in {out}, {setting_key(s)} discarded", is_main=info.is_main)
         feats = _gather_features(acc.features(), info, args.num_samples)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 import cluster
 from checkpoint_io import CheckpointDir, CheckpointError, build_model_from_config, load_weights
 from dataset import CustomDataset
+from launch_settings import REPORT_TO_CHOICES, parse_report_to, resolve_mixed_precision, wandb_run
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.hub import portable_vae_spec
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
@@ -97,7 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after this many consecutive non-finite losses (each is skipped)")
 
     g = p.add_argument_group("precision and speed")
-    g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="None: bf16 on GPU, no on CPU")
+    g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="None: `accelerate launch --mixed_precision` (ACCELERATE_MIXED_PRECISION), else `accelerate "
+                        "config`'s default file, else bf16 on GPU, no on CPU; the log says which")
     g.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model and encoder (None: on for GPU)")
@@ -109,8 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output-dir", default="exps")
     g.add_argument("--exp-name", default=None, help="run folder name (None: derived from the model and method)")
     g.add_argument("--logging-dir", default="logs", help="tracker folder, relative to the run folder")
-    g.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    g.add_argument("--log-every", type=int, default=100, help="steps between logged averages (the only host syncs)")
+    g.add_argument("--report-to", default="tensorboard",
+                   help=f"tracker(s), as accelerate names them: {', '.join(REPORT_TO_CHOICES)}, or a comma-separated list")
+    g.add_argument("--wandb-id", default=None,
+                   help="wandb run to continue (any run, the authors' included; None: $WANDB_RUN_ID, else the id in "
+                        "the run folder's wandb_run_id.txt, else a new run). $WANDB_RESUME sets the resume mode")
+    g.add_argument("--log-every", type=int, default=100,
+                   help="steps between logged averages; 1 gives per-step curves as the original (one more host sync "
+                        "per step, see docs/compat.md)")
     g.add_argument("--checkpointing-steps", type=int, default=10_000, help="model + EMA are kept at every one")
     g.add_argument("--keep-last", type=int, default=3, help="optimizer states kept (older ones are pruned)")
     g.add_argument("--resume-step", type=int, default=0, help="resume from this step; 0 = newest complete checkpoint")
@@ -205,11 +213,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--ddp-bucket-mb must be positive")
     if args.init_from and args.resume_step:
         raise UserError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
-    if args.report_to == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise UserError(f"--report-to wandb needs wandb installed ({e}); or use tensorboard / none") from e
+    parse_report_to(args.report_to)  # unknown or missing tracker packages fail here, not after start-up
     if args.exp_name is None:
         enc = args.enc_type if args.method != "sit" else "noenc"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.method}-{args.path_type}-{enc}"
@@ -258,6 +262,7 @@ class Logger:
 # ----------------------------------------------------------------------------- set-up pieces
 
 def make_accelerator(args: argparse.Namespace, run_dir: Path):
+    """The Accelerator, and where its mixed precision came from (launch_settings.resolve_mixed_precision)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from accelerate.utils.dataclasses import DDPCommunicationHookType
@@ -269,14 +274,16 @@ def make_accelerator(args: argparse.Namespace, run_dir: Path):
         ddp["bucket_cap_mb"] = args.ddp_bucket_mb
     if args.ddp_bf16_allreduce:
         ddp["comm_hook"] = DDPCommunicationHookType.BF16
+    precision, source = resolve_mixed_precision(args.mixed_precision, cuda=cuda)
+    trackers = parse_report_to(args.report_to)
     return Accelerator(
         cpu=not cuda,  # without a GPU, a torchrun-style launch runs DDP over gloo
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"),
-        log_with=None if args.report_to == "none" else args.report_to,
+        mixed_precision=precision,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / args.logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(**ddp)],
-    )
+    ), source
 
 
 def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: list) -> dict:
@@ -370,20 +377,22 @@ def apply_optimizer_flags(args: argparse.Namespace, opt: torch.optim.Optimizer) 
                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
-    """wandb: the run is named after --exp-name and its id is kept in the run folder, so an auto-resumed
-    run continues the same wandb run; its files go under the run folder."""
-    if args.report_to == "none":
+def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path, log: Logger | None = None) -> None:
+    """wandb: the run is named after --exp-name, its files go under the run folder and its id is kept
+    there (launch_settings.wandb_run: --wandb-id > $WANDB_RUN_ID > wandb_run_id.txt), so an auto-resumed
+    run continues the same wandb run. $WANDB_PROJECT names the project (default REG, as the original)."""
+    trackers = parse_report_to(args.report_to)
+    if not trackers:
         return
-    kwargs = {}
-    if args.report_to == "wandb":
-        id_file = run_dir / "wandb_run_id.txt"
-        if accelerator.is_main_process and not id_file.is_file():
-            atomic_write(id_file, lambda tmp: Path(tmp).write_text(secrets.token_hex(4)))
-        kwargs = {"wandb": {"name": args.exp_name, "dir": str(run_dir), "resume": "allow",
-                            "id": id_file.read_text().strip() if id_file.is_file() else None}}
+    kwargs, project = {}, "REG"
+    if "wandb" in trackers:
+        run_id, resume, source = wandb_run(run_dir, args.wandb_id, write=accelerator.is_main_process)
+        project = os.environ.get("WANDB_PROJECT") or project
+        kwargs = {"wandb": {"name": args.exp_name, "dir": str(run_dir), "resume": resume, "id": run_id}}
+        if log is not None:
+            log.info(f"wandb run {run_id} ({source}), project {project}, resume {resume!r}")
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("REG", config=config, init_kwargs=kwargs)
+    accelerator.init_trackers(project, config=config, init_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------- main
@@ -394,7 +403,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- set-up: accelerator, run folder, precision
     run_dir = Path(args.output_dir) / args.exp_name
-    accelerator = make_accelerator(args, run_dir)
+    accelerator, precision_source = make_accelerator(args, run_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     cluster.hold_folder(run_dir, hint="choose another --output-dir/--exp-name", rank=rank, world=world)
     log = Logger(accelerator, run_dir)
@@ -452,11 +461,11 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         atomic_json_dump(vars(args), run_dir / "args.json")
         atomic_json_dump(config, run_dir / "config.json")
-    init_trackers(args, accelerator, run_dir)
+    init_trackers(args, accelerator, run_dir, log)
     log.info(f"{args.model} ({args.method}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{len(dataset)} images ({dataset.layout}), global batch {args.batch_size} x "
              f"{args.gradient_accumulation_steps} accumulation, {world} processes, precision "
-             f"{accelerator.mixed_precision}, compile {use_compile}, {flops / 1e9:.1f} GFLOPs/image, "
+             f"{accelerator.mixed_precision} (from {precision_source}), compile {use_compile}, {flops / 1e9:.1f} GFLOPs/image, "
              f"steps {step} -> {max_steps}")
     evaluator = make_evaluator(args, config, accelerator, log) if args.eval_every else None
     sample_grid = make_sample_grid(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
@@ -604,11 +613,12 @@ def make_sample_grid(args: argparse.Namespace, config: dict, device: torch.devic
         path = run_dir / "samples" / f"{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
-        if args.report_to == "tensorboard":
+        trackers = parse_report_to(args.report_to)
+        if "tensorboard" in trackers:
             accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, step)
-        elif args.report_to == "wandb":
+        if "wandb" in trackers:
             import wandb
-            accelerator.log({"samples": wandb.Image(str(path))}, step=step)
+            accelerator.get_tracker("wandb").log({"samples": wandb.Image(str(path))}, step=step)
 
     return sample
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from generation import NonFiniteSampleError
 
@@ -35,7 +36,7 @@ class InTrainingEval:
         return (step % self.args.eval_every == 0 or step == max_steps) and step not in self.done
 
     @torch.no_grad()
-    def sample_features(self, ema: torch.nn.Module) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def sample_features(self, ema: torch.nn.Module, step: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """This process's share of the images, straight into Inception: (indices, features). Image i's
         seed depends only on (--seed, i), so every evaluation sees the same noise and classes."""
         from evaluations.evaluator import FeatureAccumulator
@@ -44,14 +45,20 @@ class InTrainingEval:
         a, acc = self.args, self.acc
         features = FeatureAccumulator(self.inception)
         indices: list[int] = []
+        mine = range(acc.process_index, a.eval_samples, acc.num_processes)
+        # the training bar stands still meanwhile: this one shows the evaluation moving (main process only)
+        bar = tqdm(total=len(mine), desc=f"FID at step {step}" if step is not None else "FID", unit="img",
+                   disable=not acc.is_main_process, leave=False)
         for idx, images, _ in generate_images(
-                ema, self.vae, range(acc.process_index, a.eval_samples, acc.num_processes), global_seed=a.seed,
+                ema, self.vae, mine, global_seed=a.seed,
                 num_classes=self.config["num_classes"], balanced=True, mode=a.eval_mode, num_steps=a.eval_steps,
                 cfg_scale=a.eval_cfg, cls_cfg_scale=a.eval_cls_cfg, guidance_high=a.eval_guidance_high,
                 path_type=self.config["path_type"], latents_scale=self.config["latents_scale"],
                 batch_size=a.eval_batch_size, device=acc.device, dtype=self.dtype):
             features.add(images)
             indices += list(idx)
+            bar.update(len(idx))
+        bar.close()
         return np.asarray(indices), features.features()
 
     def run(self, ema: torch.nn.Module, step: int) -> dict | None:
@@ -61,7 +68,7 @@ class InTrainingEval:
         a, acc = self.args, self.acc
         start = time.time()
         try:
-            shards = [self.sample_features(ema)]
+            shards = [self.sample_features(ema, step)]
         except NonFiniteSampleError as e:  # gathered like a shard, so that every rank learns of it
             shards = [str(e)]
         if acc.num_processes > 1:

@@ -108,32 +108,91 @@ def clean_stale_tmp(folder: str | os.PathLike, name: str = "*") -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- fp32 matmul precision
+# torch >= 2.9 has the fp32_precision API (and raises when it is mixed with the legacy allow_tf32 flags);
+# older torch (down to 2.4, the oldest we support) only has the allow_tf32 flags. Both are set here and
+# only here: docs/compat.md lists this shim.
+
+
+def _has_fp32_precision_api() -> bool:
+    import torch
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def get_fp32_precision() -> tuple[str, str]:
+    """(matmul, cuDNN conv) fp32 precision, each "tf32" or "ieee" (torch's "none" reads as "ieee")."""
+    import torch
+    if _has_fp32_precision_api():
+        modes = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        return tuple("tf32" if m == "tf32" else "ieee" for m in modes)  # type: ignore[return-value]
+    return ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+            "tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
+
+
+def _raw_fp32_precision() -> tuple:
+    """The settings exactly as torch holds them (torch >= 2.9: "none" defers to the global setting, and
+    cuDNN conv defaults to "tf32"), so that a block restores them unchanged."""
+    import torch
+    if _has_fp32_precision_api():
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_raw_fp32_precision(raw: tuple) -> None:
+    import torch
+    if _has_fp32_precision_api():
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = raw
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = raw
+
+
+def _set_fp32_precision(matmul: str, conv: str) -> None:
+    import torch
+    if _has_fp32_precision_api():
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+        torch.backends.cudnn.allow_tf32 = conv == "tf32"
 
 
 @contextlib.contextmanager
 def fp32_precision(mode: str) -> Iterator[None]:
     """Set matmul and cuDNN conv fp32 precision to "tf32" or "ieee" inside the block, then restore.
 
-    Uses torch's fp32_precision API only: mixing it with the legacy `allow_tf32` flags raises.
+    On torch >= 2.9 this uses the fp32_precision API only (mixing it with the legacy `allow_tf32` flags
+    raises); on older torch the `allow_tf32` flags, which mean the same.
     """
     if mode not in ("tf32", "ieee"):
         raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
-    import torch
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    set_fp32_precision(mode)
+    before = _raw_fp32_precision()
+    _set_fp32_precision(mode, mode)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        _set_raw_fp32_precision(before)
 
 
 def set_fp32_precision(mode: str) -> None:
     """Process-wide form of `fp32_precision`, for entry points that keep one setting throughout."""
     if mode not in ("tf32", "ieee"):
         raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
+    _set_fp32_precision(mode, mode)
+
+
+# ----------------------------------------------------------------------------- torch version shims
+
+
+def safe_globals(classes: list) -> contextlib.AbstractContextManager:
+    """Allow `classes` in torch.load(weights_only=True) inside the block.
+
+    torch >= 2.5 scopes the allow-list to the block; torch 2.4 only has the process-wide
+    `add_safe_globals`, so there the classes stay allowed afterwards (we only ever pass plain data
+    classes such as argparse.Namespace)."""
     import torch
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(classes)
+    torch.serialization.add_safe_globals(classes)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -69,7 +69,6 @@ def make_data(dest: Path, num_images: int, resolution: int, num_classes: int = 1
               image_dir: str | None = None) -> None:
     """DATA/imagenet_{R}_vae/00000/img*.png, DATA/vae-sd/00000/img-mean-std-*.npy and vae-sd/dataset.json,
     plus DATA/ref.npz (128 images, the evaluator's reference batch)."""
-    import PIL.Image
     rng = np.random.default_rng(seed)
     img_dir, lat_dir = dest / (image_dir or f"imagenet_{resolution}_vae") / "00000", dest / "vae-sd" / "00000"
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -83,24 +83,21 @@ def test_feature_accumulator_refuses_mixed_resolutions_and_empty(model):
 def test_inception_forwards_run_with_tf32_off_and_restore_it(model, monkeypatch):
     """ADM's graph runs in true fp32: every Inception forward (full batches in add(), the partial last one
     in features()) runs with TF32 off for matmuls and convolutions; the caller's setting comes back."""
-    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    from utils import fp32_precision, get_fp32_precision  # the shim: torch < 2.9 has no fp32_precision API
     seen = []
 
     def spy(x):
-        seen.append((len(x), torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision))
+        seen.append((len(x), *get_fp32_precision()))
         return torch.zeros(len(x), 2048), torch.zeros(len(x), 2023), torch.zeros(len(x), 1008)
 
     monkeypatch.setattr(model, "forward", spy)  # settings only: no 299x299 forward needed
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
-    try:
+    with fp32_precision("tf32"):
         acc = features.FeatureAccumulator(model, batch_size=2)
         acc.add(np.zeros((3, 8, 8, 3), np.uint8))
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert get_fp32_precision() == ("tf32", "tf32")
         acc.features()
         assert seen == [(2, "ieee", "ieee"), (1, "ieee", "ieee")]
-        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
-    finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        assert get_fp32_precision() == ("tf32", "tf32")
 
 
 def test_batch_from_features_matches_statistics_and_checks_shapes():

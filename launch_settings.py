@@ -1,0 +1,136 @@
+"""The accelerate and tracker conventions train.py follows: which trackers (--report-to), which wandb run
+(--wandb-id, WANDB_RUN_ID, the run folder's wandb_run_id.txt) and which mixed precision (--mixed-precision,
+`accelerate launch --mixed_precision`, `accelerate config`), each with the source it came from.
+
+Reads the environment and files only; imports neither accelerate nor the trackers (a tracker's package
+is only looked for, so a missing one is a clear error at start-up and --help stays fast).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+from pathlib import Path
+
+from utils import UserError, atomic_write
+
+# accelerate's LoggerType values (accelerate 1.15; tests/test_compat.py checks the installed accelerate),
+# each with the module it needs and the pip package that provides it. "all" takes every installed one.
+TRACKERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("torch.utils.tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "aim": (("aim",), "aim"),
+    "trackio": (("trackio",), "trackio"),
+    "swanlab": (("swanlab",), "swanlab"),
+}
+REPORT_TO_CHOICES = ("all", *TRACKERS, "none")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _installed(modules: tuple[str, ...]) -> bool:
+    for m in modules:
+        try:
+            if importlib.util.find_spec(m) is not None:
+                if m == "torch.utils.tensorboard":  # the module ships with torch; it needs the tensorboard package
+                    return importlib.util.find_spec("tensorboard") is not None
+                return True
+        except (ImportError, ValueError):  # a parent package missing
+            continue
+    return False
+
+
+def parse_report_to(value: str) -> list[str]:
+    """--report-to: one of REPORT_TO_CHOICES or a comma-separated list of trackers. Returns the list
+    ([] for none). Every named tracker must be installed; 'all' takes the installed ones."""
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in REPORT_TO_CHOICES]
+    if unknown or not names:
+        raise UserError(f"--report-to {value!r}: unknown tracker {', '.join(unknown) or '(empty)'}; "
+                        f"choose from {', '.join(REPORT_TO_CHOICES)} (or a comma-separated list)")
+    if "none" in names or "all" in names:
+        if len(names) > 1:
+            raise UserError(f"--report-to {value!r}: 'none' and 'all' stand alone")
+        return [] if names == ["none"] else [n for n, (mods, _) in TRACKERS.items() if _installed(mods)]
+    for n in names:
+        mods, pip_name = TRACKERS[n]
+        if not _installed(mods):
+            raise UserError(f"--report-to {n} needs the {pip_name} package (pip install {pip_name}); "
+                            f"or use --report-to tensorboard / none")
+    return list(dict.fromkeys(names))
+
+
+# ----------------------------------------------------------------------------- wandb
+
+
+def wandb_run(run_dir: Path, flag_id: str | None, *, write: bool) -> tuple[str, str, str]:
+    """(run id, resume mode, where the id came from) for wandb.init.
+
+    The id: --wandb-id, else $WANDB_RUN_ID, else the run folder's wandb_run_id.txt, else a new one. It is
+    kept in wandb_run_id.txt (by the main process: `write`), so re-running the command without the flag
+    continues the same wandb run. The resume mode is $WANDB_RESUME, else "allow" (continue the run if it
+    exists: one of ours, or the authors' run whose id is passed)."""
+    id_file = run_dir / "wandb_run_id.txt"
+    kept = id_file.read_text().strip() if id_file.is_file() else ""
+    env_id = os.environ.get("WANDB_RUN_ID", "").strip()
+    if flag_id:
+        run_id, source = flag_id, "--wandb-id"
+    elif env_id:
+        run_id, source = env_id, "WANDB_RUN_ID"
+    elif kept:
+        run_id, source = kept, str(id_file)
+    else:
+        run_id, source = secrets.token_hex(4), "new"
+    if write and run_id != kept:
+        atomic_write(id_file, lambda tmp: Path(tmp).write_text(run_id + "\n"))
+    return run_id, os.environ.get("WANDB_RESUME", "").strip() or "allow", source
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def accelerate_config_file() -> Path | None:
+    """`accelerate config`'s default file (the rule accelerate.commands.config uses), if it exists."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    folder = Path(os.path.expanduser(home)) / "accelerate"
+    for name in ("default_config.yaml", "default_config.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def resolve_mixed_precision(flag: str | None, *, cuda: bool) -> tuple[str, str]:
+    """(precision, where it came from): --mixed-precision, else $ACCELERATE_MIXED_PRECISION (which
+    `accelerate launch` always sets: its --mixed_precision, else its config file's value, else "no"),
+    else the mixed_precision of `accelerate config`'s default file (plain python / torchrun), else ours:
+    bf16 on GPU, no on CPU."""
+    if flag:
+        return flag, "--mixed-precision"
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if env:
+        source = "ACCELERATE_MIXED_PRECISION (accelerate launch)"
+        return _checked(env, source), source
+    path = accelerate_config_file()
+    if path is not None:
+        import yaml  # accelerate's own dependency
+        text = path.read_text()
+        try:
+            config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except Exception as e:
+            raise UserError(f"accelerate config file {path} is unreadable: {e}") from e
+        value = str((config or {}).get("mixed_precision") or "").lower()
+        if value:
+            source = f"accelerate config {path}"
+            return _checked(value, source), source
+    return ("bf16" if cuda else "no"), "default (bf16 on GPU, no on CPU)"
+
+
+def _checked(value: str, source: str) -> str:
+    if value not in PRECISIONS:
+        raise UserError(f"mixed precision {value!r} from {source} is not supported here; "
+                        f"pass --mixed-precision {'/'.join(PRECISIONS)}")
+    return value
