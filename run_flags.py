@@ -85,6 +85,7 @@ FLAG_CLASSES: dict[str, tuple[str, str]] = {
     "exp_name": (OPERATIONAL, "the run folder's name"),
     "logging_dir": (OPERATIONAL, "tracker folder"),
     "report_to": (OPERATIONAL, "tracker"),
+    "wandb_id": (OPERATIONAL, "which wandb run the curves go to"),
     "log_every": (OPERATIONAL, "log interval"),
     "checkpointing_steps": (OPERATIONAL, "checkpoint interval"),
     "keep_last": (OPERATIONAL, "optimizer states kept"),
