@@ -130,7 +130,7 @@ def test_in_training_eval_logs_no_fid_from_a_non_finite_image(monkeypatch):
     ev = InTrainingEval.__new__(InTrainingEval)
     ev.args, ev.acc, ev.log, ev.done = argparse.Namespace(), Acc(), Log(), set()
 
-    def bad(ema):
+    def bad(ema, step=None):
         raise NonFiniteSampleError("image 3 is not finite (NaN or inf in its latents)")
 
     monkeypatch.setattr(ev, "sample_features", bad)
