@@ -299,7 +299,7 @@ def test_original_flags_parse_with_their_types():
 
 
 def test_api_names_stay_importable_from_evaluator():
-    """train_eval.py, sweep.py, benchmarks/run.py and the README import these from evaluations.evaluator
+    """train_eval.py, sweep.py, benchmarks/run.py and docs/evaluation.md import these from evaluations.evaluator
     (the authors' layout): they must be the modules' own objects, not copies."""
     from evaluations import inception, metrics, npz
     for module, names in [
