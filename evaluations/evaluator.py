@@ -47,7 +47,7 @@ import torch
 if __package__ in (None, ""):  # run as a script (`python evaluations/evaluator.py`, as REG's eval.sh does)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The evaluator's API lives in its modules; the names that other code imports from here stay importable
-# (train_eval.py, sweep.py, benchmarks/run.py, the README's examples).
+# (train_eval.py, sweep.py, benchmarks/run.py, docs/evaluation.md's examples).
 from evaluations.common import EvalInputError, InceptionWeightsError, default_device, log  # noqa: E402,F401
 from evaluations.features import (BatchFeatures, FeatureAccumulator, batch_from_features,  # noqa: E402,F401
                                   compute_metrics, extract_features, load_batch, load_reference, save_statistics)
