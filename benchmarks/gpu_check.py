@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 LOSS0_REL_TOL = 2e-2  # bf16 autocast against fp32 at step 0 (same seed, same weights)
-MFU_TARGETS = [(32, 0.35), (64, 0.35), (128, 0.45), (256, 0.45)]  # issue 20, section 3 (one H100/H200, XL/2 + REG)
+MFU_TARGETS = [(32, 0.35), (64, 0.35), (128, 0.45), (256, 0.45)]  # the MFU targets (one H100/H200, XL/2 + REG; docs/performance.md)
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
