@@ -9,14 +9,8 @@ sample folder and npz are named as the original names them, so the original eval
     torchrun --nproc_per_node 8 generate.py --ckpt hf:Martinser/REG --mode sde --num-steps 250 ...
     python generate.py --ckpt exps/NAME/checkpoints/ema_0400000.safetensors --num-fid-samples 1000
 
-Reproducibility (generation.py): image i depends only on (--global-seed, i) and the sampling settings, never on
-the batch size, GPU count or which process drew it. Its class comes from a generator seeded with
-SeedSequence([global_seed, i, 1]) (or is i mod num_classes with --balanced), and all of its noise
-(initial latents, initial class token, then every SDE step's latent and class-token noise) from
-one CPU torch.Generator seeded with SeedSequence([global_seed, i, 0]). The network's fp32 output
-can still differ in the last bit between batch sizes (matmul kernels are chosen by shape); after
-8-bit quantisation that very rarely moves a pixel value by 1. With --precision fp64 the PNGs and
-the npz are byte-identical across batch sizes and process counts.
+Image i depends only on (--global-seed, i) and the sampling settings, never on the batch size, GPU count or
+process: docs/design.md#seeding.
 
 Output, under --sample-dir (RUN = --run-name, by default the original's folder name
 {model}-{ckpt}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}-{mode}-{guidance_high}-{cls_cfg}):

@@ -1,24 +1,26 @@
 """In-memory image generation with per-image seeds: the one sampling loop behind generate.py (PNGs and
-the ADM npz), sweep.py and train.py's FID and sample grids (through train_eval.py), plus the process
-setup that generate.py and sweep.py share (docs/design.md#sampling).
+the ADM npz), sweep.py and train.py's FID and sample grids (through train_eval.py), plus what generate.py,
+sweep.py and train_eval.py share: loading a model for sampling, the run-identity guard, the process
+setup and the gathering of features.
 
-Image i depends only on (global_seed, i) and the sampler settings: its class comes from a generator
-seeded with SeedSequence([global_seed, i, 1]) (or is i mod num_classes when balanced), and all of its
-noise (initial latents, initial class token, then every SDE step's latent and class-token noise) from
-one CPU torch.Generator seeded with SeedSequence([global_seed, i, 0]). So any batch size, order or
-split of the indices over processes gives the same images.
+Image i depends only on (global_seed, i) and the sampler settings: the seeding rules are in
+docs/design.md#seeding.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from samplers import SAMPLER_MODES, euler_maruyama_sampler, euler_sampler, multistep_sampler, per_sample_randn_like
+from samplers import (SAMPLER_MODES, euler_maruyama_sampler, euler_sampler, model_dtype_of, multistep_sampler,
+                      per_sample_randn_like)
 from utils import UserError
 
 NOISE_STREAM, LABEL_STREAM = 0, 1
@@ -57,10 +59,6 @@ def class_labels(indices: Sequence[int], *, global_seed: int, num_classes: int, 
 
 # ----------------------------------------------------------------------------------------------
 # In-memory generation: the one code path of generate.py, train.py's FID and sweep.py
-
-
-def _param_dtype(model) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 class NonFiniteSampleError(UserError):
@@ -109,9 +107,8 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
                     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Yield (indices, uint8 images (N, H, W, 3) on `device`, labels (N,)) batch by batch.
 
-    Image i depends only on (global_seed, i) and the settings: its label from class_labels, its
-    noise from image_generators (initial latents, initial class token, then each SDE step's noise),
-    so any batch size, order or split of `indices` gives the same images as generate.py's files.
+    Image i depends only on (global_seed, i) and the settings (docs/design.md#seeding), so any batch
+    size, order or split of `indices` gives the same images as generate.py's files.
     `decode(z)` maps latents / latents_scale to images in [-1, 1]; a VAE object with a `.decode`
     (models.vae.load_vae) may be passed instead. The model computes in its parameters' dtype;
     `dtype` (torch.bfloat16 / torch.float16) runs it under autocast instead. `label_list` fixes the
@@ -125,7 +122,7 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     decode_fn: Callable[[torch.Tensor], torch.Tensor] = getattr(decode, "decode", decode)
     device = torch.device(device)
-    model_dtype = _param_dtype(model)
+    model_dtype = model_dtype_of(model, torch.float32)
     latent_shape = (model.in_channels, model.input_size, model.input_size)
     cls_dim = model.cls_dim if model.use_cls_token else None
     autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16,
