@@ -12,7 +12,7 @@ import torch
 
 import sweep
 from evaluations import evaluator
-from fixtures import save_tiny_reg_checkpoint
+from fixtures import run_two_processes, save_tiny_reg_checkpoint
 
 
 class FakeInception(torch.nn.Module):
@@ -138,19 +138,7 @@ def _gather_rank(rank, port, out):
 
 def test_features_are_gathered_to_rank_0_in_index_order():
     """generation.gather_features, behind sweep.py and train.py's FID: two gloo processes."""
-    import multiprocessing
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_gather_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    results = dict(out.get(timeout=5) for _ in procs)
+    results = dict(run_two_processes(_gather_rank))
     assert results[1] is None
     assert results[0] == {"pool": [[i, 10 * i] for i in range(5)], "logits": [[i] for i in range(5)]}
 
