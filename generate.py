@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import cluster
-from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, resolve_checkpoint
+from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, is_repo_id, resolve_checkpoint
 from generation import (DistInfo, SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
                         init_distributed, load_for_sampling)
 from models.sit import SiT_models
@@ -184,11 +184,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def checkpoint_name(spec: str) -> str:
     """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name; Hub folders
-    and repo ids (OWNER/NAME) by their last component."""
-    if spec.startswith("hf:"):
+    by their last component. A bare repo id OWNER/NAME is named as hf:OWNER/NAME (checkpoint_io.is_repo_id)."""
+    if spec.startswith("hf:") or is_repo_id(spec):
         path = resolve_checkpoint(spec)
         name = spec.rstrip("/").split("/")[-1] if path.is_dir() else path.name
-    else:  # a file, a folder or a bare repo id OWNER/NAME: its last component
+    else:  # a local file or folder: its last component
         name = os.path.basename(os.path.normpath(spec))
     if name.endswith(".safetensors"):
         return name[:-len(".safetensors")]
