@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from numpy.lib import format as npy_format
 from PIL import Image
 from tqdm import tqdm
@@ -385,8 +384,7 @@ def main(args: argparse.Namespace) -> dict:
     try:
         return _generate(args, info)
     finally:
-        if info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
 
 
 @dataclass

@@ -175,6 +175,11 @@ class DistInfo:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """End the process group init_distributed started (at the end of a command, error or not)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def main_first(self, fn: Callable[[], None]) -> None:
         """Run fn on rank 0; if it raises, every rank raises (instead of waiting at a barrier forever)."""
         error = None

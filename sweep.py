@@ -33,7 +33,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import cluster
@@ -282,8 +281,7 @@ def main(args: argparse.Namespace) -> dict | None:
             raise UserError(f"--num-samples {args.num_samples} < {info.world_size} processes")
         return _sweep(args, info, requested, distinct, evaluator)
     finally:
-        if info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
 
 
 def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
