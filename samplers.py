@@ -170,6 +170,15 @@ def _cfg(cond: torch.Tensor | None, uncond: torch.Tensor | None, scale: float) -
     return uncond + scale * (cond - uncond)
 
 
+def _guided_velocity(forward: Forward, y: torch.Tensor, cfg_scale: float, cls_cfg_scale: float):
+    """The ODE samplers' velocity call: (x, c, t, guided) -> the guided (v, vc) (CFG on the velocity)."""
+
+    def velocity(x: torch.Tensor, c: torch.Tensor | None, t: float, guided: bool):
+        v, v_u, vc, vc_u = forward(x, c, y, t, guided=guided)
+        return _cfg(v, v_u, cfg_scale), _cfg(vc, vc_u, cls_cfg_scale)
+    return velocity
+
+
 def _in_interval(t: float, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
     return cfg_scale > 1.0 and guidance_low <= t <= guidance_high
 
@@ -294,10 +303,7 @@ def euler_sampler(
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                            path_type=path_type)
 
-    def velocity(x_, c_, t: float, guided: bool):
-        v, v_u, vc, vc_u = forward(x_, c_, y, t, guided=guided)
-        return _cfg(v, v_u, cfg_scale), _cfg(vc, vc_u, cls_cfg_scale)
-
+    velocity = _guided_velocity(forward, y, cfg_scale, cls_cfg_scale)
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     for i in range(num_steps):
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
@@ -395,10 +401,10 @@ def multistep_sampler(
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                            path_type=path_type)
 
+    velocity = _guided_velocity(forward, y, cfg_scale, cls_cfg_scale)
+
     def data(state, t: float):
-        v, v_u, vc, vc_u = forward(state[0], state[1], y, t,
-                                   guided=_in_interval(t, cfg_scale, guidance_low, guidance_high))
-        v, vc = _cfg(v, v_u, cfg_scale), _cfg(vc, vc_u, cls_cfg_scale)
+        v, vc = velocity(state[0], state[1], t, _in_interval(t, cfg_scale, guidance_low, guidance_high))
         return _both(lambda v_, x_: data_from_velocity(v_, x_, t, path_type), (v, vc), state)
 
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
