@@ -9,14 +9,8 @@ sample folder and npz are named as the original names them, so the original eval
     torchrun --nproc_per_node 8 generate.py --ckpt hf:Martinser/REG --mode sde --num-steps 250 ...
     python generate.py --ckpt exps/NAME/checkpoints/ema_0400000.safetensors --num-fid-samples 1000
 
-Reproducibility (generation.py): image i depends only on (--global-seed, i) and the sampling settings, never on
-the batch size, GPU count or which process drew it. Its class comes from a generator seeded with
-SeedSequence([global_seed, i, 1]) (or is i mod num_classes with --balanced), and all of its noise
-(initial latents, initial class token, then every SDE step's latent and class-token noise) from
-one CPU torch.Generator seeded with SeedSequence([global_seed, i, 0]). The network's fp32 output
-can still differ in the last bit between batch sizes (matmul kernels are chosen by shape); after
-8-bit quantisation that very rarely moves a pixel value by 1. With --precision fp64 the PNGs and
-the npz are byte-identical across batch sizes and process counts.
+Image i depends only on (--global-seed, i) and the sampling settings, never on the batch size, GPU count or
+process: docs/design.md#seeding.
 
 Output, under --sample-dir (RUN = --run-name, by default the original's folder name
 {model}-{ckpt}-size-{res}-vae-{vae}-cfg-{cfg}-seed-{seed}-{mode}-{guidance_high}-{cls_cfg}):
@@ -32,27 +26,27 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import re
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from numpy.lib import format as npy_format
 from PIL import Image
 from tqdm import tqdm
 
 import cluster
-from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator, resolve_checkpoint
-from generation import DistInfo, class_labels, generate_images, init_distributed
+from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, is_repo_id, resolve_checkpoint
+from generation import (DistInfo, SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
+                        init_distributed, load_for_sampling)
 from models.sit import SiT_models
-from models.vae import config_decoding_vae, load_vae
 from sample_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
 from samplers import SAMPLER_MODES
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
@@ -73,8 +67,13 @@ SAMPLING_KEYS = ("checkpoint", "model_config", "vae", "latents_scale", "mode", "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The original generate.py's flags (same names and meanings), plus ours."""
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    _model_flags(p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)"))
+    _sampler_flags(p.add_argument_group("sampler"))
+    _run_flags(p.add_argument_group("sampling run"))
+    return p.parse_args(argv)
 
-    g = p.add_argument_group("model (sizes are read from the checkpoint; these flags are only checked)")
+
+def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",
                    help="our training .pt, our exported .safetensors, an official REG/REPA .pt, a Hub folder "
                         "(config.json + model.safetensors: python -m models.hub export), a Hub repo id OWNER/NAME "
@@ -105,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ema | mse | HF hub id | local AutoencoderKL dir | pixel-unshuffle "
                         "(default: ema, as the original, for SD-VAE latents; the checkpoint's own codec otherwise)")
 
-    g = p.add_argument_group("sampler")
+
+def _sampler_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--mode", type=str, choices=list(SAMPLER_MODES), default="sde",
                    help="sde: Euler-Maruyama (the papers' numbers); ode: Euler/Heun probability flow; "
                         "dpm2m: DPM-Solver++(2M); unipc: DPM-Solver++(2M) + UniPC corrector, the fewest "
@@ -125,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--path-type", type=str, choices=["linear", "cosine"], default=None,
                    help="interpolant (default: the checkpoint's, else linear)")
 
-    g = p.add_argument_group("sampling run")
+
+def _run_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--num-fid-samples", type=int, default=50_000, help="number of images")
     g.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward, per process")
     g.add_argument("--global-seed", type=int, default=0, help="image i depends only on (seed, i)")
@@ -155,7 +156,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cpu | cuda (default: cuda:LOCAL_RANK if available, else cpu)")
     g.add_argument("--local-rank", "--local_rank", type=int, default=-1,
                    help="set by torch.distributed.launch; the LOCAL_RANK variable, when set, wins")
-    return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -183,11 +183,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def checkpoint_name(spec: str) -> str:
     """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name; Hub folders
-    and repo ids (OWNER/NAME) by their last component."""
-    if spec.startswith("hf:"):
+    by their last component. A bare repo id OWNER/NAME is named as hf:OWNER/NAME (checkpoint_io.is_repo_id)."""
+    if spec.startswith("hf:") or is_repo_id(spec):
         path = resolve_checkpoint(spec)
         name = spec.rstrip("/").split("/")[-1] if path.is_dir() else path.name
-    else:  # a file, a folder or a bare repo id OWNER/NAME: its last component
+    else:  # a local file or folder: its last component
         name = os.path.basename(os.path.normpath(spec))
     if name.endswith(".safetensors"):
         return name[:-len(".safetensors")]
@@ -323,18 +323,14 @@ def save_grid(run_dir: Path, num: int, path: Path) -> None:
 # Model, settings, resume
 
 
-def load_model(args: argparse.Namespace, device: torch.device):
-    """load_generator: flags restating the checkpoint are checked there, runtime flags win there."""
-    spec = args.ckpt
-    if spec == OFFICIAL_HUB_REPO and not os.path.exists(spec):
-        spec = f"hf:{spec}"
+def load_model(args: argparse.Namespace, device: torch.device) -> SamplingModel:
+    """generation.load_for_sampling with the flags that restate the checkpoint (checked) and the runtime ones."""
     dims = None if args.projector_embed_dims is None else [int(z) for z in args.projector_embed_dims.split(",")]
     expect = {"model": args.model, "num_classes": args.num_classes, "qk_norm": args.qk_norm,
               "cls_token_dim": args.cls, "z_dims": dims, "encoder_depth": args.encoder_depth}
     overrides = {"fused_attn": args.fused_attn, "path_type": args.path_type}
-    model, config = load_generator(spec, use_ema=args.ema, overrides=overrides, expect=expect,
-                                   legacy=args.legacy, device=device)
-    return model.requires_grad_(False), config
+    return load_for_sampling(args.ckpt, use_ema=args.ema, legacy=args.legacy, precision=args.precision,
+                             vae=args.vae, device=device, overrides=overrides, expect=expect)
 
 
 def save_class_grid(run_dir: Path, labels: list[int], num: int, per_row: int, names_file: str | None,
@@ -371,23 +367,8 @@ def build_settings(args, config, model, vae_spec, latents_scale, world_size, ide
 
 def check_resumable(run_dir: Path, settings: dict) -> None:
     """A re-run may only add images made with the same settings and the same checkpoint file."""
-    settings_path = run_dir / "settings.json"
-    if not settings_path.exists():
-        if finished_indices(run_dir):
-            raise UserError(f"{run_dir} holds PNGs but no settings.json (made by another program or an "
-                            "older version?): their settings are unknown, so they cannot be resumed; "
-                            "use another --sample-dir or --run-name")
-        return
-    try:
-        old = json.loads(settings_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {settings_path} ({e}); use another --sample-dir or --run-name") from e
-    differ = [k for k in SAMPLING_KEYS
-              if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
-    if differ:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in differ)
-        raise UserError(f"{run_dir} holds samples made with other settings ({detail}); the folder name "
-                        f"does not show every setting, so use another --sample-dir or --run-name")
+    check_same_settings(run_dir / "settings.json", settings, SAMPLING_KEYS, holds_results=bool(finished_indices(run_dir)),
+                        hint="use another --sample-dir or --run-name (the folder name does not show every setting)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,84 +384,60 @@ def main(args: argparse.Namespace) -> dict:
     try:
         return _generate(args, info)
     finally:
-        if info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
+
+
+@dataclass
+class RunFiles:
+    """The run's outputs under --sample-dir: the PNG folder and the npz, json and grid named after it."""
+
+    sample_dir: Path
+    name: str
+
+    @property
+    def dir(self) -> Path:
+        return self.sample_dir / self.name
+
+    def beside(self, suffix: str) -> Path:
+        return self.sample_dir / f"{self.name}{suffix}"
 
 
 def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
-    device = info.device
     set_fp32_precision("tf32" if args.tf32 else "ieee")
-
-    model, config = load_model(args, device)
-    args.label_list = None if args.class_labels is None else parse_class_labels(args.class_labels, model.num_classes)
-    using_cfg = args.cfg_scale > 1.0
-    if args.mode != "ode" and args.heun and info.is_main:
-        warnings.warn("--heun only applies to --mode ode; ignored")
-    if args.balanced and args.num_fid_samples % model.num_classes and info.is_main:
-        warnings.warn(f"--balanced: {args.num_fid_samples} is not a multiple of {model.num_classes} classes; "
-                      "class counts will differ by one")
-
-    compute_dtype = torch.float64 if args.precision == "fp64" else torch.float32
-    model.to(compute_dtype)
-    if args.compile:  # two static graphs: batch N, and 2N on guided steps
-        model = torch.compile(model, dynamic=False)
-    vae_spec = args.vae or config_decoding_vae(config)  # ft-ema for SD-VAE latents, as the original
-    codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
-    if codec.latent_channels != model.in_channels:
-        raise UserError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
-                        f"expects {model.in_channels}")
-    resolution = model.input_size * codec.downsample
-    if args.resolution is not None and args.resolution != resolution:
-        raise UserError(f"--resolution {args.resolution} does not match the checkpoint: latent side "
-                        f"{model.input_size} x VAE downsampling {codec.downsample} = {resolution}")
-    config = {**config, "resolution": resolution}
-    latents_scale = float(config.get("latents_scale", codec.scaling_factor))
-
-    run_name = args.run_name or default_run_name(args, config["model"], resolution, vae_spec)
-    sample_dir = Path(args.sample_dir)
-    run_dir = sample_dir / run_name
-    npz_path = sample_dir / f"{run_name}.npz"
-    identity = checkpoint_identity(args.ckpt if args.ckpt != OFFICIAL_HUB_REPO else f"hf:{args.ckpt}")
-    settings = build_settings(args, config, model, vae_spec, latents_scale, info.world_size, identity)
+    loaded = _load_checked(args, info)
+    model, config = loaded.model, loaded.config
+    run = RunFiles(Path(args.sample_dir),
+                   args.run_name or default_run_name(args, config["model"], config["resolution"], loaded.vae_spec))
+    settings = build_settings(args, config, model, loaded.vae_spec, loaded.latents_scale, info.world_size,
+                              checkpoint_identity(args.ckpt))
     # One writer per sample folder (and the npz, json and grid named after it): the clean-up below then only
     # removes what a dead run left.
-    cluster.hold_folder(run_dir, hint="choose another --sample-dir or --run-name", rank=info.rank,
+    cluster.hold_folder(run.dir, hint="choose another --sample-dir or --run-name", rank=info.rank,
                         world=info.world_size)
-
-    def prepare() -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        check_resumable(run_dir, settings)
-        atomic_json_dump(settings, run_dir / "settings.json")
-        clean_stale_tmp(run_dir)  # PNGs half-written by a killed job
-        clean_stale_tmp(sample_dir, npz_path.name)  # an npz half-packed by a killed job
-        bad = remove_incomplete_pngs(run_dir)
-        if bad:
-            print(f"{run_dir}: {len(bad)} truncated PNG(s) removed, to be generated again: {bad[:10]}")
-
-    info.main_first(prepare)
+    info.main_first(lambda: _prepare_folder(run, settings))
     # Every rank lists the folder before anyone writes, so all agree on the work to share out.
-    done = finished_indices(run_dir)
+    done = finished_indices(run.dir)
     info.barrier()
     todo = [i for i in range(args.num_fid_samples) if i not in done]
     mine = todo[info.rank::info.world_size]
     if info.is_main:
-        print(f"{run_dir}: {args.num_fid_samples - len(todo)} of {args.num_fid_samples} images already there, "
+        print(f"{run.dir}: {args.num_fid_samples - len(todo)} of {args.num_fid_samples} images already there, "
               f"{len(todo)} to make on {info.world_size} process(es); {config['model']}, "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
+              f"{sum(p.numel() for p in model.parameters()):,} parameters, device {info.device}")
 
     start = time.perf_counter()
-    bar = tqdm(total=len(mine), desc=f"sampling {run_name}", disable=not info.is_main, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), desc=f"sampling {run.name}", disable=not info.is_main, dynamic_ncols=True)
     gen_kwargs = dict(
         global_seed=args.global_seed, num_classes=model.num_classes, balanced=args.balanced,
         mode=args.mode, num_steps=args.num_steps, cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
         guidance_low=args.guidance_low, guidance_high=args.guidance_high, heun=args.heun,
-        path_type=config["path_type"], latents_scale=latents_scale, batch_size=args.per_proc_batch_size,
-        device=device, dtype=torch.bfloat16 if args.precision == "bf16" else None, label_list=args.label_list)
+        path_type=config["path_type"], latents_scale=loaded.latents_scale, batch_size=args.per_proc_batch_size,
+        device=info.device, dtype=autocast_dtype(args.precision), label_list=args.label_list)
 
     def make(indices_to_make: list[int]) -> None:
-        for indices, images, _ in generate_images(model, codec, indices_to_make, **gen_kwargs):
+        for indices, images, _ in generate_images(model, loaded.codec, indices_to_make, **gen_kwargs):
             for index, image in zip(indices, images.cpu().numpy()):
-                save_png(image, png_path(run_dir, index))
+                save_png(image, png_path(run.dir, index))
             bar.update(len(indices))
             if cluster.stop_requested():  # a signal: this batch's PNGs are written; a rerun makes the rest
                 break
@@ -488,44 +445,74 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     info.run_together(lambda: make(mine))  # a non-finite sample on one rank stops every rank
     bar.close()
     if cluster.any_rank_stopping(info.world_size):
-        raise cluster.stopped(f"the PNGs in {run_dir} are complete, the npz is not written yet", is_main=info.is_main)
+        raise cluster.stopped(f"the PNGs in {run.dir} are complete, the npz is not written yet", is_main=info.is_main)
     info.barrier()
     elapsed = time.perf_counter() - start
-
-    summary = {"run_dir": str(run_dir), "generated": len(todo), "seconds": elapsed,
-               "images_per_second": len(todo) / elapsed if todo else 0.0, "guided": using_cfg}
-
-    def pack() -> None:
-        missing = [i for i in range(args.num_fid_samples) if not png_path(run_dir, i).exists()]
-        if missing:
-            raise RuntimeError(f"{len(missing)} images missing in {run_dir} after sampling, e.g. {missing[:5]}")
-        labels = class_labels(list(range(args.num_fid_samples)), global_seed=args.global_seed,
-                              num_classes=model.num_classes, balanced=args.balanced,
-                              label_list=args.label_list).numpy()
-        try:
-            shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
-        except UnreadablePNGs as e:  # damaged on disk since they were written: make them again, here
-            print(f"{run_dir}: {e}; generating {len(e.indices)} image(s) again", flush=True)
-            for i in e.indices:
-                png_path(run_dir, i).unlink(missing_ok=True)
-            make(e.indices)
-            shape = write_npz(npz_path, run_dir, args.num_fid_samples, labels)
-        if args.grid and args.label_list:
-            save_class_grid(run_dir, args.label_list, args.num_fid_samples, args.grid, args.class_names,
-                            sample_dir / f"{run_name}-grid.png")
-        elif args.grid:
-            n = min(args.grid, args.num_fid_samples)
-            save_grid(run_dir, n, sample_dir / f"{run_name}-grid.png")
-        summary.update(npz=str(npz_path), shape=list(shape))
-        atomic_json_dump({**settings, "result": summary}, sample_dir / f"{run_name}.json")
-        if args.npz_path_file:
-            atomic_write_bytes(args.npz_path_file, f"{npz_path.resolve()}\n".encode())
-        print(f"wrote {npz_path} {shape}; sampled {len(todo)} images in {elapsed:.1f} s: "
-              f"{summary['images_per_second']:.2f} images/s ({info.world_size} process(es), decode and PNG included)")
-        print(f"NPZ_PATH={npz_path.resolve()}", flush=True)
-
-    info.main_first(pack)
+    summary = {"run_dir": str(run.dir), "generated": len(todo), "seconds": elapsed,
+               "images_per_second": len(todo) / elapsed if todo else 0.0, "guided": args.cfg_scale > 1.0}
+    info.main_first(lambda: _pack(args, run, settings, summary, make, model.num_classes, info.world_size))
     return summary
+
+
+def _load_checked(args: argparse.Namespace, info: DistInfo) -> SamplingModel:
+    """The model and its decoder, with the flags that need them checked; the config gains the resolution."""
+    loaded = load_model(args, info.device)
+    model = loaded.model
+    args.label_list = None if args.class_labels is None else parse_class_labels(args.class_labels, model.num_classes)
+    if args.mode != "ode" and args.heun and info.is_main:
+        warnings.warn("--heun only applies to --mode ode; ignored")
+    if args.balanced and args.num_fid_samples % model.num_classes and info.is_main:
+        warnings.warn(f"--balanced: {args.num_fid_samples} is not a multiple of {model.num_classes} classes; "
+                      "class counts will differ by one")
+    resolution = model.input_size * loaded.codec.downsample
+    if args.resolution is not None and args.resolution != resolution:
+        raise UserError(f"--resolution {args.resolution} does not match the checkpoint: latent side "
+                        f"{model.input_size} x VAE downsampling {loaded.codec.downsample} = {resolution}")
+    if args.compile:  # two static graphs: batch N, and 2N on guided steps
+        model = torch.compile(model, dynamic=False)
+    return loaded._replace(model=model, config={**loaded.config, "resolution": resolution})
+
+
+def _prepare_folder(run: RunFiles, settings: dict) -> None:
+    """Rank 0, before sampling: refuse other settings, record ours, remove what a killed run left half-written."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(run.dir, settings)
+    atomic_json_dump(settings, run.dir / "settings.json")
+    clean_stale_tmp(run.dir)  # PNGs half-written by a killed job
+    clean_stale_tmp(run.sample_dir, run.beside(".npz").name)  # an npz half-packed by a killed job
+    bad = remove_incomplete_pngs(run.dir)
+    if bad:
+        print(f"{run.dir}: {len(bad)} truncated PNG(s) removed, to be generated again: {bad[:10]}")
+
+
+def _pack(args: argparse.Namespace, run: RunFiles, settings: dict, summary: dict, make: Callable[[list[int]], None],
+          num_classes: int, world_size: int) -> None:
+    """Rank 0, after sampling: the npz (PNGs found damaged are made again with `make`), the grid, RUN.json."""
+    num, npz_path = args.num_fid_samples, run.beside(".npz")
+    missing = [i for i in range(num) if not png_path(run.dir, i).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images missing in {run.dir} after sampling, e.g. {missing[:5]}")
+    labels = class_labels(list(range(num)), global_seed=args.global_seed, num_classes=num_classes,
+                          balanced=args.balanced, label_list=args.label_list).numpy()
+    try:
+        shape = write_npz(npz_path, run.dir, num, labels)
+    except UnreadablePNGs as e:  # damaged on disk since they were written: make them again, here
+        print(f"{run.dir}: {e}; generating {len(e.indices)} image(s) again", flush=True)
+        for i in e.indices:
+            png_path(run.dir, i).unlink(missing_ok=True)
+        make(e.indices)
+        shape = write_npz(npz_path, run.dir, num, labels)
+    if args.grid and args.label_list:
+        save_class_grid(run.dir, args.label_list, num, args.grid, args.class_names, run.beside("-grid.png"))
+    elif args.grid:
+        save_grid(run.dir, min(args.grid, num), run.beside("-grid.png"))
+    summary.update(npz=str(npz_path), shape=list(shape))
+    atomic_json_dump({**settings, "result": summary}, run.beside(".json"))
+    if args.npz_path_file:
+        atomic_write_bytes(args.npz_path_file, f"{npz_path.resolve()}\n".encode())
+    print(f"wrote {npz_path} {shape}; sampled {summary['generated']} images in {summary['seconds']:.1f} s: "
+          f"{summary['images_per_second']:.2f} images/s ({world_size} process(es), decode and PNG included)")
+    print(f"NPZ_PATH={npz_path.resolve()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ Randomness (SDE only) has one source: ``randn_like(x) -> eps``, a callable retur
 normal noise shaped like ``x`` (EDM2's convention). The default is ``torch.randn_like`` (torch's
 global generator). ``per_sample_randn_like(generators)`` builds one from N per-sample generators:
 row i of every draw comes from ``generators[i]`` alone, so a sample's trajectory depends only
-on its own generator and comes out the same whatever batch it is in. ``generation.generate_images``
-(behind generate.py, sweep.py and train.py's FID) draws the initial latents, the initial class token
-and then, on every step, the latent noise and the class-token noise of image i from its own
-generator, in that order.
+on its own generator and comes out the same whatever batch it is in. How generate.py, sweep.py and
+train.py's FID seed those generators: docs/design.md#seeding.
 """
 from __future__ import annotations
 
@@ -79,13 +77,14 @@ def _draw(randn_like: RandnLike, x: torch.Tensor) -> torch.Tensor:
 # Model evaluation with batched classifier-free guidance
 
 
-def _model_dtype(model, latents: torch.Tensor) -> torch.dtype:
-    """The dtype the model computes in: its first floating parameter's, else that of latents."""
+def model_dtype_of(model, default: torch.dtype) -> torch.dtype:
+    """The dtype a model computes in: its first floating parameter's, else `default` (a parameter-free
+    callable)."""
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             if p.is_floating_point():
                 return p.dtype
-    return latents.dtype
+    return default
 
 
 def _check_model(model, y: torch.Tensor, guided: bool) -> int | None:
@@ -112,10 +111,14 @@ def _accepts_return_projections(model) -> bool:
         return False
 
 
+Velocities = tuple  # (v, v_uncond, vc, vc_uncond) in float64; the uncond halves None when not guided
+Forward = Callable[..., Velocities]
+
+
 def _start(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Tensor | None, *,
            num_steps: int, cfg_scale: float, cls_cfg_scale: float, guidance_low: float, guidance_high: float,
-           path_type: str):
-    """The checks both samplers share; returns the forward call and the float64 start state."""
+           path_type: str) -> tuple[Forward, torch.Tensor, torch.Tensor | None]:
+    """The checks every sampler shares; returns the forward call and the float64 start state."""
     check_path_type(path_type)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -126,54 +129,34 @@ def _start(model, latents: torch.Tensor, y: torch.Tensor, cls_latents: torch.Ten
     null_label = _check_model(model, y, cfg_scale > 1.0)
     # Sampling never uses the REPA projections: skip them (about 1.7% of SiT-XL/2's FLOPs).
     extra = {"return_projections": False} if _accepts_return_projections(model) else {}
-    forward = _Forward(model, _model_dtype(model, latents), null_label, extra)
+    dtype = model_dtype_of(model, latents.dtype)
+
+    def forward(x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor, t: float, *, guided: bool) -> Velocities:
+        """One forward at time t; under CFG the cond and uncond halves share one batched call."""
+        if guided:
+            x_in = torch.cat([x, x])
+            c_in = None if c is None else torch.cat([c, c])
+            y_in = torch.cat([y, torch.full_like(y, null_label)])
+        else:
+            x_in, c_in, y_in = x, c, y
+        t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
+        out = model(x_in.to(dtype), t_in, y_in, cls_token=None if c_in is None else c_in.to(dtype), **extra)
+        v, vc = out[0].to(torch.float64), out[2]
+        if c is None and vc is not None:
+            raise ValueError("the model predicts a class token but cls_latents is None; "
+                             "draw cls_latents ~ N(0, I) of shape (N, model.cls_dim)")
+        if c is not None and vc is None:
+            raise ValueError("cls_latents were given but the model returned no class-token velocity "
+                             "(a model built with use_cls_token=False); pass cls_latents=None")
+        vc = None if vc is None else vc.to(torch.float64)
+        if not guided:
+            return v, None, vc, None
+        v, v_u = v.chunk(2)
+        vc, vc_u = (None, None) if vc is None else vc.chunk(2)
+        return v, v_u, vc, vc_u
+
     c = None if cls_latents is None else cls_latents.to(torch.float64)
     return forward, latents.to(torch.float64), c
-
-
-class _Prediction:
-    """Velocities at one time, in float64, split into conditional / unconditional halves."""
-
-    def __init__(self, v, v_uncond, vc, vc_uncond):
-        self.v, self.v_uncond, self.vc, self.vc_uncond = v, v_uncond, vc, vc_uncond
-
-
-class _Forward:
-    """The model call the samplers make: its dtype, the null label and extra keyword arguments."""
-
-    def __init__(self, model, dtype: torch.dtype, null_label: int | None, extra: dict):
-        self.model, self.dtype, self.null_label, self.extra = model, dtype, null_label, extra
-
-    def __call__(self, x, c, y, t: float, *, guided: bool) -> _Prediction:
-        return _predict(self.model, x, c, y, t, guided=guided, null_label=self.null_label,
-                        model_dtype=self.dtype, extra=self.extra)
-
-
-def _predict(model, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor, t: float, *,
-             guided: bool, null_label: int | None, model_dtype: torch.dtype, extra: dict) -> _Prediction:
-    """One forward at time t; under CFG the cond and uncond halves share one batched call."""
-    if guided:
-        x_in = torch.cat([x, x])
-        c_in = None if c is None else torch.cat([c, c])
-        y_in = torch.cat([y, torch.full_like(y, null_label)])
-    else:
-        x_in, c_in, y_in = x, c, y
-    t_in = torch.full((x_in.shape[0],), t, dtype=model_dtype, device=x.device)
-    out = model(x_in.to(model_dtype), t_in, y_in,
-                cls_token=None if c_in is None else c_in.to(model_dtype), **extra)
-    v, vc = out[0].to(torch.float64), out[2]
-    if c is None and vc is not None:
-        raise ValueError("the model predicts a class token but cls_latents is None; "
-                         "draw cls_latents ~ N(0, I) of shape (N, model.cls_dim)")
-    if c is not None and vc is None:
-        raise ValueError("cls_latents were given but the model returned no class-token velocity "
-                         "(a model built with use_cls_token=False); pass cls_latents=None")
-    vc = None if vc is None else vc.to(torch.float64)
-    if not guided:
-        return _Prediction(v, None, vc, None)
-    v, v_u = v.chunk(2)
-    vc, vc_u = (None, None) if vc is None else vc.chunk(2)
-    return _Prediction(v, v_u, vc, vc_u)
 
 
 def _cfg(cond: torch.Tensor | None, uncond: torch.Tensor | None, scale: float) -> torch.Tensor | None:
@@ -185,6 +168,15 @@ def _cfg(cond: torch.Tensor | None, uncond: torch.Tensor | None, scale: float) -
     if cond is None or uncond is None or scale <= 0:
         return cond
     return uncond + scale * (cond - uncond)
+
+
+def _guided_velocity(forward: Forward, y: torch.Tensor, cfg_scale: float, cls_cfg_scale: float):
+    """The ODE samplers' velocity call: (x, c, t, guided) -> the guided (v, vc) (CFG on the velocity)."""
+
+    def velocity(x: torch.Tensor, c: torch.Tensor | None, t: float, guided: bool):
+        v, v_u, vc, vc_u = forward(x, c, y, t, guided=guided)
+        return _cfg(v, v_u, cfg_scale), _cfg(vc, vc_u, cls_cfg_scale)
+    return velocity
 
 
 def _in_interval(t: float, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
@@ -259,13 +251,11 @@ def euler_maruyama_sampler(
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         dt = t_next - t_cur
         guided = _in_interval(float(t_cur), cfg_scale, guidance_low, guidance_high)
-        pred = forward(x, c, y, float(t_cur), guided=guided)
+        v, v_u, vc, vc_u = forward(x, c, y, float(t_cur), guided=guided)
         # Drifts are affine in v with the same coefficients for both halves (same x and t),
         # so guiding the drift equals guiding the velocity; we guide the drift as REG does.
-        d = _cfg(_sde_drift(pred.v, x, t_cur, path_type),
-                 _sde_drift(pred.v_uncond, x, t_cur, path_type), cfg_scale)
-        dc = _cfg(_sde_drift(pred.vc, c, t_cur, path_type),
-                  _sde_drift(pred.vc_uncond, c, t_cur, path_type), cls_cfg_scale)
+        d = _cfg(_sde_drift(v, x, t_cur, path_type), _sde_drift(v_u, x, t_cur, path_type), cfg_scale)
+        dc = _cfg(_sde_drift(vc, c, t_cur, path_type), _sde_drift(vc_u, c, t_cur, path_type), cls_cfg_scale)
         last = i == num_steps - 1
         if last:  # deterministic mean step to t = 0
             x = x + d * dt
@@ -313,10 +303,7 @@ def euler_sampler(
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                            path_type=path_type)
 
-    def velocity(x_, c_, t: float, guided: bool):
-        pred = forward(x_, c_, y, t, guided=guided)
-        return _cfg(pred.v, pred.v_uncond, cfg_scale), _cfg(pred.vc, pred.vc_uncond, cls_cfg_scale)
-
+    velocity = _guided_velocity(forward, y, cfg_scale, cls_cfg_scale)
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     for i in range(num_steps):
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
@@ -414,9 +401,10 @@ def multistep_sampler(
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                            path_type=path_type)
 
+    velocity = _guided_velocity(forward, y, cfg_scale, cls_cfg_scale)
+
     def data(state, t: float):
-        pred = forward(state[0], state[1], y, t, guided=_in_interval(t, cfg_scale, guidance_low, guidance_high))
-        v, vc = _cfg(pred.v, pred.v_uncond, cfg_scale), _cfg(pred.vc, pred.vc_uncond, cls_cfg_scale)
+        v, vc = velocity(state[0], state[1], t, _in_interval(t, cfg_scale, guidance_low, guidance_high))
         return _both(lambda v_, x_: data_from_velocity(v_, x_, t, path_type), (v, vc), state)
 
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)

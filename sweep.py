@@ -32,22 +32,20 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import cluster
-from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, load_generator
-from generation import DistInfo, generate_images, init_distributed
-from models.vae import config_decoding_vae, load_vae
+from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity
+from generation import (DistInfo, SamplingModel, autocast_dtype, check_same_settings, gather_features, generate_images,
+                        init_distributed, load_for_sampling)
 from samplers import SAMPLER_MODES
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats, run_main,
                    set_fp32_precision)
 
 # What every stored metric depends on besides its own sampler setting.
 MANIFEST_KEYS = ("checkpoint", "ema", "reference", "inception_weights_id", "global_seed", "num_samples",
-                 "balanced", "precision", "vae", "latents_scale", "path_type", "model")
+                 "balanced", "precision", "tf32", "vae", "latents_scale", "path_type", "model", "model_config")
 
 
 def _ints(text: str) -> list[int]:
@@ -150,22 +148,13 @@ def build_grid(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 
 def check_manifest(out: Path, manifest: dict) -> None:
-    """Results in `out` are only comparable if made with the same checkpoint, reference, seed and count."""
-    path = out / "sweep.json"
-    if not path.exists():
-        if (out / "settings").is_dir() and any((out / "settings").glob("*.json")):
-            raise UserError(f"{out} holds results but no sweep.json: their provenance is unknown; "
-                            "use another --out")
-        atomic_json_dump(manifest, path)
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); use another --out") from e
-    differ = [k for k in MANIFEST_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(manifest[k], sort_keys=True)]
-    if differ:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {manifest[k]!r}" for k in differ)
-        raise UserError(f"{out} holds a sweep made with other settings ({detail}); use another --out")
+    """Results in `out` are only comparable if made with the same checkpoint, reference, seed and count
+    (MANIFEST_KEYS); a new folder gets its sweep.json here."""
+    settings_dir = out / "settings"
+    check_same_settings(out / "sweep.json", manifest, MANIFEST_KEYS,
+                        holds_results=settings_dir.is_dir() and any(settings_dir.glob("*.json")), hint="use another --out")
+    if not (out / "sweep.json").exists():
+        atomic_json_dump(manifest, out / "sweep.json")
 
 
 def paper_numbers(model: str) -> list[dict] | None:
@@ -261,25 +250,7 @@ def write_plot(out: Path, rows: list[dict]) -> None:
 # Main
 
 
-def _gather_features(feats: dict[str, np.ndarray], info: DistInfo, num: int) -> dict[str, np.ndarray] | None:
-    """Rank r holds images r, r + W, ...; rank 0 gets every image's features in index order."""
-    if info.world_size == 1:
-        return feats
-    parts = [None] * info.world_size if info.is_main else None
-    dist.gather_object(feats, parts, dst=0)
-    if not info.is_main:
-        return None
-    out = {}
-    for key in feats:
-        first = next(p[key] for p in parts if p is not None and p[key] is not None)
-        full = np.empty((num, *first.shape[1:]), dtype=first.dtype)
-        for r, p in enumerate(parts):
-            full[r::info.world_size] = p[key]
-        out[key] = full
-    return out
-
-
-def _sample_features(acc, model, codec, mine: list[int], s: dict, args, config: dict, latents_scale: float,
+def _sample_features(features, model, codec, mine: list[int], s: dict, args, config: dict, latents_scale: float,
                      device, bar) -> None:
     """Sample this process's images of setting `s` into the feature accumulator (NonFiniteSampleError names
     an image that is not finite: no FID is computed from it)."""
@@ -289,8 +260,8 @@ def _sample_features(acc, model, codec, mine: list[int], s: dict, args, config: 
             cls_cfg_scale=s["cls_cfg_scale"], guidance_low=s["guidance_low"],
             guidance_high=s["guidance_high"], heun=s["heun"], path_type=config["path_type"],
             latents_scale=latents_scale, batch_size=args.per_proc_batch_size, device=device,
-            dtype=torch.bfloat16 if args.precision == "bf16" else None):
-        acc.add(images)
+            dtype=autocast_dtype(args.precision)):
+        features.add(images)
         bar.update(len(idx))
         if cluster.stop_requested():  # a signal: the caller discards this setting
             break
@@ -310,40 +281,18 @@ def main(args: argparse.Namespace) -> dict | None:
             raise UserError(f"--num-samples {args.num_samples} < {info.world_size} processes")
         return _sweep(args, info, requested, distinct, evaluator)
     finally:
-        if info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
 
 
 def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
-    device = info.device
     set_fp32_precision("tf32" if args.tf32 else "ieee")
-    spec = args.ckpt
-    model, config = load_generator(spec, use_ema=args.ema, overrides={"path_type": args.path_type},
-                                   legacy=args.legacy, device=device)
-    model.requires_grad_(False)
-    compute_dtype = torch.float64 if args.precision == "fp64" else torch.float32
-    model.to(compute_dtype)
-    vae_spec = args.vae or config_decoding_vae(config)  # ft-ema for SD-VAE latents, as the original
-    codec = load_vae(vae_spec, device=device, dtype=compute_dtype)
-    if codec.latent_channels != model.in_channels:
-        raise UserError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
-                        f"expects {model.in_channels}")
-    latents_scale = float(config.get("latents_scale", codec.scaling_factor))
-    inception = evaluator.build_inception(args.inception_weights, device, verbose=info.is_main)
-    ref_stat = os.stat(args.ref_batch)
-    manifest = {
-        "checkpoint": checkpoint_identity(spec), "ema": args.ema,
-        "reference": {"source": os.path.abspath(args.ref_batch), "size": ref_stat.st_size,
-                      "mtime_ns": ref_stat.st_mtime_ns},
-        "inception_weights_id": inception.weights_id, "global_seed": args.global_seed,
-        "num_samples": args.num_samples, "balanced": args.balanced, "precision": args.precision,
-        "vae": vae_spec, "latents_scale": latents_scale, "path_type": config["path_type"], "model": config["model"],
-        "model_config": config,
-    }
+    loaded = load_for_sampling(args.ckpt, use_ema=args.ema, legacy=args.legacy, precision=args.precision,
+                               vae=args.vae, device=info.device, overrides={"path_type": args.path_type})
+    inception = evaluator.build_inception(args.inception_weights, info.device, verbose=info.is_main)
+    manifest = build_manifest(args, loaded, inception.weights_id)
     out = Path(args.out)
     settings_dir = out / "settings"
     ref = None
-
     cluster.hold_folder(out, hint="choose another --out", rank=info.rank, world=info.world_size)
 
     def prepare() -> None:
@@ -354,37 +303,70 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
                                        batch_size=args.eval_batch_size)
 
     info.main_first(prepare)
-
-    mine = list(range(info.rank, args.num_samples, info.world_size))  # the same indices for every setting
     todo = [s for s in distinct if not (settings_dir / f"{setting_key(s)}.json").exists()]
     if info.is_main:
         print(f"sweep {out}: {len(distinct)} distinct settings ({len(requested)} requested), "
               f"{len(distinct) - len(todo)} already done, {args.num_samples} images each on "
               f"{info.world_size} process(es)", flush=True)
     for n, s in enumerate(todo):
-        start = time.perf_counter()
-        acc = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
-        bar = tqdm(total=len(mine), desc=f"setting {n + 1}/{len(todo)} {setting_key(s)}", unit="img",
-                   disable=not info.is_main, leave=False)  # this process's share; the main process shows it
-        info.run_together(lambda: _sample_features(acc, model, codec, mine, s, args, config, latents_scale, device,
-                                                   bar))
-        bar.close()
-        if cluster.any_rank_stopping(info.world_size):  # a signal: this setting is discarded, the finished kept
+        if not _run_setting(args, info, loaded, s, f"{n + 1}/{len(todo)}", evaluator, inception, ref, settings_dir):
+            # a signal: this setting is discarded, the finished kept
             raise cluster.stopped(f"{n} setting(s) finished in {out}, {setting_key(s)} discarded", is_main=info.is_main)
-        feats = _gather_features(acc.features(), info, args.num_samples)
-        if info.is_main:
-            batch = evaluator.batch_from_features(feats["pool"], feats["spatial"], feats["logits"],
-                                                  name=setting_key(s), image_shape=acc.image_shape)
-            metrics = evaluator.compute_metrics(ref, batch)
-            seconds = time.perf_counter() - start
-            atomic_json_dump({**s, "metrics": metrics, "seconds": seconds},
-                             settings_dir / f"{setting_key(s)}.json", nan_as_null=True)
-            print(f"[{n + 1}/{len(todo)}] {setting_key(s)}: FID {metrics['fid']:.3f}, sFID {metrics['sfid']:.3f}, "
-                  f"IS {metrics['inception_score']:.2f} ({seconds:.0f} s)", flush=True)
         info.barrier()
-
     if not info.is_main:
         return None
+    rows = _collect_rows(requested, settings_dir)
+    summary = write_table(out, rows, manifest, paper_numbers(loaded.config["model"]))
+    write_plot(out, rows)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'fid.png'}")
+    return summary
+
+
+def build_manifest(args: argparse.Namespace, loaded: SamplingModel, inception_weights_id: str) -> dict:
+    """sweep.json: what every stored metric depends on besides its own sampler setting (MANIFEST_KEYS)."""
+    ref_stat = os.stat(args.ref_batch)
+    config = loaded.config
+    return {
+        "checkpoint": checkpoint_identity(args.ckpt), "ema": args.ema,
+        "reference": {"source": os.path.abspath(args.ref_batch), "size": ref_stat.st_size,
+                      "mtime_ns": ref_stat.st_mtime_ns},
+        "inception_weights_id": inception_weights_id, "global_seed": args.global_seed,
+        "num_samples": args.num_samples, "balanced": args.balanced, "precision": args.precision, "tf32": args.tf32,
+        "vae": loaded.vae_spec, "latents_scale": loaded.latents_scale, "path_type": config["path_type"],
+        "model": config["model"], "model_config": config,
+    }
+
+
+def _run_setting(args, info: DistInfo, loaded: SamplingModel, s: dict, progress: str, evaluator, inception, ref,
+                 settings_dir: Path) -> bool:
+    """Sample setting `s` on every process; rank 0 scores it and writes settings/KEY.json. False when a signal
+    stopped some process: the setting is left unwritten."""
+    start = time.perf_counter()
+    mine = list(range(info.rank, args.num_samples, info.world_size))  # the same indices for every setting
+    features = evaluator.FeatureAccumulator(inception, batch_size=args.eval_batch_size)
+    bar = tqdm(total=len(mine), desc=f"setting {progress} {setting_key(s)}", unit="img",
+               disable=not info.is_main, leave=False)  # this process's share; the main process shows it
+    info.run_together(lambda: _sample_features(features, loaded.model, loaded.codec, mine, s, args, loaded.config,
+                                               loaded.latents_scale, info.device, bar))
+    bar.close()
+    if cluster.any_rank_stopping(info.world_size):
+        return False
+    feats = gather_features(mine, features.features(), info.world_size)
+    if not info.is_main:
+        return True
+    batch = evaluator.batch_from_features(feats["pool"], feats["spatial"], feats["logits"],
+                                          name=setting_key(s), image_shape=features.image_shape)
+    metrics = evaluator.compute_metrics(ref, batch)
+    seconds = time.perf_counter() - start
+    atomic_json_dump({**s, "metrics": metrics, "seconds": seconds}, settings_dir / f"{setting_key(s)}.json",
+                     nan_as_null=True)
+    print(f"[{progress}] {setting_key(s)}: FID {metrics['fid']:.3f}, sFID {metrics['sfid']:.3f}, "
+          f"IS {metrics['inception_score']:.2f} ({seconds:.0f} s)", flush=True)
+    return True
+
+
+def _collect_rows(requested: list[dict], settings_dir: Path) -> list[dict]:
+    """One row per requested setting, with the metrics of its distinct setting; one per distinct unguided one."""
     rows, seen = [], set()
     for s in requested:
         c = canonical(s)
@@ -395,10 +377,7 @@ def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], ev
             s = c
         done = json.loads((settings_dir / f"{setting_key(c)}.json").read_text())
         rows.append({**s, "metrics": done["metrics"]})
-    summary = write_table(out, rows, manifest, paper_numbers(config["model"]))
-    write_plot(out, rows)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'fid.png'}")
-    return summary
+    return rows
 
 
 if __name__ == "__main__":

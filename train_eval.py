@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from generation import NonFiniteSampleError
+from generation import NonFiniteSampleError, gather_features
 
 
 class InTrainingEval:
@@ -19,7 +19,7 @@ class InTrainingEval:
         from evaluations.evaluator import build_inception, load_reference, resolve_weights
         from models.vae import load_vae
 
-        self.args, self.config, self.acc, self.log = args, config, accelerator, log
+        self.args, self.config, self.accelerator, self.log = args, config, accelerator, log
         device = accelerator.device
         # everything that can fail (weights, reference, VAE) fails at start-up, not hours into the run
         self.inception = build_inception(resolve_weights(args.inception_weights), device=device)
@@ -42,19 +42,19 @@ class InTrainingEval:
         from evaluations.evaluator import FeatureAccumulator
         from generation import generate_images
 
-        a, acc = self.args, self.acc
+        a, accelerator = self.args, self.accelerator
         features = FeatureAccumulator(self.inception)
         indices: list[int] = []
-        mine = range(acc.process_index, a.eval_samples, acc.num_processes)
+        mine = range(accelerator.process_index, a.eval_samples, accelerator.num_processes)
         # the training bar stands still meanwhile: this one shows the evaluation moving (main process only)
         bar = tqdm(total=len(mine), desc=f"FID at step {step}" if step is not None else "FID", unit="img",
-                   disable=not acc.is_main_process, leave=False)
+                   disable=not accelerator.is_main_process, leave=False)
         for idx, images, _ in generate_images(
                 ema, self.vae, mine, global_seed=a.seed,
                 num_classes=self.config["num_classes"], balanced=True, mode=a.eval_mode, num_steps=a.eval_steps,
                 cfg_scale=a.eval_cfg, cls_cfg_scale=a.eval_cls_cfg, guidance_high=a.eval_guidance_high,
                 path_type=self.config["path_type"], latents_scale=self.config["latents_scale"],
-                batch_size=a.eval_batch_size, device=acc.device, dtype=self.dtype):
+                batch_size=a.eval_batch_size, device=accelerator.device, dtype=self.dtype):
             features.add(images)
             indices += list(idx)
             bar.update(len(idx))
@@ -65,24 +65,23 @@ class InTrainingEval:
         """Evaluate the EMA model at `step`; the main process logs and returns the record."""
         from evaluations.evaluator import batch_from_features, compute_metrics
 
-        a, acc = self.args, self.acc
+        a, accelerator = self.args, self.accelerator
         start = time.time()
+        indices, features, error = [], None, None
         try:
-            shards = [self.sample_features(ema, step)]
-        except NonFiniteSampleError as e:  # gathered like a shard, so that every rank learns of it
-            shards = [str(e)]
-        if acc.num_processes > 1:
-            gathered = [None] * acc.num_processes
-            torch.distributed.all_gather_object(gathered, shards[0])
-            shards = gathered
+            indices, features = self.sample_features(ema, step)
+        except NonFiniteSampleError as e:
+            error = str(e)
+        errors = [error]
+        if accelerator.num_processes > 1:  # every rank learns of a failure on any rank
+            errors = [None] * accelerator.num_processes
+            torch.distributed.all_gather_object(errors, error)
         record = None
-        if failed := [s for s in shards if isinstance(s, str)]:
+        if failed := [e for e in errors if e is not None]:
             # never a FID from NaN images; the weights themselves are checked at every checkpoint
-            if acc.is_main_process:
+            if accelerator.is_main_process:
                 self.log.info(f"WARNING: eval at step {step} skipped, no FID logged: {failed[0]}")
-        elif acc.is_main_process:
-            order = np.argsort(np.concatenate([s[0] for s in shards]), kind="stable")  # index order
-            merged = {k: np.concatenate([s[1][k] for s in shards])[order] for k in shards[0][1]}
+        elif (merged := gather_features(indices, features, accelerator.num_processes)) is not None:
             sample = batch_from_features(merged["pool"], merged["spatial"], merged["logits"], name=f"step {step}")
             metrics = compute_metrics(self.ref, sample)
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "eval_time_s": time.time() - start,
@@ -93,5 +92,5 @@ class InTrainingEval:
                           f"IS {metrics['inception_score']:.2f} P {metrics['precision']:.3f} R {metrics['recall']:.3f} "
                           f"({a.eval_samples} images, {record['eval_time_s']:.1f} s)")
         self.done.add(step)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return record

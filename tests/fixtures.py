@@ -39,3 +39,21 @@ def save_tiny_reg_checkpoint(path, *, perturb: float = 0.0, seed: int = 0):
                 p.add_(perturb * torch.randn_like(p))
     export_safetensors(path, model.state_dict(), config)
     return path
+
+
+def run_two_processes(target, timeout: float = 60) -> list:
+    """Fork two processes running target(rank, port, queue) (port: a free one for a gloo group of two, to
+    set as MASTER_PORT) and return what they put on the queue, in arrival order."""
+    import multiprocessing
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    return [out.get(timeout=5) for _ in procs]

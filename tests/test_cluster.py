@@ -16,7 +16,7 @@ import torch
 import cluster
 import generate
 import train
-from fixtures import save_tiny_reg_checkpoint
+from fixtures import run_two_processes, save_tiny_reg_checkpoint
 from preprocessing import dataset_tools
 from test_sweep import run as sweep_run, setup  # noqa: F401 (a fixture)
 from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401 (fixtures)
@@ -315,17 +315,7 @@ def _step_loop(rank, port, out):
 
 
 def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_step_loop, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert sorted(out.get(timeout=5) for _ in procs) == [(0, 9), (1, 9)]  # flag at 6, agreed at 8, read at 9
+    assert sorted(run_two_processes(_step_loop)) == [(0, 9), (1, 9)]  # flag at 6, agreed at 8, read at 9  # flag at 6, agreed at 8, read at 9
 
 
 

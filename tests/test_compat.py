@@ -240,7 +240,7 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
     ev = object.__new__(train_eval.InTrainingEval)
     ev.args = argparse.Namespace(eval_samples=11, seed=0, eval_mode="ode", eval_steps=2, eval_cfg=1.0, eval_cls_cfg=0.0,
                                  eval_guidance_high=1.0, eval_batch_size=2)
-    ev.acc = argparse.Namespace(process_index=1, num_processes=2, is_main_process=main_process, device=torch.device("cpu"))
+    ev.accelerator = argparse.Namespace(process_index=1, num_processes=2, is_main_process=main_process, device=torch.device("cpu"))
     ev.config, ev.vae, ev.inception, ev.dtype = {"num_classes": 4, "path_type": "linear", "latents_scale": 1.0}, None, None, None
     indices, _ = ev.sample_features(None, 300)
     assert list(indices) == [1, 3, 5, 7, 9]

@@ -260,6 +260,9 @@ def test_num_classes_must_match_the_checkpoint(assets, tmp_path):
     # one above: the null row would silently become a real class
     with pytest.raises(ValueError, match=rf"--num-classes {NUM_CLASSES + 1} does not match"):
         run(assets, tmp_path, "--num-classes", str(NUM_CLASSES + 1))
+    # a decoder whose latents are not the model's (generation.load_for_sampling, sweep.py's loader too)
+    with pytest.raises(ValueError, match=r"VAE 'pixel-unshuffle' has \d+ latent channels but the model expects 4"):
+        run(assets, tmp_path, "--vae", "pixel-unshuffle")
 
 
 def test_resume_refuses_another_checkpoint(assets, tmp_path):

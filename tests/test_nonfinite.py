@@ -47,8 +47,8 @@ def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(
     load_model = generate.load_model
 
     def patched(args, device):
-        model, config = load_model(args, device)
-        return nan_for_second_row_of_last_batch(model), config
+        loaded = load_model(args, device)
+        return loaded._replace(model=nan_for_second_row_of_last_batch(loaded.model))
 
     monkeypatch.setattr(generate, "load_model", patched)
     argv = ["--ckpt", str(ckpt), "--sample-dir", str(tmp_path), "--run-name", "run", "--num-fid-samples", "6",
@@ -91,13 +91,13 @@ def test_sweep_computes_no_fid_from_a_non_finite_image(ckpt, tmp_path, monkeypat
 
     monkeypatch.setattr(evaluator, "build_inception", lambda weights, device, verbose=True: FakeInception())
     monkeypatch.setattr(evaluator, "compute_metrics", fake_metrics)
-    load_generator = sweep.load_generator
+    load_for_sampling = sweep.load_for_sampling
 
     def patched(*args, **kwargs):
-        model, config = load_generator(*args, **kwargs)
-        return nan_for_second_row_of_last_batch(model), config
+        loaded = load_for_sampling(*args, **kwargs)
+        return loaded._replace(model=nan_for_second_row_of_last_batch(loaded.model))
 
-    monkeypatch.setattr(sweep, "load_generator", patched)
+    monkeypatch.setattr(sweep, "load_for_sampling", patched)
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
     argv = ["--ckpt", str(ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "out"),
             "--cfg-scale", "1", "--num-steps", "3", "--num-samples", "6", "--per-proc-batch-size", "4",
@@ -128,7 +128,7 @@ def test_in_training_eval_logs_no_fid_from_a_non_finite_image(monkeypatch):
             pass
 
     ev = InTrainingEval.__new__(InTrainingEval)
-    ev.args, ev.acc, ev.log, ev.done = argparse.Namespace(), Acc(), Log(), set()
+    ev.args, ev.accelerator, ev.log, ev.done = argparse.Namespace(), Acc(), Log(), set()
 
     def bad(ema, step=None):
         raise NonFiniteSampleError("image 3 is not finite (NaN or inf in its latents)")

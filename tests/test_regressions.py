@@ -226,10 +226,12 @@ SWEEP_RESULT_SETTINGS = {
     "num_samples": (5000, "FID is biased by the sample count"),
     "balanced": (True, "the classes"),
     "precision": ("fp64", "the sampler's dtype"),
+    "tf32": (False, "matmul precision on GPU"),
     "vae": ("mse", "the decoder"),
     "latents_scale": (1.0, "latents are divided by it before decoding"),
     "path_type": ("cosine", "the score the SDE derives from the velocity"),
     "model": ("SiT-B/2", "the network"),
+    "model_config": ({"model": "SiT-XL/2", "qk_norm": True}, "the network's other settings (qk-norm, fused attention)"),
 }
 
 
@@ -237,7 +239,7 @@ def test_sweep_refuses_an_output_folder_made_with_any_other_setting(tmp_path):
     import sweep
     base = {"checkpoint": {"path": "/exps/ema.safetensors", "size": 10, "mtime_ns": 5, "sha256_first_mib": "f" * 64},
             "ema": True, "reference": {"source": "/ref.npz", "size": 3, "mtime_ns": 4}, "inception_weights_id": "pt",
-            "global_seed": 0, "num_samples": 10_000, "balanced": False, "precision": "fp32", "vae": "ema",
+            "global_seed": 0, "num_samples": 10_000, "balanced": False, "precision": "fp32", "tf32": True, "vae": "ema",
             "latents_scale": 0.18215, "path_type": "linear", "model": "SiT-XL/2", "model_config": {"model": "SiT-XL/2"}}
     sweep.check_manifest(tmp_path, base)  # writes sweep.json
     sweep.check_manifest(tmp_path, base)  # the same settings resume

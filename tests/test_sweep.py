@@ -4,6 +4,7 @@ cover the real ones."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import sweep
 from evaluations import evaluator
-from fixtures import save_tiny_reg_checkpoint
+from fixtures import run_two_processes, save_tiny_reg_checkpoint
 
 
 class FakeInception(torch.nn.Module):
@@ -120,3 +121,32 @@ def test_paper_column():
     assert sweep._paper_cell(paper, False) == "15.4 (400K it)"
     assert sweep._paper_cell(None, True).startswith("n/a")
     assert sweep._paper_cell([], False) == "n/a (not reported for this size)"
+
+
+def _gather_rank(rank, port, out):
+    import torch.distributed as dist
+
+    from generation import gather_features
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+    mine = list(range(rank, 5, 2))[::-1]  # unequal shares (3 and 2), rows not in index order
+    feats = {"pool": np.array([[i, 10 * i] for i in mine], dtype=np.float32), "logits": np.array(mine)[:, None]}
+    merged = gather_features(mine, feats, 2)
+    out.put((rank, None if merged is None else {k: v.tolist() for k, v in merged.items()}))
+    dist.destroy_process_group()
+
+
+def test_features_are_gathered_to_rank_0_in_index_order():
+    """generation.gather_features, behind sweep.py and train.py's FID: two gloo processes."""
+    results = dict(run_two_processes(_gather_rank))
+    assert results[1] is None
+    assert results[0] == {"pool": [[i, 10 * i] for i in range(5)], "logits": [[i] for i in range(5)]}
+
+
+def test_results_without_sweep_json_are_refused(tmp_path):
+    import sweep
+    (tmp_path / "settings").mkdir()
+    (tmp_path / "settings" / "sde-250-cfg-1.0.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds results but no sweep.json"):
+        sweep.check_manifest(tmp_path, {k: 0 for k in sweep.MANIFEST_KEYS})
+    assert not (tmp_path / "sweep.json").exists()
