@@ -451,12 +451,12 @@ def main(args: argparse.Namespace) -> dict:
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
                         generator=torch.Generator())  # its own RNG: creating it must not consume the global one
     max_steps = min(args.max_train_steps, args.epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps)
-    cfg = StepConfig(path_type=args.path_type, weighting=args.weighting, prediction=args.prediction,
-                     proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
-                     ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
-                     use_proj=bool(config["z_dims"]), num_classes=args.num_classes,
-                     legacy_drop_prob=args.cfg_prob if args.legacy else 0.0, device_skip=args.device_skip,
-                     ema_lerp=args.ema_lerp)
+    step_cfg = StepConfig(path_type=args.path_type, weighting=args.weighting, prediction=args.prediction,
+                          proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
+                          ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
+                          use_proj=bool(config["z_dims"]), num_classes=args.num_classes,
+                          legacy_drop_prob=args.cfg_prob if args.legacy else 0.0, device_skip=args.device_skip,
+                          ema_lerp=args.ema_lerp)
 
     if accelerator.is_main_process:
         atomic_json_dump(vars(args), run_dir / "args.json")
@@ -487,7 +487,7 @@ def main(args: argparse.Namespace) -> dict:
         bad = sum(b[3].sum() for b in batches) if args.skip_bad_samples else 0
         batches = [tuple(t.to(device, non_blocking=True) for t in b[:3]) for b in batches]
         result = train_step(batches, model=train_model, params=params, ema_params=ema_params, opt=opt,
-                            encoders=encoders, accelerator=accelerator, cfg=cfg)
+                            encoders=encoders, accelerator=accelerator, step_cfg=step_cfg)
         step += 1
         bar.update(1)
         meter.add(result.terms, result.finite, bad)

@@ -279,7 +279,7 @@ def _fp16_step(scaler, state: dict, seed: int = 0):
     torch.manual_seed(seed)
     result = train_step([batch], model=ddp_model, params=list(model.parameters()), ema_params=list(ema.parameters()),
                         opt=opt, encoders=[], accelerator=acc,
-                        cfg=StepConfig(use_cls=False, use_proj=False, num_classes=4, latents_scale=1.0))
+                        step_cfg=StepConfig(use_cls=False, use_proj=False, num_classes=4, latents_scale=1.0))
     return result, model.state_dict(), ema.state_dict(), grads
 
 
