@@ -42,8 +42,23 @@ METHODS = ("reg", "repa", "sit")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    _add_model_args(p.add_argument_group("model"))
+    _add_data_args(p.add_argument_group("data"))
+    _add_encoder_args(p.add_argument_group("encoder"))
+    _add_loss_args(p.add_argument_group("loss"))
+    _add_optim_args(p.add_argument_group("optimisation"))
+    _add_precision_args(p.add_argument_group("precision and speed"))
+    _add_logging_args(p.add_argument_group("logging and checkpoints"))
+    _add_eval_args(p.add_argument_group("evaluation during training (FID of the EMA model)"))
+    args = p.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:  # UserError, and the encoder table's ValueError
+        p.error(str(e))
+    return args
 
-    g = p.add_argument_group("model")
+
+def _add_model_args(g) -> None:
     g.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
     g.add_argument("--method", default="reg", choices=METHODS,
                    help="reg: class token + alignment; repa: alignment only; sit: neither (no encoder loaded)")
@@ -55,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-classes", type=int, default=1000, help="1 for an unlabelled dataset")
     g.add_argument("--ops-head", type=int, default=16, help="accepted for the original's command lines; unused there too")
 
-    g = p.add_argument_group("data")
+
+def _add_data_args(g) -> None:
     g.add_argument("--data-dir", default="data", help="folder holding the images and vae-sd/ (or their .zip)")
     g.add_argument("--resolution", type=int, default=256, help="image side; any multiple of 16")
     g.add_argument("--batch-size", type=int, default=256, help="global batch per micro-step, split over processes")
@@ -63,13 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="replace an unreadable image/latent (deterministically, logged once, counted) instead of stopping")
 
-    g = p.add_argument_group("encoder")
+
+def _add_encoder_args(g) -> None:
     g.add_argument("--enc-type", default="dinov2-vit-b", help=f"comma-separated; from {', '.join(ENCODERS)}")
     g.add_argument("--enc-weights", default=None,
                    help="local encoder weights file/dir (comma-separated per encoder), 'random' for smoke tests; "
                         "default: $REG_ENC_WEIGHTS, the torch.hub cache, then the HF hub cache")
 
-    g = p.add_argument_group("loss")
+
+def _add_loss_args(g) -> None:
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--prediction", default="v", choices=["v"], help="REG predicts the velocity")
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
@@ -80,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's early runs: drop labels a second time before the model's own dropout")
 
-    g = p.add_argument_group("optimisation")
+
+def _add_optim_args(g) -> None:
     g.add_argument("--epochs", type=int, default=1400)
     g.add_argument("--max-train-steps", type=int, default=1_000_000)
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
@@ -96,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many consecutive non-finite losses (each is skipped)")
 
-    g = p.add_argument_group("precision and speed")
+
+def _add_precision_args(g) -> None:
     g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="None: `accelerate launch --mixed_precision` (ACCELERATE_MIXED_PRECISION), else `accelerate "
                         "config`'s default file, else bf16 on GPU, no on CPU; the log says which")
@@ -107,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="device peak for the logged MFU (None: looked up from the GPU name; no MFU on CPU)")
     add_speed_args(g)
 
-    g = p.add_argument_group("logging and checkpoints")
+
+def _add_logging_args(g) -> None:
     g.add_argument("--output-dir", default="exps")
     g.add_argument("--exp-name", default=None, help="run folder name (None: derived from the model and method)")
     g.add_argument("--logging-dir", default="logs", help="tracker folder, relative to the run folder")
@@ -132,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--allow-run-change", default=None, metavar="FLAG[,FLAG]",
                    help="resume although these run-defining flags changed (docs/resuming.md); recorded in args.json")
 
-    g = p.add_argument_group("evaluation during training (FID of the EMA model)")
+
+def _add_eval_args(g) -> None:
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, and the last step (0 = off)")
     g.add_argument("--eval-samples", type=int, default=10_000)
     g.add_argument("--eval-ref", default=None, help="ADM reference batch .npz, or a statistics file from --save-stats")
@@ -146,13 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--inception-weights", default=None,
                    help="Inception-v3 weights file ('random' for smoke tests; None: $REG_INCEPTION_WEIGHTS, then the "
                         "torch hub cache)")
-
-    args = p.parse_args(argv)
-    try:
-        validate_args(args)
-    except ValueError as e:  # UserError, and the encoder table's ValueError
-        p.error(str(e))
-    return args
 
 
 def add_speed_args(g) -> None:
