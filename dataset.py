@@ -296,13 +296,17 @@ class CustomDataset(Dataset):
         image_base, self.layout = find_image_dir(self.data_dir, resolution)
         self.images = open_tree(self.data_dir, image_base)
         log.info(f"dataset: {self.layout} in {self.data_dir}")
+        self.image_names, self.latent_names = self._pair_files()
+        self.labels = self._read_labels(meta, json_where)
+        self._check_first_files(latent_channels, json_where)
+
+    def _pair_files(self) -> tuple[list[str], list[str]]:
+        """The image and latent names, paired by the index in the names (REG/REPA pair by sorted position,
+        which silently shifts every later pair when one file is missing), in the latents' sorted order."""
         image_names = [n for n in self.images.list() if is_image_name(n)]
         latent_names = [n for n in self.latents.list() if n.endswith(".npy")]
         if not latent_names and not image_names:
             raise ValueError(f"no images/latents found in {self.images.path} and {self.latents.path}")
-
-        # Pair by the index in the names (REG/REPA pair by sorted position, which silently shifts
-        # every later pair when one file is missing).
         by_image = _index_names(image_names, _IMAGE_INDEX, self.images, "image")
         by_latent = _index_names(latent_names, _LATENT_INDEX, self.latents, "latent")
         lonely_latents = sorted(set(by_latent) - set(by_image))
@@ -318,10 +322,11 @@ class CustomDataset(Dataset):
             raise ValueError(f"images and latents do not pair up ({len(image_names)} images in {self.images.path}, "
                              f"{len(latent_names)} .npy files in {self.latents.path}): " + "; ".join(parts))
         keys = sorted(by_latent, key=lambda k: by_latent[k])  # the latents' sorted order, as REG's
-        self.image_names = [by_image[k] for k in keys]
-        self.latent_names = [by_latent[k] for k in keys]
+        return [by_image[k] for k in keys], [by_latent[k] for k in keys]
 
-        # Labels, from vae-sd/dataset.json.
+    def _read_labels(self, meta: dict, json_where: str) -> np.ndarray:
+        """The labels of self.latent_names, from vae-sd/dataset.json: one per file, in [0, num_classes)."""
+        num_classes = self.num_classes
         labels = parse_labels(meta, json_where)
         if labels is None:
             if num_classes != 1:
@@ -335,14 +340,18 @@ class CustomDataset(Dataset):
             extra = sorted(set(labels) - set(self.latent_names))
             raise ValueError(f"{json_where} labels {len(extra)} file(s) that are not in {self.latents.path}, "
                              f"e.g. {extra[0]} (an incomplete copy?)")
-        self.labels = np.array([labels[n] for n in self.latent_names], dtype=np.int64)
-        bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
+        array = np.array([labels[n] for n in self.latent_names], dtype=np.int64)
+        bad = np.flatnonzero((array < 0) | (array >= num_classes))
         if bad.size:
             i = int(bad[0])
             raise ValueError(f"{bad.size} label(s) outside [0, {num_classes}), e.g. {self.latent_names[i]} "
-                             f"has label {self.labels[i]} (set num_classes to match the data)")
+                             f"has label {array[i]} (set num_classes to match the data)")
+        return array
 
-        # Channel count: asked for, else from dataset.json; must agree with the files.
+    def _check_first_files(self, latent_channels: int | None, json_where: str) -> None:
+        """The channel count (asked for, else from dataset.json) against the first latent file's header,
+        and the first image's size: the cheap start-up checks; every other file is checked as it is read."""
+        resolution = self.resolution
         info_channels = int(self.vae_info["latent_channels"])
         if latent_channels is not None and latent_channels != info_channels:
             raise ValueError(f"latent_channels={latent_channels} was asked for, but "

@@ -42,8 +42,23 @@ METHODS = ("reg", "repa", "sit")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    _add_model_args(p.add_argument_group("model"))
+    _add_data_args(p.add_argument_group("data"))
+    _add_encoder_args(p.add_argument_group("encoder"))
+    _add_loss_args(p.add_argument_group("loss"))
+    _add_optim_args(p.add_argument_group("optimisation"))
+    _add_precision_args(p.add_argument_group("precision and speed"))
+    _add_logging_args(p.add_argument_group("logging and checkpoints"))
+    _add_eval_args(p.add_argument_group("evaluation during training (FID of the EMA model)"))
+    args = p.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:  # UserError, and the encoder table's ValueError
+        p.error(str(e))
+    return args
 
-    g = p.add_argument_group("model")
+
+def _add_model_args(g) -> None:
     g.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
     g.add_argument("--method", default="reg", choices=METHODS,
                    help="reg: class token + alignment; repa: alignment only; sit: neither (no encoder loaded)")
@@ -55,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-classes", type=int, default=1000, help="1 for an unlabelled dataset")
     g.add_argument("--ops-head", type=int, default=16, help="accepted for the original's command lines; unused there too")
 
-    g = p.add_argument_group("data")
+
+def _add_data_args(g) -> None:
     g.add_argument("--data-dir", default="data", help="folder holding the images and vae-sd/ (or their .zip)")
     g.add_argument("--resolution", type=int, default=256, help="image side; any multiple of 16")
     g.add_argument("--batch-size", type=int, default=256, help="global batch per micro-step, split over processes")
@@ -63,13 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="replace an unreadable image/latent (deterministically, logged once, counted) instead of stopping")
 
-    g = p.add_argument_group("encoder")
+
+def _add_encoder_args(g) -> None:
     g.add_argument("--enc-type", default="dinov2-vit-b", help=f"comma-separated; from {', '.join(ENCODERS)}")
     g.add_argument("--enc-weights", default=None,
                    help="local encoder weights file/dir (comma-separated per encoder), 'random' for smoke tests; "
                         "default: $REG_ENC_WEIGHTS, the torch.hub cache, then the HF hub cache")
 
-    g = p.add_argument_group("loss")
+
+def _add_loss_args(g) -> None:
     g.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
     g.add_argument("--prediction", default="v", choices=["v"], help="REG predicts the velocity")
     g.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
@@ -80,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's early runs: drop labels a second time before the model's own dropout")
 
-    g = p.add_argument_group("optimisation")
+
+def _add_optim_args(g) -> None:
     g.add_argument("--epochs", type=int, default=1400)
     g.add_argument("--max-train-steps", type=int, default=1_000_000)
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
@@ -96,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many consecutive non-finite losses (each is skipped)")
 
-    g = p.add_argument_group("precision and speed")
+
+def _add_precision_args(g) -> None:
     g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="None: `accelerate launch --mixed_precision` (ACCELERATE_MIXED_PRECISION), else `accelerate "
                         "config`'s default file, else bf16 on GPU, no on CPU; the log says which")
@@ -107,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="device peak for the logged MFU (None: looked up from the GPU name; no MFU on CPU)")
     add_speed_args(g)
 
-    g = p.add_argument_group("logging and checkpoints")
+
+def _add_logging_args(g) -> None:
     g.add_argument("--output-dir", default="exps")
     g.add_argument("--exp-name", default=None, help="run folder name (None: derived from the model and method)")
     g.add_argument("--logging-dir", default="logs", help="tracker folder, relative to the run folder")
@@ -132,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--allow-run-change", default=None, metavar="FLAG[,FLAG]",
                    help="resume although these run-defining flags changed (docs/resuming.md); recorded in args.json")
 
-    g = p.add_argument_group("evaluation during training (FID of the EMA model)")
+
+def _add_eval_args(g) -> None:
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, and the last step (0 = off)")
     g.add_argument("--eval-samples", type=int, default=10_000)
     g.add_argument("--eval-ref", default=None, help="ADM reference batch .npz, or a statistics file from --save-stats")
@@ -146,13 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--inception-weights", default=None,
                    help="Inception-v3 weights file ('random' for smoke tests; None: $REG_INCEPTION_WEIGHTS, then the "
                         "torch hub cache)")
-
-    args = p.parse_args(argv)
-    try:
-        validate_args(args)
-    except ValueError as e:  # UserError, and the encoder table's ValueError
-        p.error(str(e))
-    return args
 
 
 def add_speed_args(g) -> None:
@@ -377,6 +392,14 @@ def apply_optimizer_flags(args: argparse.Namespace, opt: torch.optim.Optimizer) 
                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
+def write_run_files(args: argparse.Namespace, config: dict, accelerator, log: Logger) -> None:
+    """args.json (the command line in effect, as resumes compare it), config.json, and the trackers."""
+    if accelerator.is_main_process:
+        atomic_json_dump(vars(args), log.run_dir / "args.json")
+        atomic_json_dump(config, log.run_dir / "config.json")
+    init_trackers(args, accelerator, log.run_dir, log)
+
+
 def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path, log: Logger | None = None) -> None:
     """wandb: the run is named after --exp-name, its files go under the run folder and its id is kept
     there (launch_settings.wandb_run: --wandb-id > $WANDB_RUN_ID > wandb_run_id.txt), so an auto-resumed
@@ -402,20 +425,8 @@ def main(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     # ---- set-up: accelerator, run folder, precision
-    run_dir = Path(args.output_dir) / args.exp_name
-    accelerator, precision_source = make_accelerator(args, run_dir)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    cluster.hold_folder(run_dir, hint="choose another --output-dir/--exp-name", rank=rank, world=world)
-    log = Logger(accelerator, run_dir)
-    ckpts = CheckpointDir(run_dir / "checkpoints", log=log.info)
-    if accelerator.is_main_process:
-        ckpts.path.mkdir(parents=True, exist_ok=True)
-        ckpts.clean_stale()
-    accelerator.wait_for_everyone()
-    if args.allow_tf32:
-        set_fp32_precision("tf32")
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    accelerator, precision_source, log, ckpts = setup_run(args)
+    device, rank, world, run_dir = accelerator.device, accelerator.process_index, accelerator.num_processes, log.run_dir
     # initialisation, the same on every rank: DDP broadcasts rank 0's weights, but the EMA copy is made before
     # (a rank-dependent seed, as the original's, gave every other rank its own EMA start); each step reseeds below
     torch.manual_seed(step_seed(args.seed, 0, -1))
@@ -423,19 +434,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- data, encoders, model, EMA, optimizer
     dataset = CustomDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes,
                             skip_bad_samples=args.skip_bad_samples)
-    encoders = []
-    if args.method == "reg" or args.proj_coeff > 0:  # plain SiT never loads the encoder
-        encoders = load_encoders(args.enc_type, weights=args.enc_weights, resolution=args.resolution, device=device)
-        if "random" in (args.enc_weights, os.environ.get("REG_ENC_WEIGHTS")):
-            log.info("WARNING: encoders use RANDOM weights (smoke test only)")
-    config = model_config(args, dataset, encoders)
-    model = build_model_from_config(config).to(device)
-    model.attn_split = args.attn_split  # a runtime switch, not in the config (the EMA copy inherits it)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = make_optimizer(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, impl=args.adamw)
-    step = restore(args, ckpts, model, ema, opt, log)
-    config["class_dropout_prob"] = model.y_embedder.dropout_prob  # as kept by restore
+    model, ema, opt, encoders, config, step = build_models(args, dataset, ckpts, log, device)
     flops = training_flops_per_image(model, encoders, cls_dim=config["cls_token_dim"], resolution=args.resolution)
 
     # ---- wrap for DDP / mixed precision / compile, and the data order that follows from the step
@@ -444,30 +443,19 @@ def main(args: argparse.Namespace) -> dict:
     mode = None if args.compile_mode == "default" else args.compile_mode
     train_model = torch.compile(ddp_model, mode=mode) if use_compile else ddp_model
     encoders = [torch.compile(e, mode=mode) for e in encoders] if use_compile else encoders
-    local_batch = args.batch_size // world
-    sampler = StepSampler(len(dataset), local_batch=local_batch, rank=rank, world=world, seed=args.seed,
-                          start_batch=step * args.gradient_accumulation_steps)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-                        generator=torch.Generator())  # its own RNG: creating it must not consume the global one
-    max_steps = min(args.max_train_steps, args.epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps)
-    cfg = StepConfig(path_type=args.path_type, weighting=args.weighting, prediction=args.prediction,
-                     proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
-                     ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
-                     use_proj=bool(config["z_dims"]), num_classes=args.num_classes,
-                     legacy_drop_prob=args.cfg_prob if args.legacy else 0.0, device_skip=args.device_skip,
-                     ema_lerp=args.ema_lerp)
+    loader, max_steps = make_loader(args, dataset, step, rank=rank, world=world, device=device)
+    step_cfg = step_config(args, config)
 
-    if accelerator.is_main_process:
-        atomic_json_dump(vars(args), run_dir / "args.json")
-        atomic_json_dump(config, run_dir / "config.json")
-    init_trackers(args, accelerator, run_dir, log)
+    write_run_files(args, config, accelerator, log)  # args.json, config.json, the trackers
     log.info(f"{args.model} ({args.method}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{len(dataset)} images ({dataset.layout}), global batch {args.batch_size} x "
              f"{args.gradient_accumulation_steps} accumulation, {world} processes, precision "
              f"{accelerator.mixed_precision} (from {precision_source}), compile {use_compile}, {flops / 1e9:.1f} GFLOPs/image, "
              f"steps {step} -> {max_steps}")
-    evaluator = make_evaluator(args, config, accelerator, log) if args.eval_every else None
+    evaluator = None
+    if args.eval_every:
+        from train_eval import InTrainingEval  # imports the sampler and the evaluator only when asked
+        evaluator = InTrainingEval(args, config, accelerator, log)
     sample_grid = make_sample_grid(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
     if evaluator is not None and step and evaluator.due(step, max_steps):
         evaluator.run(ema, step)  # a run killed during an evaluation does it again on resume
@@ -487,19 +475,14 @@ def main(args: argparse.Namespace) -> dict:
         bad = sum(b[3].sum() for b in batches) if args.skip_bad_samples else 0
         batches = [tuple(t.to(device, non_blocking=True) for t in b[:3]) for b in batches]
         result = train_step(batches, model=train_model, params=params, ema_params=ema_params, opt=opt,
-                            encoders=encoders, accelerator=accelerator, cfg=cfg)
+                            encoders=encoders, accelerator=accelerator, step_cfg=step_cfg)
         step += 1
         bar.update(1)
         meter.add(result.terms, result.finite, bad)
         if not isinstance(result.finite, torch.Tensor) and not result.finite:  # --device-skip: at the log step
             check_bad_step(args, meter, step, ckpts, log, fp16=accelerator.scaler is not None)
         if step % args.log_every == 0 or step == max_steps:
-            record = meter.flush(step, opt.param_groups[0]["lr"])
-            history.append(record)
-            log.metrics(record)
-            log.info(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
-            if meter.longest_run:
-                check_bad_interval(args, meter, step, ckpts, log)
+            history.append(log_interval(args, meter, step, opt, ckpts, log))
         if step % args.checkpointing_steps == 0 or step == max_steps:
             if save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log,
                                saved_at=saved_at, final=step == max_steps):
@@ -516,6 +499,81 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.end_training()
     log.info(f"done: {step} steps, {meter.skipped_total} skipped; checkpoints in {ckpts.path}")
     return {"steps": step, "history": history, "run_dir": str(run_dir), "skipped": meter.skipped_total}
+
+
+def setup_run(args: argparse.Namespace) -> tuple:
+    """The Accelerator and its precision's source, the log and the checkpoint folder; the run folder is
+    held (cluster.hold_folder) and its unfinished checkpoint writes are cleaned."""
+    run_dir = Path(args.output_dir) / args.exp_name
+    accelerator, precision_source = make_accelerator(args, run_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cluster.hold_folder(run_dir, hint="choose another --output-dir/--exp-name", rank=rank, world=world)
+    log = Logger(accelerator, run_dir)
+    ckpts = CheckpointDir(run_dir / "checkpoints", log=log.info)
+    if accelerator.is_main_process:
+        ckpts.path.mkdir(parents=True, exist_ok=True)
+        ckpts.clean_stale()
+    accelerator.wait_for_everyone()
+    if args.allow_tf32:
+        set_fp32_precision("tf32")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    return accelerator, precision_source, log, ckpts
+
+
+def build_models(args: argparse.Namespace, dataset: CustomDataset, ckpts: CheckpointDir, log: Logger,
+                 device: torch.device) -> tuple:
+    """(model, ema, opt, encoders, config, step): the encoders, the model and its EMA copy and the
+    optimizer, restored from the run's checkpoint (or --init-from); `step` is where the run goes on."""
+    encoders = []
+    if args.method == "reg" or args.proj_coeff > 0:  # plain SiT never loads the encoder
+        encoders = load_encoders(args.enc_type, weights=args.enc_weights, resolution=args.resolution, device=device)
+        if "random" in (args.enc_weights, os.environ.get("REG_ENC_WEIGHTS")):
+            log.info("WARNING: encoders use RANDOM weights (smoke test only)")
+    config = model_config(args, dataset, encoders)
+    model = build_model_from_config(config).to(device)
+    model.attn_split = args.attn_split  # a runtime switch, not in the config (the EMA copy inherits it)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, impl=args.adamw)
+    step = restore(args, ckpts, model, ema, opt, log)
+    config["class_dropout_prob"] = model.y_embedder.dropout_prob  # as kept by restore
+    return model, ema, opt, encoders, config, step
+
+
+def make_loader(args: argparse.Namespace, dataset: CustomDataset, step: int, *, rank: int, world: int,
+                device: torch.device) -> tuple[DataLoader, int]:
+    """The loader that goes on from `step` (StepSampler: the data order is a function of the step), and
+    the last step (--max-train-steps or --epochs, whichever comes first)."""
+    local_batch = args.batch_size // world
+    sampler = StepSampler(len(dataset), local_batch=local_batch, rank=rank, world=world, seed=args.seed,
+                          start_batch=step * args.gradient_accumulation_steps)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator())  # its own RNG: creating it must not consume the global one
+    max_steps = min(args.max_train_steps, args.epochs * sampler.batches_per_epoch // args.gradient_accumulation_steps)
+    return loader, max_steps
+
+
+def step_config(args: argparse.Namespace, config: dict) -> StepConfig:
+    """What training.train_step needs from the command line and the model's config."""
+    return StepConfig(path_type=args.path_type, weighting=args.weighting, prediction=args.prediction,
+                      proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
+                      ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
+                      use_proj=bool(config["z_dims"]), num_classes=args.num_classes,
+                      legacy_drop_prob=args.cfg_prob if args.legacy else 0.0, device_skip=args.device_skip,
+                      ema_lerp=args.ema_lerp)
+
+
+def log_interval(args: argparse.Namespace, meter: Meter, step: int, opt, ckpts: CheckpointDir, log: Logger) -> dict:
+    """The averages since the last log line: metrics.jsonl, the tracker and log.txt; --device-skip's
+    skips are checked here. Returns the record."""
+    record = meter.flush(step, opt.param_groups[0]["lr"])
+    log.metrics(record)
+    log.info(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+    if meter.longest_run:
+        check_bad_interval(args, meter, step, ckpts, log)
+    return record
 
 
 def check_bad_step(args, meter: Meter, step: int, ckpts: CheckpointDir, log: Logger, fp16: bool) -> None:
@@ -621,11 +679,6 @@ def make_sample_grid(args: argparse.Namespace, config: dict, device: torch.devic
             accelerator.get_tracker("wandb").log({"samples": wandb.Image(str(path))}, step=step)
 
     return sample
-
-
-def make_evaluator(args: argparse.Namespace, config: dict, accelerator, log: Logger):
-    from train_eval import InTrainingEval
-    return InTrainingEval(args, config, accelerator, log)
 
 
 if __name__ == "__main__":

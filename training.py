@@ -158,7 +158,7 @@ class StepResult:
 
 def train_step(micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, model: Callable,
                params: list[torch.Tensor], ema_params: list[torch.Tensor], opt: torch.optim.Optimizer,
-               encoders: Sequence[torch.nn.Module], accelerator, cfg: StepConfig) -> StepResult:
+               encoders: Sequence[torch.nn.Module], accelerator, step_cfg: StepConfig) -> StepResult:
     """One optimisation step over `gradient_accumulation_steps` micro-batches (raw uint8 images, VAE
     moments, labels, already on the device).
 
@@ -172,24 +172,25 @@ def train_step(micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.T
     grad_norm, finite, out = zero, True, None
     for images, moments, labels in micro_batches:
         with accelerator.accumulate(model):
-            x0 = sample_latents(moments, scale=cfg.latents_scale)  # (N, C, H, W)
-            if cfg.legacy_drop_prob > 0:  # REG train.py L279-284
-                drop = torch.rand(labels.shape[0], device=labels.device) < cfg.legacy_drop_prob
-                labels = torch.where(drop, cfg.num_classes, labels)
+            x0 = sample_latents(moments, scale=step_cfg.latents_scale)  # (N, C, H, W)
+            if step_cfg.legacy_drop_prob > 0:  # REG train.py L279-284
+                drop = torch.rand(labels.shape[0], device=labels.device) < step_cfg.legacy_drop_prob
+                labels = torch.where(drop, step_cfg.num_classes, labels)
             zs_target, cls_target = [], None
             if encoders:
                 with accelerator.autocast():
                     zs_target, cls_target = encoder_targets(encoders, images)  # [(N, 1+T, z)], (N, Z)
-                zs_target = [z.float() for z in zs_target] if cfg.use_proj else []
-                cls_target = cls_target.float() if cfg.use_cls else None
+                zs_target = [z.float() for z in zs_target] if step_cfg.use_proj else []
+                cls_target = cls_target.float() if step_cfg.use_cls else None
             with accelerator.autocast():
                 out = reg_loss(model, x0, labels, cls_target=cls_target, zs_target=zs_target,
-                               path_type=cfg.path_type, weighting=cfg.weighting, prediction=cfg.prediction,
-                               proj_coeff=cfg.proj_coeff, cls_coeff=cfg.cls_coeff)
+                               path_type=step_cfg.path_type, weighting=step_cfg.weighting,
+                               prediction=step_cfg.prediction, proj_coeff=step_cfg.proj_coeff,
+                               cls_coeff=step_cfg.cls_coeff)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                if cfg.device_skip:
+                grad_norm = accelerator.clip_grad_norm_(params, step_cfg.max_grad_norm)
+                if step_cfg.device_skip:
                     finite = torch.isfinite(grad_norm)  # (,) bool, the same on every rank: no host sync
                     fused_step_unless(opt, finite)
                 else:
@@ -198,9 +199,9 @@ def train_step(micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.T
                         opt.step()
             opt.zero_grad(set_to_none=True)
     if isinstance(finite, torch.Tensor):
-        ema_update_masked(ema_params, params, cfg.ema_decay, finite, lerp=cfg.ema_lerp)
+        ema_update_masked(ema_params, params, step_cfg.ema_decay, finite, lerp=step_cfg.ema_lerp)
     elif finite:
-        ema_update(ema_params, params, cfg.ema_decay, lerp=cfg.ema_lerp)
+        ema_update(ema_params, params, step_cfg.ema_decay, lerp=step_cfg.ema_lerp)
     terms = torch.stack([out.loss.detach().float(), out.denoise.detach().mean(),
                          out.proj.detach().mean() if out.proj is not None else zero,
                          out.cls.detach().mean() if out.cls is not None else zero,

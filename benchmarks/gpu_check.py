@@ -27,7 +27,7 @@ def table(header: list[str], rows: list[list]) -> list[str]:
            ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def speed_sections(speed: dict, runs: list[dict]) -> list[str]:
+def speed_sections(speed: dict) -> list[str]:
     """benchmarks/speed.py's figures: the A/B of each speed flag, the per-phase profile, attention, loader."""
     lines = []
     if speed.get("ab"):
@@ -158,7 +158,7 @@ def write_report(work: Path, out: Path, command: str) -> int:
     speed: dict = {}
     for part in sorted(work.glob("speed_*.json")):
         speed.update(json.loads(part.read_text()))
-    lines += speed_sections(speed, runs)
+    lines += speed_sections(speed)
     lines += ["", "## benchmarks/run.py (each against its baseline, same process)", "", bench["table"]]
     checks = []
     for r in bench["rows"]:

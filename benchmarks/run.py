@@ -169,10 +169,10 @@ class TrainArm:
         self.describe = (f"{'bf16' if mixed_precision == 'bf16' else 'fp32'}, {'compiled' if compile else 'eager'}, "
                          f"{adamw} AdamW")
 
-    def step(self, batch: tuple[torch.Tensor, ...], step: int, cfg: StepConfig, seed: int = 0):
+    def step(self, batch: tuple[torch.Tensor, ...], step: int, step_cfg: StepConfig, seed: int = 0):
         torch.manual_seed(step_seed(seed, 0, step))  # train.py's per-step reseeding
         return train_step([batch], model=self.train_model, params=self.params, ema_params=self.ema_params,
-                          opt=self.opt, encoders=self.encoders, accelerator=self.acc, cfg=cfg)
+                          opt=self.opt, encoders=self.encoders, accelerator=self.acc, step_cfg=step_cfg)
 
 
 def bench_training(args: argparse.Namespace, device: torch.device, peak: float | None) -> list[dict]:
@@ -180,7 +180,7 @@ def bench_training(args: argparse.Namespace, device: torch.device, peak: float |
     encoders = quiet_encoders(args.enc_type, args.resolution, device)
     z_dim = encoders[0].embed_dim
     batch = make_batch(args.batch_size, args.resolution, device, args.seed)
-    cfg = StepConfig()
+    step_cfg = StepConfig()
     arms = [("baseline", dict(mixed_precision="no", compile=False, adamw="for-loop")),
             ("optimised", dict(mixed_precision=args.precision, compile=args.compile, adamw=args.adamw))]
     for name in args.models:
@@ -192,14 +192,14 @@ def bench_training(args: argparse.Namespace, device: torch.device, peak: float |
             if flops is None:  # one count per model: the arms share its architecture
                 flops = training_flops_per_image(arm.model, encoders, cls_dim=z_dim, resolution=args.resolution)
             t0 = time.perf_counter()
-            first = arm.step(batch, 0, cfg, args.seed).terms.tolist()  # step 0: compiles; its loss is compared
+            first = arm.step(batch, 0, step_cfg, args.seed).terms.tolist()  # step 0: compiles; its loss is compared
             for k in range(1, args.warmup):
-                arm.step(batch, k, cfg, args.seed)
+                arm.step(batch, k, step_cfg, args.seed)
             sync(device)
             warm = time.perf_counter() - t0
             t1 = time.perf_counter()
             for k in range(args.warmup, args.warmup + args.steps):
-                arm.step(batch, k, cfg, args.seed)
+                arm.step(batch, k, step_cfg, args.seed)
             sync(device)
             step_s = (time.perf_counter() - t1) / args.steps
             img_s = args.batch_size / step_s

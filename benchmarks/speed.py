@@ -193,17 +193,17 @@ def bench_ab(args: argparse.Namespace, device: torch.device) -> dict:
             if batch_size != args.batches[0] and name != "today":
                 continue  # the A/B at the first batch size (the paper's 32 per GPU); profiles at each
             arm.model.attn_split = split
-            cfg = replace(base, **changes)
+            step_cfg = replace(base, **changes)
             t0 = time.perf_counter()
-            arm.step(batch, next(counter), cfg)  # compiles when the graph changed
+            arm.step(batch, next(counter), step_cfg)  # compiles when the graph changed
             sync(device)
             warm = time.perf_counter() - t0
-            s = timed(lambda: arm.step(batch, next(counter), cfg), device, args.warmup, args.steps)
+            s = timed(lambda: arm.step(batch, next(counter), step_cfg), device, args.warmup, args.steps)
             out["ab"].append({"flag": name, "batch": batch_size, "step_ms": 1e3 * s, "img_s": batch_size / s,
                               "first_step_s": warm})
             if name == "today":
                 out["profile"].append({"batch": batch_size, **profile_step(
-                    lambda: arm.step(batch, next(counter), cfg), device, max(1, args.steps // 2))})
+                    lambda: arm.step(batch, next(counter), step_cfg), device, max(1, args.steps // 2))})
         base_ms = next(r["step_ms"] for r in out["ab"] if r["flag"] == "today" and r["batch"] == args.batches[0])
         for r in out["ab"]:
             r["speedup"] = base_ms / r["step_ms"] if r["batch"] == args.batches[0] else None

@@ -18,18 +18,24 @@ published numbers for a model size (evaluations/paper_results.json).
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python evaluations/compare.py`): hand over to the module form, as
+    # preprocessing/dataset_tools.py does (which says why)
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, "-m", "evaluations.compare", *sys.argv[1:]], _env)
+
 import argparse
 import json
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import metrics_log  # noqa: E402
-from utils import ArgumentParser, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main  # noqa: E402
+import metrics_log
+from utils import ArgumentParser, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main
 
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")

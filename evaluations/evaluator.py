@@ -34,9 +34,17 @@ here too and work on plain NumPy arrays.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python evaluations/evaluator.py`, as REG's eval.sh does): hand over to the module form,
+    # as preprocessing/dataset_tools.py does (which says why)
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, "-m", "evaluations.evaluator", *sys.argv[1:]], _env)
+
+import argparse
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,19 +52,17 @@ from typing import Optional, Sequence
 
 import torch
 
-if __package__ in (None, ""):  # run as a script (`python evaluations/evaluator.py`, as REG's eval.sh does)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The evaluator's API lives in its modules; the names that other code imports from here stay importable
 # (train_eval.py, sweep.py, benchmarks/run.py, docs/evaluation.md's examples).
-from evaluations.common import EvalInputError, InceptionWeightsError, default_device, log  # noqa: E402,F401
-from evaluations.features import (BatchFeatures, FeatureAccumulator, batch_from_features,  # noqa: E402,F401
+from evaluations.common import EvalInputError, InceptionWeightsError, default_device, log  # noqa: F401
+from evaluations.features import (BatchFeatures, FeatureAccumulator, batch_from_features,  # noqa: F401
                                   compute_metrics, extract_features, load_batch, load_reference, save_statistics)
-from evaluations.inception import (INCEPTION_FILENAME, WEIGHTS_ENV, InceptionV3,  # noqa: E402,F401
+from evaluations.inception import (INCEPTION_FILENAME, WEIGHTS_ENV, InceptionV3,  # noqa: F401
                                    build_inception, resolve_weights)
-from evaluations.metrics import (compute_statistics, frechet_distance, inception_score,  # noqa: E402,F401
+from evaluations.metrics import (compute_statistics, frechet_distance, inception_score,  # noqa: F401
                                  precision_recall)
-from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch  # noqa: E402,F401
-from utils import ArgumentParser, atomic_json_dump, atomic_write_bytes, finite_float, run_main  # noqa: E402
+from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch  # noqa: F401
+from utils import ArgumentParser, atomic_json_dump, atomic_write_bytes, finite_float, run_main
 
 
 # ----------------------------------------------------------------------------------------------

@@ -396,12 +396,10 @@ def encode(args: argparse.Namespace) -> dict:
     from accelerate.utils import gather_object
 
     state = PartialState(cpu=args.cpu)
-    rank, world = state.process_index, state.num_processes
+    world = state.num_processes
     dtype = DTYPES[args.dtype]
 
     source, all_names, names, labels = list_source(args)
-    latent_names = latent_names_for(names)
-    all_latent_names = latent_names_for(all_names)
     with source.open(names[0]) as f:
         w, h = PIL.Image.open(f).size
     codec = load_vae(args.model_url, device=state.device, dtype=dtype)
@@ -420,6 +418,26 @@ def encode(args: argparse.Namespace) -> dict:
     if to_zip and os.path.exists(args.dest):
         raise FileExistsError(f"--dest {args.dest} already exists; remove it or choose another name")
 
+    records = _prepare_destination(work, config, source_info, source, all_names, labels, state, args.num_workers)
+    new, before, seconds = _encode_shards(args, state, work, source, names, labels, records, codec, w)
+    if cluster.any_rank_stopping(world):
+        raise cluster.stopped(f"the latents written so far in {work} are complete", is_main=state.is_main_process)
+    counts = gather_object([(new, before)])
+    state.wait_for_everyone()
+    new, before = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if state.is_main_process:
+        _finish_destination(args, work, all_names, names, labels, vae_info, codec, w, new, before)
+    return {"written": new, "already_done": before, "seconds": seconds}
+
+
+def _prepare_destination(work: str, config: dict, source_info: dict, source: FileTree, all_names: list[str],
+                         labels: dict | None, state, num_workers: int) -> dict:
+    """Holds `work`, checks it was made from this source with these settings (every rank) and records
+    them (rank 0). Returns the content records of the latents already there."""
+    from accelerate.utils import gather_object
+
+    rank, world = state.process_index, state.num_processes
+    all_latent_names = latent_names_for(all_names)
     # One encode per destination: its stale temporaries below are then certainly a dead run's.
     cluster.hold_folder(work, hint="choose another --dest", rank=rank, world=world)
     # Every rank checks (so that none is left waiting at a barrier); rank 0 records the settings and
@@ -427,7 +445,7 @@ def encode(args: argparse.Namespace) -> dict:
     _check_destination(work, config, source_info)
     records = read_content_records(work)
     problem = verify_content(work, source, records, dict(zip(all_latent_names, all_names)), labels, rank, world,
-                             threads=max(args.num_workers, 4))
+                             threads=max(num_workers, 4))
     problems = [p for p in gather_object([problem]) if p is not None]
     if problems:
         raise UserError(problems[0])
@@ -437,7 +455,17 @@ def encode(args: argparse.Namespace) -> dict:
         for folder in {os.path.dirname(os.path.join(work, n)) for n in FileTree(work).list()} | {work}:
             clean_stale_tmp(folder)
     state.wait_for_everyone()
+    return records
 
+
+def _encode_shards(args: argparse.Namespace, state, work: str, source: FileTree, names: list[str],
+                   labels: dict | None, records: dict, codec, w: int) -> tuple[int, int, float]:
+    """Encodes this rank's shards that are not complete yet, writing each shard's content record when
+    its last latent is written; stops after a batch on a stop signal. Returns (encoded, already done,
+    seconds)."""
+    rank, world = state.process_index, state.num_processes
+    dtype = DTYPES[args.dtype]
+    latent_names = latent_names_for(names)
     existing = set(FileTree(work).list())
     mine = shards_for_rank(len(names), args.shard_size, rank, world)
     # a latent without a content record (killed before its shard's record, or an older version) is made again
@@ -471,44 +499,44 @@ def encode(args: argparse.Namespace) -> dict:
             if cluster.stop_requested():  # a signal: this batch is written; a rerun redoes the rest
                 break
     bar.close()
-    seconds = time.perf_counter() - t0
-    if cluster.any_rank_stopping(world):
-        raise cluster.stopped(f"the latents written so far in {work} are complete", is_main=state.is_main_process)
+    return len(indices), num_done_before, time.perf_counter() - t0
 
-    counts = gather_object([(len(indices), num_done_before)])
-    state.wait_for_everyone()
-    new, before = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    if state.is_main_process:
-        present = {n for n in FileTree(work).list() if n.endswith(".npy")}
-        missing = [n for n in latent_names if n not in present]
-        if missing:
-            raise RuntimeError(f"{len(missing)} latent file(s) are missing after encoding, e.g. {missing[0]}; "
-                               "rerun the same command to resume")
-        # The label file covers every latent in the destination, also those of an earlier run with a
-        # larger --max-images (same source, checked above).
-        by_latent = dict(zip(all_latent_names, all_names))
-        foreign = sorted(present - set(by_latent))
-        if foreign:
-            raise RuntimeError(f"{work} holds {len(foreign)} latent file(s) that match no image of --source "
-                               f"{args.source}, e.g. {foreign[0]}")
-        covered = [n for n in all_latent_names if n in present]
-        label_list = [[n, labels[by_latent[n]]] for n in covered] if labels is not None else None
-        meta = {"labels": label_list, "vae": vae_info}
-        atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta, allow_nan=False).encode())
-        if label_list is None:
-            print(f"encode: {args.source} has no dataset.json labels and no class folders: wrote an unlabelled "
-                  "dataset (\"labels\": null); train it with --num-classes 1", file=sys.stderr)
-        if to_zip:
-            def write_zip(tmp: str) -> None:
-                with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED) as z:
-                    for n in sorted(covered) + ["dataset.json", ENCODE_CONFIG]:
-                        z.write(os.path.join(work, n), n)
-            atomic_write(args.dest, write_zip)
-            shutil.rmtree(work)
-        print(f"encode: wrote {new} latent files ({before} already done) to {args.dest}: "
-              f"{len(covered)} in all, {codec.name}, {w}x{w} -> {2 * codec.latent_channels}x{w // codec.downsample}"
-              f"x{w // codec.downsample}")
-    return {"written": new, "already_done": before, "seconds": seconds}
+
+def _finish_destination(args: argparse.Namespace, work: str, all_names: list[str], names: list[str],
+                        labels: dict | None, vae_info: dict, codec, w: int, new: int, before: int) -> None:
+    """Rank 0, after every rank's shards: checks that every latent is there and none is foreign, writes
+    dataset.json (labels of every latent there) and packs a .zip --dest."""
+    latent_names, all_latent_names = latent_names_for(names), latent_names_for(all_names)
+    to_zip = work != args.dest  # a .zip --dest is built in DEST.parts
+    present = {n for n in FileTree(work).list() if n.endswith(".npy")}
+    missing = [n for n in latent_names if n not in present]
+    if missing:
+        raise RuntimeError(f"{len(missing)} latent file(s) are missing after encoding, e.g. {missing[0]}; "
+                           "rerun the same command to resume")
+    # The label file covers every latent in the destination, also those of an earlier run with a
+    # larger --max-images (same source, checked above).
+    by_latent = dict(zip(all_latent_names, all_names))
+    foreign = sorted(present - set(by_latent))
+    if foreign:
+        raise RuntimeError(f"{work} holds {len(foreign)} latent file(s) that match no image of --source "
+                           f"{args.source}, e.g. {foreign[0]}")
+    covered = [n for n in all_latent_names if n in present]
+    label_list = [[n, labels[by_latent[n]]] for n in covered] if labels is not None else None
+    meta = {"labels": label_list, "vae": vae_info}
+    atomic_write_bytes(os.path.join(work, "dataset.json"), json.dumps(meta, allow_nan=False).encode())
+    if label_list is None:
+        print(f"encode: {args.source} has no dataset.json labels and no class folders: wrote an unlabelled "
+              "dataset (\"labels\": null); train it with --num-classes 1", file=sys.stderr)
+    if to_zip:
+        def write_zip(tmp: str) -> None:
+            with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED) as z:
+                for n in sorted(covered) + ["dataset.json", ENCODE_CONFIG]:
+                    z.write(os.path.join(work, n), n)
+        atomic_write(args.dest, write_zip)
+        shutil.rmtree(work)
+    print(f"encode: wrote {new} latent files ({before} already done) to {args.dest}: "
+          f"{len(covered)} in all, {codec.name}, {w}x{w} -> {2 * codec.latent_channels}x{w // codec.downsample}"
+          f"x{w // codec.downsample}")
 
 
 # ---------------------------------------------------------------------------------------------

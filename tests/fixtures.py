@@ -57,3 +57,16 @@ def run_two_processes(target, timeout: float = 60) -> list:
     for p in procs:
         p.join(timeout)
     return [out.get(timeout=5) for _ in procs]
+
+
+def encoded_synthetic_data(root, *, num_images: int = 64, resolution: int = 32, num_classes: int = 4):
+    """ROOT/imagenet_{R}_vae (preprocessing.synthetic) and ROOT/vae-sd, encoded with the weight-free
+    pixel-unshuffle codec: a training data folder. Returns ROOT."""
+    from preprocessing import dataset_tools
+    from preprocessing.synthetic import write_dataset
+    images = root / f"imagenet_{resolution}_vae"
+    write_dataset(str(images), num_images=num_images, resolution=resolution, num_classes=num_classes, seed=0)
+    dataset_tools.main(dataset_tools.parse_args(
+        ["encode", "--source", str(images), "--dest", str(root / "vae-sd"),
+         "--model-url", "pixel-unshuffle", "--batch-size", "32"]))
+    return root

@@ -18,7 +18,7 @@ from training import StepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32  # 4x4 latents, DINOv2 patches of 14 on 32 px: 2x2 (4 tokens + class token)
-CFG = StepConfig(ema_decay=0.9)  # a fast EMA, so its update is visible in one step
+STEP_CFG = StepConfig(ema_decay=0.9)  # a fast EMA, so its update is visible in one step
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def arm(encoders, **setting) -> bench.TrainArm:
 
 def run_steps(a: bench.TrainArm, steps: int = 2) -> list[float]:
     batch = bench.make_batch(4, RES, torch.device("cpu"), seed=3)
-    return [a.step(batch, k, CFG).terms[0].item() for k in range(steps)]
+    return [a.step(batch, k, STEP_CFG).terms[0].item() for k in range(steps)]
 
 
 def assert_same_weights(a: bench.TrainArm, b: bench.TrainArm, rtol: float, atol: float) -> None:

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import train
-from preprocessing import dataset_tools
-from preprocessing.synthetic import write_dataset
+from fixtures import encoded_synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,12 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
-    d = tmp_path_factory.mktemp("data")
-    write_dataset(str(d / "imagenet_32_vae"), num_images=64, resolution=32, num_classes=4, seed=0)
-    dataset_tools.main(dataset_tools.parse_args(
-        ["encode", "--source", str(d / "imagenet_32_vae"), "--dest", str(d / "vae-sd"),
-         "--model-url", "pixel-unshuffle", "--batch-size", "32"]))
-    return d
+    return encoded_synthetic_data(tmp_path_factory.mktemp("data"))
 
 
 def sit_argv(data_dir, out, exp, *extra):
@@ -281,7 +275,7 @@ def _fp16_step(scaler, state: dict, seed: int = 0):
     torch.manual_seed(seed)
     result = train_step([batch], model=ddp_model, params=list(model.parameters()), ema_params=list(ema.parameters()),
                         opt=opt, encoders=[], accelerator=acc,
-                        cfg=StepConfig(use_cls=False, use_proj=False, num_classes=4, latents_scale=1.0))
+                        step_cfg=StepConfig(use_cls=False, use_proj=False, num_classes=4, latents_scale=1.0))
     return result, model.state_dict(), ema.state_dict(), grads
 
 

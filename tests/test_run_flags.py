@@ -85,7 +85,7 @@ def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):  # noqa: F8
         f.write('{"step": 3, "loss": 0.')
     seen = []
     real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append(k["cfg"]) or real_step(*a, **k))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: seen.append(k["step_cfg"]) or real_step(*a, **k))
     train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "4", *common,
                                           "--learning-rate", "0.01", "--adam-beta2", "0.99", "--ema-decay", "0.5",
                                           "--max-grad-norm", "2", "--log-every", "1")))

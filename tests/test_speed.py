@@ -91,8 +91,8 @@ def _tiny_run(device_skip: bool, ema_lerp: bool = False):
     acc = Accelerator(cpu=True)
     opt = training.make_optimizer(model.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     ddp_model, opt = acc.prepare(model, opt)
-    cfg = training.StepConfig(use_cls=False, use_proj=False, num_classes=10, device_skip=device_skip,
-                              ema_lerp=ema_lerp, ema_decay=0.9, max_grad_norm=0.5)
+    step_cfg = training.StepConfig(use_cls=False, use_proj=False, num_classes=10, device_skip=device_skip,
+                                   ema_lerp=ema_lerp, ema_decay=0.9, max_grad_norm=0.5)
     meter = training.Meter(acc, images_per_step=4, flops_per_image=1.0, peak=None, proj_coeff=0, cls_coeff=0, step=0)
     finites = []
     for step in range(4):
@@ -102,7 +102,7 @@ def _tiny_run(device_skip: bool, ema_lerp: bool = False):
             moments[1] = float("nan")
         batch = (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), moments, torch.randint(0, 10, (4,)))
         result = training.train_step([batch], model=ddp_model, params=list(model.parameters()),
-                                     ema_params=list(ema.parameters()), opt=opt, encoders=[], accelerator=acc, cfg=cfg)
+                                     ema_params=list(ema.parameters()), opt=opt, encoders=[], accelerator=acc, step_cfg=step_cfg)
         meter.add(result.terms, result.finite)
         finites.append(result.finite)
     record = meter.flush(4, 1e-2)

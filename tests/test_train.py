@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import train
-from preprocessing import dataset_tools
-from preprocessing.synthetic import write_dataset
+from fixtures import encoded_synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +44,7 @@ def flops_counted_once_per_architecture():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
-    d = tmp_path_factory.mktemp("data")
-    write_dataset(str(d / "imagenet_32_vae"), num_images=64, resolution=32, num_classes=4, seed=0)
-    dataset_tools.main(dataset_tools.parse_args(
-        ["encode", "--source", str(d / "imagenet_32_vae"), "--dest", str(d / "vae-sd"),
-         "--model-url", "pixel-unshuffle", "--batch-size", "32"]))
-    return d
+    return encoded_synthetic_data(tmp_path_factory.mktemp("data"))
 
 
 def tiny_argv(data_dir, out, exp="run", *extra):

@@ -71,9 +71,9 @@ def test_legacy_drops_labels_before_the_model(fresh_accelerate_state):
     opt = training.make_optimizer(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
     batch = (torch.zeros(64, 3, 16, 16, dtype=torch.uint8), torch.zeros(64, 8, 2, 2), torch.zeros(64, dtype=torch.long))
     for p in (0.0, 1.0, 0.5):
-        cfg = training.StepConfig(use_cls=False, use_proj=False, num_classes=7, legacy_drop_prob=p)
+        step_cfg = training.StepConfig(use_cls=False, use_proj=False, num_classes=7, legacy_drop_prob=p)
         torch.manual_seed(0)
         training.train_step([batch], model=probe, params=params, ema_params=[params[0].detach().clone()], opt=opt,
-                            encoders=[], accelerator=Accelerator(cpu=True), cfg=cfg)
+                            encoders=[], accelerator=Accelerator(cpu=True), step_cfg=step_cfg)
     none, all_, half = (s.eq(7).float().mean().item() for s in seen)
     assert none == 0 and all_ == 1 and 0.2 < half < 0.8
