@@ -1,4 +1,5 @@
-"""Running on a shared cluster: one writer per output folder, SLURM launch checks, stop signals.
+"""Running on a shared cluster: one writer per output folder, SLURM launch checks, stop signals, and the
+process setup of the sampling commands (DistInfo, init_distributed).
 
 Every command that writes a folder (train.py's run folder, generate.py's sample folder, sweep.py --out,
 dataset_tools encode --dest) runs as `@command("name")` and calls `hold_folder(path, ...)` before it
@@ -28,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -466,3 +468,91 @@ def command(name: str, launcher: str = "accelerate") -> Callable:
         return run
 
     return wrap
+
+
+# ----------------------------------------------------------------------------------------------
+# Process setup of generate.py and sweep.py (every process does its share of the work)
+
+
+@dataclass
+class DistInfo:
+    """This process's rank, the number of processes and its device (world_size 1 without a launcher)."""
+
+    rank: int
+    world_size: int
+    device: "torch.device"  # noqa: F821 (torch is imported where a DistInfo is made)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self) -> None:
+        """End the process group init_distributed started (at the end of a command, error or not)."""
+        import torch.distributed as dist
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def main_first(self, fn: Callable[[], None]) -> None:
+        """Run fn on rank 0; if it raises, every rank raises (instead of waiting at a barrier forever)."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        if self.world_size > 1:
+            import torch.distributed as dist
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                raise RuntimeError(f"rank 0 stopped: {message[0]}")
+        if error is not None:
+            raise error
+
+    def run_together(self, fn: Callable[[], None]) -> None:
+        """Run fn on every rank; if it raises on one, every rank raises (none is left waiting at the next
+        collective). The others raise a UserError when the first failing rank's error was one."""
+        error = None
+        try:
+            fn()
+        except Exception as e:
+            error = e
+        if self.world_size > 1:
+            import torch.distributed as dist
+            mine = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, UserError))
+            messages: list = [None] * self.world_size
+            dist.all_gather_object(messages, mine)
+            failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+            if failed and error is None:
+                rank, (text, user) = failed[0]
+                raise (UserError if user else RuntimeError)(f"rank {rank} stopped: {text}")
+        if error is not None:
+            raise error
+
+
+def init_distributed(device_flag: str | None, local_rank_flag: int = -1) -> DistInfo:
+    """Plain torch.distributed from the env:// variables that torch.distributed.launch, torchrun
+    and accelerate launch set; a single process without them."""
+    import torch
+    import torch.distributed as dist
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_flag, 0)))
+    if device_flag is None:
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_flag)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(rank=rank, world_size=world_size, device=device)

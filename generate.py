@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, is_repo_id, resolve_checkpoint
-from generation import (DistInfo, SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
-                        init_distributed, load_for_sampling)
+from generation import (SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
+                        load_for_sampling)
 from models.sit import SiT_models
 from sample_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
 from samplers import SAMPLER_MODES
@@ -380,7 +380,7 @@ def check_resumable(run_dir: Path, settings: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Generate the missing images of the run, then (rank 0) pack the npz. Returns a summary."""
     check_args(args)
-    info = init_distributed(args.device, args.local_rank)
+    info = cluster.init_distributed(args.device, args.local_rank)
     try:
         return _generate(args, info)
     finally:
@@ -402,7 +402,7 @@ class RunFiles:
         return self.sample_dir / f"{self.name}{suffix}"
 
 
-def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
+def _generate(args: argparse.Namespace, info: cluster.DistInfo) -> dict:
     set_fp32_precision("tf32" if args.tf32 else "ieee")
     loaded = _load_checked(args, info)
     model, config = loaded.model, loaded.config
@@ -454,7 +454,7 @@ def _generate(args: argparse.Namespace, info: DistInfo) -> dict:
     return summary
 
 
-def _load_checked(args: argparse.Namespace, info: DistInfo) -> SamplingModel:
+def _load_checked(args: argparse.Namespace, info: cluster.DistInfo) -> SamplingModel:
     """The model and its decoder, with the flags that need them checked; the config gains the resolution."""
     loaded = load_model(args, info.device)
     model = loaded.model

@@ -9,9 +9,7 @@ docs/design.md#seeding.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -153,88 +151,6 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
         # before to_uint8, which would clamp a NaN to 0 (black)
         check_finite_samples(batch, {"latents": latents, "class token": cls_token, "decoded image": images}, settings)
         yield batch, to_uint8(images.to(device)), y
-
-
-# ----------------------------------------------------------------------------------------------
-# Process setup shared by generate.py and sweep.py (every process samples its share of the indices)
-
-
-@dataclass
-class DistInfo:
-    """This process's rank, the number of processes and its device (world_size 1 without a launcher)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        """End the process group init_distributed started (at the end of a command, error or not)."""
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def main_first(self, fn: Callable[[], None]) -> None:
-        """Run fn on rank 0; if it raises, every rank raises (instead of waiting at a barrier forever)."""
-        error = None
-        if self.is_main:
-            try:
-                fn()
-            except Exception as e:
-                error = e
-        if self.world_size > 1:
-            message = [None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(message, src=0)
-            if message[0] is not None and error is None:
-                raise RuntimeError(f"rank 0 stopped: {message[0]}")
-        if error is not None:
-            raise error
-
-    def run_together(self, fn: Callable[[], None]) -> None:
-        """Run fn on every rank; if it raises on one, every rank raises (none is left waiting at the next
-        collective). The others raise a UserError when the first failing rank's error was one."""
-        error = None
-        try:
-            fn()
-        except Exception as e:
-            error = e
-        if self.world_size > 1:
-            mine = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, UserError))
-            messages: list = [None] * self.world_size
-            dist.all_gather_object(messages, mine)
-            failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-            if failed and error is None:
-                rank, (text, user) = failed[0]
-                raise (UserError if user else RuntimeError)(f"rank {rank} stopped: {text}")
-        if error is not None:
-            raise error
-
-
-def init_distributed(device_flag: str | None, local_rank_flag: int = -1) -> DistInfo:
-    """Plain torch.distributed from the env:// variables that torch.distributed.launch, torchrun
-    and accelerate launch set; a single process without them."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_flag, 0)))
-    if device_flag is None:
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_flag)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return DistInfo(rank=rank, world_size=world_size, device=device)
 
 
 # ----------------------------------------------------------------------------------------------

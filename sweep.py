@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity
-from generation import (DistInfo, SamplingModel, autocast_dtype, check_same_settings, gather_features, generate_images,
-                        init_distributed, load_for_sampling)
+from generation import (SamplingModel, autocast_dtype, check_same_settings, gather_features, generate_images,
+                        load_for_sampling)
 from samplers import SAMPLER_MODES
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats, run_main,
                    set_fp32_precision)
@@ -275,7 +275,7 @@ def main(args: argparse.Namespace) -> dict | None:
     if args.num_samples < 2 or args.per_proc_batch_size < 1:
         raise UserError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
     requested, distinct = build_grid(args)
-    info = init_distributed(args.device)
+    info = cluster.init_distributed(args.device)
     try:
         if args.num_samples < info.world_size:
             raise UserError(f"--num-samples {args.num_samples} < {info.world_size} processes")
@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> dict | None:
         info.close()
 
 
-def _sweep(args, info: DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
+def _sweep(args, info: cluster.DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
     set_fp32_precision("tf32" if args.tf32 else "ieee")
     loaded = load_for_sampling(args.ckpt, use_ema=args.ema, legacy=args.legacy, precision=args.precision,
                                vae=args.vae, device=info.device, overrides={"path_type": args.path_type})
@@ -337,7 +337,7 @@ def build_manifest(args: argparse.Namespace, loaded: SamplingModel, inception_we
     }
 
 
-def _run_setting(args, info: DistInfo, loaded: SamplingModel, s: dict, progress: str, evaluator, inception, ref,
+def _run_setting(args, info: cluster.DistInfo, loaded: SamplingModel, s: dict, progress: str, evaluator, inception, ref,
                  settings_dir: Path) -> bool:
     """Sample setting `s` on every process; rank 0 scores it and writes settings/KEY.json. False when a signal
     stopped some process: the setting is left unwritten."""
