@@ -15,7 +15,7 @@
 #   5 sample    generate.py                                SDE sampler with CFG -> npz + grid PNG + JSON
 #   6 evaluate  python -m evaluations.evaluator            FID / sFID / IS / precision / recall -> JSON
 #   7 compare   python -m evaluations.compare              the two runs side by side: table + FID/loss figure
-#   8 plot      plot_losses.py                             the loss terms over the training steps -> PNG
+#   8 plot      python -m evaluations.plot_losses          the loss terms over the training steps -> PNG
 #
 # Pretrained weights are used when they are already on this machine (nothing is downloaded):
 #   DINOv2-S  REG_ENC_WEIGHTS (a local file), else the torch.hub cache (dinov2_vits14_pretrain.pth), else the
@@ -191,7 +191,7 @@ stage 7 compare "REG against plain SiT: FID during training and the loss terms"
 "$PY" -m evaluations.compare "$RUN" "$BASE_RUN" --out "$COMPARE"
 
 stage 8 plot "loss terms over the training steps"
-"$PY" plot_losses.py "$RUN/metrics.jsonl" --out "$LOSS_PNG"
+"$PY" -m evaluations.plot_losses "$RUN/metrics.jsonl" --out "$LOSS_PNG"
 
 # ---------------------------------------------------------------------------------------- summary
 TIMES+="$STAGE $((SECONDS - STAGE_START)) s"

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, is_repo_id, resolve_checkpoint
-from generation import (SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
+from image_sampling import (SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
                         load_for_sampling)
 from models.sit import SiT_models
 from sample_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
@@ -324,7 +324,7 @@ def save_grid(run_dir: Path, num: int, path: Path) -> None:
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> SamplingModel:
-    """generation.load_for_sampling with the flags that restate the checkpoint (checked) and the runtime ones."""
+    """image_sampling.load_for_sampling with the flags that restate the checkpoint (checked) and the runtime ones."""
     dims = None if args.projector_embed_dims is None else [int(z) for z in args.projector_embed_dims.split(",")]
     expect = {"model": args.model, "num_classes": args.num_classes, "qk_norm": args.qk_norm,
               "cls_token_dim": args.cls, "z_dims": dims, "encoder_depth": args.encoder_depth}

@@ -8,7 +8,7 @@ A process killed mid-append (or a full disk) leaves a torn last line. `read_metr
 so; `trim_torn_tail` (train.py, before a resumed run appends) cuts it off the file. A line that does
 not parse anywhere else is an error naming the file and line: something other than a kill wrote it.
 
-Imports only the standard library and utils: train.py, plot_losses.py, evaluations/compare.py and the
+Imports only the standard library and utils: train.py, evaluations/plot_losses.py, evaluations/compare.py and the
 benchmarks all read through here, and the last three start without torch.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@
 
 Every list flag takes comma-separated values and the grid is their product (--mode, --num-steps,
 --cfg-scale, --cls-cfg-scale, --guidance-low, --guidance-high). Every setting samples the same image
-indices 0..N-1 with the same per-image seeds as generate.py (generation.generate_images), so settings
+indices 0..N-1 with the same per-image seeds as generate.py (image_sampling.generate_images), so settings
 differ only by the sampler, never by the noise or the classes. Images stay in memory: decoded on the
 GPU, fed to the Inception network (evaluations.evaluator.FeatureAccumulator), gathered to rank 0.
 The reference batch's statistics are computed once and cached in the output folder.
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import cluster
 from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity
-from generation import (SamplingModel, autocast_dtype, check_same_settings, gather_features, generate_images,
+from image_sampling import (SamplingModel, autocast_dtype, check_same_settings, gather_features, generate_images,
                         load_for_sampling)
 from samplers import SAMPLER_MODES
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats, run_main,

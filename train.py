@@ -6,7 +6,7 @@
 Every flag of the authors' train.py works with the same meaning. Re-running the same command resumes
 from the newest complete checkpoint in OUTPUT/EXP/checkpoints (also a run made by the authors' code).
 The layout of that folder is described in checkpoint_io.CheckpointDir; the step itself is
-training.train_step.
+train_loop.train_step.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from models.hub import portable_vae_spec
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
 from samplers import SAMPLER_MODES
-from training import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
+from train_loop import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
                       train_step, training_flops_per_image)
 from metrics_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
 from run_flags import HYPER, check_resume, parse_allow_run_change
@@ -454,7 +454,7 @@ def main(args: argparse.Namespace) -> dict:
              f"steps {step} -> {max_steps}")
     evaluator = None
     if args.eval_every:
-        from train_eval import InTrainingEval  # imports the sampler and the evaluator only when asked
+        from evaluations.during_training import InTrainingEval  # imports the sampler and the evaluator only when asked
         evaluator = InTrainingEval(args, config, accelerator, log)
     sample_grid = make_sample_grid(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
     if evaluator is not None and step and evaluator.due(step, max_steps):
@@ -556,7 +556,7 @@ def make_loader(args: argparse.Namespace, dataset: CustomDataset, step: int, *, 
 
 
 def step_config(args: argparse.Namespace, config: dict) -> StepConfig:
-    """What training.train_step needs from the command line and the model's config."""
+    """What train_loop.train_step needs from the command line and the model's config."""
     return StepConfig(path_type=args.path_type, weighting=args.weighting, prediction=args.prediction,
                       proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
                       ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
@@ -653,7 +653,7 @@ def make_sample_grid(args: argparse.Namespace, config: dict, device: torch.devic
     """EMA sample grids during training: 16 images, the same seeds every time (SDE, 50 steps, no guidance)."""
     from torchvision.utils import make_grid, save_image
 
-    from generation import NonFiniteSampleError, generate_images
+    from image_sampling import NonFiniteSampleError, generate_images
     from models.vae import load_vae
 
     vae = load_vae(config["vae"], device=device)  # fails at start-up, not hours into the run

@@ -53,7 +53,7 @@ from typing import Optional, Sequence
 import torch
 
 # The evaluator's API lives in its modules; the names that other code imports from here stay importable
-# (train_eval.py, sweep.py, benchmarks/run.py, docs/evaluation.md's examples).
+# (evaluations/during_training.py, sweep.py, benchmarks/run.py, docs/evaluation.md's examples).
 from evaluations.common import EvalInputError, InceptionWeightsError, default_device, log  # noqa: F401
 from evaluations.features import (BatchFeatures, FeatureAccumulator, batch_from_features,  # noqa: F401
                                   compute_metrics, extract_features, load_batch, load_reference, save_statistics)

@@ -8,7 +8,7 @@ import pytest
 
 def _clis():
     import generate
-    import plot_losses
+    from evaluations import plot_losses
     import sweep
     import train
     from evaluations import compare, evaluator
@@ -22,7 +22,7 @@ def _clis():
         "preprocessing/dataset_tools.py convert": (dataset_tools.parse_args, ["convert"]),
         "preprocessing/dataset_tools.py encode": (dataset_tools.parse_args, ["encode"]),
         "preprocessing/synthetic.py": (synthetic.parse_args, []),
-        "plot_losses.py": (plot_losses.parse_args, []),
+        "evaluations/plot_losses.py": (plot_losses.parse_args, []),
     }
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import launch_settings
-import plot_losses
+from evaluations import plot_losses
 from launch_settings import parse_report_to, resolve_mixed_precision, wandb_run
 from test_sweep import setup  # noqa: F401  (a fixture: the sweep progress-bar test reuses it)
 from utils import UserError, fp32_precision, get_fp32_precision
@@ -213,12 +213,12 @@ class _Bars:
 def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, main_process):
     import argparse
 
-    import generation
-    import train_eval
+    import image_sampling
+    from evaluations import during_training
     from evaluations import evaluator
 
     bars = _Bars()
-    monkeypatch.setattr(train_eval, "tqdm", bars)
+    monkeypatch.setattr(during_training, "tqdm", bars)
 
     def fake_generate(model, vae, indices, *, batch_size, **kw):  # batches of this process's indices
         indices = list(indices)
@@ -235,9 +235,9 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
         def features(self):
             return {}
 
-    monkeypatch.setattr(generation, "generate_images", fake_generate)
+    monkeypatch.setattr(image_sampling, "generate_images", fake_generate)
     monkeypatch.setattr(evaluator, "FeatureAccumulator", FakeFeatures)
-    ev = object.__new__(train_eval.InTrainingEval)
+    ev = object.__new__(during_training.InTrainingEval)
     ev.args = argparse.Namespace(eval_samples=11, seed=0, eval_mode="ode", eval_steps=2, eval_cfg=1.0, eval_cls_cfg=0.0,
                                  eval_guidance_high=1.0, eval_batch_size=2)
     ev.accelerator = argparse.Namespace(process_index=1, num_processes=2, is_main_process=main_process, device=torch.device("cpu"))

@@ -1,7 +1,7 @@
-"""The offline quick start: demo.sh end to end in a reduced form, its failure handling, and plot_losses.py.
+"""The offline quick start: demo.sh end to end in a reduced form, its failure handling, and evaluations/plot_losses.py.
 
 The reduced demo runs every real entry point (synthetic data, encode, accelerate + train.py, generate.py,
-the evaluator, plot_losses.py) with a few training steps and the fewest images the metrics accept. Most of
+the evaluator, evaluations/plot_losses.py) with a few training steps and the fewest images the metrics accept. Most of
 its time is Python start-up (two training runs, the sampler, the evaluator) and Inception at 299 px.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import plot_losses
+from evaluations import plot_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo.sh"
@@ -187,7 +187,7 @@ def test_demo_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-# ----------------------------------------------------------------------------------------- plot_losses.py
+# ----------------------------------------------------------------------------------------- evaluations/plot_losses.py
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

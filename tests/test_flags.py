@@ -11,7 +11,7 @@ import pytest
 
 import generate
 import metrics_log
-import plot_losses
+from evaluations import plot_losses
 import sweep
 import train
 import utils
@@ -26,7 +26,7 @@ CLIS = {  # name -> (parse_args, the argv prefix that reaches the flags)
     "train.py": (train.parse_args, []), "generate.py": (generate.parse_args, []), "sweep.py": (sweep.parse_args, []),
     "evaluator": (evaluator.parse_args, []), "dataset_tools convert": (dataset_tools.parse_args, ["convert"]),
     "dataset_tools encode": (dataset_tools.parse_args, ["encode"]), "benchmarks.run": (bench_run.parse_args, []),
-    "plot_losses.py": (plot_losses.parse_args, []), "compare": (compare.parse_args, []),
+    "evaluations/plot_losses.py": (plot_losses.parse_args, []), "compare": (compare.parse_args, []),
 }
 
 
@@ -169,8 +169,8 @@ def test_train_py_user_error_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_a_script_prints_one_line_and_reg_debug_shows_the_traceback(tmp_path):
-    """End to end through a real process (plot_losses.py: torch-free, so it starts in a fraction of a second)."""
-    argv = [sys.executable, str(ROOT / "plot_losses.py"), str(tmp_path / "nope.jsonl")]
+    """End to end through a real process (evaluations/plot_losses.py: torch-free, so it starts in a fraction of a second)."""
+    argv = [sys.executable, str(ROOT / "evaluations/plot_losses.py"), str(tmp_path / "nope.jsonl")]
     env = {k: v for k, v in os.environ.items() if k != utils.DEBUG_ENV}
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr

@@ -15,7 +15,7 @@ import generate
 import sweep
 from checkpoint_io import NonFiniteCheckpointError, load_weights
 from fixtures import save_tiny_reg_checkpoint
-from generation import NonFiniteSampleError
+from image_sampling import NonFiniteSampleError
 from utils import UserError
 
 BAD_INDEX = 5  # 6 images in batches of 4: image 5 is row 1 of the second batch (2 rows)
@@ -109,7 +109,7 @@ def test_sweep_computes_no_fid_from_a_non_finite_image(ckpt, tmp_path, monkeypat
 
 
 def test_in_training_eval_logs_no_fid_from_a_non_finite_image(monkeypatch):
-    from train_eval import InTrainingEval
+    from evaluations.during_training import InTrainingEval
 
     class Log:
         lines: list[str] = []
@@ -140,14 +140,14 @@ def test_in_training_eval_logs_no_fid_from_a_non_finite_image(monkeypatch):
 
 
 def test_training_sample_grid_writes_no_black_grid(tmp_path, monkeypatch):
-    import generation
+    import image_sampling
     import train
 
     def bad(*args, **kwargs):
         raise NonFiniteSampleError("image 0 is not finite (NaN or inf in its latents)")
         yield
 
-    monkeypatch.setattr(generation, "generate_images", bad)
+    monkeypatch.setattr(image_sampling, "generate_images", bad)
     lines = []
     log = type("Log", (), {"info": lambda self, text: lines.append(text)})()
     config = {"vae": "pixel-unshuffle", "num_classes": 4, "path_type": "linear", "latents_scale": 1.0}

@@ -11,7 +11,7 @@ import torch
 
 import run_flags
 import train
-import training
+import train_loop
 from run_flags import FLAG_CLASSES, HYPER, OPERATIONAL, RUN
 from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401  (fixtures)
 from utils import UserError
@@ -122,7 +122,7 @@ def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):  # n
         calls.append(1)
         if len(calls) <= 3:
             return real_step(*a, **k)
-        return training.StepResult(torch.full((5,), float("nan")), False)
+        return train_loop.StepResult(torch.full((5,), float("nan")), False)
     monkeypatch.setattr(train, "train_step", step)
     argv = tiny_argv(data_dir, tmp_path, "div", "--max-train-steps", "10", "--checkpointing-steps", "2",
                      "--max-bad-steps", "5")

@@ -479,8 +479,8 @@ def eval_argv(data_dir, out, exp, ref, *extra):
 
 
 def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir, tmp_path, eval_ref, monkeypatch):
-    import train_eval
-    real_run = train_eval.InTrainingEval.run
+    from evaluations import during_training
+    real_run = during_training.InTrainingEval.run
     calls = []
 
     def killed_at_step_4(self, ema, step):
@@ -489,7 +489,7 @@ def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir
             raise KeyboardInterrupt("killed during the evaluation")
         return real_run(self, ema, step)
 
-    monkeypatch.setattr(train_eval.InTrainingEval, "run", killed_at_step_4)
+    monkeypatch.setattr(during_training.InTrainingEval, "run", killed_at_step_4)
     argv = eval_argv(data_dir, tmp_path, "fid", eval_ref, "--max-train-steps", "4")
     with pytest.raises(KeyboardInterrupt):
         train.main(train.parse_args(argv))
@@ -507,7 +507,7 @@ def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir
     from checkpoint_io import load_generator
     args = train.parse_args(argv)
     config = json.loads((run / "config.json").read_text())
-    ev = train_eval.InTrainingEval(args, config, Accelerator(cpu=True), train.Logger(Accelerator(cpu=True), run))
+    ev = during_training.InTrainingEval(args, config, Accelerator(cpu=True), train.Logger(Accelerator(cpu=True), run))
     ema, _ = load_generator(str(run / "checkpoints/ema_0000004.safetensors"))
     (ia, fa), (ib, fb) = ev.sample_features(ema), ev.sample_features(ema)
     assert list(ia) == list(ib) == list(range(4)) and all(np.array_equal(fa[k], fb[k]) for k in fa)

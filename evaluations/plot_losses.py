@@ -1,7 +1,7 @@
 """Plot the loss terms of a training run from its metrics.jsonl (written by train.py).
 
-    python plot_losses.py exps/NAME                  # the run folder: its metrics.jsonl -> exps/NAME/losses.png
-    python plot_losses.py exps/NAME/metrics.jsonl --out exps/NAME/losses.png
+    python -m evaluations.plot_losses exps/NAME      # the run folder: its metrics.jsonl -> exps/NAME/losses.png
+    python -m evaluations.plot_losses exps/NAME/metrics.jsonl --out exps/NAME/losses.png
 
 metrics.jsonl holds one JSON object per log interval: step, loss, loss_denoise, loss_proj,
 loss_cls, grad_norm, lr, ... (each loss is the mean over that interval). Each term gets its own
@@ -10,10 +10,18 @@ alignment) while the others are mean squared errors.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python evaluations/plot_losses.py`): hand over to the module form, as
+    # preprocessing/dataset_tools.py does (which says why)
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p))
+    os.execve(sys.executable, [sys.executable, "-m", "evaluations.plot_losses", *sys.argv[1:]], _env)
+
+import argparse
+import math
 
 import metrics_log
 from utils import ArgumentParser, HelpFormatter, UserError, run_main

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from generation import NonFiniteSampleError, gather_features
+from image_sampling import NonFiniteSampleError, gather_features
 
 
 class InTrainingEval:
@@ -40,7 +40,7 @@ class InTrainingEval:
         """This process's share of the images, straight into Inception: (indices, features). Image i's
         seed depends only on (--seed, i), so every evaluation sees the same noise and classes."""
         from evaluations.evaluator import FeatureAccumulator
-        from generation import generate_images
+        from image_sampling import generate_images
 
         a, accelerator = self.args, self.accelerator
         features = FeatureAccumulator(self.inception)

@@ -1,6 +1,6 @@
 """In-memory image generation with per-image seeds: the one sampling loop behind generate.py (PNGs and
-the ADM npz), sweep.py and train.py's FID and sample grids (through train_eval.py), plus what generate.py,
-sweep.py and train_eval.py share: loading a model for sampling, the run-identity guard, the process
+the ADM npz), sweep.py and train.py's FID and sample grids (through evaluations/during_training.py), plus what generate.py,
+sweep.py and evaluations/during_training.py share: loading a model for sampling, the run-identity guard, the process
 setup and the gathering of features.
 
 Image i depends only on (global_seed, i) and the sampler settings: the seeding rules are in
@@ -154,7 +154,7 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
 
 
 # ----------------------------------------------------------------------------------------------
-# What generate.py, sweep.py and train_eval.py share around the loop
+# What generate.py, sweep.py and evaluations/during_training.py share around the loop
 
 
 class SamplingModel(NamedTuple):
