@@ -66,7 +66,7 @@ def find_image_dir(data_dir: str, resolution: int) -> tuple[str, str]:
     others.append((REPA_IMAGE_DIR, f"REPA layout: {REPA_IMAGE_DIR} + {LATENT_DIR}"))
     found = [c for c in others if _exists(data_dir, c[0])]
     if len(found) > 1:
-        raise ValueError(f"{data_dir} holds both {found[0][0]} and {found[1][0]} but no {own}: "
+        raise UserError(f"{data_dir} holds both {found[0][0]} and {found[1][0]} but no {own}: "
                          f"it is unclear which holds the {resolution}x{resolution} images; rename or move one")
     if found:
         return found[0]
@@ -181,9 +181,9 @@ def read_dataset_json(tree: FileTree) -> dict:
     try:
         meta = json.loads(tree.read("dataset.json"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{tree.describe('dataset.json')} is not valid JSON: {e}") from e
+        raise UserError(f"{tree.describe('dataset.json')} is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"{tree.describe('dataset.json')} holds a {type(meta).__name__}, not an object")
+        raise UserError(f"{tree.describe('dataset.json')} holds a {type(meta).__name__}, not an object")
     return meta
 
 
@@ -197,17 +197,17 @@ def parse_labels(meta: dict, where: str) -> dict[str, int] | None:
     if labels is None:
         return None
     if not isinstance(labels, list):
-        raise ValueError(f"{where}: \"labels\" must be a list of [name, class] pairs or null")
+        raise UserError(f"{where}: \"labels\" must be a list of [name, class] pairs or null")
     out: dict[str, int] = {}
     for entry in labels:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
-            raise ValueError(f"{where}: label entry {entry!r} is not a [name, class] pair")
+            raise UserError(f"{where}: label entry {entry!r} is not a [name, class] pair")
         name, cls = entry
         if isinstance(cls, bool) or not isinstance(cls, int):
-            raise ValueError(f"{where}: the label of {name!r} is {cls!r}, not an integer class")
+            raise UserError(f"{where}: the label of {name!r} is {cls!r}, not an integer class")
         name = name.replace("\\", "/")
         if name in out:
-            raise ValueError(f"{where}: {name!r} is listed twice")
+            raise UserError(f"{where}: {name!r} is listed twice")
         out[name] = cls
     return out
 
@@ -237,7 +237,7 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 def _pair_key(name: str, pattern: re.Pattern, tree: FileTree, what: str) -> int:
     m = pattern.fullmatch(name.rsplit("/", 1)[-1])
     if m is None:
-        raise ValueError(f"{tree.describe(name)} does not follow the {what} naming "
+        raise UserError(f"{tree.describe(name)} does not follow the {what} naming "
                          f"({'00000/img00000005.png' if what == 'image' else '00000/img-mean-std-00000005.npy'}), "
                          "so it cannot be paired; write the data with preprocessing/dataset_tools.py convert/encode")
     return int(m.group(1))
@@ -248,7 +248,7 @@ def _index_names(names: list[str], pattern: re.Pattern, tree: FileTree, what: st
     for n in names:
         k = _pair_key(n, pattern, tree, what)
         if k in out:
-            raise ValueError(f"two {what} files have the index {k}: {tree.describe(out[k])} and {tree.describe(n)}")
+            raise UserError(f"two {what} files have the index {k}: {tree.describe(out[k])} and {tree.describe(n)}")
         out[k] = n
     return out
 
@@ -282,7 +282,7 @@ class CustomDataset(Dataset):
         self.vae_stride = VAE_STRIDE
         self._reported: set[str] = set()  # files already logged as bad (per process)
         if resolution % VAE_STRIDE:
-            raise ValueError(f"resolution {resolution} is not a multiple of the VAE stride {VAE_STRIDE}")
+            raise UserError(f"resolution {resolution} is not a multiple of the VAE stride {VAE_STRIDE}")
 
         # The VAE description first: a resolution mismatch explains a missing image folder.
         self.latents = open_tree(self.data_dir, LATENT_DIR)
@@ -290,7 +290,7 @@ class CustomDataset(Dataset):
         json_where = self.latents.describe("dataset.json")
         self.vae_info = {**SD_VAE_INFO, "resolution": resolution, **(meta.get("vae") or {})}
         if int(self.vae_info["resolution"]) != resolution:
-            raise ValueError(f"{json_where} says the latents are for resolution "
+            raise UserError(f"{json_where} says the latents are for resolution "
                              f"{self.vae_info['resolution']}, but resolution={resolution} was asked for")
 
         image_base, self.layout = find_image_dir(self.data_dir, resolution)
@@ -306,7 +306,7 @@ class CustomDataset(Dataset):
         image_names = [n for n in self.images.list() if is_image_name(n)]
         latent_names = [n for n in self.latents.list() if n.endswith(".npy")]
         if not latent_names and not image_names:
-            raise ValueError(f"no images/latents found in {self.images.path} and {self.latents.path}")
+            raise UserError(f"no images/latents found in {self.images.path} and {self.latents.path}")
         by_image = _index_names(image_names, _IMAGE_INDEX, self.images, "image")
         by_latent = _index_names(latent_names, _LATENT_INDEX, self.latents, "latent")
         lonely_latents = sorted(set(by_latent) - set(by_image))
@@ -319,7 +319,7 @@ class CustomDataset(Dataset):
             if lonely_images:
                 parts.append(f"{len(lonely_images)} image(s) without a latent file, e.g. "
                              f"{self.images.describe(by_image[lonely_images[0]])}")
-            raise ValueError(f"images and latents do not pair up ({len(image_names)} images in {self.images.path}, "
+            raise UserError(f"images and latents do not pair up ({len(image_names)} images in {self.images.path}, "
                              f"{len(latent_names)} .npy files in {self.latents.path}): " + "; ".join(parts))
         keys = sorted(by_latent, key=lambda k: by_latent[k])  # the latents' sorted order, as REG's
         return [by_image[k] for k in keys], [by_latent[k] for k in keys]
@@ -330,21 +330,21 @@ class CustomDataset(Dataset):
         labels = parse_labels(meta, json_where)
         if labels is None:
             if num_classes != 1:
-                raise ValueError(f"{json_where} has no labels (\"labels\": null: an unlabelled dataset); train it "
+                raise UserError(f"{json_where} has no labels (\"labels\": null: an unlabelled dataset); train it "
                                  f"unconditionally with --num-classes 1, or re-encode from labelled images")
             labels = {n: 0 for n in self.latent_names}
         missing = [n for n in self.latent_names if n not in labels]
         if missing:
-            raise ValueError(f"{len(missing)} latent file(s) have no label in {json_where}, e.g. {missing[0]}")
+            raise UserError(f"{len(missing)} latent file(s) have no label in {json_where}, e.g. {missing[0]}")
         if len(labels) != len(self.latent_names):
             extra = sorted(set(labels) - set(self.latent_names))
-            raise ValueError(f"{json_where} labels {len(extra)} file(s) that are not in {self.latents.path}, "
+            raise UserError(f"{json_where} labels {len(extra)} file(s) that are not in {self.latents.path}, "
                              f"e.g. {extra[0]} (an incomplete copy?)")
         array = np.array([labels[n] for n in self.latent_names], dtype=np.int64)
         bad = np.flatnonzero((array < 0) | (array >= num_classes))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"{bad.size} label(s) outside [0, {num_classes}), e.g. {self.latent_names[i]} "
+            raise UserError(f"{bad.size} label(s) outside [0, {num_classes}), e.g. {self.latent_names[i]} "
                              f"has label {array[i]} (set num_classes to match the data)")
         return array
 
@@ -354,7 +354,7 @@ class CustomDataset(Dataset):
         resolution = self.resolution
         info_channels = int(self.vae_info["latent_channels"])
         if latent_channels is not None and latent_channels != info_channels:
-            raise ValueError(f"latent_channels={latent_channels} was asked for, but "
+            raise UserError(f"latent_channels={latent_channels} was asked for, but "
                              f"{json_where} describes {info_channels}-channel latents")
         self._channels = info_channels
         side = resolution // VAE_STRIDE
@@ -373,13 +373,13 @@ class CustomDataset(Dataset):
             except Exception as e:
                 raise RuntimeError(f"corrupt or unreadable image {self.images.describe(self.image_names[0])}: {e}") from e
         if size != (resolution, resolution):
-            raise ValueError(f"{self.images.describe(self.image_names[0])} is {size[0]}x{size[1]}, "
+            raise UserError(f"{self.images.describe(self.image_names[0])} is {size[0]}x{size[1]}, "
                              f"expected {resolution}x{resolution}")
 
     def _check_moments_shape(self, shape: tuple[int, ...], name: str) -> None:
         if shape != self.moments_shape:
             c = self._channels
-            raise ValueError(f"{self.latents.describe(name)} has shape {shape}, expected {self.moments_shape} "
+            raise UserError(f"{self.latents.describe(name)} has shape {shape}, expected {self.moments_shape} "
                              f"(mean||std of {c}-channel latents at {self.resolution}/{VAE_STRIDE})")
 
     def _check_moments_dtype(self, dtype: np.dtype, name: str) -> None:
@@ -407,7 +407,7 @@ class CustomDataset(Dataset):
             raise RuntimeError(f"cannot read image {where}: {e}") from e
         image = decode_image(data, where)
         if image.shape != (self.resolution, self.resolution, 3):
-            raise ValueError(f"{where} is {image.shape[1]}x{image.shape[0]}, expected {self.resolution}x{self.resolution}")
+            raise UserError(f"{where} is {image.shape[1]}x{image.shape[0]}, expected {self.resolution}x{self.resolution}")
         try:
             moments = np.load(io.BytesIO(self.latents.read(latent_name)), allow_pickle=False)
         except Exception as e:

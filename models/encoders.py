@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hub import hub_offline
+from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -123,10 +124,10 @@ def patch_grid(resolution: int) -> int:
 def parse_enc_type(enc_type: str) -> list[str]:
     names = [n.strip() for n in enc_type.split(",") if n.strip()]
     if not names:
-        raise ValueError("--enc-type is empty")
+        raise UserError("--enc-type is empty")
     for n in names:
         if n not in ENCODERS:
-            raise ValueError(f"unknown encoder {n!r}; choose from {', '.join(ENCODERS)}")
+            raise UserError(f"unknown encoder {n!r}; choose from {', '.join(ENCODERS)}")
     return names
 
 
@@ -209,12 +210,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read encoder weights {path}: {_load_error_text(e)}") from e
+        raise UserError(f"cannot read encoder weights {path}: {_load_error_text(e)}") from e
     for key in ("model", "state_dict", "teacher"):  # common wrappers
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"encoder weights {path} hold a {type(sd).__name__}, not a state_dict")
+        raise UserError(f"encoder weights {path} hold a {type(sd).__name__}, not a state_dict")
     return sd
 
 
@@ -264,7 +265,7 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
     """Build one frozen encoder; see the module docstring for `weights`. `timm_kwargs` override the
     architecture (e.g. depth=2, embed_dim=64 for tests with random weights)."""
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
+        raise UserError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
     # timm (and torchvision with it) takes seconds to import: only building an encoder needs it, so the
     # SiT baseline, the samplers and the weights lookup of demo.sh start without it.
     import timm
@@ -298,7 +299,7 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
         missing, unexpected = vit.load_state_dict(sd, strict=False)
         unexpected = [k for k in unexpected if not k.startswith("head")]
         if missing or unexpected:
-            raise ValueError(f"encoder weights {source} do not match {name} ({spec.timm_name}): "
+            raise UserError(f"encoder weights {source} do not match {name} ({spec.timm_name}): "
                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     if not spec.final_norm:  # REPA's CLIP wrapper returns the last block's tokens, without ln_post
         vit.norm = nn.Identity()
@@ -315,5 +316,5 @@ def load_encoders(enc_type: str, *, weights: str | None = None, resolution: int 
     if len(per) == 1 and len(names) > 1 and per[0] in ("random", "hub"):
         per = per * len(names)
     if len(per) != len(names):
-        raise ValueError(f"{len(names)} encoders but {len(per)} --enc-weights entries")
+        raise UserError(f"{len(names)} encoders but {len(per)} --enc-weights entries")
     return [load_encoder(n, weights=w, resolution=resolution).to(device) for n, w in zip(names, per)]

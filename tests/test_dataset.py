@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dataset import CustomDataset
+from utils import UserError  # a data folder's mistakes print as one line from every entry point
 
 
 def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None, vae=None, seed: int = 0):
@@ -103,7 +104,7 @@ def test_missing_folder(tmp_path):
 def test_count_mismatch_gives_both_counts(tmp_path):
     make_data(tmp_path, n=4, res=32)
     os.remove(tmp_path / "imagenet_32_vae" / "00000" / "img00000002.png")
-    with pytest.raises(ValueError, match=r"3 images.*4 \.npy"):
+    with pytest.raises(UserError, match=r"3 images.*4 \.npy"):
         CustomDataset(str(tmp_path), resolution=32, num_classes=10)
 
 
@@ -113,14 +114,14 @@ def test_latent_without_label_is_named(tmp_path):
     meta = json.loads(path.read_text())
     del meta["labels"][2]
     path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="00000/img-mean-std-00000002.npy"):
+    with pytest.raises(UserError, match="00000/img-mean-std-00000002.npy"):
         CustomDataset(str(tmp_path), resolution=32, num_classes=10)
 
 
 @pytest.mark.parametrize("bad", [10, -1])
 def test_label_out_of_range(tmp_path, bad):
     make_data(tmp_path, n=3, res=32, labels=[0, bad, 9])
-    with pytest.raises(ValueError, match=rf"outside \[0, 10\).*img-mean-std-00000001.npy.*{bad}"):
+    with pytest.raises(UserError, match=rf"outside \[0, 10\).*img-mean-std-00000001.npy.*{bad}"):
         CustomDataset(str(tmp_path), resolution=32, num_classes=10)
     if bad > 0:  # fine once num_classes covers it
         assert len(CustomDataset(str(tmp_path), resolution=32, num_classes=1000)) == 3
@@ -128,7 +129,7 @@ def test_label_out_of_range(tmp_path, bad):
 
 def test_wrong_channel_count(tmp_path):
     make_data(tmp_path, n=3, res=32, channels=3)  # 6-channel moments, but no "vae" entry => SD's 4 expected
-    with pytest.raises(ValueError, match=r"shape \(6, 4, 4\), expected \(8, 4, 4\)"):
+    with pytest.raises(UserError, match=r"shape \(6, 4, 4\), expected \(8, 4, 4\)"):
         CustomDataset(str(tmp_path), resolution=32, num_classes=10)
     with pytest.raises(ValueError, match="latent_channels=16"):
         CustomDataset(str(tmp_path), resolution=32, num_classes=10, latent_channels=16)
