@@ -195,16 +195,22 @@ def _generate_settings():
     return generate.build_settings(args, config, model, "ema", 0.18215, 1, identity)
 
 
+def _each_change_is_refused(check, base: dict, table: dict) -> None:
+    """check(settings) must refuse a change of every key of `table`, one at a time, naming the key."""
+    for key, (value, why) in table.items():
+        assert key in base and base[key] != value, key
+        with pytest.raises(ValueError, match=rf"[(;] ?{key}: "):
+            check({**base, key: value})
+            pytest.fail(f"a change of {key} ({why}) was accepted")
+
+
 def test_generate_refuses_a_folder_sampled_with_any_other_pixel_setting(tmp_path):
     import generate
     base = _generate_settings()
     (tmp_path / "settings.json").write_text(json.dumps(base))
     generate.check_resumable(tmp_path, base)  # the same settings resume
-    for key, (value, why) in GENERATE_PIXEL_SETTINGS.items():
-        assert key in base and base[key] != value, key
-        with pytest.raises(ValueError, match=rf"[(;] ?{key}: "):
-            generate.check_resumable(tmp_path, {**base, key: value})
-            pytest.fail(f"a change of {key} ({why}) was accepted")
+    _each_change_is_refused(lambda settings: generate.check_resumable(tmp_path, settings), base,
+                            GENERATE_PIXEL_SETTINGS)
     # image i does not depend on these: a rerun may change them
     for key, value in (("per_proc_batch_size", 7), ("world_size", 3), ("num_fid_samples", 100)):
         generate.check_resumable(tmp_path, {**base, key: value})
@@ -237,11 +243,7 @@ def test_sweep_refuses_an_output_folder_made_with_any_other_setting(tmp_path):
             "latents_scale": 0.18215, "path_type": "linear", "model": "SiT-XL/2", "model_config": {"model": "SiT-XL/2"}}
     sweep.check_manifest(tmp_path, base)  # writes sweep.json
     sweep.check_manifest(tmp_path, base)  # the same settings resume
-    for key, (value, why) in SWEEP_RESULT_SETTINGS.items():
-        assert key in base and base[key] != value, key
-        with pytest.raises(ValueError, match=rf"[(;] ?{key}: "):
-            sweep.check_manifest(tmp_path, {**base, key: value})
-            pytest.fail(f"a change of {key} ({why}) was accepted")
+    _each_change_is_refused(lambda settings: sweep.check_manifest(tmp_path, settings), base, SWEEP_RESULT_SETTINGS)
 
 
 # ----------------------------------------------------------------------------- the fp16 GradScaler path
