@@ -224,7 +224,9 @@ def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential
 #                                 Core SiT model                                #
 #################################################################################
 
-class SiT(nn.Module, PyTorchModelHubMixin, library_name="reg", paper_url="https://arxiv.org/abs/2507.01467",
+# No paper_url= here: huggingface_hub 0.25.2, our lower bound, refuses it; the model card that
+# models/hub.py writes links the paper.
+class SiT(nn.Module, PyTorchModelHubMixin, library_name="reg",
           tags=["image-generation", "diffusion", "sit", "reg", "imagenet"]):
     """SiT + REPA projectors + REG class token.
 
