@@ -126,10 +126,16 @@ def test_mixed_precision_flag_then_launcher_then_config_file_then_default(tmp_pa
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     assert resolve_mixed_precision(None, cuda=False) == ("no", "default (bf16 on GPU, no on CPU)")
     assert resolve_mixed_precision(None, cuda=True)[0] == "bf16"
+    # a bare `accelerate launch` sets "no" by itself: not a choice, so bf16 stays on a GPU
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resolve_mixed_precision(None, cuda=True)[0] == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     config = tmp_path / "accelerate" / "default_config.yaml"
     config.parent.mkdir()
     config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: fp16\nnum_processes: 1\n")
     assert resolve_mixed_precision(None, cuda=True) == ("fp16", f"accelerate config {config}")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's flag against the config: the flag wins
+    assert resolve_mixed_precision(None, cuda=True) == ("no", "ACCELERATE_MIXED_PRECISION (accelerate launch)")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision` sets
     assert resolve_mixed_precision(None, cuda=True) == ("bf16", "ACCELERATE_MIXED_PRECISION (accelerate launch)")
     assert resolve_mixed_precision("no", cuda=True) == ("no", "--mixed-precision")
