@@ -230,8 +230,8 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
     def parse(text: str) -> float:
         try:
             value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r} ({e})") from e
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
