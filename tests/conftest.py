@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+# Never reach for the network in tests: hub look-ups must fail fast and clearly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(1)

@@ -24,8 +24,8 @@ def save_tiny_reg_checkpoint(path, *, perturb: float = 0.0, seed: int = 0):
     sampling tools accept. `perturb` moves the zero-initialised output layers so the samples are not constant."""
     import torch
 
-    from checkpoint_io import export_safetensors
     from models.sit import SiT_models
+    from reg.checkpoints import export_safetensors
 
     torch.manual_seed(seed)
     config = {"model": "SiT-T/2", "input_size": 2, "in_channels": 192, "num_classes": 4, "z_dims": [32],

@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from checkpoint_io import (atomic_torch_save, clean_state_dict, export_safetensors, infer_config, load_generator,
-                           load_weights, torch_load)
 from models.sit import SiT_models
+from reg.checkpoints import clean_state_dict, export_safetensors, torch_load
+from reg.loading import infer_config, load_generator, read_weights
+from reg.utils import atomic_torch_save
 
 TINY = dict(input_size=4, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
 
@@ -29,11 +30,11 @@ def test_official_checkpoint_with_namespace_loads_safely(tmp_path):
     torch.save({"model": model.state_dict(), "ema": ema_sd, "opt": {}, "steps": 7, "args": ns}, path)
     obj = torch_load(path)  # weights_only with only argparse.Namespace allowed
     assert obj["args"].model == "SiT-T/2" and obj["steps"] == 7
-    loaded, config = load_generator(str(path))
+    loaded, config, *_ = load_generator(str(path), decoder=False)
     assert config["model"] == "SiT-T/2" and config["encoder_depth"] == 2 and config["num_classes"] == 10
     assert config["use_cls_token"] and config["cls_token_dim"] == 32 and config["input_size"] == 4
     assert all(torch.equal(loaded.state_dict()[k], ema_sd[k]) for k in ema_sd)  # the EMA weights, by default
-    raw, _ = load_generator(str(path), use_ema=False)
+    raw, *_ = load_generator(str(path), use_ema=False, decoder=False)
     assert torch.equal(raw.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
     assert not loaded.training
 
@@ -64,11 +65,11 @@ def test_safetensors_export_roundtrip_and_prefixes(tmp_path):
     model = tiny()
     config = {"model": "SiT-T/2", **TINY, "use_cls_token": True, "path_type": "cosine", "latents_scale": 1.0}
     export_safetensors(tmp_path / "ema.safetensors", model.state_dict(), config)
-    loaded, cfg = load_generator(str(tmp_path / "ema.safetensors"))
+    loaded, cfg, *_ = load_generator(str(tmp_path / "ema.safetensors"), decoder=False)
     assert cfg["path_type"] == "cosine" and cfg["latents_scale"] == 1.0
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     (tmp_path / "ema.json").unlink()  # the config also travels inside the safetensors metadata
-    _, cfg = load_generator(str(tmp_path / "ema.safetensors"))
+    _, cfg, *_ = load_generator(str(tmp_path / "ema.safetensors"), decoder=False)
     assert cfg["path_type"] == "cosine"
     wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     assert set(clean_state_dict(wrapped)) == set(model.state_dict())
@@ -105,18 +106,18 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
 
 def test_missing_and_hub_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist.*hf:Martinser/REG"):
-        load_weights(str(tmp_path / "nope.pt"))
+        read_weights(str(tmp_path / "nope.pt"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="hf download Martinser/REG last.pt"):
-        load_weights("hf:Martinser/REG/last.pt")
+        read_weights("hf:Martinser/REG/last.pt")
     # a checkpoint of another size names the mismatch
     small = tiny()
     bad = {k: v for k, v in small.state_dict().items()}
     bad["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
     torch.save({"ema": bad}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint \(3, 3\)"):
-        load_generator(str(tmp_path / "bad.pt"))
+        load_generator(str(tmp_path / "bad.pt"), decoder=False)
 
 
 def test_exported_safetensors_get_the_usual_file_mode(tmp_path):
@@ -149,12 +150,12 @@ def test_hub_checkpoint_works_offline_from_the_cache(tmp_path, monkeypatch):
     ckpt = {"ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2)}
     _hub_cache(tmp_path, monkeypatch, {"last.pt": ckpt})
     for spec in ("hf:Martinser/REG/last.pt", "hf:Martinser/REG"):  # with and without the file name
-        loaded, cfg = load_generator(spec)
+        loaded, cfg, *_ = load_generator(spec, decoder=False)
         assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
         assert cfg["encoder_depth"] == 2
     # missing from the cache: the error names the command to fetch it and keeps the hub's reason
     with pytest.raises(FileNotFoundError, match="hf download Martinser/REG other.pt") as info:
-        load_weights("hf:Martinser/REG/other.pt")
+        read_weights("hf:Martinser/REG/other.pt")
     assert info.value.__cause__ is not None and "HF_HUB_OFFLINE" in str(info.value)
 
 
@@ -162,29 +163,29 @@ def test_hub_repo_with_several_weight_files_needs_a_name(tmp_path, monkeypatch):
     sd = tiny().state_dict()
     _hub_cache(tmp_path, monkeypatch, {"a.pt": {"ema": sd}, "b.pt": {"ema": sd}})
     with pytest.raises(ValueError, match=r"holds 2 weight files \['a.pt', 'b.pt'\]; name one"):
-        load_weights("hf:Martinser/REG")
+        read_weights("hf:Martinser/REG")
 
 
 def test_flags_restating_the_checkpoint_are_checked_runtime_flags_win(tmp_path):
-    from checkpoint_io import checkpoint_identity
+    from reg.run_identity import checkpoint_identity
 
     model = tiny()
     path = tmp_path / "ours.pt"
     atomic_torch_save({"ema": model.state_dict(), "config": {"model": "SiT-T/2", "encoder_depth": 2,
                                                              "fused_attn": True, "path_type": "linear"}}, path)
-    _, cfg = load_generator(str(path), expect={"model": "SiT-T/2", "num_classes": 10, "z_dims": [32],
+    _, cfg, *_ = load_generator(str(path), decoder=False, expect={"model": "SiT-T/2", "num_classes": 10, "z_dims": [32],
                                                "cls_token_dim": 32, "qk_norm": False, "encoder_depth": 2})
     assert cfg["num_classes"] == 10
     for key, value, flag in (("num_classes", 11, "--num-classes 11"), ("model", "SiT-S/2", "--model SiT-S/2"),
                              ("z_dims", [768], r"--projector-embed-dims \[768\]"), ("cls_token_dim", 768, "--cls 768"),
                              ("encoder_depth", 3, "--encoder-depth 3")):
         with pytest.raises(ValueError, match=f"{flag} does not match the checkpoint"):
-            load_generator(str(path), expect={key: value})
-    model2, cfg2 = load_generator(str(path), overrides={"fused_attn": False, "path_type": "cosine"})
+            load_generator(str(path), expect={key: value}, decoder=False)
+    model2, cfg2, *_ = load_generator(str(path), overrides={"fused_attn": False, "path_type": "cosine"}, decoder=False)
     assert cfg2["fused_attn"] is False and cfg2["path_type"] == "cosine"
     assert not any(b.attn.fused_attn for b in model2.blocks)
     with pytest.raises(TypeError, match="unknown expect/overrides keys"):
-        load_generator(str(path), overrides={"model": "SiT-S/2"})
+        load_generator(str(path), overrides={"model": "SiT-S/2"}, decoder=False)
     # the identity changes with the content, not only with the path
     before = checkpoint_identity(str(path))
     atomic_torch_save({"ema": {k: v + 1 for k, v in model.state_dict().items()}}, path)
@@ -200,4 +201,4 @@ def test_label_table_without_null_row_is_refused(tmp_path):
     torch.save({"ema": sd, "args": argparse.Namespace(model="SiT-T/2", num_classes=10, encoder_depth=2)},
                tmp_path / "nonull.pt")
     with pytest.raises(ValueError, match="10 classes but the label table has 10 rows"):
-        load_generator(str(tmp_path / "nonull.pt"))
+        load_generator(str(tmp_path / "nonull.pt"), decoder=False)

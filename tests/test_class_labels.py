@@ -1,4 +1,4 @@
-"""generate.py --class-labels / --class-names / labelled --grid (sample_grid.py), on the tiny pixel-unshuffle
+"""generate.py --class-labels / --class-names / labelled --grid (reg/class_grid.py), on the tiny pixel-unshuffle
 REG checkpoint: the labels land in the npz, image i keeps its own noise, and the figure has one row per class."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from PIL import Image
 
 import generate
 from fixtures import save_tiny_reg_checkpoint
-from sample_grid import grid_rows, parse_class_labels
-from utils import UserError
+from reg.class_grid import grid_rows, parse_class_labels
+from reg.utils import UserError
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import pytest
 
 def _clis():
     import generate
-    from evaluations import plot_losses
     import sweep
     import train
-    from evaluations import compare, evaluator
+    from evaluations import compare, evaluator, plot_losses
     from preprocessing import dataset_tools, synthetic
     return {
         "train.py": (train.parse_args, []),

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sweep import run as sweep_run  # noqa: F401 (a fixture)
+from test_sweep import setup
+from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401 (fixtures)
 
-import cluster
 import generate
 import train
 from fixtures import run_two_processes, save_tiny_reg_checkpoint
 from preprocessing import dataset_tools
-from test_sweep import run as sweep_run, setup  # noqa: F401 (a fixture)
-from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401 (fixtures)
+from reg import folder_lock, slurm, stop_signals
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = "import cluster, sys, time; cluster.hold_folder(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLD = "import sys, time; from reg import folder_lock; folder_lock.hold_folder(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 
 def start_holder(folder) -> subprocess.Popen:
@@ -37,59 +38,59 @@ def fabricate_lock(folder, *, host="node-other", age_s=0.0, pid=12345, token="t0
     now = time.time()
     info = {"host": host, "pid": pid, "started": now - age_s - 60, "heartbeat": now - age_s,
             "command": "python train.py --exp-name x", "token": token}
-    (folder / cluster.LOCK_NAME).write_text(json.dumps(info))
-    os.utime(folder / cluster.LOCK_NAME, (now - age_s, now - age_s))
+    (folder / folder_lock.LOCK_NAME).write_text(json.dumps(info))
+    os.utime(folder / folder_lock.LOCK_NAME, (now - age_s, now - age_s))
 
 
 # ----------------------------------------------------------------------------- the lock itself
 
 def test_lock_excludes_names_the_holder_and_releases_only_its_own(tmp_path):
-    with cluster.FolderLock(tmp_path / "f") as first:
-        with pytest.raises(cluster.FolderBusy) as e:
-            cluster.FolderLock(tmp_path / "f").acquire()
+    with folder_lock.FolderLock(tmp_path / "f") as first:
+        with pytest.raises(folder_lock.FolderBusy) as e:
+            folder_lock.FolderLock(tmp_path / "f").acquire()
         msg = str(e.value)
         assert "\n" not in msg and f"host {socket.gethostname()}" in msg and f"pid {os.getpid()}" in msg
         assert "started 20" in msg and "command: " in msg and isinstance(e.value, ValueError)  # a UserError
         assert first.still_mine()
-    assert not (tmp_path / "f" / cluster.LOCK_NAME).exists()
+    assert not (tmp_path / "f" / folder_lock.LOCK_NAME).exists()
     # a lock that was taken over by another process is never removed by the one that lost it
-    lost = cluster.FolderLock(tmp_path / "g")
+    lost = folder_lock.FolderLock(tmp_path / "g")
     lost.acquire()
     fabricate_lock(tmp_path / "g", token="someone-else")
     lost.release()
-    assert json.loads((tmp_path / "g" / cluster.LOCK_NAME).read_text())["token"] == "someone-else"
+    assert json.loads((tmp_path / "g" / folder_lock.LOCK_NAME).read_text())["token"] == "someone-else"
 
 
 def test_stale_locks_other_host_by_heartbeat_same_host_by_pid(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("REG_LOCK_TIMEOUT", "100")
     fabricate_lock(tmp_path / "fresh", age_s=30)
-    with pytest.raises(cluster.FolderBusy, match="host node-other, pid 12345.*heartbeat 30 s ago"):
-        cluster.FolderLock(tmp_path / "fresh").acquire()
+    with pytest.raises(folder_lock.FolderBusy, match="host node-other, pid 12345.*heartbeat 30 s ago"):
+        folder_lock.FolderLock(tmp_path / "fresh").acquire()
     fabricate_lock(tmp_path / "old", age_s=150)
-    with cluster.FolderLock(tmp_path / "old") as lock:
+    with folder_lock.FolderLock(tmp_path / "old") as lock:
         assert lock.still_mine()
     assert "heartbeat is 150 s old (REG_LOCK_TIMEOUT 100 s)" in capsys.readouterr().err
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     fabricate_lock(tmp_path / "dead", host=socket.gethostname(), pid=int(done.stdout))  # fresh heartbeat, no process
-    with cluster.FolderLock(tmp_path / "dead"):
+    with folder_lock.FolderLock(tmp_path / "dead"):
         pass
     assert f"process {int(done.stdout)} no longer exists on this host" in capsys.readouterr().err
     # a requeued SLURM job replaces its own earlier run's lock at once
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     info = {"host": "node-other", "pid": 1, "heartbeat": time.time(), "token": "x", "slurm_job": "77", "slurm_restart": 0}
-    assert "earlier run of this requeued SLURM job" in cluster.stale_reason(info)
+    assert "earlier run of this requeued SLURM job" in folder_lock.stale_reason(info)
 
 
 def _race(folder, barrier, results):
     barrier.wait()
     try:
-        lock = cluster.FolderLock(folder)
+        lock = folder_lock.FolderLock(folder)
         lock.acquire()
         results.put("won")
         time.sleep(1.0)  # hold it while the others decide
         lock.release()
-    except cluster.FolderBusy:
+    except folder_lock.FolderBusy:
         results.put("busy")
 
 
@@ -107,9 +108,9 @@ def test_processes_racing_to_replace_one_stale_lock_one_wins(tmp_path):
     assert not list((tmp_path / "f").iterdir())  # no lock and no set-aside leftovers
     # the slow loser's case, made deterministic: it judged the stale lock "t0" but finds a fresh one in its place
     fabricate_lock(tmp_path / "g", host=socket.gethostname(), pid=os.getpid(), token="fresh")
-    assert cluster.FolderLock(tmp_path / "g")._displace("t0") is None
-    assert [p.name for p in (tmp_path / "g").iterdir()] == [cluster.LOCK_NAME]
-    assert json.loads((tmp_path / "g" / cluster.LOCK_NAME).read_text())["token"] == "fresh"  # put back untouched
+    assert folder_lock.FolderLock(tmp_path / "g")._displace("t0") is None
+    assert [p.name for p in (tmp_path / "g").iterdir()] == [folder_lock.LOCK_NAME]
+    assert json.loads((tmp_path / "g" / folder_lock.LOCK_NAME).read_text())["token"] == "fresh"  # put back untouched
 
 
 # ----------------------------------------------------------------------------- encode: the FileNotFoundError race
@@ -125,7 +126,7 @@ def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_
         inflight.write_bytes(b"half")
         before = sorted(p.name for p in dest.rglob("*"))
         start = time.time()
-        with pytest.raises(cluster.FolderBusy, match=f"pid {holder.pid}.*choose another --dest"):
+        with pytest.raises(folder_lock.FolderBusy, match=f"pid {holder.pid}.*choose another --dest"):
             dataset_tools.main(dataset_tools.parse_args(argv))
         assert time.time() - start < 20 and inflight.exists() and sorted(p.name for p in dest.rglob("*")) == before
     finally:
@@ -135,7 +136,7 @@ def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_
     dataset_tools.main(dataset_tools.parse_args(argv))
     assert f"process {holder.pid} no longer exists" in capsys.readouterr().err
     assert not inflight.exists() and len(list(dest.rglob("*.npy"))) == 64
-    assert not (dest / cluster.LOCK_NAME).exists()
+    assert not (dest / folder_lock.LOCK_NAME).exists()
 
 
 def test_encode_stops_after_a_batch_on_sigusr1_and_the_rerun_completes(data_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -153,7 +154,7 @@ def test_encode_stops_after_a_batch_on_sigusr1_and_the_rerun_completes(data_dir,
     monkeypatch.setattr(dataset_tools, "npy_bytes", signal_once)
     with pytest.raises(SystemExit) as e:
         dataset_tools.main(dataset_tools.parse_args(argv))
-    assert e.value.code == cluster.EXIT_STOPPED
+    assert e.value.code == stop_signals.EXIT_STOPPED
     assert len(list(dest.rglob("*.npy"))) == 24 and not (dest / "dataset.json").exists()  # that batch, finished
     assert dataset_tools.main(dataset_tools.parse_args(argv))["written"] == 64 - 16  # the complete shard is kept
 
@@ -171,14 +172,14 @@ def test_srun_with_several_tasks_and_no_launcher_is_refused(monkeypatch, tmp_pat
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(cluster.SlurmLaunchError) as e:
+    with pytest.raises(slurm.SlurmLaunchError) as e:
         module.main(module.parse_args(argv))
     msg = str(e.value)
     assert "2 separate tasks" in msg and "srun --ntasks-per-node=1 bash -c '" in msg and launcher in msg
     assert msg.endswith(f"bash {' '.join(argv)}") or "sbatch slurm/train.sbatch" in msg
     assert not list(tmp_path.iterdir())  # refused before anything is written
     monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher: fine
-    assert cluster.slurm_launch_problem(module.__name__) is None
+    assert slurm.slurm_launch_problem(module.__name__) is None
 
 
 def test_sbatch_script_launches_once_per_node_and_requeues_on_stop(tmp_path):
@@ -244,18 +245,18 @@ def test_sigusr1_checkpoints_exits_75_resumes_bit_identical_and_a_second_run_is_
             time.sleep(0.05)
         # a second run into the same folder (another seed), while the first trains: refused, naming it
         start = time.time()
-        with pytest.raises(cluster.FolderBusy, match=f"pid {proc.pid}, started .*command: .*train.py"):
+        with pytest.raises(folder_lock.FolderBusy, match=f"pid {proc.pid}, started .*command: .*train.py"):
             train.main(train.parse_args(argv + ["--seed", "2", "--max-train-steps", "4"]))
         assert time.time() - start < 30
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
-    assert proc.returncode == cluster.EXIT_STOPPED, err[-2000:]
+    assert proc.returncode == stop_signals.EXIT_STOPPED, err[-2000:]
     stopped = [int(p.name[:7]) for p in (run / "checkpoints").glob("[0-9]*[0-9].pt")]
     assert len(stopped) == 1 and 2 <= stopped[0] < 100, stopped  # a full checkpoint at the step it stopped at
     step = stopped[0]
-    assert (run / "checkpoints" / f"{step:07d}.opt.pt").is_file() and not (run / cluster.LOCK_NAME).exists()
+    assert (run / "checkpoints" / f"{step:07d}.opt.pt").is_file() and not (run / folder_lock.LOCK_NAME).exists()
     log = (run / "log.txt").read_text()
     assert log.count("parameters,") == 1 and f"stopped by SIGUSR1 at step {step}" in log  # the second wrote nothing
     assert json.loads((run / "args.json").read_text())["seed"] == 0
@@ -290,9 +291,9 @@ def test_generate_stops_after_a_batch_on_sigterm_and_resumes(tmp_path, monkeypat
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         generate.main(generate.parse_args(argv))
-    assert e.value.code == cluster.EXIT_STOPPED and "SIGTERM" in str(e.value)
+    assert e.value.code == stop_signals.EXIT_STOPPED and "SIGTERM" in str(e.value)
     assert sorted(p.name for p in (tmp_path / "s" / "r").glob("*.png")) == ["000000.png", "000001.png"]
-    assert not (tmp_path / "s" / "r.npz").exists() and not (tmp_path / "s" / "r" / cluster.LOCK_NAME).exists()
+    assert not (tmp_path / "s" / "r.npz").exists() and not (tmp_path / "s" / "r" / folder_lock.LOCK_NAME).exists()
     assert (tmp_path / "stop").read_text() == "75\n"
     assert signal.getsignal(signal.SIGTERM) is handler  # handlers restored after the command
     summary = generate.main(generate.parse_args(argv))
@@ -303,10 +304,10 @@ def _step_loop(rank, port, out):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo")
-    stop = cluster.StepStop(2, every=4)
+    stop = stop_signals.StepStop(2, every=4)
     for step in range(1, 40):
         if rank == 1 and step == 6:
-            cluster.request_stop("SIGUSR1")  # only one rank is signalled, at a step of its own
+            stop_signals.request_stop("SIGUSR1")  # only one rank is signalled, at a step of its own
         if stop.due(step):
             break
     stop.close()
@@ -333,7 +334,7 @@ def test_sweep_discards_the_setting_in_progress_on_a_signal_and_resumes(setup, m
     small = ("--cfg-scale", "1,3", "--guidance-high", "1.0")  # two settings
     with pytest.raises(SystemExit) as e:
         sweep_run(setup, *small)
-    assert e.value.code == cluster.EXIT_STOPPED and "discarded" in str(e.value)
+    assert e.value.code == stop_signals.EXIT_STOPPED and "discarded" in str(e.value)
     assert len(list((setup / "out" / "settings").glob("*.json"))) == 1 and not (setup / "out" / "results.json").exists()
     monkeypatch.setattr(evaluator.FeatureAccumulator, "add", real)
     sweep_run(setup, *small)

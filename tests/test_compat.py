@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import launch_settings
-from evaluations import plot_losses
-from launch_settings import parse_report_to, resolve_mixed_precision, wandb_run
 from test_sweep import setup  # noqa: F401  (a fixture: the sweep progress-bar test reuses it)
-from utils import UserError, fp32_precision, get_fp32_precision
+
+from evaluations import plot_losses
+from reg import trackers
+from reg.mixed_precision import resolve_mixed_precision
+from reg.trackers import parse_report_to, wandb_run
+from reg.utils import UserError, fp32_precision, get_fp32_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,11 +85,11 @@ def test_lock_and_ranges_name_the_same_packages_and_installed_versions_are_in_ra
 
 def test_report_to_takes_every_accelerate_tracker_and_names_a_missing_package(monkeypatch):
     from accelerate.utils import LoggerType
-    assert {t.value for t in LoggerType} - {"all"} <= set(launch_settings.TRACKERS)  # a new accelerate tracker shows here
+    assert {t.value for t in LoggerType} - {"all"} <= set(trackers.TRACKERS)  # a new accelerate tracker shows here
     assert parse_report_to("none") == [] and parse_report_to("tensorboard") == ["tensorboard"]
     assert "tensorboard" in parse_report_to("all")
-    missing = [n for n, (mods, _) in launch_settings.TRACKERS.items() if not launch_settings._installed(mods)]
-    monkeypatch.setattr(launch_settings, "_installed", lambda mods: mods[0] != "mlflow")
+    missing = [n for n, (mods, _) in trackers.TRACKERS.items() if not trackers._installed(mods)]
+    monkeypatch.setattr(trackers, "_installed", lambda mods: mods[0] != "mlflow")
     with pytest.raises(UserError, match=r"--report-to mlflow needs the mlflow package \(pip install mlflow\)"):
         parse_report_to("tensorboard,mlflow")
     assert "mlflow" not in parse_report_to("all")
@@ -152,10 +153,11 @@ def test_training_continues_a_given_wandb_run_logs_every_step_and_takes_the_laun
     """Two steps in-process: the launcher's precision (env) is used and logged with its source, wandb
     (offline) continues the run named by --wandb-id, and --log-every 1 writes one record per step."""
     pytest.importorskip("wandb")
+    from test_train import tiny_argv  # the shared tiny settings
+
     import train
     from preprocessing import dataset_tools
     from preprocessing.synthetic import write_dataset
-    from test_train import tiny_argv  # the shared tiny settings
     data = tmp_path / "data"
     write_dataset(str(data / "imagenet_32_vae"), num_images=16, resolution=32, num_classes=4, seed=0)
     dataset_tools.main(dataset_tools.parse_args(["encode", "--source", str(data / "imagenet_32_vae"), "--dest",
@@ -219,9 +221,8 @@ class _Bars:
 def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, main_process):
     import argparse
 
-    import image_sampling
-    from evaluations import during_training
-    from evaluations import evaluator
+    from evaluations import during_training, evaluator
+    from reg import seeded_images
 
     bars = _Bars()
     monkeypatch.setattr(during_training, "tqdm", bars)
@@ -241,7 +242,7 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
         def features(self):
             return {}
 
-    monkeypatch.setattr(image_sampling, "generate_images", fake_generate)
+    monkeypatch.setattr(seeded_images, "generate_images", fake_generate)
     monkeypatch.setattr(evaluator, "FeatureAccumulator", FakeFeatures)
     ev = object.__new__(during_training.InTrainingEval)
     ev.args = argparse.Namespace(eval_samples=11, seed=0, eval_mode="ode", eval_steps=2, eval_cfg=1.0, eval_cls_cfg=0.0,
@@ -257,8 +258,9 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
 
 def test_each_sweep_setting_shows_a_progress_bar(setup, monkeypatch):
     """Reuses test_sweep's tiny checkpoint, stand-in Inception and grid (its `setup` fixture, imported above)."""
-    import sweep
     from test_sweep import run
+
+    import sweep
 
     bars = _Bars()
     monkeypatch.setattr(sweep, "tqdm", bars)

@@ -83,7 +83,7 @@ def test_feature_accumulator_refuses_mixed_resolutions_and_empty(model):
 def test_inception_forwards_run_with_tf32_off_and_restore_it(model, monkeypatch):
     """ADM's graph runs in true fp32: every Inception forward (full batches in add(), the partial last one
     in features()) runs with TF32 off for matmuls and convolutions; the caller's setting comes back."""
-    from utils import fp32_precision, get_fp32_precision  # the shim: torch < 2.9 has no fp32_precision API
+    from reg.utils import fp32_precision, get_fp32_precision  # the shim: torch < 2.9 has no fp32_precision API
     seen = []
 
     def spy(x):

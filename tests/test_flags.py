@@ -8,17 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_run_flags import parser_of
 
 import generate
-import metrics_log
-from evaluations import plot_losses
 import sweep
 import train
-import utils
 from benchmarks import run as bench_run
-from evaluations import compare, evaluator
+from evaluations import compare, evaluator, plot_losses
 from preprocessing import dataset_tools
-from test_run_flags import parser_of
+from reg import run_log, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +81,8 @@ def test_json_is_strict(tmp_path):
         utils.atomic_json_dump({"proj_coeff": float("nan")}, path)
     assert json.loads(path.read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))  # old file intact
     metrics = tmp_path / "metrics.jsonl"
-    metrics_log.append_record(metrics, {"step": 1, "loss": float("nan"), "lr": 1e-4})
-    metrics_log.append_record(metrics, {"step": 1, "fid": float("inf")})
+    run_log.append_record(metrics, {"step": 1, "loss": float("nan"), "lr": 1e-4})
+    run_log.append_record(metrics, {"step": 1, "fid": float("inf")})
     text = metrics.read_text()
     assert text == '{"step": 1, "loss": null, "lr": 0.0001}\n{"step": 1, "fid": null}\n'
     for line in text.splitlines():
@@ -96,19 +94,19 @@ def test_json_is_strict(tmp_path):
 def test_torn_metrics_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     good = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
-    metrics_log.write_records(path, good)
-    assert metrics_log.trim_torn_tail(path) is None
+    run_log.write_records(path, good)
+    assert run_log.trim_torn_tail(path) is None
     with open(path, "a") as f:
         f.write('{"step": 3, "lo')  # a kill mid-append
     notes = []
-    assert metrics_log.read_metrics(path, warn=notes.append) == good and "metrics.jsonl:3" in notes[0]
-    assert "metrics.jsonl:3" in metrics_log.trim_torn_tail(path)
+    assert run_log.read_metrics(path, warn=notes.append) == good and "metrics.jsonl:3" in notes[0]
+    assert "metrics.jsonl:3" in run_log.trim_torn_tail(path)
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in good)
-    metrics_log.append_record(path, {"step": 3, "loss": 0.25})
-    assert [r["step"] for r in metrics_log.read_metrics(path)] == [1, 2, 3]
+    run_log.append_record(path, {"step": 3, "loss": 0.25})
+    assert [r["step"] for r in run_log.read_metrics(path)] == [1, 2, 3]
 
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # a bad line elsewhere: not a kill
-    for read in (metrics_log.read_metrics, metrics_log.trim_torn_tail, plot_losses.read_metrics):
+    for read in (run_log.read_metrics, run_log.trim_torn_tail, plot_losses.read_metrics):
         with pytest.raises(utils.UserError, match=r"metrics.jsonl:2: not a metrics record"):
             read(str(path))
     with pytest.raises(compare.RunError, match=r"metrics.jsonl:2"):

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import generate
-import image_sampling
-from checkpoint_io import CheckpointDir
 from models.sit import SiT_models
+from reg import seeded_images
+from reg.checkpoints import CheckpointDir
 
 NUM_CLASSES = 4
 LATENT = 4  # latent side; images are 32 x 32 with the 8x VAE
@@ -73,7 +73,7 @@ def test_npz_byte_identical_across_batch_sizes_and_adm_format(assets, tmp_path):
         assert sorted(data.files) == ["arr_0", "arr_1"]
         images, labels = data["arr_0"], data["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)
-    assert labels.dtype == np.int64 and labels.tolist() == image_sampling.class_labels(
+    assert labels.dtype == np.int64 and labels.tolist() == seeded_images.class_labels(
         list(range(6)), global_seed=3, num_classes=NUM_CLASSES, balanced=False).tolist()
     assert images.std() > 1  # not a constant image
     assert len({im.tobytes() for im in images}) == 6  # every image has its own noise
@@ -176,36 +176,36 @@ def test_ode_heun_balanced_grid_without_class_token(assets, tmp_path):
 
 
 def test_per_image_seeds_and_labels():
-    seeds = {image_sampling.image_seed(0, i) for i in range(1000)} | {image_sampling.image_seed(1, i) for i in range(1000)}
+    seeds = {seeded_images.image_seed(0, i) for i in range(1000)} | {seeded_images.image_seed(1, i) for i in range(1000)}
     assert len(seeds) == 2000  # no collisions between indices or neighbouring global seeds
-    assert image_sampling.image_seed(5, 7) == image_sampling.image_seed(5, 7)
-    assert image_sampling.image_seed(5, 7, image_sampling.LABEL_STREAM) != image_sampling.image_seed(5, 7)
-    labels = image_sampling.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
+    assert seeded_images.image_seed(5, 7) == seeded_images.image_seed(5, 7)
+    assert seeded_images.image_seed(5, 7, seeded_images.LABEL_STREAM) != seeded_images.image_seed(5, 7)
+    labels = seeded_images.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
     assert set(labels.tolist()) == {0, 1, 2, 3} and abs(labels.float().mean().item() - 1.5) < 0.1
     # A label depends on its index only, not on which other indices are asked for.
-    assert image_sampling.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
+    assert seeded_images.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
         [labels[17].item(), labels[3].item()]
-    balanced = image_sampling.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
+    balanced = seeded_images.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
     assert torch.bincount(balanced).tolist() == [100] * 10
 
 
 def test_generate_images_in_memory_equals_the_png_files(assets, tmp_path):
     """generate.py's files and generate_images (train.py's FID, sweep.py) are one code path: same
     images for any order and batching of the indices."""
-    from checkpoint_io import load_generator
     from models.vae import load_vae
+    from reg.loading import load_generator
 
     run(assets, tmp_path, "--per-proc-batch-size", "4")
-    model, config = load_generator(str(assets / "0000100.pt"))
+    model, config, *_ = load_generator(str(assets / "0000100.pt"), decoder=False)
     model.to(torch.float64)
     codec = load_vae(str(assets / "vae"), dtype=torch.float64)
     seen = {}
-    for indices, images, labels in image_sampling.generate_images(
+    for indices, images, labels in seeded_images.generate_images(
             model, codec, [5, 0, 3, 1, 2, 4], global_seed=3, num_classes=NUM_CLASSES, mode="sde", num_steps=6,
             cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7, latents_scale=config["latents_scale"],
             batch_size=5, device="cpu"):
         assert images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
-        assert labels.tolist() == image_sampling.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
+        assert labels.tolist() == seeded_images.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
                                                           balanced=False).tolist()
         seen.update(zip(indices, images.numpy()))
     assert sorted(seen) == list(range(6))
@@ -260,7 +260,7 @@ def test_num_classes_must_match_the_checkpoint(assets, tmp_path):
     # one above: the null row would silently become a real class
     with pytest.raises(ValueError, match=rf"--num-classes {NUM_CLASSES + 1} does not match"):
         run(assets, tmp_path, "--num-classes", str(NUM_CLASSES + 1))
-    # a decoder whose latents are not the model's (image_sampling.load_for_sampling, sweep.py's loader too)
+    # a decoder whose latents are not the model's (reg.loading.load_generator, sweep.py's loader too)
     with pytest.raises(ValueError, match=r"VAE 'pixel-unshuffle' has \d+ latent channels but the model expects 4"):
         run(assets, tmp_path, "--vae", "pixel-unshuffle")
 

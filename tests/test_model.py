@@ -253,7 +253,7 @@ def test_torch_compile_forward_matches_eager():
 def test_null_row_exists_without_label_dropout():
     """--cfg-prob 0 still builds num_classes + 1 rows, so such checkpoints can be guided and their class
     count is read unambiguously (rows - 1)."""
-    from checkpoint_io import infer_config
+    from reg.loading import infer_config
 
     y = torch.zeros(1000, dtype=torch.long)
     for prob in (0.0, 0.1):

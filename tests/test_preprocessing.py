@@ -8,8 +8,8 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import PIL.Image
+import numpy as np
 import pytest
 import torch
 

@@ -249,7 +249,7 @@ def test_sweep_refuses_an_output_folder_made_with_any_other_setting(tmp_path):
 # ----------------------------------------------------------------------------- the fp16 GradScaler path
 
 def _fp16_step(scaler, state: dict, seed: int = 0):
-    """One train_loop.train_step of a tiny plain SiT under fp16 autocast with `scaler`. accelerate makes neither
+    """One reg.train_step.train_step of a tiny plain SiT under fp16 autocast with `scaler`. accelerate makes neither
     the autocast nor the GradScaler on a CPU (Accelerator(mixed_precision="fp16", cpu=True) has scaler None
     and native_amp False), so both are switched on by hand: the objects then take the path they take on a GPU
     (scaled backward, unscale before clipping, scaler.step and scaler.update through the prepared optimizer)."""
@@ -259,7 +259,7 @@ def _fp16_step(scaler, state: dict, seed: int = 0):
     from accelerate.state import AcceleratorState
 
     from models.sit import SiT
-    from train_loop import StepConfig, make_optimizer, train_step
+    from reg.train_step import StepConfig, make_optimizer, train_step
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True, mixed_precision="fp16")
     acc.native_amp, acc.scaler = True, scaler

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from interpolant import interpolant
+from reg.interpolant import interpolant
 from samplers import (T_LAST, data_from_velocity, euler_maruyama_sampler, euler_sampler, multistep_sampler,
                       per_sample_randn_like, score_from_velocity)
 
@@ -463,8 +463,8 @@ def test_multistep_modes_are_selectable_everywhere():
 
 @pytest.mark.parametrize("mode, corrector", [("dpm2m", False), ("unipc", True)])
 def test_generation_dispatches_the_multistep_modes(mode, corrector, monkeypatch):
-    import image_sampling
     from models.sit import SiT_models
+    from reg import seeded_images
 
     seen = []
 
@@ -472,10 +472,10 @@ def test_generation_dispatches_the_multistep_modes(mode, corrector, monkeypatch)
         seen.append(kwargs["corrector"])
         return multistep_sampler(*args, **kwargs)
 
-    monkeypatch.setattr(image_sampling, "multistep_sampler", recording)
+    monkeypatch.setattr(seeded_images, "multistep_sampler", recording)
     model = SiT_models["SiT-T/2"](input_size=2, in_channels=3, num_classes=2, z_dims=[8], encoder_depth=1,
                                   projector_dim=8).eval()
-    (_, images, _), = image_sampling.generate_images(
+    (_, images, _), = seeded_images.generate_images(
         model, lambda z: z.repeat_interleave(4, -1).repeat_interleave(4, -2).tanh(), [0, 1], global_seed=0,
         num_classes=2, mode=mode, num_steps=3, latents_scale=1.0, batch_size=2, device="cpu")
     assert seen == [corrector] and images.shape == (2, 8, 8, 3)

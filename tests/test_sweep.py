@@ -126,7 +126,7 @@ def test_paper_column():
 def _gather_rank(rank, port, out):
     import torch.distributed as dist
 
-    from image_sampling import gather_features
+    from reg.processes import gather_features
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo")
     mine = list(range(rank, 5, 2))[::-1]  # unequal shares (3 and 2), rows not in index order
@@ -137,7 +137,7 @@ def _gather_rank(rank, port, out):
 
 
 def test_features_are_gathered_to_rank_0_in_index_order():
-    """image_sampling.gather_features, behind sweep.py and train.py's FID: two gloo processes."""
+    """reg.processes.gather_features, behind sweep.py and train.py's FID: two gloo processes."""
     results = dict(run_two_processes(_gather_rank))
     assert results[1] is None
     assert results[0] == {"pool": [[i, 10 * i] for i in range(5)], "logits": [[i] for i in range(5)]}

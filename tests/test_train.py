@@ -350,7 +350,7 @@ def test_resume_a_run_of_the_original_code(data_dir, tmp_path):
     args = train.parse_args(tiny_argv(data_dir, tmp_path, "orig", "--max-train-steps", "4"))
     first = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "seed", "--max-train-steps", "2")))
     ours = torch.load(Path(first["run_dir"]) / "checkpoints/0000002.pt", weights_only=True)
-    from checkpoint_io import build_model_from_config
+    from reg.loading import build_model_from_config
     model = build_model_from_config(ours["config"])
     model.load_state_dict(ours["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the original: default AdamW, every parameter
@@ -504,11 +504,12 @@ def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir
         assert {"sfid", "inception_score", "precision", "recall"} <= set(r)
     # the same per-image seeds at every evaluation: the same model scores the same at any step
     from accelerate import Accelerator
-    from checkpoint_io import load_generator
+
+    from reg.loading import load_generator
     args = train.parse_args(argv)
     config = json.loads((run / "config.json").read_text())
     ev = during_training.InTrainingEval(args, config, Accelerator(cpu=True), train.Logger(Accelerator(cpu=True), run))
-    ema, _ = load_generator(str(run / "checkpoints/ema_0000004.safetensors"))
+    ema, *_ = load_generator(str(run / "checkpoints/ema_0000004.safetensors"), decoder=False)
     (ia, fa), (ib, fb) = ev.sample_features(ema), ev.sample_features(ema)
     assert list(ia) == list(ib) == list(range(4)) and all(np.array_equal(fa[k], fb[k]) for k in fa)
     other = copy.deepcopy(ema)

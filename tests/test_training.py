@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import train_loop
+from reg import throughput, train_step
 
 
 def test_flops_per_image_on_meta_equal_a_real_count():
@@ -12,6 +12,7 @@ def test_flops_per_image_on_meta_equal_a_real_count():
     real count does the same through the math backend, as CPU's fused kernel has no FLOP formula.)"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
     from models.encoders import load_encoders
     from models.sit import SiT_models
 
@@ -19,7 +20,7 @@ def test_flops_per_image_on_meta_equal_a_real_count():
         encoders = load_encoders("dinov2-vit-s", weights="random", resolution=32)
     model = SiT_models["SiT-T/2"](input_size=4, in_channels=8, num_classes=4, z_dims=[384], encoder_depth=2,
                                   projector_dim=64, cls_token_dim=384).train()
-    got = train_loop.training_flops_per_image(model, encoders, cls_dim=384, resolution=32)
+    got = throughput.training_flops_per_image(model, encoders, cls_dim=384, resolution=32)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         v, zs, v_cls = model(torch.randn(1, 8, 4, 4), torch.rand(1), torch.zeros(1, dtype=torch.long),
                              cls_token=torch.randn(1, 384))
@@ -35,18 +36,18 @@ def test_ema_foreach_equals_plain_formula():
     want = [e.clone() for e in ema]
     for e, p in zip(want, params):
         e.mul_(0.9999).add_(p, alpha=1 - 0.9999)  # the original's per-name loop
-    train_loop.ema_update(ema, params, 0.9999)
+    train_step.ema_update(ema, params, 0.9999)
     assert all(torch.equal(a, b) for a, b in zip(ema, want))
 
 
 def test_step_sampler_resumes_at_the_same_position():
-    full = train_loop.StepSampler(40, local_batch=4, rank=1, world=2, seed=3)
+    full = train_step.StepSampler(40, local_batch=4, rank=1, world=2, seed=3)
     it = iter(full)
     seq = [next(it) for _ in range(4 * 12)]  # 12 batches: crosses the 5-batch epoch boundary twice
-    resumed = train_loop.StepSampler(40, local_batch=4, rank=1, world=2, seed=3, start_batch=7)
+    resumed = train_step.StepSampler(40, local_batch=4, rank=1, world=2, seed=3, start_batch=7)
     it2 = iter(resumed)
     assert [next(it2) for _ in range(4 * 5)] == seq[4 * 7:]
-    other = iter(train_loop.StepSampler(40, local_batch=4, rank=0, world=2, seed=3))
+    other = iter(train_step.StepSampler(40, local_batch=4, rank=0, world=2, seed=3))
     first_epoch = set(seq[:20]) | {next(other) for _ in range(20)}
     assert first_epoch == set(range(40))  # the two ranks split each epoch without overlap
 
@@ -68,12 +69,12 @@ def test_legacy_drops_labels_before_the_model(fresh_accelerate_state):
 
     probe = Probe()
     params = list(probe.parameters())
-    opt = train_loop.make_optimizer(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
+    opt = train_step.make_optimizer(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
     batch = (torch.zeros(64, 3, 16, 16, dtype=torch.uint8), torch.zeros(64, 8, 2, 2), torch.zeros(64, dtype=torch.long))
     for p in (0.0, 1.0, 0.5):
-        step_cfg = train_loop.StepConfig(use_cls=False, use_proj=False, num_classes=7, legacy_drop_prob=p)
+        step_cfg = train_step.StepConfig(use_cls=False, use_proj=False, num_classes=7, legacy_drop_prob=p)
         torch.manual_seed(0)
-        train_loop.train_step([batch], model=probe, params=params, ema_params=[params[0].detach().clone()], opt=opt,
+        train_step.train_step([batch], model=probe, params=params, ema_params=[params[0].detach().clone()], opt=opt,
                             encoders=[], accelerator=Accelerator(cpu=True), step_cfg=step_cfg)
     none, all_, half = (s.eq(7).float().mean().item() for s in seen)
     assert none == 0 and all_ == 1 and 0.2 < half < 0.8

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.vae import SD_VAE_SCALING_FACTOR, SD_VAES, VAE_STRIDE, PixelUnshuffleCodec, load_vae
 from fixtures import save_tiny_vae
+from models.vae import SD_VAES, SD_VAE_SCALING_FACTOR, VAE_STRIDE, PixelUnshuffleCodec, load_vae
 
 
 @pytest.fixture(scope="module")

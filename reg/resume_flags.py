@@ -24,12 +24,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from utils import UserError
+from reg.utils import UserError
 
 RUN, HYPER, OPERATIONAL = "run", "hyper", "operational"
 
 # dest -> (class, why). Add every new train.py flag here, and its row to docs/resuming.md
-# (`python run_flags.py` prints the table).
+# (`python reg/resume_flags.py` prints the table).
 FLAG_CLASSES: dict[str, tuple[str, str]] = {
     # model and objective: the weights' meaning
     "model": (RUN, "architecture; the checkpoint's tensors fix it"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils import UserError
+from reg.utils import UserError
 
 
 def parse_class_labels(text: str, num_classes: int | None = None) -> list[int]:
