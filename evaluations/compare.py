@@ -100,7 +100,7 @@ def _read_json(path: str) -> dict:
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict], list[str]]:
-    """(training lines, evaluation lines, notes) of a metrics.jsonl, read by metrics_log (the one reader).
+    """(training lines, evaluation lines, notes) of a metrics.jsonl, read by reg.run_log (the one reader).
     A line with `fid` is an evaluation, one with `loss` a training line. A torn last line (a run killed
     mid-write) is skipped with a note; a broken line anywhere else is an error."""
     notes: list[str] = []

@@ -36,7 +36,7 @@ TITLES = {
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The training records of a metrics.jsonl file, in step order, read by metrics_log (the one reader:
+    """The training records of a metrics.jsonl file, in step order, read by reg.run_log (the one reader:
     a torn last line is skipped with a warning on stderr). Evaluation records (those with a `fid`,
     written by --eval-every at the same steps) are left out."""
     warn = lambda msg: print(f"plot_losses: warning: {msg}", file=sys.stderr)  # noqa: E731

@@ -72,12 +72,6 @@ FORMER_WORD = re.compile(r"(?<![.\w])(" + "|".join(sorted(n for n in FORMER_MODU
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
-# docs/design.md's floor table is being rewritten in a parallel change; until it lands, its stale names are
-# expected (test_pending_region_still_stale, strict xfail: when the rewrite lands, that test passes, fails as
-# XPASS, and this entry goes).
-PENDING_REGIONS = {"docs/design.md": ("Modules sit on three floors", "`utils.py` holds the one atomic writer")}
-
-
 @functools.lru_cache(maxsize=None)
 def repo_files() -> frozenset[str]:
     """The repository's files (tracked, and new ones git does not ignore), as root-relative posix paths."""
@@ -269,40 +263,17 @@ def line_problems(doc: str, line: str) -> list[str]:
     return [f"`{name}`: {why}" for name, why in problems.items()]
 
 
-def doc_problems(doc: str, text: str | None = None) -> tuple[list[str], list[str]]:
-    """(problems, problems inside a PENDING_REGIONS region) of `doc`, as `doc:line: name: why`."""
+def doc_problems(doc: str, text: str | None = None) -> list[str]:
+    """The problems of `doc`, as `doc:line: name: why`."""
     text = (ROOT / doc).read_text(encoding="utf-8") if text is None else text
-    start, end = PENDING_REGIONS.get(doc, (None, None))
-    found, pending, in_pending = [], [], False
-    for number, line in enumerate(text.splitlines(), 1):
-        if start and line.startswith(start):
-            in_pending = True
-        if end and line.startswith(end):
-            in_pending = False
-        for problem in line_problems(doc, line):
-            (pending if in_pending else found).append(f"{doc}:{number}: {problem}")
-    return found, pending
+    return [f"{doc}:{number}: {problem}" for number, line in enumerate(text.splitlines(), 1)
+            for problem in line_problems(doc, line)]
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_doc_names_only_what_exists(doc):
-    found, _ = doc_problems(doc)
+    found = doc_problems(doc)
     assert not found, f"{doc} names what does not exist:\n" + "\n".join(found)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="docs/design.md's floor table is being rewritten in a parallel change; once it names "
-                          "only what exists, this test passes, and its PENDING_REGIONS entry is to be deleted")
-@pytest.mark.parametrize("doc", sorted(PENDING_REGIONS))
-def test_pending_region_still_stale(doc):
-    text = (ROOT / doc).read_text(encoding="utf-8")
-    start, end = PENDING_REGIONS[doc]
-    if not any(line.startswith(start) for line in text.splitlines()) or \
-            not any(line.startswith(end) for line in text.splitlines()):  # not an AssertionError: a plain failure
-        raise LookupError(f"{doc}: the first or last line of the PENDING_REGIONS region is gone; "
-                          "update or delete the entry")
-    _, pending = doc_problems(doc, text)
-    assert not pending, "\n".join(pending)
 
 
 def test_the_checker_catches_each_kind_of_stale_name():
@@ -315,7 +286,7 @@ def test_the_checker_catches_each_kind_of_stale_name():
         "The `tests/test_nothere.py` test and `slurm/nothere.sbatch`.",  # 6
         "Our `models/clip_vit.py` wraps CLIP.",  # 7: not theirs, so not excused
     ])
-    found, _ = doc_problems("docs/example.md", text)
+    found = doc_problems("docs/example.md", text)
     names = sorted(p.split(": ")[1] for p in found)
     assert names == sorted(["`reg/nothere.py`", "`nothere.md`", "`design.md#no-such-heading`",
                             "`image_sampling.py`", "`cluster.py`",
@@ -337,5 +308,5 @@ def test_the_checker_accepts_what_exists_and_what_is_not_ours():
         "REPA's CLIP wrapper (`models/clip_vit.py`), EDM2's `dataset_tool.py`, REG `utils.py` `load_encoders`,",
         "`test_resume_is_exact`, `tests/test_speed.py::test_split_attention_equals_plain_in_fp64`.",
     ])
-    found, _ = doc_problems("docs/example.md", text)
+    found = doc_problems("docs/example.md", text)
     assert not found, found
