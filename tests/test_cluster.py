@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sweep import run as sweep_run  # noqa: F401 (a fixture)
-from test_sweep import setup
-from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401 (fixtures)
 
 import generate
 import train
-from fixtures import run_two_processes, save_tiny_reg_checkpoint
+from helpers import run_sweep, run_two_processes, save_tiny_reg_checkpoint, tiny_argv
 from preprocessing import dataset_tools
 from reg import folder_lock, slurm, stop_signals
 
@@ -115,7 +112,7 @@ def test_processes_racing_to_replace_one_stale_lock_one_wins(tmp_path):
 
 # ----------------------------------------------------------------------------- encode: the FileNotFoundError race
 
-def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_path, capsys):  # noqa: F811
+def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_path, capsys):
     dest = tmp_path / "vae-sd"
     argv = ["encode", "--source", str(data_dir / "imagenet_32_vae"), "--dest", str(dest), "--model-url",
             "pixel-unshuffle", "--batch-size", "32", "--num-workers", "0"]
@@ -139,7 +136,7 @@ def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_
     assert not (dest / folder_lock.LOCK_NAME).exists()
 
 
-def test_encode_stops_after_a_batch_on_sigusr1_and_the_rerun_completes(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_encode_stops_after_a_batch_on_sigusr1_and_the_rerun_completes(data_dir, tmp_path, monkeypatch):
     dest = tmp_path / "vae-sd"
     argv = ["encode", "--source", str(data_dir / "imagenet_32_vae"), "--dest", str(dest), "--model-url",
             "pixel-unshuffle", "--batch-size", "8", "--num-workers", "0", "--shard-size", "16"]
@@ -232,7 +229,8 @@ if [ -n "$FAKE_STOP" ]; then echo 75 > "$REG_STOP_FILE"; exit 1; fi
 
 # ----------------------------------------------------------------------------- stop signals, end to end
 
-def test_sigusr1_checkpoints_exits_75_resumes_bit_identical_and_a_second_run_is_refused(data_dir, tmp_path):  # noqa: F811
+@pytest.mark.usefixtures("flops_counted_once_per_architecture")  # conftest.py: three train.main runs in process
+def test_sigusr1_checkpoints_exits_75_resumes_bit_identical_and_a_second_run_is_refused(data_dir, tmp_path):
     common = ("--learning-rate", "1e-3", "--checkpointing-steps", "100", "--keep-last", "10")
     argv = tiny_argv(data_dir, tmp_path, "sig", "--max-train-steps", "1000", *common)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -320,7 +318,7 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled():
 
 
 
-def test_sweep_discards_the_setting_in_progress_on_a_signal_and_resumes(setup, monkeypatch):  # noqa: F811
+def test_sweep_discards_the_setting_in_progress_on_a_signal_and_resumes(sweep_setup, monkeypatch):
     from evaluations import evaluator
     real, calls = evaluator.FeatureAccumulator.add, []
 
@@ -333,9 +331,10 @@ def test_sweep_discards_the_setting_in_progress_on_a_signal_and_resumes(setup, m
     monkeypatch.setattr(evaluator.FeatureAccumulator, "add", add_then_signal)
     small = ("--cfg-scale", "1,3", "--guidance-high", "1.0")  # two settings
     with pytest.raises(SystemExit) as e:
-        sweep_run(setup, *small)
+        run_sweep(sweep_setup, *small)
     assert e.value.code == stop_signals.EXIT_STOPPED and "discarded" in str(e.value)
-    assert len(list((setup / "out" / "settings").glob("*.json"))) == 1 and not (setup / "out" / "results.json").exists()
+    out = sweep_setup / "out"
+    assert len(list((out / "settings").glob("*.json"))) == 1 and not (out / "results.json").exists()
     monkeypatch.setattr(evaluator.FeatureAccumulator, "add", real)
-    sweep_run(setup, *small)
-    assert len(list((setup / "out" / "settings").glob("*.json"))) == 2 and (setup / "out" / "results.json").is_file()
+    run_sweep(sweep_setup, *small)
+    assert len(list((out / "settings").glob("*.json"))) == 2 and (out / "results.json").is_file()

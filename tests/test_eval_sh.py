@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import save_tiny_reg_checkpoint, save_tiny_vae
+from helpers import save_tiny_reg_checkpoint, save_tiny_vae
 from models.sit import SiT_models
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_run_flags import parser_of
 
 import generate
 import sweep
 import train
 from benchmarks import run as bench_run
 from evaluations import compare, evaluator, plot_losses
+from helpers import parser_of
 from preprocessing import dataset_tools
 from reg import run_log, utils
 

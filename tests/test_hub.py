@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from fixtures import save_tiny_reg_checkpoint
+from helpers import save_tiny_reg_checkpoint
 from models.sit import SiT, SiT_models
 from reg import export
 from reg.checkpoints import CheckpointDir

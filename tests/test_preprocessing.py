@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dataset import CustomDataset
-from fixtures import save_tiny_vae
+from helpers import save_tiny_vae
 from preprocessing import dataset_tools as dt
 from preprocessing import transforms
 from preprocessing.synthetic import COLOURS, render, write_dataset

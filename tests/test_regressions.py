@@ -13,15 +13,8 @@ import pytest
 import torch
 
 import train
-from fixtures import encoded_synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
-    return encoded_synthetic_data(tmp_path_factory.mktemp("data"))
 
 
 def sit_argv(data_dir, out, exp, *extra):

@@ -15,43 +15,13 @@ import pytest
 import torch
 
 import train
-from fixtures import encoded_synthetic_data
+from helpers import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # see conftest.py
-
-
-@pytest.fixture(autouse=True, scope="module")
-def flops_counted_once_per_architecture():
-    """train.main counts the FLOPs per image on meta tensors, ~1 s of Python meta kernels per run; the runs
-    here share a few architectures, so the count is kept per architecture (the module reprs: every layer
-    and its shape). tests/test_training.py checks the count itself."""
-    real, cache = train.training_flops_per_image, {}
-
-    def memo(model, encoders, *, cls_dim, resolution, backward=True):
-        key = (repr(model), tuple(repr(e) for e in encoders), cls_dim, resolution, backward)
-        if key not in cache:
-            cache[key] = real(model, encoders, cls_dim=cls_dim, resolution=resolution, backward=backward)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "training_flops_per_image", memo)
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
-    return encoded_synthetic_data(tmp_path_factory.mktemp("data"))
-
-
-def tiny_argv(data_dir, out, exp="run", *extra):
-    return ["--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32", "--num-classes", "4",
-            "--batch-size", "8", "--enc-type", "dinov2-vit-s", "--enc-weights", "random", "--encoder-depth", "2",
-            "--projector-dim", "256", "--output-dir", str(out), "--exp-name", exp, "--num-workers", "0", "--report-to", "none",
-            "--log-every", "2", *extra]
+# conftest.py: a fresh accelerate state per test (train.main runs in process), the FLOP count kept per architecture
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "flops_counted_once_per_architecture")
 
 
 def test_loss_falls(data_dir, tmp_path):

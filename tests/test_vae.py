@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fixtures import save_tiny_vae
+from helpers import save_tiny_vae
 from models.vae import SD_VAES, SD_VAE_SCALING_FACTOR, VAE_STRIDE, PixelUnshuffleCodec, load_vae
 
 

@@ -1,8 +1,17 @@
-"""Test helpers shared by several test files (not production code): tiny stand-ins for pretrained weights.
+"""Plain helpers shared by several test files (not production code, and no fixtures: those are in
+conftest.py): tiny stand-ins for pretrained weights and data, train.py's tiny settings, sweep.py's
+stand-in Inception, a two-process launcher.
 
-Import with `from fixtures import save_tiny_vae` (pytest puts tests/ on sys.path).
+Import with `from helpers import save_tiny_vae` (pytest puts tests/ on sys.path). A test file never imports
+from another test file: what two of them share lives here or in conftest.py.
 """
 from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
 
 
 def save_tiny_vae(path: str, *, seed: int = 0, latent_channels: int = 4) -> str:
@@ -70,3 +79,59 @@ def encoded_synthetic_data(root, *, num_images: int = 64, resolution: int = 32, 
         ["encode", "--source", str(images), "--dest", str(root / "vae-sd"),
          "--model-url", "pixel-unshuffle", "--batch-size", "32"]))
     return root
+
+
+def tiny_argv(data_dir, out, exp="run", *extra):
+    """train.py's flags for a tiny run on `data_dir` (encoded_synthetic_data: 32 px, 4 classes), into OUT/EXP."""
+    return ["--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32", "--num-classes", "4",
+            "--batch-size", "8", "--enc-type", "dinov2-vit-s", "--enc-weights", "random", "--encoder-depth", "2",
+            "--projector-dim", "256", "--output-dir", str(out), "--exp-name", exp, "--num-workers", "0",
+            "--report-to", "none", "--log-every", "2", *extra]
+
+
+class FakeInception(torch.nn.Module):
+    """Features that are the pixels themselves: equal images <=> equal features."""
+    weights, weights_id, random_weights = "fake", "fake", True
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the accumulator a device
+
+    def forward(self, x):
+        f = x.float().flatten(1)
+        def take(n):
+            return f[:, torch.arange(n) % f.shape[1]] + torch.arange(n) * 1e-3
+        return take(2048), take(2023), take(1008)
+
+
+def fake_metrics(ref, sample, **_):
+    return {"fid": float(np.abs(sample.mu - ref.mu).mean()), "sfid": float(np.abs(sample.mu_s - ref.mu_s).mean()),
+            "inception_score": float(sample.logits.mean()), "precision": 0.5, "recall": 0.5}
+
+
+def run_sweep(root, *extra):
+    """sweep.py on the `sweep_setup` folder (conftest.py): 5 settings of 6 images each, unless `extra` says
+    otherwise."""
+    import sweep
+    # 3 SDE steps: t = 1, 0.52, 0.04; the interval [0.5, 0.51] holds none of them
+    argv = ["--ckpt", str(root / "ema.safetensors"), "--ref-batch", str(root / "ref.npz"), "--out", str(root / "out"),
+            "--cfg-scale", "1,1.5,3", "--cls-cfg-scale", "1.5", "--guidance-low", "0.5",
+            "--guidance-high", "0.51,1.0", "--num-steps", "3", "--num-samples", "6", "--per-proc-batch-size", "4",
+            "--device", "cpu", "--inception-weights", "random", "--eval-batch-size", "4", *extra]
+    return sweep.main(sweep.parse_args(argv))
+
+
+class _Parser(Exception):
+    pass
+
+
+def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
+    """The ArgumentParser a module's parse_args builds (caught at its parse_args call)."""
+    def capture(self, *a, **k):
+        raise _Parser(self)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(_Parser) as e:
+            parse_args(list(argv))
+    return e.value.args[0]
+
