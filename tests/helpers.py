@@ -8,10 +8,20 @@ from another test file: what two of them share lives here or in conftest.py.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_tiny_vae(path: str, *, seed: int = 0, latent_channels: int = 4) -> str:
@@ -135,3 +145,92 @@ def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
             parse_args(list(argv))
     return e.value.args[0]
 
+
+# ----------------------------------------------------------------------------- the command-line tools, found
+
+def _is_main_block(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":` at a module's top level."""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__" and len(test.comparators) == 1
+            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__")
+
+
+def _parses_a_command_line(tree: ast.Module) -> bool:
+    """Defines parse_args, or calls some parser's .parse_args (an ArgumentParser built inside main)."""
+    return any((isinstance(n, ast.FunctionDef) and n.name == "parse_args")
+               or (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "parse_args")
+               for n in ast.walk(tree))
+
+
+def command_line_tool_files(root: Path = ROOT) -> list[str]:
+    """Every Python file of the repository (tests/ and hidden folders aside) with an `if __name__ ==
+    "__main__":` block that parses a command line: the command-line tools, found by reading the files, so a
+    new tool is tested without being listed anywhere. Paths relative to root, with "/"."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and not (here == root and d == "tests")
+                         and not (here / d / "pyvenv.cfg").exists())
+        for name in sorted(files):
+            if name.endswith(".py"):
+                tree = ast.parse((here / name).read_text(encoding="utf-8"), filename=str(here / name))
+                if any(_is_main_block(node) for node in tree.body) and _parses_a_command_line(tree):
+                    found.append((here / name).relative_to(root).as_posix())
+    return found
+
+
+@dataclass(frozen=True)
+class Cli:
+    """One command line: a tool's file and, for a tool with subcommands, one subcommand (`prefix`)."""
+    path: str                 # "preprocessing/dataset_tools.py"
+    prefix: tuple[str, ...]   # ("encode",): the argv that reaches this (sub)command's flags
+
+    @property
+    def name(self) -> str:
+        return " ".join([self.path, *self.prefix])
+
+    @property
+    def module(self):
+        return importlib.import_module(self.path[:-len(".py")].replace("/", "."))
+
+    def run(self, argv: list[str]):
+        """The tool's own entry, as its command line calls it: parse_args(argv), else main(argv), else main()
+        reading sys.argv. Only for argv that stop at the parser (--help, a bad value): anything else runs it."""
+        module = self.module
+        if hasattr(module, "parse_args"):
+            return module.parse_args([*self.prefix, *argv])
+        if inspect.signature(module.main).parameters:
+            return module.main([*self.prefix, *argv])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "argv", [self.path, *self.prefix, *argv])
+            return module.main()
+
+    def top_parser(self) -> argparse.ArgumentParser:
+        """The ArgumentParser the entry builds, caught at its parse_args call (nothing after it runs)."""
+        return parser_of(Cli(self.path, ()).run)
+
+    def parser(self) -> argparse.ArgumentParser:
+        """This (sub)command's own parser."""
+        parser = self.top_parser()
+        for word in self.prefix:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[word]
+        return parser
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """argv parsed by the tool's parser (prefix added), without running the tool."""
+        return self.top_parser().parse_args([*self.prefix, *argv])
+
+
+@functools.lru_cache(maxsize=None)
+def command_line_tools() -> tuple[Cli, ...]:
+    """command_line_tool_files, one Cli per command: a tool with subcommands gives one per subcommand."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    clis = []
+    for path in command_line_tool_files():
+        parser = Cli(path, ()).top_parser()
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        clis += [Cli(path, (word,)) for word in subs[0].choices] if subs else [Cli(path, ())]
+    return tuple(clis)
