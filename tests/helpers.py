@@ -131,6 +131,15 @@ def run_sweep(root, *extra):
     return sweep.main(sweep.parse_args(argv))
 
 
+def each_change_is_refused(check, base: dict, table: dict) -> None:
+    """check(settings) must refuse a change of every key of `table`, one at a time, naming the key."""
+    for key, (value, why) in table.items():
+        assert key in base and base[key] != value, key
+        with pytest.raises(ValueError, match=rf"[(;] ?{key}: "):
+            check({**base, key: value})
+            pytest.fail(f"a change of {key} ({why}) was accepted")
+
+
 class _Parser(Exception):
     pass
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sweep
-from helpers import run_sweep, run_two_processes
+from helpers import each_change_is_refused, run_sweep, run_two_processes
 
 
 def test_same_seeds_across_settings_table_and_plot(sweep_setup):
@@ -109,3 +109,33 @@ def test_results_without_sweep_json_are_refused(tmp_path):
     with pytest.raises(ValueError, match="holds results but no sweep.json"):
         sweep.check_manifest(tmp_path, {k: 0 for k in sweep.MANIFEST_KEYS})
     assert not (tmp_path / "sweep.json").exists()
+
+
+# What every stored metric of a sweep depends on besides its own sampler setting (the manifest's keys).
+SWEEP_RESULT_SETTINGS = {
+    "checkpoint": ({"path": "/other.pt", "size": 1, "mtime_ns": 1, "sha256_first_mib": "0" * 64}, "the weights"),
+    "ema": (False, "EMA or raw weights"),
+    "reference": ({"source": "/other.npz", "size": 1, "mtime_ns": 1}, "the FID reference batch"),
+    "inception_weights_id": ("other", "the feature network"),
+    "global_seed": (1, "the noise and classes of every image"),
+    "num_samples": (5000, "FID is biased by the sample count"),
+    "balanced": (True, "the classes"),
+    "precision": ("fp64", "the sampler's dtype"),
+    "tf32": (False, "matmul precision on GPU"),
+    "vae": ("mse", "the decoder"),
+    "latents_scale": (1.0, "latents are divided by it before decoding"),
+    "path_type": ("cosine", "the score the SDE derives from the velocity"),
+    "model": ("SiT-B/2", "the network"),
+    "model_config": ({"model": "SiT-XL/2", "qk_norm": True}, "the network's other settings (qk-norm, fused attention)"),
+}
+
+
+def test_sweep_refuses_an_output_folder_made_with_any_other_setting(tmp_path):
+    import sweep
+    base = {"checkpoint": {"path": "/exps/ema.safetensors", "size": 10, "mtime_ns": 5, "sha256_first_mib": "f" * 64},
+            "ema": True, "reference": {"source": "/ref.npz", "size": 3, "mtime_ns": 4}, "inception_weights_id": "pt",
+            "global_seed": 0, "num_samples": 10_000, "balanced": False, "precision": "fp32", "tf32": True, "vae": "ema",
+            "latents_scale": 0.18215, "path_type": "linear", "model": "SiT-XL/2", "model_config": {"model": "SiT-XL/2"}}
+    sweep.check_manifest(tmp_path, base)  # writes sweep.json
+    sweep.check_manifest(tmp_path, base)  # the same settings resume
+    each_change_is_refused(lambda settings: sweep.check_manifest(tmp_path, settings), base, SWEEP_RESULT_SETTINGS)

@@ -1,5 +1,6 @@
-"""train_loop.py's parts on their own: the FLOP count behind MFU, the EMA update, the step-indexed sampler
-(exact resume) and --legacy label dropping. train.py end to end is in test_train.py."""
+"""The training step's parts on their own (reg/train_step.py, reg/throughput.py): the FLOP count behind MFU,
+the EMA update, the step-indexed sampler (exact resume), --legacy label dropping and the fp16 GradScaler
+path of the step. train.py end to end is in test_train.py."""
 import pytest
 import torch
 
@@ -78,3 +79,69 @@ def test_legacy_drops_labels_before_the_model(fresh_accelerate_state):
                             encoders=[], accelerator=Accelerator(cpu=True), step_cfg=step_cfg)
     none, all_, half = (s.eq(7).float().mean().item() for s in seen)
     assert none == 0 and all_ == 1 and 0.2 < half < 0.8
+
+
+# ----------------------------------------------------------------------------- the fp16 GradScaler path
+
+def _fp16_step(scaler, state: dict, seed: int = 0):
+    """One reg.train_step.train_step of a tiny plain SiT under fp16 autocast with `scaler`. accelerate makes neither
+    the autocast nor the GradScaler on a CPU (Accelerator(mixed_precision="fp16", cpu=True) has scaler None
+    and native_amp False), so both are switched on by hand: the objects then take the path they take on a GPU
+    (scaled backward, unscale before clipping, scaler.step and scaler.update through the prepared optimizer)."""
+    import copy
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from models.sit import SiT
+    from reg.train_step import StepConfig, make_optimizer, train_step
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True, mixed_precision="fp16")
+    acc.native_amp, acc.scaler = True, scaler
+    model = SiT(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=4, z_dims=[],
+                encoder_depth=1, use_cls_token=False)
+    model.load_state_dict(state)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = make_optimizer(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    ddp_model, opt = acc.prepare(model, opt)
+    grads = {}  # the gradients the optimizer applies (unscaled, clipped), read as its step starts
+    opt.optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    g = torch.Generator().manual_seed(seed)
+    batch = (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), torch.randn(4, 8, 8, 8, generator=g), torch.tensor([0, 1, 2, 3]))
+    torch.manual_seed(seed)
+    result = train_step([batch], model=ddp_model, params=list(model.parameters()), ema_params=list(ema.parameters()),
+                        opt=opt, encoders=[], accelerator=acc,
+                        step_cfg=StepConfig(use_cls=False, use_proj=False, num_classes=4, latents_scale=1.0))
+    return result, model.state_dict(), ema.state_dict(), grads
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fp16_grad_scaler_skips_overflowing_steps_and_otherwise_equals_the_unscaled_step():
+    from models.sit import SiT
+    torch.manual_seed(0)
+    model = SiT(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=4, z_dims=[],
+                encoder_depth=1, use_cls_token=False)
+    for p in model.parameters():  # away from adaLN-Zero's zeros, so every parameter gets a gradient
+        p.data.normal_(0, 0.05)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+
+    # an overflowing step (a scale of 2^40 overflows fp16 gradients): skipped, EMA untouched, scale halved
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    result, after, ema, _ = _fp16_step(scaler, state)
+    assert not result.finite and not torch.isfinite(result.terms[4])
+    assert all(torch.equal(after[k], state[k]) and torch.equal(ema[k], state[k]) for k in state)
+    assert scaler.get_scale() == 2.0 ** 39
+
+    # a normal step: the scaled backward, unscaled before clipping, applies the gradients of no scaling at all
+    # (up to fp16 underflow, which the scale exists to avoid) and updates every trained tensor and the EMA
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    result, after, ema, grads = _fp16_step(scaler, state)
+    reference, _, _, ref_grads = _fp16_step(torch.amp.GradScaler("cpu", enabled=False), state)
+    assert result.finite and reference.finite and scaler.get_scale() == 2.0 ** 8
+    assert torch.allclose(result.terms, reference.terms, rtol=1e-4, atol=0)  # the losses and the grad norm
+    assert set(grads) == set(ref_grads) == trained
+    for k in trained:
+        assert (grads[k] - ref_grads[k]).norm() < 1e-2 * ref_grads[k].norm(), k  # fp16 rounding: < 0.2%
+        assert not torch.equal(after[k], state[k]) and not torch.equal(ema[k], state[k]), k
