@@ -42,7 +42,7 @@ def flops_counted_once_per_architecture():
     """train.main counts the FLOPs per image on meta tensors, ~1 s of Python meta kernels per run; the runs
     of a module share a few architectures, so the count is kept per architecture (the module reprs: every
     layer and its shape). Not autouse: a module of in-process train.main runs asks for it, with
-    `pytestmark = pytest.mark.usefixtures(...)` or on the test. tests/test_training.py checks the count itself."""
+    `pytestmark = pytest.mark.usefixtures(...)` or on the test. tests/test_train_step.py checks the count itself."""
     import train
     real, cache = train.training_flops_per_image, {}
 
