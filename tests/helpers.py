@@ -91,6 +91,20 @@ def encoded_synthetic_data(root, *, num_images: int = 64, resolution: int = 32, 
     return root
 
 
+# The SiT-T/2 the checkpoint and loading tests save and load: 10 classes, a 32-d projection, 4x4 latents.
+CHECKPOINT_SIT = dict(input_size=4, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
+
+
+def checkpoint_sit():
+    """SiT-T/2 of CHECKPOINT_SIT, its weights drawn N(0, 0.05) with seed 0."""
+    from models.sit import SiT_models
+    torch.manual_seed(0)
+    m = SiT_models["SiT-T/2"](**CHECKPOINT_SIT)
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    return m
+
+
 def tiny_argv(data_dir, out, exp="run", *extra):
     """train.py's flags for a tiny run on `data_dir` (encoded_synthetic_data: 32 px, 4 classes), into OUT/EXP."""
     return ["--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32", "--num-classes", "4",
