@@ -155,6 +155,7 @@ python ./evaluations/evaluator.py \
 """
 
 
+@pytest.mark.slow
 def test_original_eval_sh_commands_run_unchanged(tmp_path):
     """An official-format checkpoint ({step}.pt with ema + argparse.Namespace), 256 px through a tiny
     AutoencoderKL served from the HF cache as --vae ema (the original's default)."""

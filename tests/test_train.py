@@ -109,6 +109,7 @@ def test_sigkill_then_rerun_finishes_with_intact_checkpoints(data_dir, tmp_path)
     assert [f.name for f in pts if ".opt" in f.name] == ["0000008.opt.pt", "0000010.opt.pt", "0000012.opt.pt"]
 
 
+@pytest.mark.slow
 def test_two_process_cpu_launch_and_ddp_speed_variants(data_dir, tmp_path):
     """Real 2-process DDP over gloo (accelerate's --cpu flag alone starts one process; its torchrun launcher
     with train.py's cpu fallback does it), one launch for every set of speed flags, 3 steps each; image 0
@@ -369,6 +370,7 @@ def _launch_two_processes(runs: list[dict], tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_with_two_processes_and_with_one(data_dir, tmp_path, monkeypatch):
     """What the code guarantees across process counts: the data order is a function of (seed, micro-batch)
     alone (global batch j is the same 8 images for any number of processes, rank r taking its slice), so
@@ -472,6 +474,7 @@ def test_every_original_flag_parses_with_its_meaning():
     assert (defaults.checkpointing_steps, defaults.max_train_steps, defaults.cfg_prob, defaults.cls) == (10000, 1_000_000, 0.1, 0.03)
 
 
+@pytest.mark.slow
 def test_original_train_sh_command_runs_and_train_sh_resumes_it(data_dir, tmp_path):
     """The original train.sh's command line runs unchanged; then our train.sh, given the same flags, resumes
     that run (its own flags come first, the user's after them win) and logs to the same wandb run."""
