@@ -1,6 +1,7 @@
 """Shared test set-up: one thread per test process, and every fixture that more than one test file uses (a
-fresh accelerate state, train.py's tiny data, the FLOP-count memo, sweep.py's folder). No fixture here is
-autouse: a test or module asks for each by name. Plain helpers shared by test files are in helpers.py.
+fresh accelerate state, train.py's tiny data, the FLOP-count memo, sweep.py's folder, a tiny REG checkpoint).
+No fixture here is autouse: a test or module asks for each by name. Plain helpers shared by test files are in
+helpers.py.
 
 pytest runs on two workers (pytest.ini: -n 2) and the CI machine has two cores. Tiny tensors run as fast on
 one thread, and far faster when the cores are contended (OpenMP threads spin against the other worker), so
@@ -84,3 +85,23 @@ def tiny_reg_ckpt(tmp_path_factory):
     ema_0000010.safetensors and its .json: one per test module."""
     from helpers import save_tiny_reg_checkpoint
     return save_tiny_reg_checkpoint(tmp_path_factory.mktemp("ckpt") / "ema_0000010.safetensors", perturb=0.05)
+
+
+# ----------------------------------------------------------------------------- stand-ins for pretrained networks
+
+@pytest.fixture(scope="module")
+def random_inception():
+    """The evaluator's Inception-v3 with seeded random weights (warnings silenced): one per test module."""
+    import warnings
+
+    from evaluations.inception import build_inception
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_inception("random", "cpu", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    """helpers.save_tiny_vae's tiny AutoencoderKL (seed 0), saved with save_pretrained: one per test module."""
+    from helpers import save_tiny_vae
+    return save_tiny_vae(str(tmp_path_factory.mktemp("vae") / "tiny-vae"), seed=0)

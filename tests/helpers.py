@@ -1,6 +1,7 @@
 """Plain helpers shared by several test files (not production code, and no fixtures: those are in
-conftest.py): tiny stand-ins for pretrained weights and data, train.py's tiny settings, sweep.py's
-stand-in Inception, a two-process launcher.
+conftest.py): tiny stand-ins for pretrained weights, checkpoints and data, train.py's tiny settings, sweep.py's
+stand-in Inception, a two-process launcher, a check that every changed setting is refused, and the list of
+command-line tools (found by reading the repository's files).
 
 Import with `from helpers import save_tiny_vae` (pytest puts tests/ on sys.path). A test file never imports
 from another test file: what two of them share lives here or in conftest.py.
