@@ -105,3 +105,9 @@ def tiny_vae_dir(tmp_path_factory):
     """helpers.save_tiny_vae's tiny AutoencoderKL (seed 0), saved with save_pretrained: one per test module."""
     from helpers import save_tiny_vae
     return save_tiny_vae(str(tmp_path_factory.mktemp("vae") / "tiny-vae"), seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the rest in file order (a stable sort): under -n 2 the longest tests start early,
+    one per worker, instead of some of them landing at the end of the run while the other worker is idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -77,8 +77,8 @@ def test_eval_sh_runs_both_commands_with_the_python_named_by_PYTHON(tiny_ckpt, t
     path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     assert shutil.which("python", path=path) == str(bin_dir / "python")
     env = _env(CKPT=str(tiny_ckpt), NUM_STEPS="2", NUM_FID_SAMPLES="4", PER_PROC_BATCH_SIZE="4",
-               SAMPLE_DIR=str(tmp_path / "samples"), REF_BATCH=str(_reference(tmp_path / "ref.npz")),
-               PATH=path)  # _env sets PYTHON to this interpreter
+               SAMPLE_DIR=str(tmp_path / "samples"), REF_BATCH=str(_reference(tmp_path / "ref.npz", n=4)),
+               PATH=path)  # _env sets PYTHON to this interpreter; 4 + 4 images: the fewest precision/recall take
     done = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

@@ -1,12 +1,14 @@
 """The test suite's own layout: a test file never imports another test file (a fixture imported from one
 would silently apply, autouse, in the other), and each fixture is defined once (shared ones in conftest.py)."""
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
 
+@functools.lru_cache(maxsize=None)
 def _trees(folder: Path) -> dict[str, ast.Module]:
     return {p.name: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.py"))}
 
