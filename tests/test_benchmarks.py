@@ -110,6 +110,7 @@ def test_flag_errors():
     assert args.quick and args.precision == "no" and not args.compile and args.threads == 1
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_mode_runs_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh in its CPU mode: a tiny train.py run and benchmarks/run.py, then RESULTS.md."""
     results = tmp_path / "RESULTS.md"

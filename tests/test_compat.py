@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sweep import setup  # noqa: F401  (a fixture: the sweep progress-bar test reuses it)
 
 from evaluations import plot_losses
+from helpers import run_sweep, tiny_argv
 from reg import trackers
 from reg.mixed_precision import resolve_mixed_precision
 from reg.trackers import parse_report_to, wandb_run
@@ -153,8 +153,6 @@ def test_training_continues_a_given_wandb_run_logs_every_step_and_takes_the_laun
     """Two steps in-process: the launcher's precision (env) is used and logged with its source, wandb
     (offline) continues the run named by --wandb-id, and --log-every 1 writes one record per step."""
     pytest.importorskip("wandb")
-    from test_train import tiny_argv  # the shared tiny settings
-
     import train
     from preprocessing import dataset_tools
     from preprocessing.synthetic import write_dataset
@@ -256,16 +254,15 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
     assert bar.kwargs["disable"] is (not main_process)
 
 
-def test_each_sweep_setting_shows_a_progress_bar(setup, monkeypatch):
-    """Reuses test_sweep's tiny checkpoint, stand-in Inception and grid (its `setup` fixture, imported above)."""
-    from test_sweep import run
-
+def test_each_sweep_setting_shows_a_progress_bar(sweep_setup, monkeypatch):
+    """Reuses test_sweep's tiny checkpoint, stand-in Inception and grid (conftest.py's sweep_setup,
+    helpers.run_sweep)."""
     import sweep
 
     bars = _Bars()
     monkeypatch.setattr(sweep, "tqdm", bars)
-    root = setup
-    run(root)
+    root = sweep_setup
+    run_sweep(root)
     settings = list((root / "out" / "settings").glob("*.json"))
     assert len(bars.bars) == len(settings) > 1
     assert all(b.kwargs["total"] == 6 and b.n == 6 and b.closed and not b.kwargs["disable"] for b in bars.bars)

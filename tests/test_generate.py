@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import generate
+from helpers import each_change_is_refused
 from models.sit import SiT_models
 from reg import seeded_images
 from reg.checkpoints import CheckpointDir
@@ -288,6 +289,54 @@ def test_resume_refuses_another_checkpoint(assets, tmp_path):
     CheckpointDir(ckpt.parent).save(int(ckpt.stem), model=sd, ema=sd, opt={}, config=config, args={})
     with pytest.raises(ValueError, match="other settings.*sha256_first_mib"):
         run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2")
+
+
+# Every setting that changes the pixels of image i, with another value and why it matters. Written out here
+# (not read from generate.SAMPLING_KEYS) so that a key dropped from the check fails this test.
+GENERATE_PIXEL_SETTINGS = {
+    "checkpoint": ({"path": "/other.pt", "size": 1, "mtime_ns": 1, "sha256_first_mib": "0" * 64}, "the weights"),
+    "model_config": ({"model": "SiT-T/2", "path_type": "linear", "fused_attn": False}, "the network and overrides"),
+    "vae": ("mse", "the decoder"),
+    "latents_scale": (1.0, "latents are divided by it before decoding"),
+    "mode": ("ode", "another sampler"),
+    "num_steps": (250, "another time grid"),
+    "heun": (True, "the ODE corrector"),
+    "cfg_scale": (4.0, "guidance"),
+    "cls_cfg_scale": (4.0, "class-token guidance"),
+    "guidance_low": (0.3, "the guidance interval"),
+    "guidance_high": (0.7, "the guidance interval"),
+    "path_type": ("cosine", "the score the SDE derives from the velocity"),
+    "global_seed": (1, "image i's noise and class"),
+    "balanced": (True, "image i's class"),
+    "num_classes": (10, "image i's class and the null label"),
+    "precision": ("fp64", "the sampler's dtype"),
+    "ema": (False, "EMA or raw weights"),
+    "tf32": (False, "matmul precision on GPU"),
+    "class_labels": ([1, 207], "image i's class (--class-labels)"),
+}
+
+
+def _generate_settings():
+    import generate
+    args = generate.parse_args(["--ckpt", "exps/run/checkpoints/ema_0000010.safetensors"])
+    args.label_list = None  # what generate.py makes of --class-labels (none given)
+    model = type("Model", (), {"num_classes": 4})()
+    config = {"model": "SiT-T/2", "path_type": "linear", "fused_attn": True}
+    identity = {"path": "/exps/run/checkpoints/ema_0000010.safetensors", "size": 10, "mtime_ns": 5,
+                "sha256_first_mib": "f" * 64}
+    return generate.build_settings(args, config, model, "ema", 0.18215, 1, identity)
+
+
+def test_generate_refuses_a_folder_sampled_with_any_other_pixel_setting(tmp_path):
+    import generate
+    base = _generate_settings()
+    (tmp_path / "settings.json").write_text(json.dumps(base))
+    generate.check_resumable(tmp_path, base)  # the same settings resume
+    each_change_is_refused(lambda settings: generate.check_resumable(tmp_path, settings), base,
+                           GENERATE_PIXEL_SETTINGS)
+    # image i does not depend on these: a rerun may change them
+    for key, value in (("per_proc_batch_size", 7), ("world_size", 3), ("num_fid_samples", 100)):
+        generate.check_resumable(tmp_path, {**base, key: value})
 
 
 def test_corrupt_png_regenerated_stale_npz_tmp_removed_foreign_folder_refused(assets, tmp_path):

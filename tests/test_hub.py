@@ -1,6 +1,6 @@
 """The Hub side: SiT's PyTorchModelHubMixin (save_pretrained / from_pretrained), Hub folders written from our
-checkpoints (models/hub.py export, with the model card), and generate.py / checkpoint_io taking such a folder or a
-repo id from an offline HF cache. Tiny models only; no network."""
+checkpoints (reg/export.py, `python -m reg.export`, with the model card), and generate.py / reg.loading taking
+such a folder or a repo id from an offline HF cache (reg/hub.py). Tiny models only; no network."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from fixtures import save_tiny_reg_checkpoint
+from helpers import save_tiny_reg_checkpoint
 from models.sit import SiT, SiT_models
 from reg import export
 from reg.checkpoints import CheckpointDir

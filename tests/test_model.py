@@ -238,6 +238,7 @@ def test_bad_inputs_raise_clear_errors():
         model.load_state_dict(sd)
 
 
+@pytest.mark.slow
 def test_torch_compile_forward_matches_eager():
     torch.manual_seed(3)
     model = SiT(**{**TINY, "depth": 2, "encoder_depth": 1}).eval()

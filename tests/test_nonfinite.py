@@ -13,18 +13,13 @@ import torch
 
 import generate
 import sweep
-from fixtures import save_tiny_reg_checkpoint
+from helpers import FakeInception, fake_metrics
 from reg.checkpoints import NonFiniteCheckpointError
 from reg.loading import read_weights
 from reg.seeded_images import NonFiniteSampleError
 from reg.utils import UserError
 
 BAD_INDEX = 5  # 6 images in batches of 4: image 5 is row 1 of the second batch (2 rows)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_reg_checkpoint(tmp_path_factory.mktemp("ckpt") / "ema.safetensors", perturb=0.05)
 
 
 def nan_for_second_row_of_last_batch(model):
@@ -44,7 +39,7 @@ def nan_for_second_row_of_last_batch(model):
     return model
 
 
-def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(ckpt, tmp_path, monkeypatch):
+def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(tiny_reg_ckpt, tmp_path, monkeypatch):
     load_generator = generate.load_generator
 
     def patched(*args, **kwargs):
@@ -52,7 +47,7 @@ def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(
         return loaded._replace(model=nan_for_second_row_of_last_batch(loaded.model))
 
     monkeypatch.setattr(generate, "load_generator", patched)
-    argv = ["--ckpt", str(ckpt), "--sample-dir", str(tmp_path), "--run-name", "run", "--num-fid-samples", "6",
+    argv = ["--ckpt", str(tiny_reg_ckpt), "--sample-dir", str(tmp_path), "--run-name", "run", "--num-fid-samples", "6",
             "--per-proc-batch-size", "4", "--num-steps", "3", "--cfg-scale", "1.0", "--device", "cpu"]
     with pytest.raises(NonFiniteSampleError, match=rf"^image {BAD_INDEX} is not finite .*latents.*--cfg-scale 1.0"):
         generate.main(generate.parse_args(argv))
@@ -64,14 +59,14 @@ def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(
     assert issubclass(NonFiniteSampleError, UserError)  # printed as one line by the entry points
 
 
-def test_generate_refuses_a_checkpoint_with_one_nan_tensor(ckpt, tmp_path):
+def test_generate_refuses_a_checkpoint_with_one_nan_tensor(tiny_reg_ckpt, tmp_path):
     from safetensors.torch import load_file
 
     from reg.checkpoints import export_safetensors
-    sd = load_file(str(ckpt))
+    sd = load_file(str(tiny_reg_ckpt))
     key = "blocks.1.mlp.fc1.weight"
     sd[key][3, 2] = float("nan")
-    config = json.loads(ckpt.with_suffix(".json").read_text())
+    config = json.loads(tiny_reg_ckpt.with_suffix(".json").read_text())
     export_safetensors(tmp_path / "nan.safetensors", sd, config)
     argv = ["--ckpt", str(tmp_path / "nan.safetensors"), "--sample-dir", str(tmp_path / "samples"),
             "--num-fid-samples", "2", "--num-steps", "2", "--device", "cpu"]
@@ -79,16 +74,14 @@ def test_generate_refuses_a_checkpoint_with_one_nan_tensor(ckpt, tmp_path):
         generate.main(generate.parse_args(argv))
     assert not (tmp_path / "samples").exists()  # refused before anything is written
     # a training .pt: the weights asked for are checked (the EMA by default, --init-from reads both)
-    torch.save({"model": load_file(str(ckpt)), "ema": sd, "steps": 1}, tmp_path / "nan.pt")
+    torch.save({"model": load_file(str(tiny_reg_ckpt)), "ema": sd, "steps": 1}, tmp_path / "nan.pt")
     with pytest.raises(NonFiniteCheckpointError, match=rf"the ema weights are not finite \({key}\)"):
         read_weights(str(tmp_path / "nan.pt"))
     assert read_weights(str(tmp_path / "nan.pt"), use_ema=False)[0].keys() == sd.keys()
     assert issubclass(NonFiniteCheckpointError, UserError)  # one line at the entry points
 
 
-def test_sweep_computes_no_fid_from_a_non_finite_image(ckpt, tmp_path, monkeypatch):
-    from test_sweep import FakeInception, fake_metrics
-
+def test_sweep_computes_no_fid_from_a_non_finite_image(tiny_reg_ckpt, tmp_path, monkeypatch):
     from evaluations import evaluator
 
     monkeypatch.setattr(evaluator, "build_inception", lambda weights, device, verbose=True: FakeInception())
@@ -101,7 +94,7 @@ def test_sweep_computes_no_fid_from_a_non_finite_image(ckpt, tmp_path, monkeypat
 
     monkeypatch.setattr(sweep, "load_generator", patched)
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    argv = ["--ckpt", str(ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "out"),
+    argv = ["--ckpt", str(tiny_reg_ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "out"),
             "--cfg-scale", "1", "--num-steps", "3", "--num-samples", "6", "--per-proc-batch-size", "4",
             "--device", "cpu", "--inception-weights", "random", "--eval-batch-size", "4"]
     with pytest.raises(NonFiniteSampleError, match=rf"^image {BAD_INDEX} is not finite"):

@@ -1,6 +1,6 @@
 """The step speed-ups of docs/performance.md against today's step: the split attention (fp64, forward and
 backward), the device-side skip of a non-finite step (bitwise), the masked and lerp EMA. The two-process
-DDP variants are in test_train.py::test_ddp_speed_variants_equal_todays_weights."""
+DDP variants are in test_train.py::test_two_process_cpu_launch_and_ddp_speed_variants."""
 import pytest
 import torch
 

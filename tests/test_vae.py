@@ -4,13 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fixtures import save_tiny_vae
 from models.vae import SD_VAES, SD_VAE_SCALING_FACTOR, VAE_STRIDE, PixelUnshuffleCodec, load_vae
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    return save_tiny_vae(str(tmp_path_factory.mktemp("vae") / "tiny-vae"), seed=0)
 
 
 def random_images(n: int, res: int = 32, seed: int = 0) -> torch.Tensor:

@@ -8,30 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401  (fixtures)
 
 import train
+from helpers import parser_of, tiny_argv
 from reg import resume_flags, train_step
 from reg.resume_flags import FLAG_CLASSES, HYPER, OPERATIONAL, RUN
 from reg.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-class _Parser(Exception):
-    pass
-
-
-def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
-    """The ArgumentParser a module's parse_args builds (caught at its parse_args call)."""
-    def capture(self, *a, **k):
-        raise _Parser(self)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
-        with pytest.raises(_Parser) as e:
-            parse_args(list(argv))
-    return e.value.args[0]
+# conftest.py: a fresh accelerate state per test (train.main runs in process), the FLOP count kept per architecture
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "flops_counted_once_per_architecture")
 
 
 def test_every_train_flag_has_a_resume_class():
@@ -64,7 +50,7 @@ def test_official_and_old_args_are_compared_by_their_names():
         resume_flags.parse_allow_run_change("path-type,learning-rate")
 
 
-def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):
     common = ("--checkpointing-steps", "2")
     run = tmp_path / "chg"
     train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "2", *common)))
@@ -111,7 +97,7 @@ def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):  # noqa: F8
     assert json.loads((run / "args.json").read_text())["history"] == ckpt_args["history"]
 
 
-def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     """Steps 1-3 update, every later step is non-finite. Checkpoint 4 holds step 3's update; 6 would hold
     nothing new and is not written; the stop at step 8 names checkpoint 2, from before the first skip."""
     real_step = train.train_step

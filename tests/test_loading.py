@@ -1,78 +1,15 @@
-"""Checkpoint I/O: atomic writes, official files with a pickled Namespace, safetensors export."""
+"""Loading a generator (reg/loading.py, reg/hub.py): the config inferred from the weights, clear errors for
+a missing file or Hub checkpoint, an offline HF cache, flags that restate the checkpoint, a label table
+without its null row. The files themselves: tests/test_checkpoints.py."""
 import argparse
-import os
 
 import pytest
 import torch
 
+from helpers import checkpoint_sit
 from models.sit import SiT_models
-from reg.checkpoints import clean_state_dict, export_safetensors, torch_load
 from reg.loading import infer_config, load_generator, read_weights
 from reg.utils import atomic_torch_save
-
-TINY = dict(input_size=4, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
-
-
-def tiny():
-    torch.manual_seed(0)
-    m = SiT_models["SiT-T/2"](**TINY)
-    for p in m.parameters():
-        p.data.normal_(0, 0.05)
-    return m
-
-
-def test_official_checkpoint_with_namespace_loads_safely(tmp_path):
-    model = tiny()
-    ema_sd = {k: v + 1 for k, v in model.state_dict().items()}
-    ns = argparse.Namespace(model="SiT-T/2", encoder_depth=2, qk_norm=False, fused_attn=True, resolution=32,
-                            path_type="linear", enc_type="dinov2-vit-s", cls=0.03)
-    path = tmp_path / "official.pt"
-    torch.save({"model": model.state_dict(), "ema": ema_sd, "opt": {}, "steps": 7, "args": ns}, path)
-    obj = torch_load(path)  # weights_only with only argparse.Namespace allowed
-    assert obj["args"].model == "SiT-T/2" and obj["steps"] == 7
-    loaded, config, *_ = load_generator(str(path), decoder=False)
-    assert config["model"] == "SiT-T/2" and config["encoder_depth"] == 2 and config["num_classes"] == 10
-    assert config["use_cls_token"] and config["cls_token_dim"] == 32 and config["input_size"] == 4
-    assert all(torch.equal(loaded.state_dict()[k], ema_sd[k]) for k in ema_sd)  # the EMA weights, by default
-    raw, *_ = load_generator(str(path), use_ema=False, decoder=False)
-    assert torch.equal(raw.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
-    assert not loaded.training
-
-
-class Evil:
-    def __reduce__(self):
-        return (print, ("pwned",))
-
-
-def test_arbitrary_pickles_are_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"ema": tiny().state_dict(), "args": Evil()}, path)
-    with pytest.raises(RuntimeError, match="evil.pt holds Python objects") as err:
-        torch_load(path)
-    assert "weights_only=False" not in str(err.value)  # never advise loading unsafely
-    assert isinstance(err.value.__cause__, Exception)  # the cause is kept
-
-
-def test_truncated_checkpoint_is_named_as_such(tmp_path):
-    path = tmp_path / "0000002.pt"
-    torch.save({"ema": tiny().state_dict()}, path)
-    path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(RuntimeError, match="0000002.pt is unreadable .truncated"):
-        torch_load(path)
-
-
-def test_safetensors_export_roundtrip_and_prefixes(tmp_path):
-    model = tiny()
-    config = {"model": "SiT-T/2", **TINY, "use_cls_token": True, "path_type": "cosine", "latents_scale": 1.0}
-    export_safetensors(tmp_path / "ema.safetensors", model.state_dict(), config)
-    loaded, cfg, *_ = load_generator(str(tmp_path / "ema.safetensors"), decoder=False)
-    assert cfg["path_type"] == "cosine" and cfg["latents_scale"] == 1.0
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    (tmp_path / "ema.json").unlink()  # the config also travels inside the safetensors metadata
-    _, cfg, *_ = load_generator(str(tmp_path / "ema.safetensors"), decoder=False)
-    assert cfg["path_type"] == "cosine"
-    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
-    assert set(clean_state_dict(wrapped)) == set(model.state_dict())
 
 
 def test_infer_config_for_repa_and_plain_sit():
@@ -87,23 +24,6 @@ def test_infer_config_for_repa_and_plain_sit():
         infer_config({"foo": torch.zeros(1)})
 
 
-def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    atomic_torch_save({"steps": 1}, path)
-
-    class Boom:
-        def __reduce__(self):
-            raise KeyboardInterrupt("killed mid-write")
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"steps": 2, "x": Boom()}, path)
-    assert torch.load(path, weights_only=True) == {"steps": 1}
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
-
-
 def test_missing_and_hub_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist.*hf:Martinser/REG"):
         read_weights(str(tmp_path / "nope.pt"))
@@ -112,23 +32,13 @@ def test_missing_and_hub_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="hf download Martinser/REG last.pt"):
         read_weights("hf:Martinser/REG/last.pt")
     # a checkpoint of another size names the mismatch
-    small = tiny()
+    small = checkpoint_sit()
     bad = {k: v for k, v in small.state_dict().items()}
     bad["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
     torch.save({"ema": bad}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint \(3, 3\)"):
         load_generator(str(tmp_path / "bad.pt"), decoder=False)
 
-
-def test_exported_safetensors_get_the_usual_file_mode(tmp_path):
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")  # what open() gives under this umask (0644 for the usual 022)
-    export_safetensors(tmp_path / "ema.safetensors", tiny().state_dict(), {"model": "SiT-T/2"})
-    for f in ("ema.safetensors", "ema.json"):
-        assert (tmp_path / f).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, f
-
-
-# ----------------------------------------------------------------------------- loading (generate.py's side)
 
 def _hub_cache(tmp_path, monkeypatch, files: dict) -> None:
     """An offline HF cache holding Martinser/REG with `files`."""
@@ -146,7 +56,7 @@ def _hub_cache(tmp_path, monkeypatch, files: dict) -> None:
 
 
 def test_hub_checkpoint_works_offline_from_the_cache(tmp_path, monkeypatch):
-    model = tiny()
+    model = checkpoint_sit()
     ckpt = {"ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2)}
     _hub_cache(tmp_path, monkeypatch, {"last.pt": ckpt})
     for spec in ("hf:Martinser/REG/last.pt", "hf:Martinser/REG"):  # with and without the file name
@@ -160,7 +70,7 @@ def test_hub_checkpoint_works_offline_from_the_cache(tmp_path, monkeypatch):
 
 
 def test_hub_repo_with_several_weight_files_needs_a_name(tmp_path, monkeypatch):
-    sd = tiny().state_dict()
+    sd = checkpoint_sit().state_dict()
     _hub_cache(tmp_path, monkeypatch, {"a.pt": {"ema": sd}, "b.pt": {"ema": sd}})
     with pytest.raises(ValueError, match=r"holds 2 weight files \['a.pt', 'b.pt'\]; name one"):
         read_weights("hf:Martinser/REG")
@@ -169,7 +79,7 @@ def test_hub_repo_with_several_weight_files_needs_a_name(tmp_path, monkeypatch):
 def test_flags_restating_the_checkpoint_are_checked_runtime_flags_win(tmp_path):
     from reg.run_identity import checkpoint_identity
 
-    model = tiny()
+    model = checkpoint_sit()
     path = tmp_path / "ours.pt"
     atomic_torch_save({"ema": model.state_dict(), "config": {"model": "SiT-T/2", "encoder_depth": 2,
                                                              "fused_attn": True, "path_type": "linear"}}, path)
@@ -196,7 +106,7 @@ def test_flags_restating_the_checkpoint_are_checked_runtime_flags_win(tmp_path):
 def test_label_table_without_null_row_is_refused(tmp_path):
     """A label table without the null row (num_classes rows against its metadata; DiT with dropout 0 writes such;
     REG and REPA never do: their SiT always trains with dropout 0.1) is refused."""
-    sd = tiny().state_dict()
+    sd = checkpoint_sit().state_dict()
     sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"][:10]  # 10 classes, no null row
     torch.save({"ema": sd, "args": argparse.Namespace(model="SiT-T/2", num_classes=10, encoder_depth=2)},
                tmp_path / "nonull.pt")
