@@ -458,7 +458,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_every:
         from evaluations.during_training import InTrainingEval  # imports the sampler and the evaluator only when asked
         evaluator = InTrainingEval(args, config, accelerator, log)
-    sample_grid = make_sample_grid(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
+    write_preview = make_preview_writer(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
     if evaluator is not None and step and evaluator.due(step, max_steps):
         evaluator.run(ema, step)  # a run killed during an evaluation does it again on resume
 
@@ -491,8 +491,8 @@ def main(args: argparse.Namespace) -> dict:
                 saved_at = step
         if evaluator is not None and evaluator.due(step, max_steps):
             evaluator.run(ema, step)
-        if sample_grid is not None and (step % args.sample_every == 0 or step == max_steps):
-            sample_grid(ema, step, run_dir, accelerator)
+        if write_preview is not None and (step % args.sample_every == 0 or step == max_steps):
+            write_preview(ema, step, run_dir, accelerator)
         if stop.due(step) and step < max_steps:
             stop_at_step(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at)
     stop.close()
@@ -651,8 +651,9 @@ def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, op
 
 # ----------------------------------------------------------------------------- EMA samples and evaluation
 
-def make_sample_grid(args: argparse.Namespace, config: dict, device: torch.device, log: Logger):
-    """EMA sample grids during training: 16 images, the same seeds every time (SDE, 50 steps, no guidance)."""
+def make_preview_writer(args: argparse.Namespace, config: dict, device: torch.device, log: Logger):
+    """The writer of the preview grids of --sample-every (samples/STEP.png): 16 EMA images, the same seeds every
+    time (SDE, 50 steps, no guidance); unrelated to generate.py's --grid (reg/class_grid.py)."""
     from torchvision.utils import make_grid, save_image
 
     from models.vae import load_vae

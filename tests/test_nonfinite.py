@@ -146,6 +146,6 @@ def test_training_sample_grid_writes_no_black_grid(tmp_path, monkeypatch):
     lines = []
     log = type("Log", (), {"info": lambda self, text: lines.append(text)})()
     config = {"vae": "pixel-unshuffle", "num_classes": 4, "path_type": "linear", "latents_scale": 1.0}
-    sample = train.make_sample_grid(argparse.Namespace(seed=0, report_to="none"), config, torch.device("cpu"), log)
+    sample = train.make_preview_writer(argparse.Namespace(seed=0, report_to="none"), config, torch.device("cpu"), log)
     sample(None, 4, tmp_path, None)
     assert not (tmp_path / "samples").exists() and "sample grid at step 4 skipped: image 0" in lines[0]

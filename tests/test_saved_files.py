@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import train
-from fixtures import encoded_synthetic_data
+from helpers import encoded_synthetic_data
 
 
 def pickled_globals(path: Path) -> set[str]:
