@@ -25,14 +25,13 @@ import os
 import re
 import zipfile
 
-import numpy as np
 import PIL.Image
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from models.vae import SD_VAE_SCALING_FACTOR, VAE_STRIDE
-from preprocessing.transforms import UnsupportedImageMode, to_rgb
-from utils import UserError
+from reg.utils import UserError
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +221,46 @@ def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+# PIL modes and how to_rgb makes 8-bit RGB of them (docs/data.md#image-modes).
+PIL_RGB_MODES = ("RGB", "RGBX", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV")  # PIL's convert("RGB"), as REG/REPA/ADM
+ALPHA_MODES = ("RGBA", "LA", "PA")  # alpha dropped, the stored colour kept: convert("RGB"), as REG/REPA/ADM
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 0..65535 -> the high byte, as PIL reads 16-bit RGB
+
+
+class UnsupportedImageMode(UserError):
+    """An image whose pixel format has no unambiguous 8-bit RGB meaning (float, 32-bit, premultiplied)."""
+
+
+def to_rgb(img: PIL.Image.Image, where: str) -> PIL.Image.Image:
+    """The one conversion of a decoded image to 8-bit RGB, shared by convert, encode and the training dataset.
+
+    PIL's convert("RGB") (what REG, REPA and ADM call) clips 16-bit and 32-bit values to 255 instead of
+    scaling them, so a 16-bit PNG comes out nearly white. Here 16-bit grey (I;16*, and I holding 0..65535,
+    as older Pillow opened 16-bit PNGs) keeps its high byte, as PIL itself does when it reads a 16-bit RGB
+    PNG. Alpha is dropped and the stored colour kept (what convert("RGB") does, so the same pixels as the
+    authors' data); a palette's transparent entry keeps its palette colour. Modes without one meaning (F,
+    I outside 0..65535, premultiplied alpha, ...) are refused, naming `where` and the mode. Always returns a
+    new, fully decoded image (as convert does), usable after the file is closed.
+    """
+    if img.mode in PIL_RGB_MODES or img.mode in ALPHA_MODES:
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.copy()  # PIL warns about bytes transparency; the rule above is deliberate
+            del img.info["transparency"]
+        return img.convert("RGB")
+    if img.mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(img)  # (H, W) uint16 (any byte order), or int32 for I
+        if img.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+            raise UnsupportedImageMode(f"{where}: mode I (32-bit integer) with values in [{a.min()}, {a.max()}], "
+                                       "not 16-bit (0..65535): its 8-bit meaning is unknown; convert it to 8-bit "
+                                       "RGB first")
+        return PIL.Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L").convert("RGB")
+    raise UnsupportedImageMode(f"{where}: image mode {img.mode} is not supported (its 8-bit RGB meaning is "
+                               f"ambiguous; supported: {', '.join(PIL_RGB_MODES + ALPHA_MODES + SIXTEEN_BIT_MODES)}); "
+                               "convert it to 8-bit RGB first")
+
+
 def decode_image(data: bytes, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (H, W, 3) through transforms.to_rgb (16-bit scaled, alpha dropped, float refused);
+    """PNG/JPEG bytes -> uint8 (H, W, 3) through to_rgb (16-bit scaled, alpha dropped, float refused);
     errors name the file."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:

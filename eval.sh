@@ -7,7 +7,8 @@
 #
 # Defaults (REG, ImageNet 256, Table 2): SDE 250 steps, cfg 2.3, class-token cfg 2.3, guidance while
 # t <= 0.85, 50K samples, seed 0; model, resolution, VAE and interpolant from the checkpoint. Every
-# setting below can be overridden from the environment. Multi-node: set LAUNCHER, e.g.
+# setting below can be overridden from the environment, and PYTHON names the interpreter (default: python,
+# as in train.sh). Multi-node: set LAUNCHER, e.g.
 #   LAUNCHER="torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500"
 # Outputs, in SAMPLE_DIR: RUN/ (PNGs), RUN.npz, RUN.json (settings) and RUN-metrics.json (FID, sFID,
 # IS, precision, recall); RUN is the original generate.py's name unless RUN_NAME is set. Re-running
@@ -36,6 +37,7 @@ PRECISION=${PRECISION:-fp32}
 SAMPLE_DIR=${SAMPLE_DIR:-samples}
 RUN_NAME=${RUN_NAME:-}     # empty: generate.py's name (the original's)
 SKIP_EVAL=${SKIP_EVAL:-0}  # 1: only generate
+PY=${PYTHON:-python}       # the interpreter of both commands (as in train.sh)
 
 if ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
     echo "eval.sh: NUM_GPUS=$NUM_GPUS is not a positive integer" >&2
@@ -50,9 +52,9 @@ fi
 if [[ -n "${LAUNCHER:-}" ]]; then
     read -r -a launch <<< "$LAUNCHER"
 elif (( NUM_GPUS > 1 )); then
-    launch=(torchrun --standalone --nproc_per_node "$NUM_GPUS")
+    launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")  # = torchrun, in $PY
 else
-    launch=(python)
+    launch=("$PY")
 fi
 
 gen_args=(
@@ -89,7 +91,7 @@ echo "samples: $NPZ"
 
 if [[ "$SKIP_EVAL" != 1 ]]; then
     METRICS="${NPZ%.npz}-metrics.json"
-    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python -m evaluations.evaluator \
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m evaluations.evaluator \
         --ref_batch "$REF_BATCH" \
         --sample_batch "$NPZ" \
         --save-path "$METRICS"

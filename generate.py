@@ -19,7 +19,7 @@ Output, under --sample-dir (RUN = --run-name, by default the original's folder n
     RUN.npz                  arr_0 uint8 (N, H, W, 3), arr_1 int64 labels (N,), in index order
     RUN.json                 the exact settings, the checkpoint config and the throughput
     RUN-grid.png             with --grid N: the first N images in a grid; with --class-labels, one labelled
-                             row per class holding its first N images (sample_grid.py)
+                             row per class holding its first N images (reg/class_grid.py)
 The last line printed is `NPZ_PATH=/absolute/RUN.npz`; --npz-path-file FILE also writes that path.
 """
 from __future__ import annotations
@@ -38,19 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib import format as npy_format
 from PIL import Image
+from numpy.lib import format as npy_format
 from tqdm import tqdm
 
-import cluster
-from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity, is_repo_id, resolve_checkpoint
-from image_sampling import (SamplingModel, autocast_dtype, check_same_settings, class_labels, generate_images,
-                        load_for_sampling)
 from models.sit import SiT_models
-from sample_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
+from reg import folder_lock, processes, stop_signals
+from reg.checkpoints import CheckpointError
+from reg.class_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
+from reg.hub import OFFICIAL_HUB_REPO, is_repo_id, resolve_checkpoint
+from reg.loading import LoadedGenerator, load_generator
+from reg.run_identity import check_same_settings, checkpoint_identity
+from reg.seeded_images import autocast_dtype, class_labels, generate_images
+from reg.utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
+                       clean_stale_tmp, finite_float, run_main, set_fp32_precision)
 from samplers import SAMPLER_MODES
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
-                   clean_stale_tmp, finite_float, run_main, set_fp32_precision)
 
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every complete PNG ends with this IEND chunk
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--ckpt", type=str, default=f"hf:{OFFICIAL_HUB_REPO}",
                    help="our training .pt, our exported .safetensors, an official REG/REPA .pt, a Hub folder "
-                        "(config.json + model.safetensors: python -m models.hub export), a Hub repo id OWNER/NAME "
+                        "(config.json + model.safetensors: python -m reg.export), a Hub repo id OWNER/NAME "
                         "(when no such local path exists), or hf:OWNER/REPO[/FILE] (from the HF cache, downloaded "
                         "on first use)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -183,7 +185,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def checkpoint_name(spec: str) -> str:
     """The original's `os.path.basename(ckpt).replace(".pt", "")`; hub files by their file name; Hub folders
-    by their last component. A bare repo id OWNER/NAME is named as hf:OWNER/NAME (checkpoint_io.is_repo_id)."""
+    by their last component. A bare repo id OWNER/NAME is named as hf:OWNER/NAME (reg.hub.is_repo_id)."""
     if spec.startswith("hf:") or is_repo_id(spec):
         path = resolve_checkpoint(spec)
         name = spec.rstrip("/").split("/")[-1] if path.is_dir() else path.name
@@ -323,19 +325,20 @@ def save_grid(run_dir: Path, num: int, path: Path) -> None:
 # Model, settings, resume
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> SamplingModel:
-    """image_sampling.load_for_sampling with the flags that restate the checkpoint (checked) and the runtime ones."""
+def loader_flags(args: argparse.Namespace) -> dict:
+    """reg.loading.load_generator's arguments from the flags: the ones that restate the checkpoint are checked
+    (`expect`), the runtime ones win over its metadata (`overrides`)."""
     dims = None if args.projector_embed_dims is None else [int(z) for z in args.projector_embed_dims.split(",")]
     expect = {"model": args.model, "num_classes": args.num_classes, "qk_norm": args.qk_norm,
               "cls_token_dim": args.cls, "z_dims": dims, "encoder_depth": args.encoder_depth}
     overrides = {"fused_attn": args.fused_attn, "path_type": args.path_type}
-    return load_for_sampling(args.ckpt, use_ema=args.ema, legacy=args.legacy, precision=args.precision,
-                             vae=args.vae, device=device, overrides=overrides, expect=expect)
+    return dict(use_ema=args.ema, legacy=args.legacy, precision=args.precision, vae=args.vae, expect=expect,
+                overrides=overrides)
 
 
 def save_class_grid(run_dir: Path, labels: list[int], num: int, per_row: int, names_file: str | None,
                     path: Path) -> None:
-    """The labelled figure of --grid with --class-labels: a row per class (sample_grid.py)."""
+    """The labelled figure of --grid with --class-labels: a row per class (reg/class_grid.py)."""
     names = read_class_names(names_file) if names_file else None
     rows = [(row_label(y, names), [read_png(png_path(run_dir, i)) for i in idx])
             for y, idx in grid_rows(labels, num, per_row).items() if idx]
@@ -376,11 +379,11 @@ def check_resumable(run_dir: Path, settings: dict) -> None:
 
 
 @torch.no_grad()
-@cluster.command("generate.py", launcher="torchrun")
+@processes.command("generate.py", launcher="torchrun")
 def main(args: argparse.Namespace) -> dict:
     """Generate the missing images of the run, then (rank 0) pack the npz. Returns a summary."""
     check_args(args)
-    info = cluster.init_distributed(args.device, args.local_rank)
+    info = processes.init_distributed(args.device, args.local_rank)
     try:
         return _generate(args, info)
     finally:
@@ -402,7 +405,7 @@ class RunFiles:
         return self.sample_dir / f"{self.name}{suffix}"
 
 
-def _generate(args: argparse.Namespace, info: cluster.DistInfo) -> dict:
+def _generate(args: argparse.Namespace, info: processes.DistInfo) -> dict:
     set_fp32_precision("tf32" if args.tf32 else "ieee")
     loaded = _load_checked(args, info)
     model, config = loaded.model, loaded.config
@@ -412,7 +415,7 @@ def _generate(args: argparse.Namespace, info: cluster.DistInfo) -> dict:
                               checkpoint_identity(args.ckpt))
     # One writer per sample folder (and the npz, json and grid named after it): the clean-up below then only
     # removes what a dead run left.
-    cluster.hold_folder(run.dir, hint="choose another --sample-dir or --run-name", rank=info.rank,
+    folder_lock.hold_folder(run.dir, hint="choose another --sample-dir or --run-name", rank=info.rank,
                         world=info.world_size)
     info.main_first(lambda: _prepare_folder(run, settings))
     # Every rank lists the folder before anyone writes, so all agree on the work to share out.
@@ -439,13 +442,13 @@ def _generate(args: argparse.Namespace, info: cluster.DistInfo) -> dict:
             for index, image in zip(indices, images.cpu().numpy()):
                 save_png(image, png_path(run.dir, index))
             bar.update(len(indices))
-            if cluster.stop_requested():  # a signal: this batch's PNGs are written; a rerun makes the rest
+            if stop_signals.stop_requested():  # a signal: this batch's PNGs are written; a rerun makes the rest
                 break
 
     info.run_together(lambda: make(mine))  # a non-finite sample on one rank stops every rank
     bar.close()
-    if cluster.any_rank_stopping(info.world_size):
-        raise cluster.stopped(f"the PNGs in {run.dir} are complete, the npz is not written yet", is_main=info.is_main)
+    if stop_signals.any_rank_stopping(info.world_size):
+        raise stop_signals.stopped(f"the PNGs in {run.dir} are complete, the npz is not written yet", is_main=info.is_main)
     info.barrier()
     elapsed = time.perf_counter() - start
     summary = {"run_dir": str(run.dir), "generated": len(todo), "seconds": elapsed,
@@ -454,9 +457,9 @@ def _generate(args: argparse.Namespace, info: cluster.DistInfo) -> dict:
     return summary
 
 
-def _load_checked(args: argparse.Namespace, info: cluster.DistInfo) -> SamplingModel:
+def _load_checked(args: argparse.Namespace, info: processes.DistInfo) -> LoadedGenerator:
     """The model and its decoder, with the flags that need them checked; the config gains the resolution."""
-    loaded = load_model(args, info.device)
+    loaded = load_generator(args.ckpt, **loader_flags(args), device=info.device)
     model = loaded.model
     args.label_list = None if args.class_labels is None else parse_class_labels(args.class_labels, model.num_classes)
     if args.mode != "ode" and args.heun and info.is_main:

@@ -8,7 +8,7 @@
     proj    = mean over tokens of -cos(z_enc, z_hat), averaged over encoders     per sample
     loss    = mean(denoise) + proj_coeff * mean(proj) + cls_coeff * mean(cls)
 
-The path (alpha, sigma and their derivatives) comes from `interpolant.py`, which the samplers
+The path (alpha, sigma and their derivatives) comes from `reg/interpolant.py`, which the samplers
 share. Every random draw (t, eps, eps_c) can be pinned by the caller.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from interpolant import expand_like, interpolant, sample_time
+from reg.interpolant import expand_like, interpolant, sample_time
 
 
 def sample_latents(moments: torch.Tensor, *, scale: float,

@@ -16,7 +16,7 @@ for models without the class token (REPA/SiT checkpoints); then pass ``cls_laten
 ``None`` comes back as the class token. A model whose forward takes ``return_projections``
 (our SiT) is called with ``return_projections=False``: sampling never needs the REPA projections.
 
-Conventions (shared with the loss through ``interpolant.py``): t = 1 is noise, t = 0 is data,
+Conventions (shared with the loss through ``reg/interpolant.py``): t = 1 is noise, t = 0 is data,
 x_t = alpha(t) x0 + sigma(t) eps. The sampler state is float64; the model runs in its own
 dtype (the dtype of its parameters, or of ``latents`` for a parameter-free callable). The
 label ``model.num_classes`` is the null label for classifier-free guidance (CFG). CFG runs the
@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from interpolant import check_path_type, interpolant
+from reg.interpolant import check_path_type, interpolant
 
 # SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REG samplers.py, euler_maruyama_sampler).
 T_LAST = 0.04

@@ -7,7 +7,7 @@
 
 Every list flag takes comma-separated values and the grid is their product (--mode, --num-steps,
 --cfg-scale, --cls-cfg-scale, --guidance-low, --guidance-high). Every setting samples the same image
-indices 0..N-1 with the same per-image seeds as generate.py (image_sampling.generate_images), so settings
+indices 0..N-1 with the same per-image seeds as generate.py (reg.seeded_images.generate_images), so settings
 differ only by the sampler, never by the noise or the classes. Images stay in memory: decoded on the
 GPU, fed to the Inception network (evaluations.evaluator.FeatureAccumulator), gathered to rank 0.
 The reference batch's statistics are computed once and cached in the output folder.
@@ -35,13 +35,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import cluster
-from checkpoint_io import OFFICIAL_HUB_REPO, CheckpointError, checkpoint_identity
-from image_sampling import (SamplingModel, autocast_dtype, check_same_settings, gather_features, generate_images,
-                        load_for_sampling)
+from reg import folder_lock, processes, stop_signals
+from reg.checkpoints import CheckpointError
+from reg.hub import OFFICIAL_HUB_REPO
+from reg.loading import LoadedGenerator, load_generator
+from reg.processes import gather_features
+from reg.run_identity import check_same_settings, checkpoint_identity
+from reg.seeded_images import autocast_dtype, generate_images
+from reg.utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats,
+                       run_main, set_fp32_precision)
 from samplers import SAMPLER_MODES
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_floats, run_main,
-                   set_fp32_precision)
 
 # What every stored metric depends on besides its own sampler setting.
 MANIFEST_KEYS = ("checkpoint", "ema", "reference", "inception_weights_id", "global_seed", "num_samples",
@@ -263,19 +266,19 @@ def _sample_features(features, model, codec, mine: list[int], s: dict, args, con
             dtype=autocast_dtype(args.precision)):
         features.add(images)
         bar.update(len(idx))
-        if cluster.stop_requested():  # a signal: the caller discards this setting
+        if stop_signals.stop_requested():  # a signal: the caller discards this setting
             break
 
 
 @torch.no_grad()
-@cluster.command("sweep.py", launcher="torchrun")
+@processes.command("sweep.py", launcher="torchrun")
 def main(args: argparse.Namespace) -> dict | None:
     from evaluations import evaluator
 
     if args.num_samples < 2 or args.per_proc_batch_size < 1:
         raise UserError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
     requested, distinct = build_grid(args)
-    info = cluster.init_distributed(args.device)
+    info = processes.init_distributed(args.device)
     try:
         if args.num_samples < info.world_size:
             raise UserError(f"--num-samples {args.num_samples} < {info.world_size} processes")
@@ -284,16 +287,16 @@ def main(args: argparse.Namespace) -> dict | None:
         info.close()
 
 
-def _sweep(args, info: cluster.DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
+def _sweep(args, info: processes.DistInfo, requested: list[dict], distinct: list[dict], evaluator) -> dict | None:
     set_fp32_precision("tf32" if args.tf32 else "ieee")
-    loaded = load_for_sampling(args.ckpt, use_ema=args.ema, legacy=args.legacy, precision=args.precision,
-                               vae=args.vae, device=info.device, overrides={"path_type": args.path_type})
+    loaded = load_generator(args.ckpt, use_ema=args.ema, legacy=args.legacy, precision=args.precision, vae=args.vae,
+                            device=info.device, overrides={"path_type": args.path_type})
     inception = evaluator.build_inception(args.inception_weights, info.device, verbose=info.is_main)
     manifest = build_manifest(args, loaded, inception.weights_id)
     out = Path(args.out)
     settings_dir = out / "settings"
     ref = None
-    cluster.hold_folder(out, hint="choose another --out", rank=info.rank, world=info.world_size)
+    folder_lock.hold_folder(out, hint="choose another --out", rank=info.rank, world=info.world_size)
 
     def prepare() -> None:
         nonlocal ref
@@ -311,7 +314,7 @@ def _sweep(args, info: cluster.DistInfo, requested: list[dict], distinct: list[d
     for n, s in enumerate(todo):
         if not _run_setting(args, info, loaded, s, f"{n + 1}/{len(todo)}", evaluator, inception, ref, settings_dir):
             # a signal: this setting is discarded, the finished kept
-            raise cluster.stopped(f"{n} setting(s) finished in {out}, {setting_key(s)} discarded", is_main=info.is_main)
+            raise stop_signals.stopped(f"{n} setting(s) finished in {out}, {setting_key(s)} discarded", is_main=info.is_main)
         info.barrier()
     if not info.is_main:
         return None
@@ -322,7 +325,7 @@ def _sweep(args, info: cluster.DistInfo, requested: list[dict], distinct: list[d
     return summary
 
 
-def build_manifest(args: argparse.Namespace, loaded: SamplingModel, inception_weights_id: str) -> dict:
+def build_manifest(args: argparse.Namespace, loaded: LoadedGenerator, inception_weights_id: str) -> dict:
     """sweep.json: what every stored metric depends on besides its own sampler setting (MANIFEST_KEYS)."""
     ref_stat = os.stat(args.ref_batch)
     config = loaded.config
@@ -337,7 +340,7 @@ def build_manifest(args: argparse.Namespace, loaded: SamplingModel, inception_we
     }
 
 
-def _run_setting(args, info: cluster.DistInfo, loaded: SamplingModel, s: dict, progress: str, evaluator, inception, ref,
+def _run_setting(args, info: processes.DistInfo, loaded: LoadedGenerator, s: dict, progress: str, evaluator, inception, ref,
                  settings_dir: Path) -> bool:
     """Sample setting `s` on every process; rank 0 scores it and writes settings/KEY.json. False when a signal
     stopped some process: the setting is left unwritten."""
@@ -349,7 +352,7 @@ def _run_setting(args, info: cluster.DistInfo, loaded: SamplingModel, s: dict, p
     info.run_together(lambda: _sample_features(features, loaded.model, loaded.codec, mine, s, args, loaded.config,
                                                loaded.latents_scale, info.device, bar))
     bar.close()
-    if cluster.any_rank_stopping(info.world_size):
+    if stop_signals.any_rank_stopping(info.world_size):
         return False
     feats = gather_features(mine, features.features(), info.world_size)
     if not info.is_main:

@@ -5,8 +5,8 @@
 
 Every flag of the authors' train.py works with the same meaning. Re-running the same command resumes
 from the newest complete checkpoint in OUTPUT/EXP/checkpoints (also a run made by the authors' code).
-The layout of that folder is described in checkpoint_io.CheckpointDir; the step itself is
-train_loop.train_step.
+The layout of that folder is described in reg.checkpoints.CheckpointDir; the step itself is
+reg.train_step.train_step.
 """
 from __future__ import annotations
 
@@ -19,21 +19,23 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-import cluster
-from checkpoint_io import CheckpointDir, CheckpointError, build_model_from_config, load_weights
 from dataset import CustomDataset
-from launch_settings import REPORT_TO_CHOICES, parse_report_to, resolve_mixed_precision, wandb_run
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
-from models.hub import portable_vae_spec
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
+from reg import folder_lock, processes, stop_signals
+from reg.checkpoints import CheckpointDir, CheckpointError
+from reg.hub import portable_vae_spec
+from reg.loading import build_model_from_config, read_weights
+from reg.mixed_precision import resolve_mixed_precision
+from reg.resume_flags import HYPER, check_resume, parse_allow_run_change
+from reg.run_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
+from reg.throughput import Meter, peak_tflops, training_flops_per_image
+from reg.trackers import REPORT_TO_CHOICES, parse_report_to, wandb_run
+from reg.train_step import ADAMW_IMPLS, StepConfig, StepSampler, make_optimizer, step_seed, train_step
+from reg.utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_float, run_main,
+                       set_fp32_precision)
 from samplers import SAMPLER_MODES
-from train_loop import (ADAMW_IMPLS, Meter, StepConfig, StepSampler, make_optimizer, peak_tflops, step_seed,
-                      train_step, training_flops_per_image)
-from metrics_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
-from run_flags import HYPER, check_resume, parse_allow_run_change
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_float, run_main,
-                   set_fp32_precision)
 
 METHODS = ("reg", "repa", "sit")
 
@@ -277,7 +279,7 @@ class Logger:
 # ----------------------------------------------------------------------------- set-up pieces
 
 def make_accelerator(args: argparse.Namespace, run_dir: Path):
-    """The Accelerator, and where its mixed precision came from (launch_settings.resolve_mixed_precision)."""
+    """The Accelerator, and where its mixed precision came from (reg.mixed_precision.resolve_mixed_precision)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from accelerate.utils.dataclasses import DDPCommunicationHookType
@@ -324,7 +326,7 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
 
 def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log: Logger) -> int:
     """Resume (newest checkpoint, or --resume-step), else --init-from, else nothing. Returns the step.
-    A resume compares the command line with the checkpoint's args first (run_flags.check_resume)."""
+    A resume compares the command line with the checkpoint's args first (reg.resume_flags.check_resume)."""
     if not log.acc.is_main_process:
         read_metrics(log.run_dir / METRICS_FILE)  # a broken line raises on every rank alike, not on rank 0 alone
     elif warning := trim_torn_tail(log.run_dir / METRICS_FILE):
@@ -333,8 +335,8 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     args.history = []
     if ckpt is None:
         if args.init_from:
-            model_sd, _ = load_weights(args.init_from, use_ema=False)
-            ema_sd, _ = load_weights(args.init_from, use_ema=True)
+            model_sd, _ = read_weights(args.init_from, use_ema=False)
+            ema_sd, _ = read_weights(args.init_from, use_ema=True)
             model.load_state_dict(model_sd)
             ema.load_state_dict(ema_sd)
             log.info(f"initialised model and EMA from {args.init_from}; fresh optimizer, step 0")
@@ -402,7 +404,7 @@ def write_run_files(args: argparse.Namespace, config: dict, accelerator, log: Lo
 
 def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path, log: Logger | None = None) -> None:
     """wandb: the run is named after --exp-name, its files go under the run folder and its id is kept
-    there (launch_settings.wandb_run: --wandb-id > $WANDB_RUN_ID > wandb_run_id.txt), so an auto-resumed
+    there (reg.trackers.wandb_run: --wandb-id > $WANDB_RUN_ID > wandb_run_id.txt), so an auto-resumed
     run continues the same wandb run. $WANDB_PROJECT names the project (default REG, as the original)."""
     trackers = parse_report_to(args.report_to)
     if not trackers:
@@ -420,7 +422,7 @@ def init_trackers(args: argparse.Namespace, accelerator, run_dir: Path, log: Log
 
 # ----------------------------------------------------------------------------- main
 
-@cluster.command("train.py")  # SLURM launch check, stop signals, the run folder's lock released at the end
+@processes.command("train.py")  # SLURM launch check, stop signals, the run folder's lock released at the end
 def main(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -456,7 +458,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_every:
         from evaluations.during_training import InTrainingEval  # imports the sampler and the evaluator only when asked
         evaluator = InTrainingEval(args, config, accelerator, log)
-    sample_grid = make_sample_grid(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
+    write_preview = make_preview_writer(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
     if evaluator is not None and step and evaluator.due(step, max_steps):
         evaluator.run(ema, step)  # a run killed during an evaluation does it again on resume
 
@@ -467,7 +469,7 @@ def main(args: argparse.Namespace) -> dict:
     params, ema_params = list(model.parameters()), list(ema.parameters())
     data_iter, history, saved_at = iter(loader), [], step  # saved_at: the last checkpoint's step (or the start)
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    stop = cluster.StepStop(world)  # SIGTERM/SIGUSR1 on any rank: every rank stops at the same step
+    stop = stop_signals.StepStop(world)  # SIGTERM/SIGUSR1 on any rank: every rank stops at the same step
     model.train()
     while step < max_steps:
         torch.manual_seed(step_seed(args.seed, rank, step))  # exact resume without saved RNG states
@@ -489,8 +491,8 @@ def main(args: argparse.Namespace) -> dict:
                 saved_at = step
         if evaluator is not None and evaluator.due(step, max_steps):
             evaluator.run(ema, step)
-        if sample_grid is not None and (step % args.sample_every == 0 or step == max_steps):
-            sample_grid(ema, step, run_dir, accelerator)
+        if write_preview is not None and (step % args.sample_every == 0 or step == max_steps):
+            write_preview(ema, step, run_dir, accelerator)
         if stop.due(step) and step < max_steps:
             stop_at_step(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at)
     stop.close()
@@ -503,11 +505,11 @@ def main(args: argparse.Namespace) -> dict:
 
 def setup_run(args: argparse.Namespace) -> tuple:
     """The Accelerator and its precision's source, the log and the checkpoint folder; the run folder is
-    held (cluster.hold_folder) and its unfinished checkpoint writes are cleaned."""
+    held (reg.folder_lock.hold_folder) and its unfinished checkpoint writes are cleaned."""
     run_dir = Path(args.output_dir) / args.exp_name
     accelerator, precision_source = make_accelerator(args, run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    cluster.hold_folder(run_dir, hint="choose another --output-dir/--exp-name", rank=rank, world=world)
+    folder_lock.hold_folder(run_dir, hint="choose another --output-dir/--exp-name", rank=rank, world=world)
     log = Logger(accelerator, run_dir)
     ckpts = CheckpointDir(run_dir / "checkpoints", log=log.info)
     if accelerator.is_main_process:
@@ -556,7 +558,7 @@ def make_loader(args: argparse.Namespace, dataset: CustomDataset, step: int, *, 
 
 
 def step_config(args: argparse.Namespace, config: dict) -> StepConfig:
-    """What train_loop.train_step needs from the command line and the model's config."""
+    """What reg.train_step.train_step needs from the command line and the model's config."""
     return StepConfig(path_type=args.path_type, weighting=args.weighting, prediction=args.prediction,
                       proj_coeff=args.proj_coeff, cls_coeff=args.cls, max_grad_norm=args.max_grad_norm,
                       ema_decay=args.ema_decay, latents_scale=config["latents_scale"], use_cls=config["use_cls_token"],
@@ -612,13 +614,13 @@ def stop_at_step(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, 
                  args: argparse.Namespace, meter: Meter, log: Logger, saved_at: int) -> None:
     """A stop signal: log the steps since the last log line, write a full checkpoint at this step (a normal
     one: pruning, --resume-step and set-aside apply) unless one was just written, and exit with
-    cluster.EXIT_STOPPED (docs/cluster.md)."""
+    reg.stop_signals.EXIT_STOPPED (docs/cluster.md)."""
     if step % args.log_every:
         log.metrics(meter.flush(step, opt.param_groups[0]["lr"]))
     if step % args.checkpointing_steps:
         save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at=saved_at)
-    log.info(f"stopped by {cluster.stop_requested() or 'a signal on another process'} at step {step}")
-    raise cluster.stopped(f"checkpoint {ckpts.pt(step)} written", is_main=accelerator.is_main_process)
+    log.info(f"stopped by {stop_signals.stop_requested() or 'a signal on another process'} at step {step}")
+    raise stop_signals.stopped(f"checkpoint {ckpts.pt(step)} written", is_main=accelerator.is_main_process)
 
 
 def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, config: dict,
@@ -649,12 +651,13 @@ def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, op
 
 # ----------------------------------------------------------------------------- EMA samples and evaluation
 
-def make_sample_grid(args: argparse.Namespace, config: dict, device: torch.device, log: Logger):
-    """EMA sample grids during training: 16 images, the same seeds every time (SDE, 50 steps, no guidance)."""
+def make_preview_writer(args: argparse.Namespace, config: dict, device: torch.device, log: Logger):
+    """The writer of the preview grids of --sample-every (samples/STEP.png): 16 EMA images, the same seeds every
+    time (SDE, 50 steps, no guidance); unrelated to generate.py's --grid (reg/class_grid.py)."""
     from torchvision.utils import make_grid, save_image
 
-    from image_sampling import NonFiniteSampleError, generate_images
     from models.vae import load_vae
+    from reg.seeded_images import NonFiniteSampleError, generate_images
 
     vae = load_vae(config["vae"], device=device)  # fails at start-up, not hours into the run
 

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # trains, saves and resumes. torch.compile's test is left out: inductor's C++ build takes ~1.5 min on 2 cores
 # (it passed on torch 2.4.0 when checked by hand; the main suite runs it on the locked torch).
 CORE_TESTS=(
-  tests/test_model.py tests/test_loss.py tests/test_samplers.py tests/test_checkpoint_io.py
+  tests/test_model.py tests/test_loss.py tests/test_samplers.py tests/test_checkpoints.py tests/test_loading.py
   tests/test_compat.py "tests/test_train.py::test_resume_is_exact"
   "tests/test_generate.py::test_npz_byte_identical_across_batch_sizes_and_adm_format"
   --deselect tests/test_model.py::test_torch_compile_forward_matches_eager

@@ -79,9 +79,9 @@ def worker(args: argparse.Namespace) -> None:
     import timm
     import torch
     from accelerate import Accelerator
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torch.utils.data import DataLoader
     from torchvision.transforms import Normalize
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     import train as their
     from dataset import CustomDataset

@@ -99,7 +99,7 @@ def make_vae(dest: Path) -> None:
 def read_run(run_dir: Path) -> dict:
     """Steady-state figures of one train.py run from its metrics.jsonl: the first log interval holds the
     compilation and is left out of the medians; its excess over them is the compile time."""
-    from metrics_log import METRICS_FILE, read_metrics  # the one reader of metrics.jsonl
+    from reg.run_log import METRICS_FILE, read_metrics  # the one reader of metrics.jsonl
     records = read_metrics(run_dir / METRICS_FILE, warn=print)
     train = [r for r in records if "img_per_s" in r]
     steady = train[1:] or train
@@ -213,5 +213,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from utils import run_main
+    from reg.utils import run_main
     sys.exit(run_main(main))  # main's result: the number of failed checks

@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick                          # tiny sizes; automatic on CPU
     python -m benchmarks.run --sections train --models SiT-XL/2 --out xl.json
 
-1. train:  `train_loop.train_step` (the function train.py runs) on a synthetic batch. Two settings of the
+1. train:  `reg.train_step.train_step` (the function train.py runs) on a synthetic batch. Two settings of the
    same function, built as train.py builds them:
    baseline  = Accelerator(mixed_precision="no"), eager, make_optimizer(impl="for-loop") (the original's
                precision-free, uncompiled, per-parameter AdamW);
@@ -12,7 +12,7 @@
    Step k is seeded as train.py seeds it, and both start from the same weights, so step 0 computes the
    same loss: the run prints both and their difference. Also FLOPs per image
    (`training_flops_per_image`), TFLOP/s, MFU (`peak_tflops`), peak memory and compile (warm-up) time.
-2. sample: `image_sampling.generate_images` (generate.py's loop) with the 250-step SDE, cfg 2.3, cls-cfg 2.3,
+2. sample: `reg.seeded_images.generate_images` (generate.py's loop) with the 250-step SDE, cfg 2.3, cls-cfg 2.3,
    guidance t <= 0.85: eager fp32 vs compiled bf16.
 3. eval:   Inception features in images/s (ADM's synchronous batches of 64 vs the evaluator's prefetching
    reader), and the five ADM metrics on 50K x 10K random features; their sum estimates a 50K evaluation.
@@ -35,11 +35,12 @@ import warnings
 import numpy as np
 import torch
 
-from image_sampling import generate_images
 from models.encoders import load_encoders
 from models.sit import build_model, parse_model_name
-from train_loop import StepConfig, make_optimizer, peak_tflops, step_seed, train_step, training_flops_per_image
-from utils import ArgumentParser, finite_float, fp32_precision, nan_to_null
+from reg.seeded_images import generate_images
+from reg.throughput import peak_tflops, training_flops_per_image
+from reg.train_step import StepConfig, make_optimizer, step_seed, train_step
+from reg.utils import ArgumentParser, finite_float, fp32_precision, nan_to_null
 
 CFG_SCALE, CLS_CFG_SCALE, GUIDANCE_HIGH = 2.3, 2.3, 0.85  # REG eval.sh / generate.py settings
 ADM_EVAL_BATCH = 64  # ADM's evaluator feeds Inception 64 images at a time
@@ -256,8 +257,8 @@ def bench_sampling(args: argparse.Namespace, device: torch.device) -> list[dict]
 # ----------------------------------------------------------------------------- 3. evaluator
 
 def bench_evaluator(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    from evaluations.evaluator import NpzImageReader, batch_from_features, build_inception, compute_metrics, \
-        extract_features
+    from evaluations.evaluator import (NpzImageReader, batch_from_features, build_inception, compute_metrics,
+                                       extract_features)
     with warnings.catch_warnings(), contextlib.redirect_stderr(open(os.devnull, "w")):
         warnings.simplefilter("ignore")
         inception = build_inception("random", device=device, verbose=False)
@@ -331,7 +332,7 @@ def report(results: dict) -> str:
     rows, parts = results["rows"], []
     train = [r for r in rows if r["section"] == "train"]
     if train:
-        parts.append(f"Training step (train_loop.train_step): batch {train[0]['batch']}, {results['resolution']} px, "
+        parts.append(f"Training step (reg.train_step.train_step): batch {train[0]['batch']}, {results['resolution']} px, "
                      f"{results['enc_type']} in the step; loss 0 = the loss of step 0 (same seed and weights)")
         parts.append(table(["model", "path", "config", "img/s", "step ms", "warm-up s", "peak GB", "GFLOP/img",
                             "TFLOP/s", "MFU", "speed-up", "loss 0", "loss 0 rel. diff"],
@@ -342,7 +343,7 @@ def report(results: dict) -> str:
                             for r in train]))
     sample = [r for r in rows if r["section"] == "sample"]
     if sample:
-        parts.append(f"Sampling (image_sampling.generate_images): SDE {sample[0]['steps']} steps, cfg {CFG_SCALE}, "
+        parts.append(f"Sampling (reg.seeded_images.generate_images): SDE {sample[0]['steps']} steps, cfg {CFG_SCALE}, "
                      f"cls-cfg {CLS_CFG_SCALE}, guidance t <= {GUIDANCE_HIGH}, batch {sample[0]['batch']}")
         parts.append(table(["model", "path", "config", "img/s", "s/batch", "warm-up s", "peak GB", "speed-up"],
                            [[r["model"], r["path"], r["config"], fmt(r["img_per_s"], ".2f"), fmt(r["seconds"], ".2f"),
@@ -388,5 +389,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from utils import run_main
+    from reg.utils import run_main
     run_main(main, parse_args)

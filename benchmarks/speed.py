@@ -4,7 +4,7 @@
     python -m benchmarks.speed loader  --data DIR --out loader.json   # PNG decode + loader, img/s per worker
     python -m benchmarks.speed ab      --out ab.json         # today's step vs each flag, and a profile
 
-`ab` times train_loop.train_step (as benchmarks/run.py's TrainArm builds it: train.py's settings) with
+`ab` times reg.train_step.train_step (as benchmarks/run.py's TrainArm builds it: train.py's settings) with
 today's StepConfig and with each speed flag, in one process on one compiled model (the flags that change
 the graph recompile), and profiles the step by kernel category (GEMM, attention with its backend,
 elementwise, optimizer + EMA, copies, idle). Timings are medians, never asserted; `--quick` (automatic on
@@ -177,7 +177,7 @@ def profile_step(step, device: torch.device, steps: int) -> dict:
 
 def bench_ab(args: argparse.Namespace, device: torch.device) -> dict:
     from benchmarks import run as bench
-    from train_loop import StepConfig
+    from reg.train_step import StepConfig
     encoders = bench.quiet_encoders(args.enc_type, args.resolution, device)
     z = encoders[0].embed_dim
     out = {"ab": [], "profile": []}

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from utils import UserError
+from reg.utils import UserError
 
 POOL_DIM = 2048      # pool_3
 SPATIAL_DIM = 2023   # mixed_6/conv[..., :7], 17 * 17 * 7

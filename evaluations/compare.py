@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import metrics_log
-from utils import ArgumentParser, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main
+from reg import run_log
+from reg.utils import ArgumentParser, UserError, atomic_json_dump, atomic_write, atomic_write_bytes, run_main
 
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")
@@ -100,21 +100,21 @@ def _read_json(path: str) -> dict:
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict], list[str]]:
-    """(training lines, evaluation lines, notes) of a metrics.jsonl, read by metrics_log (the one reader).
+    """(training lines, evaluation lines, notes) of a metrics.jsonl, read by reg.run_log (the one reader).
     A line with `fid` is an evaluation, one with `loss` a training line. A torn last line (a run killed
     mid-write) is skipped with a note; a broken line anywhere else is an error."""
     notes: list[str] = []
     if not os.path.isfile(path):
         return [], [], [f"no {os.path.basename(path)}"]
     try:
-        records = metrics_log.read_metrics(path, warn=notes.append)
+        records = run_log.read_metrics(path, warn=notes.append)
     except UserError as e:
         raise RunError(str(e)) from e
     train = [r for r in records if "fid" not in r and "loss" in r]
     evals = [r for r in records if "fid" in r]
     # A resumed run may repeat steps: keep the last record of each (step, kind, eval setting).
-    return (metrics_log.latest_per_step(train),
-            metrics_log.latest_per_step(evals, key=lambda r: (r["step"], _setting_key(r))), notes)
+    return (run_log.latest_per_step(train),
+            run_log.latest_per_step(evals, key=lambda r: (r["step"], _setting_key(r))), notes)
 
 
 def load_run(path: str) -> Run:

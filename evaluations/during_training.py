@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from image_sampling import NonFiniteSampleError, gather_features
+from reg.processes import gather_features
+from reg.seeded_images import NonFiniteSampleError
 
 
 class InTrainingEval:
@@ -40,7 +41,7 @@ class InTrainingEval:
         """This process's share of the images, straight into Inception: (indices, features). Image i's
         seed depends only on (--seed, i), so every evaluation sees the same noise and classes."""
         from evaluations.evaluator import FeatureAccumulator
-        from image_sampling import generate_images
+        from reg.seeded_images import generate_images
 
         a, accelerator = self.args, self.accelerator
         features = FeatureAccumulator(self.inception)

@@ -55,15 +55,13 @@ import torch
 # The evaluator's API lives in its modules; the names that other code imports from here stay importable
 # (evaluations/during_training.py, sweep.py, benchmarks/run.py, docs/evaluation.md's examples).
 from evaluations.common import EvalInputError, InceptionWeightsError, default_device, log  # noqa: F401
-from evaluations.features import (BatchFeatures, FeatureAccumulator, batch_from_features,  # noqa: F401
-                                  compute_metrics, extract_features, load_batch, load_reference, save_statistics)
-from evaluations.inception import (INCEPTION_FILENAME, WEIGHTS_ENV, InceptionV3,  # noqa: F401
-                                   build_inception, resolve_weights)
-from evaluations.metrics import (compute_statistics, frechet_distance, inception_score,  # noqa: F401
-                                 precision_recall)
+from evaluations.features import (BatchFeatures, FeatureAccumulator, batch_from_features, compute_metrics,  # noqa: F401
+                                  extract_features, load_batch, load_reference, save_statistics)
+from evaluations.inception import (INCEPTION_FILENAME, WEIGHTS_ENV, InceptionV3, build_inception,  # noqa: F401
+                                   resolve_weights)
+from evaluations.metrics import compute_statistics, frechet_distance, inception_score, precision_recall  # noqa: F401
 from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch  # noqa: F401
-from utils import ArgumentParser, atomic_json_dump, atomic_write_bytes, finite_float, run_main
-
+from reg.utils import ArgumentParser, atomic_json_dump, atomic_write_bytes, finite_float, run_main
 
 # ----------------------------------------------------------------------------------------------
 # CLI

@@ -19,9 +19,8 @@ from tqdm import tqdm
 from evaluations.common import FEATURES_KEY, POOL_DIM, SPATIAL_DIM, EvalInputError, log
 from evaluations.inception import InceptionV3
 from evaluations.metrics import compute_statistics, frechet_distance, inception_score, precision_recall
-from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch, open_npz, read_stored_meta, \
-    read_stored_statistics
-from utils import atomic_write, fp32_precision
+from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch, open_npz, read_stored_meta, read_stored_statistics
+from reg.utils import atomic_write, fp32_precision
 
 
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
 from evaluations.common import SPATIAL_DIM, InceptionWeightsError, log
-from utils import fp32_precision
+from reg.utils import fp32_precision
 
 INCEPTION_URL = tfi.URL_INCEPTION_V3
 INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from evaluations.common import EvalInputError, default_device
-from utils import fp32_precision
+from reg.utils import fp32_precision
 
 
 def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

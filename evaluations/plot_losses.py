@@ -23,9 +23,8 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import math
 
-import metrics_log
-from utils import ArgumentParser, HelpFormatter, UserError, run_main
-
+from reg import run_log
+from reg.utils import ArgumentParser, HelpFormatter, UserError, run_main
 
 DEFAULT_KEYS = ("loss", "loss_denoise", "loss_proj", "loss_cls")
 TITLES = {
@@ -37,15 +36,15 @@ TITLES = {
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The training records of a metrics.jsonl file, in step order, read by metrics_log (the one reader:
+    """The training records of a metrics.jsonl file, in step order, read by reg.run_log (the one reader:
     a torn last line is skipped with a warning on stderr). Evaluation records (those with a `fid`,
     written by --eval-every at the same steps) are left out."""
     warn = lambda msg: print(f"plot_losses: warning: {msg}", file=sys.stderr)  # noqa: E731
-    records = [r for r in metrics_log.read_metrics(path, warn=warn, missing_ok=False) if "fid" not in r]
+    records = [r for r in run_log.read_metrics(path, warn=warn, missing_ok=False) if "fid" not in r]
     if not records:
         raise UserError(f"{path} holds no records: has the run logged anything yet?")
     # A resumed run appends; keep the last record of each step so a replayed interval is drawn once.
-    return metrics_log.latest_per_step(records)
+    return run_log.latest_per_step(records)
 
 
 def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_KEYS, title: str | None = None) -> list[str]:

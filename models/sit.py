@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
-# Keys a Hub folder's config.json carries besides SiT's own keyword arguments (models/hub.py): what
+# Keys a Hub folder's config.json carries besides SiT's own keyword arguments (reg/export.py): what
 # sampling needs and the weights do not fix. from_pretrained passes every key to SiT(**config): ignored there.
 HUB_METADATA_KEYS = ("model", "path_type", "resolution", "latents_scale", "vae", "enc_type", "train_steps")
 
@@ -225,7 +225,7 @@ def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential
 #################################################################################
 
 # No paper_url= here: huggingface_hub 0.25.2, our lower bound, refuses it; the model card that
-# models/hub.py writes links the paper.
+# `python -m reg.export` writes links the paper.
 class SiT(nn.Module, PyTorchModelHubMixin, library_name="reg",
           tags=["image-generation", "diffusion", "sit", "reg", "imagenet"]):
     """SiT + REPA projectors + REG class token.
@@ -236,7 +236,7 @@ class SiT(nn.Module, PyTorchModelHubMixin, library_name="reg",
     huggingface_hub's PyTorchModelHubMixin adds save_pretrained(dir) / from_pretrained(dir or repo id) /
     push_to_hub: config.json holds the keyword arguments the model was built with (recorded at construction,
     all JSON values) and model.safetensors the state_dict, whose keys are unchanged. from_pretrained loads
-    strictly here (the mixin's default is not strict). models/hub.py writes such folders from our checkpoints,
+    strictly here (the mixin's default is not strict). reg/export.py writes such folders from our checkpoints,
     with the sampling metadata (HUB_METADATA_KEYS) and a model card.
     """
 
@@ -311,11 +311,6 @@ class SiT(nn.Module, PyTorchModelHubMixin, library_name="reg",
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
         """The mixin's loader, strict by default: a folder whose weights do not fit its config is an error."""
         return super()._from_pretrained(strict=strict, **kwargs)
-
-    def generate_model_card(self, *args, **kwargs):
-        """The card save_pretrained writes as README.md: models/hub.py's (method, size, encoder, sampling)."""
-        from models.hub import model_card
-        return model_card(self, **kwargs)
 
     @property
     def num_tokens(self) -> int:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.hub import hub_offline, portable_vae_spec
+from reg.hub import hub_offline, portable_vae_spec
 
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # The SD-VAE latent scale (REG train.py `latents_scale`) and spatial stride: defined here once.

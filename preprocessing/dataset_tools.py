@@ -44,19 +44,18 @@ import time
 import zipfile
 from typing import Callable
 
-import numpy as np
 import PIL.Image
+import numpy as np
 import torch
 from tqdm import tqdm
 
-import cluster
-from dataset import FileTree, decode_image, is_image_name, parse_labels, read_dataset_json
+from dataset import FileTree, UnsupportedImageMode, decode_image, is_image_name, parse_labels, read_dataset_json, to_rgb
 from models.vae import load_vae
 from preprocessing import image_name
-from preprocessing.transforms import (TRANSFORMS, UnsupportedImageMode, check_output_size, make_transform,
-                                     parse_resolution, to_rgb)
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
-                   clean_stale_tmp, fp32_precision, run_main)
+from preprocessing.transforms import TRANSFORMS, check_output_size, make_transform, parse_resolution
+from reg import folder_lock, processes, stop_signals
+from reg.utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
+                       clean_stale_tmp, fp32_precision, run_main)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
@@ -217,9 +216,9 @@ def convert(args: argparse.Namespace) -> dict:
         atomic_write(dest, write_zip)
         written, skipped = outcome["result"]
     else:
-        if os.path.isdir(dest) and [n for n in os.listdir(dest) if n != cluster.LOCK_NAME]:
+        if os.path.isdir(dest) and [n for n in os.listdir(dest) if n != folder_lock.LOCK_NAME]:
             raise FileExistsError(f"--dest folder {dest} is not empty")
-        cluster.hold_folder(dest, hint="choose another --dest")
+        folder_lock.hold_folder(dest, hint="choose another --dest")
         written, skipped = _convert_into(
             args, names, labels, lambda name, data: atomic_write_bytes(os.path.join(dest, name), data))
 
@@ -420,8 +419,8 @@ def encode(args: argparse.Namespace) -> dict:
 
     records = _prepare_destination(work, config, source_info, source, all_names, labels, state, args.num_workers)
     new, before, seconds = _encode_shards(args, state, work, source, names, labels, records, codec, w)
-    if cluster.any_rank_stopping(world):
-        raise cluster.stopped(f"the latents written so far in {work} are complete", is_main=state.is_main_process)
+    if stop_signals.any_rank_stopping(world):
+        raise stop_signals.stopped(f"the latents written so far in {work} are complete", is_main=state.is_main_process)
     counts = gather_object([(new, before)])
     state.wait_for_everyone()
     new, before = sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -439,7 +438,7 @@ def _prepare_destination(work: str, config: dict, source_info: dict, source: Fil
     rank, world = state.process_index, state.num_processes
     all_latent_names = latent_names_for(all_names)
     # One encode per destination: its stale temporaries below are then certainly a dead run's.
-    cluster.hold_folder(work, hint="choose another --dest", rank=rank, world=world)
+    folder_lock.hold_folder(work, hint="choose another --dest", rank=rank, world=world)
     # Every rank checks (so that none is left waiting at a barrier); rank 0 records the settings and
     # the source, and removes stale temporaries. Nothing is written before the check passes.
     _check_destination(work, config, source_info)
@@ -496,7 +495,7 @@ def _encode_shards(args: argparse.Namespace, state, work: str, source: FileTree,
                 if len(rows) == len(todo[shard_of[i]]):  # the shard is complete: record it
                     write_content_record(work, pending.pop(shard_of[i]))
             bar.update(len(idx))
-            if cluster.stop_requested():  # a signal: this batch is written; a rerun redoes the rest
+            if stop_signals.stop_requested():  # a signal: this batch is written; a rerun redoes the rest
                 break
     bar.close()
     return len(indices), num_done_before, time.perf_counter() - t0
@@ -596,7 +595,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@cluster.command("preprocessing/dataset_tools.py")
+@processes.command("preprocessing/dataset_tools.py")
 def main(args: argparse.Namespace) -> dict:
     if args.command == "convert":
         return convert(args)

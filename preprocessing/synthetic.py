@@ -25,11 +25,11 @@ import io
 import json
 import math
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import numpy as np
 
-from utils import HelpFormatter
+from reg.utils import HelpFormatter
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "crescent")
 COLOURS = {
@@ -99,7 +99,7 @@ def render(label: int, resolution: int, rng: np.random.Generator) -> PIL.Image.I
 def write_dataset(dest: str, *, num_images: int, resolution: int = 64, num_classes: int = 8, seed: int = 0) -> int:
     """Write num_images PNGs (00000/img00000000.png ...) and dataset.json to dest; return the count."""
     from preprocessing import image_name  # the same naming as convert
-    from utils import atomic_write_bytes
+    from reg.utils import atomic_write_bytes
 
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")

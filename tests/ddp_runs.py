@@ -1,4 +1,5 @@
-"""Several train.py runs in one multi-process launch (used by tests/test_regressions.py, not a test itself).
+"""Several train.py runs in one multi-process launch (used by
+tests/test_train.py::test_two_process_run_resumes_with_two_processes_and_with_one; not a test itself).
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... tests/ddp_runs.py RUNS.json
 

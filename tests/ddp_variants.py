@@ -1,5 +1,5 @@
 """Run train.main several times in one 2-process DDP launch (gloo on CPU), one run per set of speed flags;
-test_train.py::test_ddp_speed_variants_equal_todays_weights compares the results. Not a test module itself.
+test_train.py::test_two_process_cpu_launch_and_ddp_speed_variants compares the results. Not a test module itself.
 
     accelerate launch --multi_gpu --num_processes 2 tests/ddp_variants.py OUT NAME=FLAGS... -- TRAIN_ARGV...
 

@@ -1,4 +1,4 @@
-"""The shipped training step (train_loop.train_step) under the settings the benchmarks compare: the same
+"""The shipped training step (reg.train_step.train_step) under the settings the benchmarks compare: the same
 per-step seed gives the same loss and the same weights whatever the AdamW kernel, compile or bf16 do;
 and the GPU check script runs end to end in its tiny CPU mode. Timings are never asserted."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import gpu_check
 from benchmarks import run as bench
-from train_loop import StepConfig
+from reg.train_step import StepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32  # 4x4 latents, DINOv2 patches of 14 on 32 px: 2x2 (4 tokens + class token)
@@ -110,6 +110,7 @@ def test_flag_errors():
     assert args.quick and args.precision == "no" and not args.compile and args.threads == 1
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_mode_runs_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh in its CPU mode: a tiny train.py run and benchmarks/run.py, then RESULTS.md."""
     results = tmp_path / "RESULTS.md"
@@ -123,7 +124,7 @@ def test_gpu_check_quick_mode_runs_end_to_end(tmp_path):
     # the tiny train.py run takes every speed flag (their defaults run in every other test)
     row = next(line for line in text.splitlines() if line.startswith("| SiT-T/2 | --attn-split --device-skip --ema-lerp | 4 | 2 |"))
     assert float(row.split("|")[5]) > 0  # img/s from train.py's metrics.jsonl
-    for header in ("Training step (train_loop.train_step)", "Sampling (image_sampling.generate_images)",
+    for header in ("Training step (reg.train_step.train_step)", "Sampling (reg.seeded_images.generate_images)",
                    "Evaluator", "PASS: SiT-T/2: step-0 loss", "## The speed flags against today's step",
                    "## Per-phase profile", "## Attention microbenchmark", "## Data loader"):
         assert header in text

@@ -1,4 +1,4 @@
-"""generate.py --class-labels / --class-names / labelled --grid (sample_grid.py), on the tiny pixel-unshuffle
+"""generate.py --class-labels / --class-names / labelled --grid (reg/class_grid.py), on the tiny pixel-unshuffle
 REG checkpoint: the labels land in the npz, image i keeps its own noise, and the figure has one row per class."""
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import pytest
 from PIL import Image
 
 import generate
-from fixtures import save_tiny_reg_checkpoint
-from sample_grid import grid_rows, parse_class_labels
-from utils import UserError
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_reg_checkpoint(tmp_path_factory.mktemp("ckpt") / "ema_0000010.safetensors", perturb=0.05)
+from reg.class_grid import grid_rows, parse_class_labels
+from reg.utils import UserError
 
 
 def run(ckpt, out, *extra):
@@ -35,16 +29,16 @@ def test_parse_class_labels(tmp_path):
     assert grid_rows([2, 0, 2], 8, 2) == {2: [0, 2], 0: [1, 4]}
 
 
-def test_class_labels_npz_seeds_and_labelled_grid(ckpt, tmp_path):
+def test_class_labels_npz_seeds_and_labelled_grid(tiny_reg_ckpt, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("tench\ngoldfish\nwhite shark\ntiger shark\n")
-    run(ckpt, tmp_path / "a", "--num-fid-samples", "5", "--class-labels", "3,1", "--grid", "2",
+    run(tiny_reg_ckpt, tmp_path / "a", "--num-fid-samples", "5", "--class-labels", "3,1", "--grid", "2",
         "--class-names", str(names), "--run-name", "a")
     with np.load(tmp_path / "a" / "a.npz") as data:
         images, labels = data["arr_0"], data["arr_1"]
     assert labels.tolist() == [3, 1, 3, 1, 3]
     # Image i depends on (seed, i) and its own label only: the same image 0 and 2 with another list.
-    run(ckpt, tmp_path / "b", "--num-fid-samples", "3", "--class-labels", "3,2", "--run-name", "b")
+    run(tiny_reg_ckpt, tmp_path / "b", "--num-fid-samples", "3", "--class-labels", "3,2", "--run-name", "b")
     with np.load(tmp_path / "b" / "b.npz") as data:
         other = data["arr_0"]
     assert np.array_equal(other[0], images[0]) and np.array_equal(other[2], images[2])
@@ -52,8 +46,9 @@ def test_class_labels_npz_seeds_and_labelled_grid(ckpt, tmp_path):
 
     # the list is a setting of the run: resuming the folder with another list is refused
     with pytest.raises(ValueError, match="class_labels"):
-        run(ckpt, tmp_path / "a", "--num-fid-samples", "5", "--class-labels", "3,2", "--run-name", "a")
-    names = [generate.default_run_name(generate.parse_args(["--ckpt", str(ckpt), *labels]), "SiT-T/2", 16, "ema")
+        run(tiny_reg_ckpt, tmp_path / "a", "--num-fid-samples", "5", "--class-labels", "3,2", "--run-name", "a")
+    names = [generate.default_run_name(generate.parse_args(["--ckpt", str(tiny_reg_ckpt), *labels]),
+                                       "SiT-T/2", 16, "ema")
              for labels in (["--class-labels", "3,1"], ["--class-labels", "3,2"], [])]
     assert len(set(names)) == 3 and names[0].startswith(names[2] + "-classes-")
 
@@ -69,10 +64,10 @@ def test_class_labels_npz_seeds_and_labelled_grid(ckpt, tmp_path):
         assert (strip < 128).any() and (strip == 255).mean() > 0.5  # dark text on white
 
 
-def test_class_labels_refusals(ckpt, tmp_path):
+def test_class_labels_refusals(tiny_reg_ckpt, tmp_path):
     with pytest.raises(UserError, match="--balanced"):
-        run(ckpt, tmp_path, "--num-fid-samples", "2", "--class-labels", "1", "--balanced")
+        run(tiny_reg_ckpt, tmp_path, "--num-fid-samples", "2", "--class-labels", "1", "--balanced")
     with pytest.raises(UserError, match="--class-names"):
-        run(ckpt, tmp_path, "--num-fid-samples", "2", "--class-names", "x.txt")
+        run(tiny_reg_ckpt, tmp_path, "--num-fid-samples", "2", "--class-names", "x.txt")
     with pytest.raises(UserError, match=r"\[0, 4\)"):
-        run(ckpt, tmp_path, "--num-fid-samples", "2", "--class-labels", "1,7")
+        run(tiny_reg_ckpt, tmp_path, "--num-fid-samples", "2", "--class-labels", "1,7")

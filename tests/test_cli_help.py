@@ -1,29 +1,25 @@
 """Every command-line tool answers --help, and its help shows every flag's default (in process: each tool's
-parse_args, with the parser read back to know every flag and its default)."""
+parse_args, with the parser read back to know every flag and its default). The tools are found by reading
+the repository's files (helpers.command_line_tools), the same list tests/test_flags.py checks."""
 import argparse
-import sys
 
 import pytest
 
+from helpers import Cli, command_line_tools
 
-def _clis():
-    import generate
-    from evaluations import plot_losses
-    import sweep
-    import train
-    from evaluations import compare, evaluator
-    from preprocessing import dataset_tools, synthetic
-    return {
-        "train.py": (train.parse_args, []),
-        "generate.py": (generate.parse_args, []),
-        "sweep.py": (sweep.parse_args, []),
-        "evaluations/evaluator.py": (evaluator.parse_args, []),
-        "evaluations/compare.py": (compare.parse_args, []),
-        "preprocessing/dataset_tools.py convert": (dataset_tools.parse_args, ["convert"]),
-        "preprocessing/dataset_tools.py encode": (dataset_tools.parse_args, ["encode"]),
-        "preprocessing/synthetic.py": (synthetic.parse_args, []),
-        "evaluations/plot_losses.py": (plot_losses.parse_args, []),
-    }
+CLIS = {cli.name: cli for cli in command_line_tools()}
+# and a tool with subcommands on its own ("preprocessing/dataset_tools.py --help")
+TOOLS = {**{cli.path: Cli(cli.path, ()) for cli in CLIS.values()}, **CLIS}
+# the developer tools under benchmarks/ answer --help, but need not show every default
+USER_CLIS = [name for name, cli in CLIS.items() if not cli.path.startswith("benchmarks/")]
+
+
+def test_the_tools_are_found():
+    """A floor for the file scan: the tools we know of are among those it finds."""
+    assert {"train.py", "generate.py", "sweep.py", "reg/export.py", "evaluations/evaluator.py",
+            "evaluations/compare.py", "evaluations/plot_losses.py", "preprocessing/dataset_tools.py encode",
+            "preprocessing/dataset_tools.py convert", "preprocessing/synthetic.py", "benchmarks/run.py",
+            "benchmarks/gpu_check.py report", "benchmarks/cpu_vs_original.py"} <= set(CLIS)
 
 
 def _entries(text: str) -> dict[str, str]:
@@ -41,9 +37,18 @@ def _entries(text: str) -> dict[str, str]:
     return {k: " ".join(v.split()) for k, v in entries.items()}
 
 
-@pytest.mark.parametrize("name", list(_clis()))
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_every_tool_answers_help(name, capsys, monkeypatch):
+    """Through the tool's own entry (parse_args, or main for a tool that builds its parser there)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as exit_info:
+        TOOLS[name].run(["--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", USER_CLIS)
 def test_help_shows_every_flags_default(name, capsys, monkeypatch):
-    parse, prefix = _clis()[name]
+    cli = CLIS[name]
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a default value
     parsers = []
     real = argparse.ArgumentParser.parse_known_args
@@ -54,7 +59,7 @@ def test_help_shows_every_flags_default(name, capsys, monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", recording)
     with pytest.raises(SystemExit) as exit_info:
-        parse([*prefix, "--help"])
+        cli.run(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     parser = parsers[-1]  # the (sub)command's parser, which printed the help
@@ -68,13 +73,3 @@ def test_help_shows_every_flags_default(name, capsys, monkeypatch):
         # a None default may instead be explained in words ("None: the newest checkpoint"), as HelpFormatter allows
         shown = f"(default: {action.default})" in entry or (action.default is None and "None" in entry)
         assert shown, f"{name}: {action.option_strings[0]} does not show its default {action.default!r}: {entry}"
-
-
-def test_benchmark_tools_answer_help(capsys, monkeypatch):
-    """The benchmark scripts are developer tools: --help must work (their defaults are not all shown)."""
-    from benchmarks import cpu_vs_original, gpu_check, run
-    for call in (lambda: run.parse_args(["--help"]), lambda: gpu_check.main(["--help"]), cpu_vs_original.main):
-        monkeypatch.setattr(sys, "argv", ["prog", "--help"])
-        with pytest.raises(SystemExit) as exit_info:
-            call()
-        assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import launch_settings
 from evaluations import plot_losses
-from launch_settings import parse_report_to, resolve_mixed_precision, wandb_run
-from test_sweep import setup  # noqa: F401  (a fixture: the sweep progress-bar test reuses it)
-from utils import UserError, fp32_precision, get_fp32_precision
+from helpers import run_sweep, tiny_argv
+from reg import trackers
+from reg.mixed_precision import resolve_mixed_precision
+from reg.trackers import parse_report_to, wandb_run
+from reg.utils import UserError, fp32_precision, get_fp32_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,11 +85,11 @@ def test_lock_and_ranges_name_the_same_packages_and_installed_versions_are_in_ra
 
 def test_report_to_takes_every_accelerate_tracker_and_names_a_missing_package(monkeypatch):
     from accelerate.utils import LoggerType
-    assert {t.value for t in LoggerType} - {"all"} <= set(launch_settings.TRACKERS)  # a new accelerate tracker shows here
+    assert {t.value for t in LoggerType} - {"all"} <= set(trackers.TRACKERS)  # a new accelerate tracker shows here
     assert parse_report_to("none") == [] and parse_report_to("tensorboard") == ["tensorboard"]
     assert "tensorboard" in parse_report_to("all")
-    missing = [n for n, (mods, _) in launch_settings.TRACKERS.items() if not launch_settings._installed(mods)]
-    monkeypatch.setattr(launch_settings, "_installed", lambda mods: mods[0] != "mlflow")
+    missing = [n for n, (mods, _) in trackers.TRACKERS.items() if not trackers._installed(mods)]
+    monkeypatch.setattr(trackers, "_installed", lambda mods: mods[0] != "mlflow")
     with pytest.raises(UserError, match=r"--report-to mlflow needs the mlflow package \(pip install mlflow\)"):
         parse_report_to("tensorboard,mlflow")
     assert "mlflow" not in parse_report_to("all")
@@ -155,7 +156,6 @@ def test_training_continues_a_given_wandb_run_logs_every_step_and_takes_the_laun
     import train
     from preprocessing import dataset_tools
     from preprocessing.synthetic import write_dataset
-    from test_train import tiny_argv  # the shared tiny settings
     data = tmp_path / "data"
     write_dataset(str(data / "imagenet_32_vae"), num_images=16, resolution=32, num_classes=4, seed=0)
     dataset_tools.main(dataset_tools.parse_args(["encode", "--source", str(data / "imagenet_32_vae"), "--dest",
@@ -219,9 +219,8 @@ class _Bars:
 def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, main_process):
     import argparse
 
-    import image_sampling
-    from evaluations import during_training
-    from evaluations import evaluator
+    from evaluations import during_training, evaluator
+    from reg import seeded_images
 
     bars = _Bars()
     monkeypatch.setattr(during_training, "tqdm", bars)
@@ -241,7 +240,7 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
         def features(self):
             return {}
 
-    monkeypatch.setattr(image_sampling, "generate_images", fake_generate)
+    monkeypatch.setattr(seeded_images, "generate_images", fake_generate)
     monkeypatch.setattr(evaluator, "FeatureAccumulator", FakeFeatures)
     ev = object.__new__(during_training.InTrainingEval)
     ev.args = argparse.Namespace(eval_samples=11, seed=0, eval_mode="ode", eval_steps=2, eval_cfg=1.0, eval_cls_cfg=0.0,
@@ -255,15 +254,15 @@ def test_in_training_fid_shows_a_progress_bar_on_the_main_process(monkeypatch, m
     assert bar.kwargs["disable"] is (not main_process)
 
 
-def test_each_sweep_setting_shows_a_progress_bar(setup, monkeypatch):
-    """Reuses test_sweep's tiny checkpoint, stand-in Inception and grid (its `setup` fixture, imported above)."""
+def test_each_sweep_setting_shows_a_progress_bar(sweep_setup, monkeypatch):
+    """Reuses test_sweep's tiny checkpoint, stand-in Inception and grid (conftest.py's sweep_setup,
+    helpers.run_sweep)."""
     import sweep
-    from test_sweep import run
 
     bars = _Bars()
     monkeypatch.setattr(sweep, "tqdm", bars)
-    root = setup
-    run(root)
+    root = sweep_setup
+    run_sweep(root)
     settings = list((root / "out" / "settings").glob("*.json"))
     assert len(bars.bars) == len(settings) > 1
     assert all(b.kwargs["total"] == 6 and b.n == 6 and b.closed and not b.kwargs["disable"] for b in bars.bars)

@@ -8,15 +8,14 @@ import json
 import os
 import shutil
 
-import numpy as np
 import PIL.Image
+import numpy as np
 import pytest
 
-from dataset import CustomDataset, FileTree, decode_image
+from dataset import CustomDataset, FileTree, UnsupportedImageMode, decode_image
 from preprocessing import dataset_tools as dt
 from preprocessing.synthetic import write_dataset
-from preprocessing.transforms import UnsupportedImageMode
-from utils import UserError
+from reg.utils import UserError
 
 
 def run_encode(src, dest, *extra):

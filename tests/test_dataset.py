@@ -6,13 +6,13 @@ import json
 import os
 import zipfile
 
-import numpy as np
 import PIL.Image
+import numpy as np
 import pytest
 import torch
 
 from dataset import CustomDataset
-from utils import UserError  # a data folder's mistakes print as one line from every entry point
+from reg.utils import UserError  # a data folder's mistakes print as one line from every entry point
 
 
 def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None, vae=None, seed: int = 0):

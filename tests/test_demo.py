@@ -69,6 +69,7 @@ def save_random_dinov2_s(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_reduced_demo_writes_every_output_and_the_loss_falls(tmp_path):
     out = tmp_path / "demo_out"
     # "Pretrained" DINOv2-S in the HF cache (random values): the demo must find it and train.py load it offline.

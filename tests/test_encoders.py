@@ -8,7 +8,6 @@ from timm.layers.pos_embed import resample_abs_pos_embed
 from models.encoders import (ENCODERS, WeightsNotFoundError, encoder_resolution, load_encoder, load_encoders,
                              local_weights, parse_enc_type, resample_pos_embed)
 
-
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 

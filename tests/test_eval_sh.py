@@ -6,22 +6,32 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fixtures import save_tiny_reg_checkpoint, save_tiny_vae
+from helpers import save_tiny_reg_checkpoint, save_tiny_vae
 from models.sit import SiT_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra) -> dict:
+    """The environment of an eval.sh run: its commands run this interpreter (PYTHON), whatever `python` is."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
-           "REG_INCEPTION_WEIGHTS": "random", **extra}
+           "REG_INCEPTION_WEIGHTS": "random", "PYTHON": sys.executable, **extra}
     return env
+
+
+def _path_with_this_python(bin_dir: Path) -> str:
+    """PATH with `python` as this interpreter first: the original eval.sh calls `python` by name."""
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a venv's python too
+    (bin_dir / "python").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
 def _reference(path: Path, n: int = 6, side: int = 16) -> Path:
@@ -55,6 +65,27 @@ def test_eval_sh_reports_the_npz_generate_wrote(tiny_ckpt, tmp_path):
     settings = json.loads(npz.with_suffix(".json").read_text())
     assert (settings["cfg_scale"], settings["cls_cfg_scale"], settings["guidance_high"], settings["num_steps"],
             settings["mode"]) == (3.0, 2.3, 0.85, 3, "sde")
+
+
+def test_eval_sh_runs_both_commands_with_the_python_named_by_PYTHON(tiny_ckpt, tmp_path):
+    """PYTHON names the interpreter of both of eval.sh's commands (generate.py, then the evaluator), as in
+    train.sh. The `python` on PATH here is a stand-in that fails: only PYTHON can make the run pass."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/bin/sh\necho "the python on PATH ran: $*" >&2\nexit 97\n')
+    (bin_dir / "python").chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    assert shutil.which("python", path=path) == str(bin_dir / "python")
+    env = _env(CKPT=str(tiny_ckpt), NUM_STEPS="2", NUM_FID_SAMPLES="4", PER_PROC_BATCH_SIZE="4",
+               SAMPLE_DIR=str(tmp_path / "samples"), REF_BATCH=str(_reference(tmp_path / "ref.npz", n=4)),
+               PATH=path)  # _env sets PYTHON to this interpreter; 4 + 4 images: the fewest precision/recall take
+    done = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "the python on PATH ran" not in done.stderr
+    (npz,) = (tmp_path / "samples").glob("*.npz")
+    metrics = json.loads(npz.with_name(npz.stem + "-metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and f"metrics: {npz.with_name(npz.stem + '-metrics.json')}" in done.stdout
 
 
 def test_eval_sh_refuses_bad_settings(tiny_ckpt, tmp_path):
@@ -124,6 +155,7 @@ python ./evaluations/evaluator.py \
 """
 
 
+@pytest.mark.slow
 def test_original_eval_sh_commands_run_unchanged(tmp_path):
     """An official-format checkpoint ({step}.pt with ema + argparse.Namespace), 256 px through a tiny
     AutoencoderKL served from the HF cache as --vae ema (the original's default)."""
@@ -143,7 +175,8 @@ def test_original_eval_sh_commands_run_unchanged(tmp_path):
                save_path / "checkpoints" / "0000100.pt")
     script = tmp_path / "eval.sh"
     script.write_text(ORIGINAL_EVAL_SH.format(save_path=save_path, ref=_reference(tmp_path / "ref.npz")))
-    done = subprocess.run(["bash", "-e", str(script)], cwd=ROOT, env=_env(HF_HUB_CACHE=str(cache)),
+    done = subprocess.run(["bash", "-e", str(script)], cwd=ROOT,
+                          env=_env(HF_HUB_CACHE=str(cache), PATH=_path_with_this_python(tmp_path / "bin")),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     npz = save_path / "checkpoints" / "SiT-T-2-0000100-size-256-vae-ema-cfg-2.3-seed-0-sde-0.85-2.3.npz"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -19,28 +18,21 @@ import torch
 from evaluations import evaluator as ev
 from evaluations import features
 from evaluations.common import STAT_KEYS, EvalInputError
-from evaluations.inception import build_inception
 from evaluations.metrics import compute_statistics
 from evaluations.npz import NpzImageReader, inspect_batch, read_stored_meta
-
-
-@pytest.fixture(scope="module")
-def model():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_inception("random", "cpu", verbose=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # In-memory API: FeatureAccumulator, batch_from_features, load_reference
 # ----------------------------------------------------------------------------------------------
 
-def test_feature_accumulator_equals_npz_path(model, tmp_path):
+def test_feature_accumulator_equals_npz_path(random_inception, tmp_path):
     """Images handed over in odd pieces and layouts give the npz path's features, bit for bit, in order."""
     images = np.random.default_rng(20).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "three.npz", images)
-    expected = features.extract_features(NpzImageReader(str(tmp_path / "three.npz")), model, batch_size=2, verbose=False)
-    acc = features.FeatureAccumulator(model, batch_size=2)
+    expected = features.extract_features(NpzImageReader(str(tmp_path / "three.npz")), random_inception, batch_size=2,
+                                         verbose=False)
+    acc = features.FeatureAccumulator(random_inception, batch_size=2)
     acc.add(torch.from_numpy(images[:1]).permute(0, 3, 1, 2))  # torch NCHW
     acc.add(images[1:2])                                        # NumPy NHWC
     acc.add(torch.from_numpy(images[2:]))                       # torch NHWC
@@ -66,33 +58,33 @@ def test_feature_accumulator_equals_npz_path(model, tmp_path):
     (torch.zeros(2, 3, 8, 3, dtype=torch.uint8), "ambiguous"),
     (np.zeros((2, 8, 8, 3), np.float64), "dtype float64, expected uint8"),
 ])
-def test_feature_accumulator_refuses_wrong_images(model, images, pattern):
+def test_feature_accumulator_refuses_wrong_images(random_inception, images, pattern):
     with pytest.raises(EvalInputError, match=pattern):
-        features.FeatureAccumulator(model).add(images)
+        features.FeatureAccumulator(random_inception).add(images)
 
 
-def test_feature_accumulator_refuses_mixed_resolutions_and_empty(model):
-    acc = features.FeatureAccumulator(model, batch_size=4)
+def test_feature_accumulator_refuses_mixed_resolutions_and_empty(random_inception):
+    acc = features.FeatureAccumulator(random_inception, batch_size=4)
     acc.add(np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(EvalInputError, match="16x16 after 8x8"):
         acc.add(np.zeros((1, 16, 16, 3), np.uint8))
     with pytest.raises(EvalInputError, match="no images"):
-        features.FeatureAccumulator(model).features()
+        features.FeatureAccumulator(random_inception).features()
 
 
-def test_inception_forwards_run_with_tf32_off_and_restore_it(model, monkeypatch):
+def test_inception_forwards_run_with_tf32_off_and_restore_it(random_inception, monkeypatch):
     """ADM's graph runs in true fp32: every Inception forward (full batches in add(), the partial last one
     in features()) runs with TF32 off for matmuls and convolutions; the caller's setting comes back."""
-    from utils import fp32_precision, get_fp32_precision  # the shim: torch < 2.9 has no fp32_precision API
+    from reg.utils import fp32_precision, get_fp32_precision  # the shim: torch < 2.9 has no fp32_precision API
     seen = []
 
     def spy(x):
         seen.append((len(x), *get_fp32_precision()))
         return torch.zeros(len(x), 2048), torch.zeros(len(x), 2023), torch.zeros(len(x), 1008)
 
-    monkeypatch.setattr(model, "forward", spy)  # settings only: no 299x299 forward needed
+    monkeypatch.setattr(random_inception, "forward", spy)  # settings only: no 299x299 forward needed
     with fp32_precision("tf32"):
-        acc = features.FeatureAccumulator(model, batch_size=2)
+        acc = features.FeatureAccumulator(random_inception, batch_size=2)
         acc.add(np.zeros((3, 8, 8, 3), np.uint8))
         assert get_fp32_precision() == ("tf32", "tf32")
         acc.features()
@@ -123,15 +115,15 @@ def _stats_file(path, seed, model):
     return batch
 
 
-def test_load_reference_cache(model, tmp_path):
+def test_load_reference_cache(random_inception, tmp_path):
     ref_path, cache = tmp_path / "ref.npz", tmp_path / "cache" / "ref_stats.npz"
-    batch = _stats_file(ref_path, 22, model)
-    first = features.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+    batch = _stats_file(ref_path, 22, random_inception)
+    first = features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
     assert cache.is_file() and not list(cache.parent.glob(".*.tmp"))
     meta = read_stored_meta(str(cache))
     assert meta["source"] == "ref.npz" and meta["source_size"] == os.path.getsize(ref_path)
-    assert meta["inception_weights_id"] == model.weights_id == "random"
-    cached = features.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+    assert meta["inception_weights_id"] == random_inception.weights_id == "random"
+    cached = features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
     assert cached.info.path == str(cache)  # read from the cache, not recomputed
     for a in (first, cached):
         np.testing.assert_array_equal(a.mu, batch.mu)
@@ -140,17 +132,17 @@ def test_load_reference_cache(model, tmp_path):
     # Another source under the same name (new content, new mtime): refused, cache kept.
     os.utime(ref_path, ns=(1, 1))
     with pytest.raises(EvalInputError, match="ref_stats.npz was not made from .*ref.npz.*source_mtime_ns"):
-        features.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+        features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
     assert cache.is_file()
 
 
-def test_load_reference_cache_refuses_other_weights(model, tmp_path, monkeypatch):
+def test_load_reference_cache_refuses_other_weights(random_inception, tmp_path, monkeypatch):
     ref_path, cache = tmp_path / "ref.npz", tmp_path / "ref_stats.npz"
-    _stats_file(ref_path, 23, model)
-    features.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
-    monkeypatch.setattr(model, "weights_id", "sha256:" + "0" * 64)
+    _stats_file(ref_path, 23, random_inception)
+    features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
+    monkeypatch.setattr(random_inception, "weights_id", "sha256:" + "0" * 64)
     with pytest.raises(EvalInputError, match="inception_weights_id: cache 'random' vs now 'sha256:0000"):
-        features.load_reference(str(ref_path), model, cache_path=str(cache), verbose=False)
+        features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,21 +368,21 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert len(cache) == 2  # the ref images and the sample images, each computed once
 
 
-def test_stats_from_random_weights_refused_with_real_weights(tmp_path, model, monkeypatch):
+def test_stats_from_random_weights_refused_with_real_weights(tmp_path, random_inception, monkeypatch):
     stats = tmp_path / "random_stats.npz"
     np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023),
              pool_3=np.zeros((4, 2048), np.float32),
              meta=np.array(json.dumps({"random_inception_weights": True})))
-    monkeypatch.setattr(model, "random_weights", False)
+    monkeypatch.setattr(random_inception, "random_weights", False)
     with pytest.raises(EvalInputError, match="random Inception weights, but this run uses real"):
-        features.load_batch(inspect_batch(str(stats)), model)
+        features.load_batch(inspect_batch(str(stats)), random_inception)
 
 
-def test_stats_from_other_real_weights_refused(tmp_path, model, monkeypatch):
+def test_stats_from_other_real_weights_refused(tmp_path, random_inception, monkeypatch):
     stats = tmp_path / "other_stats.npz"
-    _stats_file(stats, 24, model)
-    monkeypatch.setattr(model, "weights_id", "sha256:" + "1" * 64)
+    _stats_file(stats, 24, random_inception)
+    monkeypatch.setattr(random_inception, "weights_id", "sha256:" + "1" * 64)
     with pytest.raises(EvalInputError, match=r"other_stats.npz: its stored features come from other Inception"):
-        features.load_batch(inspect_batch(str(stats)), model)
-    monkeypatch.setattr(model, "weights_id", "random")
-    assert features.load_batch(inspect_batch(str(stats)), model, need_logits=False).pool.shape == (8, 2048)
+        features.load_batch(inspect_batch(str(stats)), random_inception)
+    monkeypatch.setattr(random_inception, "weights_id", "random")
+    assert features.load_batch(inspect_batch(str(stats)), random_inception, need_logits=False).pool.shape == (8, 2048)

@@ -10,51 +10,38 @@ from pathlib import Path
 import pytest
 
 import generate
-import metrics_log
-from evaluations import plot_losses
 import sweep
 import train
-import utils
-from benchmarks import run as bench_run
-from evaluations import compare, evaluator
+from evaluations import compare, plot_losses
+from helpers import command_line_tools
 from preprocessing import dataset_tools
-from test_run_flags import parser_of
+from reg import run_log, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CLIS = {  # name -> (parse_args, the argv prefix that reaches the flags)
-    "train.py": (train.parse_args, []), "generate.py": (generate.parse_args, []), "sweep.py": (sweep.parse_args, []),
-    "evaluator": (evaluator.parse_args, []), "dataset_tools convert": (dataset_tools.parse_args, ["convert"]),
-    "dataset_tools encode": (dataset_tools.parse_args, ["encode"]), "benchmarks.run": (bench_run.parse_args, []),
-    "evaluations/plot_losses.py": (plot_losses.parse_args, []), "compare": (compare.parse_args, []),
-}
-
-
-def float_flags(parser: argparse.ArgumentParser) -> list[str]:
-    flags = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            continue
-        if action.type is float or hasattr(action.type, "finite_range"):
-            flags.append(action.option_strings[0])
-    return flags
+def float_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The flags that take a number: a plain float, or reg.utils.finite_float(s) (marked by finite_range)."""
+    return [action for action in parser._actions if action.option_strings and
+            (action.type is float or hasattr(action.type, "finite_range"))]
 
 
 def test_every_float_flag_of_every_cli_refuses_nan_and_inf(capsys):
-    seen = 0
-    for name, (parse_args, prefix) in CLIS.items():
-        parser = parser_of(parse_args, prefix)
-        if prefix:  # a subcommand's own parser
-            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            parser = sub.choices[prefix[0]]
-        for flag in float_flags(parser):
+    """Every command line, found by reading the repository's files (helpers.command_line_tools: a new tool is
+    checked without being listed), as tests/test_cli_help.py's --help tests."""
+    checked = []
+    for cli in command_line_tools():
+        for action in float_flags(cli.parser()):
+            flag = action.option_strings[0]
+            assert action.type is not float, f"{cli.name} {flag}: a plain float; use reg.utils.finite_float"
             for bad in ("nan", "inf", "-inf"):
                 with pytest.raises(SystemExit) as e:
-                    parse_args([*prefix, f"{flag}={bad}"])  # "=": argparse takes a bare -inf for a flag
+                    cli.parse([f"{flag}={bad}"])  # "=": argparse takes a bare -inf for a flag
                 err = capsys.readouterr().err
-                assert e.value.code == 2 and flag in err and "finite" in err and err.count("\n") == 1, (name, flag, err)
-            seen += 1
-    assert seen >= 20  # train 15, generate 4, sweep 4, evaluator 3, benchmarks 1
+                assert e.value.code == 2 and flag in err and "finite" in err and err.count("\n") == 1, \
+                    (cli.name, flag, err)
+            checked.append((cli.name, flag))
+    assert len(checked) >= 28, checked  # train 15, generate 4, sweep 4, evaluator 3, benchmarks/run.py 1, reg/export.py 1
+    assert ("reg/export.py", "--fid") in checked  # python -m reg.export: its --fid nan was once accepted
 
 
 @pytest.mark.parametrize("parse_args,argv,message", [
@@ -83,8 +70,8 @@ def test_json_is_strict(tmp_path):
         utils.atomic_json_dump({"proj_coeff": float("nan")}, path)
     assert json.loads(path.read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))  # old file intact
     metrics = tmp_path / "metrics.jsonl"
-    metrics_log.append_record(metrics, {"step": 1, "loss": float("nan"), "lr": 1e-4})
-    metrics_log.append_record(metrics, {"step": 1, "fid": float("inf")})
+    run_log.append_record(metrics, {"step": 1, "loss": float("nan"), "lr": 1e-4})
+    run_log.append_record(metrics, {"step": 1, "fid": float("inf")})
     text = metrics.read_text()
     assert text == '{"step": 1, "loss": null, "lr": 0.0001}\n{"step": 1, "fid": null}\n'
     for line in text.splitlines():
@@ -96,19 +83,19 @@ def test_json_is_strict(tmp_path):
 def test_torn_metrics_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     good = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
-    metrics_log.write_records(path, good)
-    assert metrics_log.trim_torn_tail(path) is None
+    run_log.write_records(path, good)
+    assert run_log.trim_torn_tail(path) is None
     with open(path, "a") as f:
         f.write('{"step": 3, "lo')  # a kill mid-append
     notes = []
-    assert metrics_log.read_metrics(path, warn=notes.append) == good and "metrics.jsonl:3" in notes[0]
-    assert "metrics.jsonl:3" in metrics_log.trim_torn_tail(path)
+    assert run_log.read_metrics(path, warn=notes.append) == good and "metrics.jsonl:3" in notes[0]
+    assert "metrics.jsonl:3" in run_log.trim_torn_tail(path)
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in good)
-    metrics_log.append_record(path, {"step": 3, "loss": 0.25})
-    assert [r["step"] for r in metrics_log.read_metrics(path)] == [1, 2, 3]
+    run_log.append_record(path, {"step": 3, "loss": 0.25})
+    assert [r["step"] for r in run_log.read_metrics(path)] == [1, 2, 3]
 
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # a bad line elsewhere: not a kill
-    for read in (metrics_log.read_metrics, metrics_log.trim_torn_tail, plot_losses.read_metrics):
+    for read in (run_log.read_metrics, run_log.trim_torn_tail, plot_losses.read_metrics):
         with pytest.raises(utils.UserError, match=r"metrics.jsonl:2: not a metrics record"):
             read(str(path))
     with pytest.raises(compare.RunError, match=r"metrics.jsonl:2"):

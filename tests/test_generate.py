@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 import generate
-import image_sampling
-from checkpoint_io import CheckpointDir
+from helpers import each_change_is_refused
 from models.sit import SiT_models
+from reg import seeded_images
+from reg.checkpoints import CheckpointDir
 
 NUM_CLASSES = 4
 LATENT = 4  # latent side; images are 32 x 32 with the 8x VAE
@@ -73,7 +74,7 @@ def test_npz_byte_identical_across_batch_sizes_and_adm_format(assets, tmp_path):
         assert sorted(data.files) == ["arr_0", "arr_1"]
         images, labels = data["arr_0"], data["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)
-    assert labels.dtype == np.int64 and labels.tolist() == image_sampling.class_labels(
+    assert labels.dtype == np.int64 and labels.tolist() == seeded_images.class_labels(
         list(range(6)), global_seed=3, num_classes=NUM_CLASSES, balanced=False).tolist()
     assert images.std() > 1  # not a constant image
     assert len({im.tobytes() for im in images}) == 6  # every image has its own noise
@@ -176,36 +177,36 @@ def test_ode_heun_balanced_grid_without_class_token(assets, tmp_path):
 
 
 def test_per_image_seeds_and_labels():
-    seeds = {image_sampling.image_seed(0, i) for i in range(1000)} | {image_sampling.image_seed(1, i) for i in range(1000)}
+    seeds = {seeded_images.image_seed(0, i) for i in range(1000)} | {seeded_images.image_seed(1, i) for i in range(1000)}
     assert len(seeds) == 2000  # no collisions between indices or neighbouring global seeds
-    assert image_sampling.image_seed(5, 7) == image_sampling.image_seed(5, 7)
-    assert image_sampling.image_seed(5, 7, image_sampling.LABEL_STREAM) != image_sampling.image_seed(5, 7)
-    labels = image_sampling.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
+    assert seeded_images.image_seed(5, 7) == seeded_images.image_seed(5, 7)
+    assert seeded_images.image_seed(5, 7, seeded_images.LABEL_STREAM) != seeded_images.image_seed(5, 7)
+    labels = seeded_images.class_labels(list(range(4000)), global_seed=0, num_classes=4, balanced=False)
     assert set(labels.tolist()) == {0, 1, 2, 3} and abs(labels.float().mean().item() - 1.5) < 0.1
     # A label depends on its index only, not on which other indices are asked for.
-    assert image_sampling.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
+    assert seeded_images.class_labels([17, 3], global_seed=0, num_classes=4, balanced=False).tolist() == \
         [labels[17].item(), labels[3].item()]
-    balanced = image_sampling.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
+    balanced = seeded_images.class_labels(list(range(1000)), global_seed=0, num_classes=10, balanced=True)
     assert torch.bincount(balanced).tolist() == [100] * 10
 
 
 def test_generate_images_in_memory_equals_the_png_files(assets, tmp_path):
     """generate.py's files and generate_images (train.py's FID, sweep.py) are one code path: same
     images for any order and batching of the indices."""
-    from checkpoint_io import load_generator
     from models.vae import load_vae
+    from reg.loading import load_generator
 
     run(assets, tmp_path, "--per-proc-batch-size", "4")
-    model, config = load_generator(str(assets / "0000100.pt"))
+    model, config, *_ = load_generator(str(assets / "0000100.pt"), decoder=False)
     model.to(torch.float64)
     codec = load_vae(str(assets / "vae"), dtype=torch.float64)
     seen = {}
-    for indices, images, labels in image_sampling.generate_images(
+    for indices, images, labels in seeded_images.generate_images(
             model, codec, [5, 0, 3, 1, 2, 4], global_seed=3, num_classes=NUM_CLASSES, mode="sde", num_steps=6,
             cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7, latents_scale=config["latents_scale"],
             batch_size=5, device="cpu"):
         assert images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
-        assert labels.tolist() == image_sampling.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
+        assert labels.tolist() == seeded_images.class_labels(indices, global_seed=3, num_classes=NUM_CLASSES,
                                                           balanced=False).tolist()
         seen.update(zip(indices, images.numpy()))
     assert sorted(seen) == list(range(6))
@@ -260,7 +261,7 @@ def test_num_classes_must_match_the_checkpoint(assets, tmp_path):
     # one above: the null row would silently become a real class
     with pytest.raises(ValueError, match=rf"--num-classes {NUM_CLASSES + 1} does not match"):
         run(assets, tmp_path, "--num-classes", str(NUM_CLASSES + 1))
-    # a decoder whose latents are not the model's (image_sampling.load_for_sampling, sweep.py's loader too)
+    # a decoder whose latents are not the model's (reg.loading.load_generator, sweep.py's loader too)
     with pytest.raises(ValueError, match=r"VAE 'pixel-unshuffle' has \d+ latent channels but the model expects 4"):
         run(assets, tmp_path, "--vae", "pixel-unshuffle")
 
@@ -288,6 +289,54 @@ def test_resume_refuses_another_checkpoint(assets, tmp_path):
     CheckpointDir(ckpt.parent).save(int(ckpt.stem), model=sd, ema=sd, opt={}, config=config, args={})
     with pytest.raises(ValueError, match="other settings.*sha256_first_mib"):
         run(assets, tmp_path, "--ckpt", str(ckpt), "--num-fid-samples", "2", "--num-steps", "2")
+
+
+# Every setting that changes the pixels of image i, with another value and why it matters. Written out here
+# (not read from generate.SAMPLING_KEYS) so that a key dropped from the check fails this test.
+GENERATE_PIXEL_SETTINGS = {
+    "checkpoint": ({"path": "/other.pt", "size": 1, "mtime_ns": 1, "sha256_first_mib": "0" * 64}, "the weights"),
+    "model_config": ({"model": "SiT-T/2", "path_type": "linear", "fused_attn": False}, "the network and overrides"),
+    "vae": ("mse", "the decoder"),
+    "latents_scale": (1.0, "latents are divided by it before decoding"),
+    "mode": ("ode", "another sampler"),
+    "num_steps": (250, "another time grid"),
+    "heun": (True, "the ODE corrector"),
+    "cfg_scale": (4.0, "guidance"),
+    "cls_cfg_scale": (4.0, "class-token guidance"),
+    "guidance_low": (0.3, "the guidance interval"),
+    "guidance_high": (0.7, "the guidance interval"),
+    "path_type": ("cosine", "the score the SDE derives from the velocity"),
+    "global_seed": (1, "image i's noise and class"),
+    "balanced": (True, "image i's class"),
+    "num_classes": (10, "image i's class and the null label"),
+    "precision": ("fp64", "the sampler's dtype"),
+    "ema": (False, "EMA or raw weights"),
+    "tf32": (False, "matmul precision on GPU"),
+    "class_labels": ([1, 207], "image i's class (--class-labels)"),
+}
+
+
+def _generate_settings():
+    import generate
+    args = generate.parse_args(["--ckpt", "exps/run/checkpoints/ema_0000010.safetensors"])
+    args.label_list = None  # what generate.py makes of --class-labels (none given)
+    model = type("Model", (), {"num_classes": 4})()
+    config = {"model": "SiT-T/2", "path_type": "linear", "fused_attn": True}
+    identity = {"path": "/exps/run/checkpoints/ema_0000010.safetensors", "size": 10, "mtime_ns": 5,
+                "sha256_first_mib": "f" * 64}
+    return generate.build_settings(args, config, model, "ema", 0.18215, 1, identity)
+
+
+def test_generate_refuses_a_folder_sampled_with_any_other_pixel_setting(tmp_path):
+    import generate
+    base = _generate_settings()
+    (tmp_path / "settings.json").write_text(json.dumps(base))
+    generate.check_resumable(tmp_path, base)  # the same settings resume
+    each_change_is_refused(lambda settings: generate.check_resumable(tmp_path, settings), base,
+                           GENERATE_PIXEL_SETTINGS)
+    # image i does not depend on these: a rerun may change them
+    for key, value in (("per_proc_batch_size", 7), ("world_size", 3), ("num_fid_samples", 100)):
+        generate.check_resumable(tmp_path, {**base, key: value})
 
 
 def test_corrupt_png_regenerated_stale_npz_tmp_removed_foreign_folder_refused(assets, tmp_path):

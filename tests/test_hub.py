@@ -1,6 +1,6 @@
 """The Hub side: SiT's PyTorchModelHubMixin (save_pretrained / from_pretrained), Hub folders written from our
-checkpoints (models/hub.py export, with the model card), and generate.py / checkpoint_io taking such a folder or a
-repo id from an offline HF cache. Tiny models only; no network."""
+checkpoints (reg/export.py, `python -m reg.export`, with the model card), and generate.py / reg.loading taking
+such a folder or a repo id from an offline HF cache (reg/hub.py). Tiny models only; no network."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from checkpoint_io import CheckpointDir, checkpoint_identity, is_repo_id, load_generator
-from fixtures import save_tiny_reg_checkpoint
-from models import hub
+from helpers import save_tiny_reg_checkpoint
 from models.sit import SiT, SiT_models
+from reg import export
+from reg.checkpoints import CheckpointDir
+from reg.hub import is_repo_id, portable_vae_spec
+from reg.loading import load_generator
+from reg.run_identity import checkpoint_identity
 
 KW = dict(input_size=4, num_classes=4, z_dims=[32], encoder_depth=1, projector_dim=64)
 
@@ -80,7 +83,7 @@ def test_export_writes_config_card_and_portable_vae(tmp_path, monkeypatch):
     config = {"model": "SiT-T/2", "encoder_depth": 1, "path_type": "cosine", "latents_scale": 0.18215,
               "vae": str(vae_dir), "enc_type": "dinov2-vit-b", "resolution": 32}
     CheckpointDir(tmp_path / "ckpts").save(1234, model=sd, ema=sd, opt={}, config=config, args={})
-    out = hub.main(hub.parse_args(["export", str(tmp_path / "ckpts" / "0001234.pt"), "hubdir", "--fid", "2.5",
+    out = export.main(export.parse_args([str(tmp_path / "ckpts" / "0001234.pt"), "hubdir", "--fid", "2.5",
                                    "--sampling", "--mode unipc --num-steps 20"]))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vae"] == os.path.join("vaes", "my-vae")  # relative, never this machine's absolute path
@@ -90,7 +93,7 @@ def test_export_writes_config_card_and_portable_vae(tmp_path, monkeypatch):
     for text in ("REG", "SiT-T/2", "dinov2-vit-b", "1,234", "| FID-50K | 2.5 |", "--mode unipc --num-steps 20",
                  "library_name: reg", "cosine"):
         assert text in card, text
-    loaded, loaded_cfg = load_generator(str(out))
+    loaded, loaded_cfg, *_ = load_generator(str(out), decoder=False)
     assert loaded_cfg["path_type"] == "cosine" and loaded_cfg["vae"] == cfg["vae"]
     for k, v in sd.items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -99,15 +102,15 @@ def test_export_writes_config_card_and_portable_vae(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: calls.append(("create", repo, kw)))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)) or "url")
-    hub.main(hub.parse_args(["export", str(tmp_path / "ckpts" / "0001234.pt"), "pushed", "--push-to-hub",
+    export.main(export.parse_args([str(tmp_path / "ckpts" / "0001234.pt"), "pushed", "--push-to-hub",
                              "me/tiny", "--private"]))
     assert calls == [("create", "me/tiny", {"private": True, "exist_ok": True}),
                      ("upload", {"repo_id": "me/tiny", "folder_path": "pushed"})]
     assert "--ckpt me/tiny" in (tmp_path / "pushed" / "README.md").read_text()
     # a checkpoint's VAE from an HF cache snapshot is recorded by its hub id
     snap = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema" / "snapshots" / ("a" * 40)
-    assert hub.portable_vae_spec(str(snap)) == "stabilityai/sd-vae-ft-ema"
-    assert hub.portable_vae_spec("ema") == "ema" and hub.portable_vae_spec("org/vae") == "org/vae"
+    assert portable_vae_spec(str(snap)) == "stabilityai/sd-vae-ft-ema"
+    assert portable_vae_spec("ema") == "ema" and portable_vae_spec("org/vae") == "org/vae"
 
 
 def _offline_cache(tmp_path, monkeypatch, repo: str, folder) -> None:
@@ -132,7 +135,7 @@ def _offline_cache(tmp_path, monkeypatch, repo: str, folder) -> None:
 
 def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, monkeypatch):
     ckpt = save_tiny_reg_checkpoint(tmp_path / "ema_0000010.safetensors", perturb=0.05)
-    folder = hub.export(str(ckpt), tmp_path / "tiny-reg")
+    folder = export.export(str(ckpt), tmp_path / "tiny-reg")
     _offline_cache(tmp_path, monkeypatch, "someone/tiny-reg", folder)
     monkeypatch.chdir(tmp_path)
 
@@ -150,11 +153,11 @@ def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, mon
     assert generate.checkpoint_name("tiny-reg/") == generate.checkpoint_name("hf:someone/tiny-reg") == "tiny-reg"
     assert checkpoint_identity("someone/tiny-reg")["path"].endswith("model.safetensors")
     # a repo id fetches config.json with the weights (a download of the weights alone would lose the metadata)
-    import checkpoint_io
+    from reg import hub
     asked = []
-    real_get = checkpoint_io._hub_get
-    monkeypatch.setattr(checkpoint_io, "_hub_get", lambda repo, f: asked.append(f) or real_get(repo, f))
-    assert load_generator("someone/tiny-reg")[1]["vae"] == "pixel-unshuffle"
+    real_get = hub._hub_get
+    monkeypatch.setattr(hub, "_hub_get", lambda repo, f: asked.append(f) or real_get(repo, f))
+    assert load_generator("someone/tiny-reg", decoder=False).config["vae"] == "pixel-unshuffle"
     assert asked == ["config.json", "model.safetensors"]
     back = SiT.from_pretrained("someone/tiny-reg", local_files_only=True)  # the mixin itself, from the cache
     assert back.state_dict().keys() == load_file(str(folder / "model.safetensors")).keys()
@@ -166,7 +169,7 @@ def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, mon
     (tmp_path / "someone" / "tiny-reg").symlink_to(folder)
     assert not is_repo_id("someone/tiny-reg")
     with pytest.raises(FileNotFoundError, match="read as a Hub repo id"):
-        load_generator("nobody/nothing")
+        load_generator("nobody/nothing", decoder=False)
 
 
 def test_training_config_records_the_vae_without_an_absolute_path(tmp_path, monkeypatch):

@@ -23,24 +23,18 @@ from evaluations.common import InceptionWeightsError
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return inception.build_inception("random", "cpu", verbose=False)
-
-
-@pytest.fixture(scope="module")
 def two_images():
     return torch.from_numpy(np.random.default_rng(10).integers(0, 256, (2, 3, 40, 48), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
-def forward(model, two_images):
+def forward(random_inception, two_images):
     """One forward (about a second per image on CPU), with Mixed_6d.branch1x1's raw output captured."""
     raw = {}
-    handle = model.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: raw.setdefault("x", o.clone()))
+    handle = random_inception.net.Mixed_6d.branch1x1.register_forward_hook(
+        lambda m, i, o: raw.setdefault("x", o.clone()))
     try:
-        pool, spatial, logits = model(two_images)
+        pool, spatial, logits = random_inception(two_images)
     finally:
         handle.remove()
     return pool, spatial, logits, raw["x"]
@@ -60,12 +54,12 @@ def test_spatial_features_are_mixed_6d_branch1x1_channels_last(forward):
     assert not np.allclose(s, x[:, :7].reshape(2, -1))  # a channels-first flatten would fail
 
 
-def test_logits_are_pool_times_fc_weight_without_bias(model, forward):
+def test_logits_are_pool_times_fc_weight_without_bias(random_inception, forward):
     pool, _, logits, _ = forward
-    w, b = model.net.fc.weight, model.net.fc.bias
+    w, b = random_inception.net.fc.weight, random_inception.net.fc.bias
     np.testing.assert_allclose(logits.numpy(), (pool.double() @ w.double().T).numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(logits.numpy(), (pool @ w.T + b).numpy(), atol=1e-3)  # 'logits' (biased) differs
-    np.testing.assert_allclose(model.logits_from_pool(pool.numpy()), logits.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(random_inception.logits_from_pool(pool.numpy()), logits.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def _same_weights(a: inception.InceptionV3, b: inception.InceptionV3) -> bool:
@@ -73,21 +67,21 @@ def _same_weights(a: inception.InceptionV3, b: inception.InceptionV3) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_random_weights_are_deterministic_and_loud(model):
+def test_random_weights_are_deterministic_and_loud(random_inception):
     with pytest.warns(UserWarning, match="RANDOM INCEPTION WEIGHTS"):
         again = inception.build_inception("random", "cpu", verbose=False)
-    assert again.random_weights and _same_weights(again, model)
-    assert model.net.Conv2d_1a_3x3.conv.weight.std() > 0.05  # really re-initialised (fan-in normal)
+    assert again.random_weights and _same_weights(again, random_inception)
+    assert random_inception.net.Conv2d_1a_3x3.conv.weight.std() > 0.05  # really re-initialised (fan-in normal)
 
 
-def test_local_weights_file_and_env_var(model, tmp_path, monkeypatch):
+def test_local_weights_file_and_env_var(random_inception, tmp_path, monkeypatch):
     path = tmp_path / inception.INCEPTION_FILENAME
-    torch.save(model.net.state_dict(), path)
+    torch.save(random_inception.net.state_dict(), path)
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(path))
     assert inception.resolve_weights(None) == str(path)
     assert inception.resolve_weights("random") == "random"  # the flag beats the environment
     loaded = inception.build_inception(inception.resolve_weights(None), "cpu", verbose=False)
-    assert not loaded.random_weights and loaded.weights == str(path) and _same_weights(loaded, model)
+    assert not loaded.random_weights and loaded.weights == str(path) and _same_weights(loaded, random_inception)
 
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(InceptionWeightsError, match="expected Inception-v3 weights"):

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interpolant import interpolant, sample_time
 from loss import encoder_targets, projection_loss, reg_loss, sample_latents
 from models.sit import SiT
+from reg.interpolant import interpolant, sample_time
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
             num_classes=10, z_dims=[32], encoder_depth=1, projector_dim=48)

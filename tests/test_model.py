@@ -238,6 +238,7 @@ def test_bad_inputs_raise_clear_errors():
         model.load_state_dict(sd)
 
 
+@pytest.mark.slow
 def test_torch_compile_forward_matches_eager():
     torch.manual_seed(3)
     model = SiT(**{**TINY, "depth": 2, "encoder_depth": 1}).eval()
@@ -253,7 +254,7 @@ def test_torch_compile_forward_matches_eager():
 def test_null_row_exists_without_label_dropout():
     """--cfg-prob 0 still builds num_classes + 1 rows, so such checkpoints can be guided and their class
     count is read unambiguously (rows - 1)."""
-    from checkpoint_io import infer_config
+    from reg.loading import infer_config
 
     y = torch.zeros(1000, dtype=torch.long)
     for prob in (0.0, 0.1):

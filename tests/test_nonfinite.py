@@ -13,17 +13,13 @@ import torch
 
 import generate
 import sweep
-from checkpoint_io import NonFiniteCheckpointError, load_weights
-from fixtures import save_tiny_reg_checkpoint
-from image_sampling import NonFiniteSampleError
-from utils import UserError
+from helpers import FakeInception, fake_metrics
+from reg.checkpoints import NonFiniteCheckpointError
+from reg.loading import read_weights
+from reg.seeded_images import NonFiniteSampleError
+from reg.utils import UserError
 
 BAD_INDEX = 5  # 6 images in batches of 4: image 5 is row 1 of the second batch (2 rows)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_reg_checkpoint(tmp_path_factory.mktemp("ckpt") / "ema.safetensors", perturb=0.05)
 
 
 def nan_for_second_row_of_last_batch(model):
@@ -43,15 +39,15 @@ def nan_for_second_row_of_last_batch(model):
     return model
 
 
-def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(ckpt, tmp_path, monkeypatch):
-    load_model = generate.load_model
+def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(tiny_reg_ckpt, tmp_path, monkeypatch):
+    load_generator = generate.load_generator
 
-    def patched(args, device):
-        loaded = load_model(args, device)
+    def patched(*args, **kwargs):
+        loaded = load_generator(*args, **kwargs)
         return loaded._replace(model=nan_for_second_row_of_last_batch(loaded.model))
 
-    monkeypatch.setattr(generate, "load_model", patched)
-    argv = ["--ckpt", str(ckpt), "--sample-dir", str(tmp_path), "--run-name", "run", "--num-fid-samples", "6",
+    monkeypatch.setattr(generate, "load_generator", patched)
+    argv = ["--ckpt", str(tiny_reg_ckpt), "--sample-dir", str(tmp_path), "--run-name", "run", "--num-fid-samples", "6",
             "--per-proc-batch-size", "4", "--num-steps", "3", "--cfg-scale", "1.0", "--device", "cpu"]
     with pytest.raises(NonFiniteSampleError, match=rf"^image {BAD_INDEX} is not finite .*latents.*--cfg-scale 1.0"):
         generate.main(generate.parse_args(argv))
@@ -63,14 +59,14 @@ def test_generate_names_the_non_finite_image_and_writes_no_png_of_it_and_no_npz(
     assert issubclass(NonFiniteSampleError, UserError)  # printed as one line by the entry points
 
 
-def test_generate_refuses_a_checkpoint_with_one_nan_tensor(ckpt, tmp_path):
+def test_generate_refuses_a_checkpoint_with_one_nan_tensor(tiny_reg_ckpt, tmp_path):
     from safetensors.torch import load_file
 
-    from checkpoint_io import export_safetensors
-    sd = load_file(str(ckpt))
+    from reg.checkpoints import export_safetensors
+    sd = load_file(str(tiny_reg_ckpt))
     key = "blocks.1.mlp.fc1.weight"
     sd[key][3, 2] = float("nan")
-    config = json.loads(ckpt.with_suffix(".json").read_text())
+    config = json.loads(tiny_reg_ckpt.with_suffix(".json").read_text())
     export_safetensors(tmp_path / "nan.safetensors", sd, config)
     argv = ["--ckpt", str(tmp_path / "nan.safetensors"), "--sample-dir", str(tmp_path / "samples"),
             "--num-fid-samples", "2", "--num-steps", "2", "--device", "cpu"]
@@ -78,28 +74,27 @@ def test_generate_refuses_a_checkpoint_with_one_nan_tensor(ckpt, tmp_path):
         generate.main(generate.parse_args(argv))
     assert not (tmp_path / "samples").exists()  # refused before anything is written
     # a training .pt: the weights asked for are checked (the EMA by default, --init-from reads both)
-    torch.save({"model": load_file(str(ckpt)), "ema": sd, "steps": 1}, tmp_path / "nan.pt")
+    torch.save({"model": load_file(str(tiny_reg_ckpt)), "ema": sd, "steps": 1}, tmp_path / "nan.pt")
     with pytest.raises(NonFiniteCheckpointError, match=rf"the ema weights are not finite \({key}\)"):
-        load_weights(str(tmp_path / "nan.pt"))
-    assert load_weights(str(tmp_path / "nan.pt"), use_ema=False)[0].keys() == sd.keys()
+        read_weights(str(tmp_path / "nan.pt"))
+    assert read_weights(str(tmp_path / "nan.pt"), use_ema=False)[0].keys() == sd.keys()
     assert issubclass(NonFiniteCheckpointError, UserError)  # one line at the entry points
 
 
-def test_sweep_computes_no_fid_from_a_non_finite_image(ckpt, tmp_path, monkeypatch):
+def test_sweep_computes_no_fid_from_a_non_finite_image(tiny_reg_ckpt, tmp_path, monkeypatch):
     from evaluations import evaluator
-    from test_sweep import FakeInception, fake_metrics
 
     monkeypatch.setattr(evaluator, "build_inception", lambda weights, device, verbose=True: FakeInception())
     monkeypatch.setattr(evaluator, "compute_metrics", fake_metrics)
-    load_for_sampling = sweep.load_for_sampling
+    load_generator = sweep.load_generator
 
     def patched(*args, **kwargs):
-        loaded = load_for_sampling(*args, **kwargs)
+        loaded = load_generator(*args, **kwargs)
         return loaded._replace(model=nan_for_second_row_of_last_batch(loaded.model))
 
-    monkeypatch.setattr(sweep, "load_for_sampling", patched)
+    monkeypatch.setattr(sweep, "load_generator", patched)
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    argv = ["--ckpt", str(ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "out"),
+    argv = ["--ckpt", str(tiny_reg_ckpt), "--ref-batch", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "out"),
             "--cfg-scale", "1", "--num-steps", "3", "--num-samples", "6", "--per-proc-batch-size", "4",
             "--device", "cpu", "--inception-weights", "random", "--eval-batch-size", "4"]
     with pytest.raises(NonFiniteSampleError, match=rf"^image {BAD_INDEX} is not finite"):
@@ -140,17 +135,17 @@ def test_in_training_eval_logs_no_fid_from_a_non_finite_image(monkeypatch):
 
 
 def test_training_sample_grid_writes_no_black_grid(tmp_path, monkeypatch):
-    import image_sampling
     import train
+    from reg import seeded_images
 
     def bad(*args, **kwargs):
         raise NonFiniteSampleError("image 0 is not finite (NaN or inf in its latents)")
         yield
 
-    monkeypatch.setattr(image_sampling, "generate_images", bad)
+    monkeypatch.setattr(seeded_images, "generate_images", bad)
     lines = []
     log = type("Log", (), {"info": lambda self, text: lines.append(text)})()
     config = {"vae": "pixel-unshuffle", "num_classes": 4, "path_type": "linear", "latents_scale": 1.0}
-    sample = train.make_sample_grid(argparse.Namespace(seed=0, report_to="none"), config, torch.device("cpu"), log)
+    sample = train.make_preview_writer(argparse.Namespace(seed=0, report_to="none"), config, torch.device("cpu"), log)
     sample(None, 4, tmp_path, None)
     assert not (tmp_path / "samples").exists() and "sample grid at step 4 skipped: image 0" in lines[0]

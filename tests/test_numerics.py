@@ -22,7 +22,7 @@ def test_cfg_prob_feeds_only_legacy_the_model_always_drops_at_0_1():
     """REG/REPA train.py: --cfg-prob reaches the model only as the unused `use_cfg`; the SiT keeps its default
     class_dropout_prob=0.1 (and so its null row), and --legacy drops labels once more with p = --cfg-prob."""
     assert CLASS_DROPOUT_PROB == 0.1
-    from checkpoint_io import MODEL_KWARGS
+    from reg.loading import MODEL_KWARGS
     for prob in ("0", "0.1", "0.3"):
         config = _config("--cfg-prob", prob)
         assert config["class_dropout_prob"] == 0.1
@@ -56,9 +56,9 @@ def test_class_token_comes_from_the_last_encoder():
     from train.py's config, one forward with the target."""
     import warnings
 
-    from checkpoint_io import build_model_from_config
     from loss import encoder_targets
     from models.encoders import load_encoders
+    from reg.loading import build_model_from_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-weights warning

@@ -8,23 +8,17 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import PIL.Image
+import numpy as np
 import pytest
 import torch
 
 from dataset import CustomDataset
-from fixtures import save_tiny_vae
 from preprocessing import dataset_tools as dt
 from preprocessing import transforms
 from preprocessing.synthetic import COLOURS, render, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    return save_tiny_vae(str(tmp_path_factory.mktemp("vae") / "tiny-vae"), seed=0)
 
 
 @pytest.fixture(scope="module")

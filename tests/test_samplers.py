@@ -6,6 +6,8 @@ For x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps, (x0, eps, x_t) are jointly
 with V = alpha^2 s^2 + sigma^2. That is the exact "model" a perfect network would learn, so
 the samplers must reproduce N(mu, s^2) up to discretisation and sampling error. With one
 Gaussian per class (a mixture for the null label) it also tests classifier-free guidance.
+
+At the end: the time grids, the same as the authors' samplers (a model that records the times it is asked at).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import pytest
 import torch
 
-from interpolant import interpolant
+from reg.interpolant import interpolant
 from samplers import (T_LAST, data_from_velocity, euler_maruyama_sampler, euler_sampler, multistep_sampler,
                       per_sample_randn_like, score_from_velocity)
 
@@ -463,8 +465,8 @@ def test_multistep_modes_are_selectable_everywhere():
 
 @pytest.mark.parametrize("mode, corrector", [("dpm2m", False), ("unipc", True)])
 def test_generation_dispatches_the_multistep_modes(mode, corrector, monkeypatch):
-    import image_sampling
     from models.sit import SiT_models
+    from reg import seeded_images
 
     seen = []
 
@@ -472,10 +474,52 @@ def test_generation_dispatches_the_multistep_modes(mode, corrector, monkeypatch)
         seen.append(kwargs["corrector"])
         return multistep_sampler(*args, **kwargs)
 
-    monkeypatch.setattr(image_sampling, "multistep_sampler", recording)
+    monkeypatch.setattr(seeded_images, "multistep_sampler", recording)
     model = SiT_models["SiT-T/2"](input_size=2, in_channels=3, num_classes=2, z_dims=[8], encoder_depth=1,
                                   projector_dim=8).eval()
-    (_, images, _), = image_sampling.generate_images(
+    (_, images, _), = seeded_images.generate_images(
         model, lambda z: z.repeat_interleave(4, -1).repeat_interleave(4, -2).tanh(), [0, 1], global_seed=0,
         num_classes=2, mode=mode, num_steps=3, latents_scale=1.0, batch_size=2, device="cpu")
     assert seen == [corrector] and images.shape == (2, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------- the time grids, as the authors' samplers
+
+class TimeSpy:
+    """A velocity field v(x, t) = v_const that records the times the sampler evaluates it at."""
+    num_classes = 4
+
+    def __init__(self, v_const: float):
+        self.v_const, self.times = v_const, []
+
+    def __call__(self, x, t, y, cls_token=None):
+        self.times.append(float(t[0]))
+        return torch.full_like(x, self.v_const), [], torch.full_like(cls_token, self.v_const)
+
+
+def test_sde_time_grid_is_the_authors():
+    """REG samplers.py euler_maruyama_sampler: t_steps = linspace(1, 0.04, num_steps), then 0; the model
+    is evaluated at the first num_steps times, and the last step, 0.04 -> 0, adds no noise."""
+    from samplers import euler_maruyama_sampler
+    x, c = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    spy = TimeSpy(0.0)
+    zeros = lambda a: torch.zeros_like(a)  # noqa: E731  no noise: the update is deterministic
+    out, out_c = euler_maruyama_sampler(spy, x, torch.tensor([0, 1]), cls_latents=c, num_steps=5, randn_like=zeros)
+    assert spy.times == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04], abs=1e-15)
+    # linear path, v = 0: the score is -x/t and the drift v - g/2 s = t * x/t = x, so each step multiplies x
+    # by (1 + dt): dt = -0.24 four times, then -0.04 to t = 0
+    factor = 0.76 ** 4 * 0.96
+    assert torch.allclose(out, x * factor, rtol=1e-12, atol=0) and torch.allclose(out_c, c * factor, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("heun", [False, True])
+def test_ode_time_grid_is_the_authors(heun):
+    """REPA samplers.py euler_sampler: t_steps = linspace(1, 0, num_steps + 1); Heun's corrector is evaluated
+    at t_next on every step but the last (which would need the model at t = 0)."""
+    from samplers import euler_sampler
+    x, c = torch.randn(2, 4, 2, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    spy = TimeSpy(1.0)
+    out, out_c = euler_sampler(spy, x, torch.tensor([0, 1]), cls_latents=c, num_steps=4, heun=heun)
+    expect = [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25] if heun else [1.0, 0.75, 0.5, 0.25]
+    assert spy.times == expect
+    assert torch.allclose(out, x - 1, rtol=0, atol=1e-15) and torch.allclose(out_c, c - 1, rtol=0, atol=1e-15)  # t: 1 -> 0

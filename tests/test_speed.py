@@ -1,11 +1,11 @@
 """The step speed-ups of docs/performance.md against today's step: the split attention (fp64, forward and
 backward), the device-side skip of a non-finite step (bitwise), the masked and lerp EMA. The two-process
-DDP variants are in test_train.py::test_ddp_speed_variants_equal_todays_weights."""
+DDP variants are in test_train.py::test_two_process_cpu_launch_and_ddp_speed_variants."""
 import pytest
 import torch
 
-import train_loop
 from models.sit import SiT
+from reg import throughput, train_step
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
             num_classes=10, z_dims=[32], encoder_depth=1, projector_dim=48)
@@ -57,12 +57,12 @@ def test_masked_ema_is_the_ema_update_or_nothing(lerp):
     params = [torch.randn(300, 7), torch.randn(11)]
     ema = [torch.randn(300, 7), torch.randn(11)]
     want = [e.clone() for e in ema]
-    train_loop.ema_update(want, params, 0.9999, lerp=lerp)
+    train_step.ema_update(want, params, 0.9999, lerp=lerp)
     got = [e.clone() for e in ema]
-    train_loop.ema_update_masked(got, params, 0.9999, torch.tensor(True), lerp=lerp)
+    train_step.ema_update_masked(got, params, 0.9999, torch.tensor(True), lerp=lerp)
     assert all(torch.equal(a, b) for a, b in zip(got, want))  # bitwise on a finite step
     kept = [e.clone() for e in ema]
-    train_loop.ema_update_masked(kept, params, 0.9999, torch.tensor(False), lerp=lerp)
+    train_step.ema_update_masked(kept, params, 0.9999, torch.tensor(False), lerp=lerp)
     assert all(torch.equal(a, b) for a, b in zip(kept, ema))  # a skipped step leaves the EMA alone
 
 
@@ -71,8 +71,8 @@ def test_ema_lerp_is_the_original_formula_up_to_rounding():
     params, ema = [torch.randn(1000, 9)], [torch.randn(1000, 9)]
     a, b = [ema[0].clone()], [ema[0].clone()]
     for _ in range(50):
-        train_loop.ema_update(a, params, 0.9999)
-        train_loop.ema_update(b, params, 0.9999, lerp=True)
+        train_step.ema_update(a, params, 0.9999)
+        train_step.ema_update(b, params, 0.9999, lerp=True)
     # rounding only: about one float32 ulp (2.4e-7 at |ema| ~ 3) per step at most, against a change of the
     # EMA of 1e-4 |p - ema| per step
     assert (a[0] - b[0]).abs().max() < 50 * 2.4e-7
@@ -89,11 +89,11 @@ def _tiny_run(device_skip: bool, ema_lerp: bool = False):
     ema = SiT(**{**TINY, "z_dims": [], "use_cls_token": False}).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     acc = Accelerator(cpu=True)
-    opt = train_loop.make_optimizer(model.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    opt = train_step.make_optimizer(model.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     ddp_model, opt = acc.prepare(model, opt)
-    step_cfg = train_loop.StepConfig(use_cls=False, use_proj=False, num_classes=10, device_skip=device_skip,
+    step_cfg = train_step.StepConfig(use_cls=False, use_proj=False, num_classes=10, device_skip=device_skip,
                                    ema_lerp=ema_lerp, ema_decay=0.9, max_grad_norm=0.5)
-    meter = train_loop.Meter(acc, images_per_step=4, flops_per_image=1.0, peak=None, proj_coeff=0, cls_coeff=0, step=0)
+    meter = throughput.Meter(acc, images_per_step=4, flops_per_image=1.0, peak=None, proj_coeff=0, cls_coeff=0, step=0)
     finites = []
     for step in range(4):
         torch.manual_seed(100 + step)
@@ -101,7 +101,7 @@ def _tiny_run(device_skip: bool, ema_lerp: bool = False):
         if step == 2:
             moments[1] = float("nan")
         batch = (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), moments, torch.randint(0, 10, (4,)))
-        result = train_loop.train_step([batch], model=ddp_model, params=list(model.parameters()),
+        result = train_step.train_step([batch], model=ddp_model, params=list(model.parameters()),
                                      ema_params=list(ema.parameters()), opt=opt, encoders=[], accelerator=acc, step_cfg=step_cfg)
         meter.add(result.terms, result.finite)
         finites.append(result.finite)

@@ -1,6 +1,6 @@
 """sweep.py: the same images for every setting, resume after a kill, refusal of a folder made with
-other inputs. The Inception network and the metric are stand-ins (fast); the evaluator's own tests
-cover the real ones."""
+other inputs. The Inception network and the metric are stand-ins (fast: conftest.py's sweep_setup); the
+evaluator's own tests cover the real ones."""
 from __future__ import annotations
 
 import json
@@ -8,55 +8,14 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 import sweep
-from evaluations import evaluator
-from fixtures import run_two_processes, save_tiny_reg_checkpoint
+from helpers import each_change_is_refused, run_sweep, run_two_processes
 
 
-class FakeInception(torch.nn.Module):
-    """Features that are the pixels themselves: equal images <=> equal features."""
-    weights, weights_id, random_weights = "fake", "fake", True
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the accumulator a device
-
-    def forward(self, x):
-        f = x.float().flatten(1)
-        def take(n):
-            return f[:, torch.arange(n) % f.shape[1]] + torch.arange(n) * 1e-3
-        return take(2048), take(2023), take(1008)
-
-
-def fake_metrics(ref, sample, **_):
-    return {"fid": float(np.abs(sample.mu - ref.mu).mean()), "sfid": float(np.abs(sample.mu_s - ref.mu_s).mean()),
-            "inception_score": float(sample.logits.mean()), "precision": 0.5, "recall": 0.5}
-
-
-@pytest.fixture
-def setup(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluator, "build_inception", lambda weights, device, verbose=True: FakeInception())
-    monkeypatch.setattr(evaluator, "compute_metrics", fake_metrics)
-    save_tiny_reg_checkpoint(tmp_path / "ema.safetensors", perturb=0.05)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    return tmp_path
-
-
-def run(root, *extra):
-    # 3 SDE steps: t = 1, 0.52, 0.04; the interval [0.5, 0.51] holds none of them
-    argv = ["--ckpt", str(root / "ema.safetensors"), "--ref-batch", str(root / "ref.npz"), "--out", str(root / "out"),
-            "--cfg-scale", "1,1.5,3", "--cls-cfg-scale", "1.5", "--guidance-low", "0.5",
-            "--guidance-high", "0.51,1.0", "--num-steps", "3", "--num-samples", "6", "--per-proc-batch-size", "4",
-            "--device", "cpu", "--inception-weights", "random", "--eval-batch-size", "4", *extra]
-    return sweep.main(sweep.parse_args(argv))
-
-
-def test_same_seeds_across_settings_table_and_plot(setup):
-    summary = run(setup)
-    out = setup / "out"
+def test_same_seeds_across_settings_table_and_plot(sweep_setup):
+    summary = run_sweep(sweep_setup)
+    out = sweep_setup / "out"
     results = json.loads((out / "results.json").read_text())
     fid = {sweep.setting_key(r): r["metrics"]["fid"] for r in results["rows"]}
     assert len(fid) == 5  # cfg 1 once (unguided: the interval and class-token scale do not act)
@@ -73,35 +32,35 @@ def test_same_seeds_across_settings_table_and_plot(setup):
     assert (out / "fid.png").stat().st_size > 1000 and (out / "reference-stats.npz").exists()
 
 
-def test_resume_skips_finished_settings_and_refuses_other_inputs(setup):
-    run(setup, "--cfg-scale", "1,3")
-    files = sorted((setup / "out" / "settings").glob("*.json"))
+def test_resume_skips_finished_settings_and_refuses_other_inputs(sweep_setup):
+    run_sweep(sweep_setup, "--cfg-scale", "1,3")
+    files = sorted((sweep_setup / "out" / "settings").glob("*.json"))
     assert len(files) == 3
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
     lost = files[0]
     lost.unlink()  # a kill before this setting finished
-    run(setup, "--cfg-scale", "1,3")
+    run_sweep(sweep_setup, "--cfg-scale", "1,3")
     assert lost.exists()
     for f in files[1:]:
         assert f.stat().st_mtime_ns == stamps[f.name]  # not recomputed
     # adding settings to the grid reuses the finished ones
-    run(setup, "--cfg-scale", "1,3,1.5")
-    assert len(list((setup / "out" / "settings").glob("*.json"))) == 5
+    run_sweep(sweep_setup, "--cfg-scale", "1,3,1.5")
+    assert len(list((sweep_setup / "out" / "settings").glob("*.json"))) == 5
     for flags, what in ((["--global-seed", "1"], "global_seed"), (["--num-samples", "4"], "num_samples"),
                         (["--balanced"], "balanced")):
         with pytest.raises(ValueError, match=f"other settings.*{what}"):
-            run(setup, *flags)
+            run_sweep(sweep_setup, *flags)
     # another reference batch (a new file under the same name) or another checkpoint
     import os
-    ref = setup / "ref.npz"
+    ref = sweep_setup / "ref.npz"
     os.utime(ref, ns=(ref.stat().st_atime_ns, ref.stat().st_mtime_ns + 10**9))
     with pytest.raises(ValueError, match="other settings.*reference"):
-        run(setup)
+        run_sweep(sweep_setup)
     os.utime(ref, ns=(ref.stat().st_atime_ns, ref.stat().st_mtime_ns - 10**9))
-    (setup / "copy.safetensors").write_bytes((setup / "ema.safetensors").read_bytes())
-    (setup / "copy.json").write_bytes((setup / "ema.json").read_bytes())
+    (sweep_setup / "copy.safetensors").write_bytes((sweep_setup / "ema.safetensors").read_bytes())
+    (sweep_setup / "copy.json").write_bytes((sweep_setup / "ema.json").read_bytes())
     with pytest.raises(ValueError, match="other settings.*checkpoint"):
-        run(setup, "--ckpt", str(setup / "copy.safetensors"))
+        run_sweep(sweep_setup, "--ckpt", str(sweep_setup / "copy.safetensors"))
 
 
 def test_grid_parsing():
@@ -126,7 +85,7 @@ def test_paper_column():
 def _gather_rank(rank, port, out):
     import torch.distributed as dist
 
-    from image_sampling import gather_features
+    from reg.processes import gather_features
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo")
     mine = list(range(rank, 5, 2))[::-1]  # unequal shares (3 and 2), rows not in index order
@@ -137,7 +96,7 @@ def _gather_rank(rank, port, out):
 
 
 def test_features_are_gathered_to_rank_0_in_index_order():
-    """image_sampling.gather_features, behind sweep.py and train.py's FID: two gloo processes."""
+    """reg.processes.gather_features, behind sweep.py and train.py's FID: two gloo processes."""
     results = dict(run_two_processes(_gather_rank))
     assert results[1] is None
     assert results[0] == {"pool": [[i, 10 * i] for i in range(5)], "logits": [[i] for i in range(5)]}
@@ -150,3 +109,33 @@ def test_results_without_sweep_json_are_refused(tmp_path):
     with pytest.raises(ValueError, match="holds results but no sweep.json"):
         sweep.check_manifest(tmp_path, {k: 0 for k in sweep.MANIFEST_KEYS})
     assert not (tmp_path / "sweep.json").exists()
+
+
+# What every stored metric of a sweep depends on besides its own sampler setting (the manifest's keys).
+SWEEP_RESULT_SETTINGS = {
+    "checkpoint": ({"path": "/other.pt", "size": 1, "mtime_ns": 1, "sha256_first_mib": "0" * 64}, "the weights"),
+    "ema": (False, "EMA or raw weights"),
+    "reference": ({"source": "/other.npz", "size": 1, "mtime_ns": 1}, "the FID reference batch"),
+    "inception_weights_id": ("other", "the feature network"),
+    "global_seed": (1, "the noise and classes of every image"),
+    "num_samples": (5000, "FID is biased by the sample count"),
+    "balanced": (True, "the classes"),
+    "precision": ("fp64", "the sampler's dtype"),
+    "tf32": (False, "matmul precision on GPU"),
+    "vae": ("mse", "the decoder"),
+    "latents_scale": (1.0, "latents are divided by it before decoding"),
+    "path_type": ("cosine", "the score the SDE derives from the velocity"),
+    "model": ("SiT-B/2", "the network"),
+    "model_config": ({"model": "SiT-XL/2", "qk_norm": True}, "the network's other settings (qk-norm, fused attention)"),
+}
+
+
+def test_sweep_refuses_an_output_folder_made_with_any_other_setting(tmp_path):
+    import sweep
+    base = {"checkpoint": {"path": "/exps/ema.safetensors", "size": 10, "mtime_ns": 5, "sha256_first_mib": "f" * 64},
+            "ema": True, "reference": {"source": "/ref.npz", "size": 3, "mtime_ns": 4}, "inception_weights_id": "pt",
+            "global_seed": 0, "num_samples": 10_000, "balanced": False, "precision": "fp32", "tf32": True, "vae": "ema",
+            "latents_scale": 0.18215, "path_type": "linear", "model": "SiT-XL/2", "model_config": {"model": "SiT-XL/2"}}
+    sweep.check_manifest(tmp_path, base)  # writes sweep.json
+    sweep.check_manifest(tmp_path, base)  # the same settings resume
+    each_change_is_refused(lambda settings: sweep.check_manifest(tmp_path, settings), base, SWEEP_RESULT_SETTINGS)

@@ -1,10 +1,12 @@
-"""train.py on CPU with tiny settings: learning, exact resume, SIGKILL survival,
-ablation modes, NaN handling and flag validation (the 2-process launch: tests/test_regressions.py)."""
+"""train.py on CPU with tiny settings: learning, exact resume (also under gradient accumulation, and from
+two processes to two or one), SIGKILL survival, the two-process launch and its speed variants, ablation
+modes, NaN handling, flag validation, the authors' runs and scripts, FID during training."""
 import copy
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,43 +17,13 @@ import pytest
 import torch
 
 import train
-from fixtures import encoded_synthetic_data
+from helpers import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # see conftest.py
-
-
-@pytest.fixture(autouse=True, scope="module")
-def flops_counted_once_per_architecture():
-    """train.main counts the FLOPs per image on meta tensors, ~1 s of Python meta kernels per run; the runs
-    here share a few architectures, so the count is kept per architecture (the module reprs: every layer
-    and its shape). tests/test_training.py checks the count itself."""
-    real, cache = train.training_flops_per_image, {}
-
-    def memo(model, encoders, *, cls_dim, resolution, backward=True):
-        key = (repr(model), tuple(repr(e) for e in encoders), cls_dim, resolution, backward)
-        if key not in cache:
-            cache[key] = real(model, encoders, cls_dim=cls_dim, resolution=resolution, backward=backward)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "training_flops_per_image", memo)
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """64 synthetic 32x32 images (4 classes) encoded with the weight-free pixel-unshuffle codec."""
-    return encoded_synthetic_data(tmp_path_factory.mktemp("data"))
-
-
-def tiny_argv(data_dir, out, exp="run", *extra):
-    return ["--model", "SiT-T/2", "--data-dir", str(data_dir), "--resolution", "32", "--num-classes", "4",
-            "--batch-size", "8", "--enc-type", "dinov2-vit-s", "--enc-weights", "random", "--encoder-depth", "2",
-            "--projector-dim", "256", "--output-dir", str(out), "--exp-name", exp, "--num-workers", "0", "--report-to", "none",
-            "--log-every", "2", *extra]
+# conftest.py: a fresh accelerate state per test (train.main runs in process), the FLOP count kept per architecture
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "flops_counted_once_per_architecture")
 
 
 def test_loss_falls(data_dir, tmp_path):
@@ -137,6 +109,7 @@ def test_sigkill_then_rerun_finishes_with_intact_checkpoints(data_dir, tmp_path)
     assert [f.name for f in pts if ".opt" in f.name] == ["0000008.opt.pt", "0000010.opt.pt", "0000012.opt.pt"]
 
 
+@pytest.mark.slow
 def test_two_process_cpu_launch_and_ddp_speed_variants(data_dir, tmp_path):
     """Real 2-process DDP over gloo (accelerate's --cpu flag alone starts one process; its torchrun launcher
     with train.py's cpu fallback does it), one launch for every set of speed flags, 3 steps each; image 0
@@ -341,6 +314,97 @@ def test_keep_last_never_prunes_the_new_lineage(data_dir, tmp_path):
                                               *common)))
 
 
+# ----------------------------------------------------------------------------- resume under gradient accumulation and with
+# another process count
+
+def sit_argv(data_dir, out, exp, *extra):
+    """A plain SiT-T/2 (no encoder to run: the cheapest step), 2 micro-batches of 8 per step: 64 images are
+    8 micro-batches, i.e. 4 steps, per epoch."""
+    return ["--model", "SiT-T/2", "--method", "sit", "--data-dir", str(data_dir), "--resolution", "32",
+            "--num-classes", "4", "--batch-size", "8", "--gradient-accumulation-steps", "2", "--output-dir", str(out),
+            "--exp-name", exp, "--num-workers", "0", "--report-to", "none", "--log-every", "2",
+            "--checkpointing-steps", "2", "--keep-last", "10", *extra]
+
+
+def assert_same_weights(a_path, b_path):
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+    for key in ("model", "ema"):
+        diffs = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not diffs, f"{key} differs: {diffs[:5]}"
+
+
+class RecordingDataset(train.CustomDataset):
+    """The training dataset, recording the indices read (in order) in the class attribute `reads`."""
+    reads: list[int] = []
+
+    def __getitem__(self, idx):
+        RecordingDataset.reads.append(int(idx))
+        return super().__getitem__(idx)
+
+
+def test_resume_with_gradient_accumulation_is_exact(data_dir, tmp_path):
+    """Interrupted at step 2 (micro-batch 4, mid-epoch) and resumed to step 5 (across the epoch end): the
+    weights equal the uninterrupted run's, bit for bit. The data position on resume is micro-batch
+    step * accumulation, not step."""
+    from accelerate.state import AcceleratorState
+    train.main(train.parse_args(sit_argv(data_dir, tmp_path, "straight", "--max-train-steps", "5")))
+    for steps in ("2", "5"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        result = train.main(train.parse_args(sit_argv(data_dir, tmp_path, "split", "--max-train-steps", steps)))
+    assert result["steps"] == 5 and "resumed from" in (tmp_path / "split/log.txt").read_text()
+    assert_same_weights(tmp_path / "straight/checkpoints/0000005.pt", tmp_path / "split/checkpoints/0000005.pt")
+
+
+def _launch_two_processes(runs: list[dict], tmp_path: Path) -> None:
+    """tests/ddp_runs.py under accelerate's launcher (torchrun; train.py's CPU fallback gives DDP over gloo):
+    several train.main runs in one launch, to pay the start-up of two processes once."""
+    with socket.socket() as s:  # a free port: other tests may run in parallel (pytest -n 2)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", port, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "ddp_runs.py"), str(tmp_path / "runs.json")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_with_two_processes_and_with_one(data_dir, tmp_path, monkeypatch):
+    """What the code guarantees across process counts: the data order is a function of (seed, micro-batch)
+    alone (global batch j is the same 8 images for any number of processes, rank r taking its slice), so
+    a resumed run reads exactly the images the uninterrupted run would have, with any process count.
+    The random draws (time, noise, label dropout) are seeded per (rank, step), so only a resume with the
+    same process count gives the same weights, bit for bit."""
+    reads = lambda name, rank: json.loads((tmp_path / f"{name}.{rank}.json").read_text())  # noqa: E731
+    _launch_two_processes([
+        {"argv": sit_argv(data_dir, tmp_path, "straight", "--max-train-steps", "4"), "reads": f"{tmp_path}/straight.{{rank}}.json"},
+        {"argv": sit_argv(data_dir, tmp_path, "split", "--max-train-steps", "2"), "reads": f"{tmp_path}/first.{{rank}}.json"},
+        {"argv": sit_argv(data_dir, tmp_path, "split", "--max-train-steps", "4"), "reads": f"{tmp_path}/second.{{rank}}.json"},
+    ], tmp_path)
+    ckpts = tmp_path / "straight/checkpoints"
+    assert sorted(f.name for f in ckpts.glob("0*.pt")) == ["0000002.opt.pt", "0000002.pt", "0000004.opt.pt", "0000004.pt"]
+    assert "2 processes" in (tmp_path / "straight/log.txt").read_text()
+    local = 4  # images per rank and micro-batch
+    straight = [reads("straight", r) for r in (0, 1)]
+    assert all(len(s) == 4 * 2 * local for s in straight) and len(set(straight[0] + straight[1])) == 64  # one epoch
+    # 2 -> 2: each rank reads on from micro-batch 4, and the weights equal the uninterrupted run's
+    for r in (0, 1):
+        assert reads("first", r) == straight[r][:4 * local] and reads("second", r) == straight[r][4 * local:]
+    assert "resumed from" in (tmp_path / "split/log.txt").read_text()
+    assert_same_weights(ckpts / "0000004.pt", tmp_path / "split/checkpoints/0000004.pt")
+    # 2 -> 1: one process reads, per micro-batch, rank 0's images then rank 1's
+    shutil.copytree(tmp_path / "split", tmp_path / "one")
+    monkeypatch.setattr(train, "CustomDataset", RecordingDataset)
+    RecordingDataset.reads = []
+    result = train.main(train.parse_args(sit_argv(data_dir, tmp_path, "one", "--max-train-steps", "4",
+                                                  "--resume-step", "2")))
+    assert result["steps"] == 4 and "resumed from" in (tmp_path / "one/log.txt").read_text()
+    expect = [i for m in range(4, 8) for r in (0, 1) for i in straight[r][m * local:(m + 1) * local]]
+    assert RecordingDataset.reads == expect
+
+
 # ----------------------------------------------------------------------------- the authors' runs and scripts
 
 def test_resume_a_run_of_the_original_code(data_dir, tmp_path):
@@ -350,7 +414,7 @@ def test_resume_a_run_of_the_original_code(data_dir, tmp_path):
     args = train.parse_args(tiny_argv(data_dir, tmp_path, "orig", "--max-train-steps", "4"))
     first = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "seed", "--max-train-steps", "2")))
     ours = torch.load(Path(first["run_dir"]) / "checkpoints/0000002.pt", weights_only=True)
-    from checkpoint_io import build_model_from_config
+    from reg.loading import build_model_from_config
     model = build_model_from_config(ours["config"])
     model.load_state_dict(ours["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the original: default AdamW, every parameter
@@ -410,6 +474,7 @@ def test_every_original_flag_parses_with_its_meaning():
     assert (defaults.checkpointing_steps, defaults.max_train_steps, defaults.cfg_prob, defaults.cls) == (10000, 1_000_000, 0.1, 0.03)
 
 
+@pytest.mark.slow
 def test_original_train_sh_command_runs_and_train_sh_resumes_it(data_dir, tmp_path):
     """The original train.sh's command line runs unchanged; then our train.sh, given the same flags, resumes
     that run (its own flags come first, the user's after them win) and logs to the same wandb run."""
@@ -504,11 +569,12 @@ def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir
         assert {"sfid", "inception_score", "precision", "recall"} <= set(r)
     # the same per-image seeds at every evaluation: the same model scores the same at any step
     from accelerate import Accelerator
-    from checkpoint_io import load_generator
+
+    from reg.loading import load_generator
     args = train.parse_args(argv)
     config = json.loads((run / "config.json").read_text())
     ev = during_training.InTrainingEval(args, config, Accelerator(cpu=True), train.Logger(Accelerator(cpu=True), run))
-    ema, _ = load_generator(str(run / "checkpoints/ema_0000004.safetensors"))
+    ema, *_ = load_generator(str(run / "checkpoints/ema_0000004.safetensors"), decoder=False)
     (ia, fa), (ib, fb) = ev.sample_features(ema), ev.sample_features(ema)
     assert list(ia) == list(ib) == list(range(4)) and all(np.array_equal(fa[k], fb[k]) for k in fa)
     other = copy.deepcopy(ema)

@@ -4,13 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.vae import SD_VAE_SCALING_FACTOR, SD_VAES, VAE_STRIDE, PixelUnshuffleCodec, load_vae
-from fixtures import save_tiny_vae
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    return save_tiny_vae(str(tmp_path_factory.mktemp("vae") / "tiny-vae"), seed=0)
+from models.vae import SD_VAES, SD_VAE_SCALING_FACTOR, VAE_STRIDE, PixelUnshuffleCodec, load_vae
 
 
 def random_images(n: int, res: int = 32, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Resuming with a changed command line (run_flags.py): every train.py flag classed, run-defining changes
+"""Resuming with a changed command line (reg/resume_flags.py): every train.py flag classed, run-defining changes
 refused, hyperparameters applied after the optimizer state and recorded; divergence never checkpointed;
 a torn metrics.jsonl line trimmed on resume."""
 import argparse
@@ -9,46 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_flags
 import train
-import train_loop
-from run_flags import FLAG_CLASSES, HYPER, OPERATIONAL, RUN
-from test_train import data_dir, flops_counted_once_per_architecture, tiny_argv  # noqa: F401  (fixtures)
-from utils import UserError
+from helpers import parser_of, tiny_argv
+from reg import resume_flags, train_step
+from reg.resume_flags import FLAG_CLASSES, HYPER, OPERATIONAL, RUN
+from reg.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-class _Parser(Exception):
-    pass
-
-
-def parser_of(parse_args, argv=()) -> argparse.ArgumentParser:
-    """The ArgumentParser a module's parse_args builds (caught at its parse_args call)."""
-    def capture(self, *a, **k):
-        raise _Parser(self)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
-        with pytest.raises(_Parser) as e:
-            parse_args(list(argv))
-    return e.value.args[0]
+# conftest.py: a fresh accelerate state per test (train.main runs in process), the FLOP count kept per architecture
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "flops_counted_once_per_architecture")
 
 
 def test_every_train_flag_has_a_resume_class():
     dests = {a.dest for a in parser_of(train.parse_args)._actions if a.dest != "help"}
     missing = sorted(dests - set(FLAG_CLASSES))
     assert not missing, (f"train.py flag(s) {['--' + d.replace('_', '-') for d in missing]} have no resume class: "
-                         f"add each to FLAG_CLASSES in run_flags.py (run / hyper / operational, with why) and its "
-                         f"row to docs/resuming.md (`python run_flags.py` prints the table)")
+                         f"add each to FLAG_CLASSES in reg/resume_flags.py (run / hyper / operational, with why) and its "
+                         f"row to docs/resuming.md (`python reg/resume_flags.py` prints the table)")
     stale = sorted(set(FLAG_CLASSES) - dests)
-    assert not stale, f"FLAG_CLASSES in run_flags.py names flags train.py no longer has: {stale}"
+    assert not stale, f"FLAG_CLASSES in reg/resume_flags.py names flags train.py no longer has: {stale}"
     assert {k for k, _ in FLAG_CLASSES.values()} == {RUN, HYPER, OPERATIONAL}
 
 
 def test_docs_table_is_the_code_table():
     doc = (ROOT / "docs/resuming.md").read_text()
-    assert run_flags.markdown_table() in doc, "docs/resuming.md: paste the output of `python run_flags.py`"
+    assert resume_flags.markdown_table() in doc, "docs/resuming.md: paste the output of `python reg/resume_flags.py`"
 
 
 def test_official_and_old_args_are_compared_by_their_names():
@@ -57,15 +42,15 @@ def test_official_and_old_args_are_compared_by_their_names():
     args = train.parse_args(["--model", "SiT-B/2", "--path-type", "cosine", "--sample-every", "5"])
     theirs = argparse.Namespace(model="SiT-B/2", path_type="linear", sampling_steps=10000, encoder_depth=4)
     with pytest.raises(UserError, match=r"--path-type 'linear' -> 'cosine'\. Restore") as e:
-        run_flags.check_resume(theirs, args, step=4, where="ckpt.pt")
+        resume_flags.check_resume(theirs, args, step=4, where="ckpt.pt")
     assert "\n" not in str(e.value) and "--sample-every" not in str(e.value)
-    assert run_flags.check_resume({"model": "SiT-B/2"}, train.parse_args(["--model", "SiT-B/2"]), step=4,
+    assert resume_flags.check_resume({"model": "SiT-B/2"}, train.parse_args(["--model", "SiT-B/2"]), step=4,
                                   where="x") == []
     with pytest.raises(UserError, match="--learning-rate is not a run-defining flag"):
-        run_flags.parse_allow_run_change("path-type,learning-rate")
+        resume_flags.parse_allow_run_change("path-type,learning-rate")
 
 
-def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):
     common = ("--checkpointing-steps", "2")
     run = tmp_path / "chg"
     train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "chg", "--max-train-steps", "2", *common)))
@@ -112,7 +97,7 @@ def test_resume_with_changed_flags(data_dir, tmp_path, monkeypatch):  # noqa: F8
     assert json.loads((run / "args.json").read_text())["history"] == ckpt_args["history"]
 
 
-def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     """Steps 1-3 update, every later step is non-finite. Checkpoint 4 holds step 3's update; 6 would hold
     nothing new and is not written; the stop at step 8 names checkpoint 2, from before the first skip."""
     real_step = train.train_step
@@ -122,7 +107,7 @@ def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):  # n
         calls.append(1)
         if len(calls) <= 3:
             return real_step(*a, **k)
-        return train_loop.StepResult(torch.full((5,), float("nan")), False)
+        return train_step.StepResult(torch.full((5,), float("nan")), False)
     monkeypatch.setattr(train, "train_step", step)
     argv = tiny_argv(data_dir, tmp_path, "div", "--max-train-steps", "10", "--checkpointing-steps", "2",
                      "--max-bad-steps", "5")

@@ -1,7 +1,7 @@
 """Chosen classes and the labelled sample figure of generate.py (--class-labels, --class-names, --grid).
 
 With --class-labels L_0,...,L_{K-1}, image i has class L[i mod K]; its noise still comes from (global_seed, i)
-alone (image_sampling.py), so image i is the same whatever the other labels are, and the npz labels are L[i mod K].
+alone (reg/seeded_images.py), so image i is the same whatever the other labels are, and the npz labels are L[i mod K].
 The grid then has one row per listed class (in the listed order, repeats merged) holding the first --grid
 images of that class, with the class index (and its name from --class-names) written left of the row,
 as in the paper's sample figures.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils import UserError
+from reg.utils import UserError
 
 
 def parse_class_labels(text: str, num_classes: int | None = None) -> list[int]:

@@ -1,7 +1,7 @@
 """Resuming with a changed command line: what happens to each train.py flag.
 
 Every flag of train.py (its argparse dest) is in exactly one class, in FLAG_CLASSES below, the single
-source of truth (docs/resuming.md shows the same table; tests/test_run_flags.py checks both ways):
+source of truth (docs/resuming.md shows the same table; tests/test_resume_flags.py checks both ways):
 
 - "run": defines the run (model, data, objective, seed). Changing one on resume would train a different
   model from the middle of this one, so it is refused, naming each flag old -> new, unless
@@ -24,12 +24,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from utils import UserError
+from reg.utils import UserError
 
 RUN, HYPER, OPERATIONAL = "run", "hyper", "operational"
 
 # dest -> (class, why). Add every new train.py flag here, and its row to docs/resuming.md
-# (`python run_flags.py` prints the table).
+# (`python reg/resume_flags.py` prints the table).
 FLAG_CLASSES: dict[str, tuple[str, str]] = {
     # model and objective: the weights' meaning
     "model": (RUN, "architecture; the checkpoint's tensors fix it"),
@@ -166,7 +166,7 @@ def _same(dest: str, old: Any, new: Any) -> bool:
 def changes(saved: dict, now: dict) -> list[Change]:
     """The flags whose value differs, in FLAG_CLASSES order. A flag the checkpoint does not record (an
     older version of ours, the authors' code) is not compared. Keys outside the table are not flags (values
-    code put on args); tests/test_run_flags.py makes sure every flag is in the table."""
+    code put on args); tests/test_resume_flags.py makes sure every flag is in the table."""
     return [Change(dest, kind, saved[dest], now[dest]) for dest, (kind, _) in FLAG_CLASSES.items()
             if dest in saved and dest in now and not _same(dest, saved[dest], now[dest])]
 

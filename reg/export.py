@@ -1,4 +1,4 @@
-"""HF hub helpers shared by the encoder, VAE and checkpoint loaders, and the Hub folders of our models.
+"""Hub folders of our models, and the model card: `python -m reg.export`.
 
 A Hub folder is what `SiT.save_pretrained(dir)` writes (huggingface_hub's PyTorchModelHubMixin):
 
@@ -10,9 +10,9 @@ A Hub folder is what `SiT.save_pretrained(dir)` writes (huggingface_hub's PyTorc
 `SiT.from_pretrained(dir or OWNER/NAME)` rebuilds the model from it; generate.py and sweep.py take the folder or
 the repo id as --ckpt. Write one from any checkpoint generate.py loads, and optionally push it:
 
-    python -m models.hub export exps/NAME/checkpoints/0400000.pt hub/NAME --fid 1.86 \\
+    python -m reg.export exps/NAME/checkpoints/0400000.pt hub/NAME --fid 1.86 \\
         --sampling "--mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85"
-    python -m models.hub export exps/NAME/checkpoints/0400000.pt hub/NAME --push-to-hub OWNER/NAME
+    python -m reg.export exps/NAME/checkpoints/0400000.pt hub/NAME --push-to-hub OWNER/NAME
 """
 from __future__ import annotations
 
@@ -21,30 +21,11 @@ import os
 import re
 from pathlib import Path
 
+from reg.hub import portable_vae_spec
+from reg.utils import ArgumentParser, HelpFormatter, atomic_write, finite_float, run_main
+
 # The paper's sampler settings (REG's eval recipe): shown on the card when no other settings are given.
 PAPER_SAMPLING = "--mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85"
-HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE, read at call time (huggingface_hub reads it only once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def portable_vae_spec(spec: str) -> str:
-    """The VAE as a checkpoint should record it: a hub id or name as is, a folder never by this machine's
-    absolute path. A snapshot in an HF cache becomes its hub id ORG/NAME, another absolute folder its path
-    relative to the working directory (where train.py and generate.py are run from)."""
-    if not os.path.isabs(spec):
-        return spec
-    posix = Path(spec).as_posix()
-    if match := HF_CACHE_SNAPSHOT.search(posix):
-        return f"{match.group(1)}/{match.group(2)}"
-    return os.path.relpath(spec)
-
-
-# ----------------------------------------------------------------------------------------------
-# Hub folders
 
 
 def hub_config(model, config: dict, *, train_steps: int | None = None) -> dict:
@@ -63,7 +44,7 @@ def hub_config(model, config: dict, *, train_steps: int | None = None) -> dict:
 def model_card(model, *, config: dict | None = None, fid: float | None = None, sampling: str | None = None,
                repo_id: str | None = None, **_unused):
     """The README.md of a Hub folder (huggingface_hub.ModelCard): method, model size, encoder, training steps,
-    sampling settings and the FID when known. SiT.generate_model_card calls it (save_pretrained)."""
+    sampling settings and the FID when known. `export` writes it."""
     from huggingface_hub import ModelCard
 
     cfg = {**(model._hub_mixin_config or {}), **(config or {})}
@@ -118,34 +99,32 @@ model = SiT.from_pretrained("{ckpt}")  # config.json + model.safetensors, strict
 def export(ckpt: str, out_dir: str | os.PathLike, *, use_ema: bool = True, fid: float | None = None,
            sampling: str | None = None, repo_id: str | None = None, legacy: bool = False) -> Path:
     """Write the Hub folder of a checkpoint (any format generate.py loads) into out_dir; returns out_dir."""
-    from checkpoint_io import load_generator
+    from reg.loading import load_generator
 
-    model, config = load_generator(ckpt, use_ema=use_ema, legacy=legacy)
+    model, config, *_ = load_generator(ckpt, use_ema=use_ema, legacy=legacy, decoder=False)
     match = re.search(r"(\d+)\.(pt|safetensors)$", os.path.basename(ckpt))
     out = Path(out_dir)
-    (out / "README.md").unlink(missing_ok=True)  # save_pretrained keeps an existing card
     full = hub_config(model, config, train_steps=int(match.group(1)) if match else None)
-    model.save_pretrained(out, config=full,
-                          model_card_kwargs={"config": full, "fid": fid, "sampling": sampling, "repo_id": repo_id})
+    model.save_pretrained(out, config=full)
+    card = model_card(model, config=full, fid=fid, sampling=sampling, repo_id=repo_id)
+    atomic_write(out / "README.md", card.save)  # over the mixin's generic card
     return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="write a Hub folder (config.json, model.safetensors, README.md)")
-    e.add_argument("ckpt", help="our .pt or ema_*.safetensors, an official .pt, hf:OWNER/REPO[/FILE], a Hub folder")
-    e.add_argument("out_dir", help="folder to write (created; its files are replaced)")
-    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("ckpt", help="our .pt or ema_*.safetensors, an official .pt, hf:OWNER/REPO[/FILE], a Hub folder")
+    p.add_argument("out_dir", help="folder to write (created; its files are replaced)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="the EMA weights (--no-ema: the raw training weights)")
-    e.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA's old decoder_blocks.* checkpoints (as generate.py)")
-    e.add_argument("--fid", type=float, default=None, help="FID-50K to state on the card")
-    e.add_argument("--sampling", type=str, default=None,
+    p.add_argument("--fid", type=finite_float(0), default=None, help="FID-50K to state on the card")
+    p.add_argument("--sampling", type=str, default=None,
                    help=f"generate.py flags of that FID, shown on the card (default: the paper's: {PAPER_SAMPLING})")
-    e.add_argument("--push-to-hub", type=str, default=None, metavar="OWNER/NAME",
+    p.add_argument("--push-to-hub", type=str, default=None, metavar="OWNER/NAME",
                    help="also upload the folder to this Hub repo (needs `hf auth login`)")
-    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     return p.parse_args(argv)
 
 
@@ -154,7 +133,7 @@ def main(args: argparse.Namespace) -> Path:
                  repo_id=args.push_to_hub, legacy=args.legacy)
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
     if args.push_to_hub:
-        from huggingface_hub import upload_folder, create_repo
+        from huggingface_hub import create_repo, upload_folder
         create_repo(args.push_to_hub, private=args.private, exist_ok=True)
         url = upload_folder(repo_id=args.push_to_hub, folder_path=str(out))
         print(f"pushed to {url}")
@@ -162,4 +141,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

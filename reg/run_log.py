@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Callable
 
-from utils import UserError, atomic_write_bytes, nan_to_null
+from reg.utils import UserError, atomic_write_bytes, nan_to_null
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -1,19 +1,17 @@
-"""The accelerate and tracker conventions train.py follows: which trackers (--report-to), which wandb run
-(--wandb-id, WANDB_RUN_ID, the run folder's wandb_run_id.txt) and which mixed precision (--mixed-precision,
-`accelerate launch --mixed_precision`, `accelerate config`), each with the source it came from.
+"""Which trackers train.py reports to (--report-to, as accelerate names them) and which wandb run it continues
+(--wandb-id, WANDB_RUN_ID, the run folder's wandb_run_id.txt), each with the source it came from.
 
-Reads the environment and files only; imports neither accelerate nor the trackers (a tracker's package
-is only looked for, so a missing one is a clear error at start-up and --help stays fast).
+Reads the environment and files only: a tracker's package is only looked for, so a missing one is a clear
+error at start-up and --help stays fast.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import secrets
 from pathlib import Path
 
-from utils import UserError, atomic_write
+from reg.utils import UserError, atomic_write
 
 # accelerate's LoggerType values (accelerate 1.15; tests/test_compat.py checks the installed accelerate),
 # each with the module it needs and the pip package that provides it. "all" takes every installed one.
@@ -29,7 +27,6 @@ TRACKERS: dict[str, tuple[tuple[str, ...], str]] = {
     "swanlab": (("swanlab",), "swanlab"),
 }
 REPORT_TO_CHOICES = ("all", *TRACKERS, "none")
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 def _installed(modules: tuple[str, ...]) -> bool:
@@ -88,60 +85,3 @@ def wandb_run(run_dir: Path, flag_id: str | None, *, write: bool) -> tuple[str, 
     if write and run_id != kept:
         atomic_write(id_file, lambda tmp: Path(tmp).write_text(run_id + "\n"))
     return run_id, os.environ.get("WANDB_RESUME", "").strip() or "allow", source
-
-
-# ----------------------------------------------------------------------------- mixed precision
-
-
-def accelerate_config_file() -> Path | None:
-    """`accelerate config`'s default file (the rule accelerate.commands.config uses), if it exists."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    folder = Path(os.path.expanduser(home)) / "accelerate"
-    for name in ("default_config.yaml", "default_config.json"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def resolve_mixed_precision(flag: str | None, *, cuda: bool) -> tuple[str, str]:
-    """(precision, where it came from): --mixed-precision, else $ACCELERATE_MIXED_PRECISION (which
-    `accelerate launch` always sets: its --mixed_precision, else its config file's value, else "no"),
-    else the mixed_precision of `accelerate config`'s default file (plain python / torchrun), else ours:
-    bf16 on GPU, no on CPU.
-
-    A launcher's "no" that no config file states is the launcher's own default, not a choice (a bare
-    `accelerate launch train.py` sets it): it does not turn our bf16 off; --mixed-precision no does."""
-    if flag:
-        return flag, "--mixed-precision"
-    config_value, config_source = _config_file_precision()
-    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
-    if env and not (env == "no" and not config_value):
-        source = "ACCELERATE_MIXED_PRECISION (accelerate launch)"
-        return _checked(env, source), source
-    if config_value:
-        return _checked(config_value, config_source), config_source
-    default = "default (bf16 on GPU, no on CPU)"
-    if env:
-        default += "; accelerate launch's own default 'no' is not taken as a choice"
-    return ("bf16" if cuda else "no"), default
-
-
-def _config_file_precision() -> tuple[str, str]:
-    """The mixed_precision of `accelerate config`'s default file ("" when there is none), and its name."""
-    path = accelerate_config_file()
-    if path is None:
-        return "", ""
-    import yaml  # accelerate's own dependency
-    text = path.read_text()
-    try:
-        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except Exception as e:
-        raise UserError(f"accelerate config file {path} is unreadable: {e}") from e
-    return str((config or {}).get("mixed_precision") or "").lower(), f"accelerate config {path}"
-
-
-def _checked(value: str, source: str) -> str:
-    if value not in PRECISIONS:
-        raise UserError(f"mixed precision {value!r} from {source} is not supported here; "
-                        f"pass --mixed-precision {'/'.join(PRECISIONS)}")
-    return value

@@ -195,6 +195,15 @@ def safe_globals(classes: list) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def initialized_dist():
+    """torch.distributed when a process group is up, else None (one process, or before set-up)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 # ----------------------------------------------------------------------------- command lines
 
 
@@ -279,7 +288,7 @@ def run_main(main: Callable[..., Any], parse_args: Callable[[list[str]], Any] | 
     """The `if __name__ == "__main__":` of every entry point: main(parse_args(argv)), or main() when
     parse_args is None.
 
-    A user's mistake (USER_ERRORS, plus `user_errors`, e.g. checkpoint_io.CheckpointError) is printed
+    A user's mistake (USER_ERRORS, plus `user_errors`, e.g. reg.checkpoints.CheckpointError) is printed
     as one line, `prog: error: MESSAGE`, and the process exits with status 2, on every rank; only rank
     0 prints (every rank meets the same flags and files). REG_DEBUG=1 in the environment shows the
     traceback instead. Any other exception is a bug: its traceback is shown as usual. Returns main's

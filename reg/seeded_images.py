@@ -1,25 +1,19 @@
-"""In-memory image generation with per-image seeds: the one sampling loop behind generate.py (PNGs and
-the ADM npz), sweep.py and train.py's FID and sample grids (through evaluations/during_training.py), plus what generate.py,
-sweep.py and evaluations/during_training.py share: loading a model for sampling, the run-identity guard, the process
-setup and the gathering of features.
+"""In-memory image generation with per-image seeds: the one sampling loop behind generate.py (PNGs and the
+ADM npz), sweep.py, and train.py's FID and preview grids.
 
 Image i depends only on (global_seed, i) and the sampler settings: the seeding rules are in
-docs/design.md#seeding.
+docs/design.md#seeding. The solvers themselves are in samplers.py.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from reg.utils import UserError
 from samplers import (SAMPLER_MODES, euler_maruyama_sampler, euler_sampler, model_dtype_of, multistep_sampler,
                       per_sample_randn_like)
-from utils import UserError
 
 NOISE_STREAM, LABEL_STREAM = 0, 1
 
@@ -153,78 +147,6 @@ def generate_images(model, decode, indices: Sequence[int], *, global_seed: int, 
         yield batch, to_uint8(images.to(device)), y
 
 
-# ----------------------------------------------------------------------------------------------
-# What generate.py, sweep.py and evaluations/during_training.py share around the loop
-
-
-class SamplingModel(NamedTuple):
-    """A generator ready to sample (eval mode, no grad, in its compute dtype) and its decoder."""
-
-    model: torch.nn.Module
-    config: dict
-    codec: object  # models.vae.load_vae's decoder
-    vae_spec: str
-    latents_scale: float
-
-
-def load_for_sampling(spec: str, *, use_ema: bool, legacy: bool, precision: str, vae: str | None, device,
-                      overrides: dict | None = None, expect: dict | None = None) -> SamplingModel:
-    """checkpoint_io.load_generator (flags restating the checkpoint are checked there by `expect`, runtime
-    settings win there by `overrides`), the model in float64 for precision fp64 else float32 (bf16 runs under
-    autocast), and its decoder: `vae`, else the checkpoint's (ft-ema for SD-VAE latents, as the original)."""
-    from checkpoint_io import load_generator
-    from models.vae import config_decoding_vae, load_vae
-
-    model, config = load_generator(spec, use_ema=use_ema, overrides=overrides, expect=expect, legacy=legacy,
-                                   device=device)
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    model.requires_grad_(False).to(dtype)
-    vae_spec = vae or config_decoding_vae(config)
-    codec = load_vae(vae_spec, device=device, dtype=dtype)
-    if codec.latent_channels != model.in_channels:
-        raise UserError(f"VAE {vae_spec!r} has {codec.latent_channels} latent channels but the model "
-                        f"expects {model.in_channels}")
-    latents_scale = float(config.get("latents_scale", codec.scaling_factor))
-    return SamplingModel(model, config, codec, vae_spec, latents_scale)
-
-
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """generate_images' `dtype` for a --precision flag: bf16 runs the model under autocast."""
     return torch.bfloat16 if precision == "bf16" else None
-
-
-def check_same_settings(record: Path, settings: dict, keys: Sequence[str], *, holds_results: bool,
-                        hint: str) -> None:
-    """The run-identity guard of generate.py and sweep.py: results in a folder may only be added to with
-    the same settings. `record` is the folder's JSON of the settings its results were made with; every
-    key of `keys` must be equal (compared as JSON), else the error lists each as old -> new. Results
-    without a record (`holds_results`) are of unknown settings and refused too. `hint`: what to do instead."""
-    if not record.exists():
-        if holds_results:
-            raise UserError(f"{record.parent} holds results but no {record.name} (made by another program or an "
-                            f"older version?): their settings are unknown, so they cannot be added to; {hint}")
-        return
-    try:
-        old = json.loads(record.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {record} ({e}); {hint}") from e
-    differ = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
-    if differ:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in differ)
-        raise UserError(f"{record.parent} holds results made with other settings ({detail}); {hint}")
-
-
-def gather_features(indices: Sequence[int], features: dict[str, np.ndarray], world_size: int
-                    ) -> dict[str, np.ndarray] | None:
-    """Each process's features of its own images (rows in `indices` order) -> every image's features in
-    index order on rank 0; None on the other ranks. A collective: every rank calls it."""
-    shards = [(np.asarray(indices, dtype=np.int64), features)]
-    if world_size > 1:
-        is_main = dist.get_rank() == 0
-        gathered = [None] * world_size if is_main else None
-        dist.gather_object(shards[0], gathered, dst=0)
-        if not is_main:
-            return None
-        shards = gathered
-    order = np.argsort(np.concatenate([i for i, _ in shards]), kind="stable")
-    return {k: np.concatenate([f[k] for _, f in shards])[order] for k in features}
