@@ -52,6 +52,32 @@ echo "old_torch.sh: $("$VENV/bin/python" -c 'import sys, torch, numpy, accelerat
 print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}, "
       f"accelerate {accelerate.__version__}, timm {timm.__version__}, diffusers {diffusers.__version__}")') \
 (venv ready in $((SECONDS - start)) s)"
+# Installing on a cluster's own torch (docs/compat.md): with the constraints reg.constraints writes, pip keeps the
+# venv's torch 2.4.0 and torchvision 0.19.0 even when told to upgrade everything else (--upgrade: the newest
+# release of every other package, as in a fresh environment on a cluster). And requirements-lock.txt resolves
+# on Python 3.10 (its 3.10 lines). --dry-run resolves from the index's metadata: no wheel is downloaded.
+pip_start=$SECONDS
+pip_dir=$(mktemp -d)
+trap 'rm -rf "$pip_dir"' EXIT
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --dry-run)
+"${PIP[@]}" --ignore-installed -r requirements-lock.txt &  # alongside: both wait mostly on the index
+lock_check=$!
+"$VENV/bin/python" -m reg.constraints -o "$pip_dir/constraints.txt"
+"${PIP[@]}" --upgrade --report "$pip_dir/report.json" -r requirements.txt -c "$pip_dir/constraints.txt"
+"$VENV/bin/python" - "$pip_dir" <<'PY'
+import json, sys
+folder = sys.argv[1]
+kept = [line.strip().split("==") for line in open(f"{folder}/constraints.txt") if not line.startswith("#")]
+report = json.load(open(f"{folder}/report.json"))
+install = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in report["install"]}
+replaced = [f"{name} {version} -> {install[name]}" for name, version in kept if name in install]
+if replaced or not kept:
+    sys.exit(f"old_torch.sh: reg.constraints did not keep the installed packages: {replaced or 'no constraint'}")
+print(f"old_torch.sh: requirements.txt -c constraints keeps {', '.join(' '.join(nv) for nv in kept)} "
+      f"({len(install)} other packages would be installed or upgraded)")
+PY
+wait $lock_check
+echo "old_torch.sh: requirements-lock.txt resolves on $("$VENV/bin/python" --version 2>&1) (pip checks: $((SECONDS - pip_start)) s)"
 if ! "$VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 10)'; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check vermin
   # shellcheck disable=SC2046
