@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,16 @@ def test_grid_parsing():
     assert len(requested) == 2 and len(distinct) == 2
     with pytest.raises(SystemExit):
         sweep.parse_args(["--ref-batch", "r", "--out", "o", "--cfg-scale", "1,x"])
+
+
+def test_default_guidance_high_list_doubles_the_guided_settings():
+    """What docs/sampling.md's sweep section says of the default grid: 2 x 2 guided settings and one unguided."""
+    default = sweep.parse_args(["--ref-batch", "r.npz", "--out", "o"])
+    one = sweep.parse_args(["--ref-batch", "r.npz", "--out", "o", "--guidance-high", "0.85"])
+    assert [len(sweep.build_grid(a)[1]) for a in (default, one)] == [5, 3]
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "sampling.md").read_text().split())
+    shown = ",".join(f"{h:g}" for h in default.guidance_high)
+    assert f"The default `--guidance-high {shown}` doubles every guided setting" in text and "5 in all" in text
 
 
 def test_paper_column():
