@@ -8,7 +8,7 @@ Checkpoints     checkpoints (files and the training folder), hub (local paths an
                 loading (the one loader of a generator), export (Hub folders and model cards)
 Training        train_step (one optimisation step, exactly resumable), throughput (FLOPs, MFU)
 Sampling        seeded_images (images from per-image seeds), class_grid (--class-labels and labelled grids)
-Set-up          constraints (install around a cluster's own torch)
+Set-up          constraints (install around a cluster's own torch), prefetch (fill the caches for offline nodes)
 Ground          interpolant (the path alpha(t), sigma(t)), utils (atomic writes, command-line helpers)
 
 The model, loss, samplers and dataset stay at the top of the repository, where REG's code has them.

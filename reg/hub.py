@@ -66,6 +66,15 @@ def _hub_weight_file(repo: str) -> str:
     return files[0]
 
 
+def cached_snapshot(repo: str) -> Path | None:
+    """The folder of `repo`'s snapshot in the HF cache, or None; never the network."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id=repo, local_files_only=True))
+    except Exception:  # not cached, or not a repo id
+        return None
+
+
 def is_repo_id(spec: str) -> bool:
     """A bare OWNER/NAME that names no local path: read as a Hub repo id (see the module docstring)."""
     return (REPO_ID.fullmatch(spec) is not None and not spec.endswith(WEIGHT_SUFFIXES)

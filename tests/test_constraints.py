@@ -77,7 +77,6 @@ def would_install(install, tmp_path: Path, *args: str) -> dict[str, str]:
     return {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
 
 
-@pytest.mark.slow
 def test_constraints_keep_the_installed_torch(cluster, tmp_path):
     install, make_constraints = cluster
     out = tmp_path / "constraints.txt"
