@@ -3,6 +3,8 @@
 # requirements.txt (torch 2.4.0, numpy 1.26, accelerate 1.0, ...), installed into a venv of their own.
 #
 # Core = model, loss, samplers, checkpoints, two training steps, one generation (CORE_TESTS below).
+# Before them, two pip dry runs: installing requirements.txt over this torch with reg.constraints keeps it, and
+# requirements-lock.txt resolves on Python 3.10.
 # PyPI's Linux torch wheels are CUDA builds: the first run downloads ~3.5 GB (torch + nvidia-* libraries,
 # ~5 GB installed); the tests run on the CPU. Later runs reuse the venv.
 #   REG_OLD_VENV  where the venv lives (default: $TMPDIR/reg-old-torch, outside the repository)
