@@ -96,6 +96,23 @@ def test_multistep_beats_heun_at_equal_evaluations(path_type):
         assert e[name][3] / e[name][2] < 0.4, (name, e[name])
 
 
+def test_accuracy_benchmark_answers_help_and_writes_where_told(tmp_path, capsys, monkeypatch):
+    """--help prints the usage and runs nothing; --out puts the figure there (docs/ untouched)."""
+    from benchmarks import sampler_accuracy as bench
+    figure = bench.ROOT / "docs" / "sampler_accuracy.png"
+    before = figure.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+    fake = {name: [10.0 ** -k for k in range(len(bench.NFES))] for name in bench.LABELS}  # the plumbing only
+    monkeypatch.setattr(bench, "flow_map_errors", lambda path, nfes, guidance: fake)
+    bench.main(["--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_mtime_ns == before
+    table = capsys.readouterr().out
+    assert "| paper | cosine | 40 |" in table and "| none | linear | 10 |" in table
+
+
 def test_data_from_velocity_is_exact():
     """D = E[x0 | x_t] of the Gaussian from its exact velocity, for both paths and at t = 1."""
     model = two_class_model("cosine")
