@@ -96,6 +96,16 @@ def test_multistep_beats_heun_at_equal_evaluations(path_type):
         assert e[name][3] / e[name][2] < 0.4, (name, e[name])
 
 
+def test_dpm2m_alone_is_above_euler_at_4_and_6_evaluations_on_the_cosine_path():
+    """What docs/sampling.md says of DPM-Solver++(2M) without the corrector: below Euler from 8 evaluations on,
+    but above it at 4 and 6 on the cosine path."""
+    e = flow_map_errors("cosine", (4, 6, 8, 10), solvers=("euler", "dpm2m"))
+    assert e["dpm2m"][0] > e["euler"][0] and e["dpm2m"][1] > e["euler"][1], e
+    assert e["dpm2m"][2] < e["euler"][2] and e["dpm2m"][3] < e["euler"][3], e
+    linear = flow_map_errors("linear", (4, 6), solvers=("euler", "dpm2m"))
+    assert all(d < u for d, u in zip(linear["dpm2m"], linear["euler"])), linear
+
+
 def test_accuracy_benchmark_answers_help_and_writes_where_told(tmp_path, capsys, monkeypatch):
     """--help prints the usage and runs nothing; --out puts the figure there (docs/ untouched)."""
     from benchmarks import sampler_accuracy as bench
