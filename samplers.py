@@ -395,6 +395,13 @@ def multistep_time_grid(num_steps: int, cfg_scale: float = 1.0, guidance_low: fl
     return torch.cat([*grid, torch.zeros(1, dtype=torch.float64)])
 
 
+def _guided_steps(t_steps: torch.Tensor, cfg_scale: float, guidance_low: float, guidance_high: float) -> list[bool]:
+    """Whether each step of the grid follows the guided field: its midpoint decides, so that a step that
+    ends (or starts) on a switch time is on its own side of it."""
+    return [_in_interval(0.5 * (a + b), cfg_scale, guidance_low, guidance_high)
+            for a, b in zip(t_steps[:-1].tolist(), t_steps[1:].tolist())]
+
+
 @torch.no_grad()
 def multistep_sampler(
     model,
@@ -421,16 +428,13 @@ def multistep_sampler(
     exact when D is linear in lambda; the coefficients stay finite at alpha_s = 0 (t = 1) and
     sigma_t = 0 (t = 0). The corrector recomputes x_t with D' = D_s + weights on (D_prev, D_t), D_t
     being the evaluation at the predicted x_t that the next step needs anyway (not redone at the
-    corrected point). First order (DDIM) where the previous point is t = 1 (lambda = -inf: the
-    first two steps) and on the last step to t = 0, which has no corrector (as DPM-Solver++'s
-    lower_order_final).
+    corrected point). First order (DDIM) where the previous point is t = 1 (lambda = -inf) and on the
+    last step to t = 0, which has no corrector (DPM-Solver++'s lower_order_final).
 
-    Guidance: a step follows the guided field iff cfg_scale > 1 and guidance_low <= t <= guidance_high
-    on it. The grid (multistep_time_grid) steps onto each switch time; there the history restarts (a
-    step's D_prev and the corrector's D_t belong to its own field), so the jump in the field costs no
-    order. The evaluation at a switch is one guided forward whose conditional half is the unguided
-    field: no extra evaluation. Without an interval inside (0, 1) the grid is linspace(1, 0, num_steps + 1)
-    and nothing restarts. Returns (latents, cls_token) as the other samplers do; it draws no randomness.
+    Guidance: a step follows the guided field iff cfg_scale > 1 and guidance_low <= t <= guidance_high on
+    it. The grid (multistep_time_grid) steps onto each switch time and the history restarts there, so the
+    jump in the field costs no order; one guided forward at a switch gives both fields (its conditional
+    half is the unguided one). Returns (latents, cls_token) as the other samplers; draws no randomness.
     """
     forward, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps, cfg_scale=cfg_scale,
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
@@ -446,9 +450,7 @@ def multistep_sampler(
         return out
 
     t_steps = multistep_time_grid(num_steps, cfg_scale, guidance_low, guidance_high)
-    # The field step i follows; its midpoint decides, so that a step ending on a switch is on the right side.
-    guided = [_in_interval(0.5 * (a + b), cfg_scale, guidance_low, guidance_high)
-              for a, b in zip(t_steps[:-1].tolist(), t_steps[1:].tolist())]
+    guided = _guided_steps(t_steps, cfg_scale, guidance_low, guidance_high)
     alphas, sigmas, _, _ = interpolant(t_steps, path_type)
     alphas = torch.where(t_steps == 1.0, 0.0, alphas)  # the cosine path's cos(pi/2) is 6e-17, not 0
     lams = [_log_snr(a, s) for a, s in zip(alphas.tolist(), sigmas.tolist())]

@@ -138,19 +138,21 @@ def rk4_reference(model: GaussianVelocity, x: torch.Tensor, c: torch.Tensor, y: 
     return x, c
 
 
-def flow_map_errors(path_type: str, nfes=(10, 20, 40), n: int = 64, guidance: str = "none",
+def flow_map_errors(path_type: str, nfes=(10, 20, 40), n: int = 64, guidance: str | dict = "none",
                     reference_steps: int = 400, solvers=tuple(LABELS)) -> dict[str, list[float]]:
     """Max |error| (latents and class token) against the reference, per solver (keys of LABELS), at equal
     evaluations: Euler nfe steps, Heun (nfe + 1) // 2 steps (2 steps - 1 evaluations), the multistep
-    solvers nfe steps. `guidance`: a key of GUIDANCE; `reference_steps`: RK4 steps per unit time under it."""
+    solvers nfe steps. `guidance`: a key of GUIDANCE or its own sampler keywords (cfg_scale, ...);
+    `reference_steps`: RK4 steps per unit time where there is guidance."""
     model = two_class_model(path_type)
     x1, c1 = initial_noise(n, seed=2)
     y = torch.arange(2).repeat(n // 2)
-    kw = dict(cls_latents=c1, path_type=path_type, **GUIDANCE[guidance])
-    if guidance == "none":  # the exact flow map
+    settings = GUIDANCE[guidance] if isinstance(guidance, str) else guidance
+    kw = dict(cls_latents=c1, path_type=path_type, **settings)
+    if settings.get("cfg_scale", 1.0) <= 1.0:  # the exact flow map
         target = (model.mu_x[y] + model.s_x * x1, model.mu_c[y] + model.s_c * c1)
     else:
-        target = rk4_reference(model, x1, c1, y, steps_per_unit=reference_steps, **GUIDANCE[guidance])
+        target = rk4_reference(model, x1, c1, y, steps_per_unit=reference_steps, **settings)
     runs = {
         "euler": lambda k: (k, lambda: euler_sampler(model, x1, y, num_steps=k, **kw)),
         "heun": lambda k: (2 * ((k + 1) // 2) - 1, lambda: euler_sampler(model, x1, y, num_steps=(k + 1) // 2,

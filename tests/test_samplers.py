@@ -197,14 +197,16 @@ def test_multistep_time_grid_steps_onto_the_guidance_switches():
         multistep_time_grid(2, cfg_scale=2.0, guidance_low=0.2, guidance_high=0.85)
 
 
+@pytest.mark.parametrize("guidance", ["paper", dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_low=0.3,
+                                                     guidance_high=0.85)], ids=["paper", "two-switches"])
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
-def test_multistep_is_second_order_under_the_papers_guidance(path_type):
-    """The paper's guidance (2.3 on latents and class token while t <= 0.85): the field jumps at 0.85. Against
-    RK4 on each side of the switch: DPM-Solver++(2M) and UniPC keep their order (40 -> 80 -> 160 evaluations
-    divide the error by ~4; a history carried across the switch made it ~2, first order) and UniPC stays
-    below Heun at equal evaluations (docs/sampling.md has the table)."""
+def test_multistep_is_second_order_under_the_papers_guidance(path_type, guidance):
+    """The paper's guidance (2.3 on latents and class token while t <= 0.85): the field jumps at 0.85 (and at
+    0.3 too in the second case). Against RK4 on each side of the switch: DPM-Solver++(2M) and UniPC keep their
+    order (40 -> 80 -> 160 evaluations divide the error by ~4; a history carried across the switch made it ~2,
+    first order) and UniPC stays below Heun at equal evaluations (docs/sampling.md has the table)."""
     nfes = (40, 80, 160)
-    e = flow_map_errors(path_type, nfes, guidance="paper", reference_steps=50, solvers=("heun", "dpm2m", "unipc"))
+    e = flow_map_errors(path_type, nfes, guidance=guidance, reference_steps=50, solvers=("heun", "dpm2m", "unipc"))
     for name in ("dpm2m", "unipc"):
         order = math.log2(e[name][1] / e[name][2])  # measured: 1.8 (2M), 1.8-2.1 (UniPC)
         assert 1.6 < order < 2.5, (name, order, e[name])
