@@ -21,7 +21,8 @@ x_t = alpha(t) x0 + sigma(t) eps. The sampler state is float64; the model runs i
 dtype (the dtype of its parameters, or of ``latents`` for a parameter-free callable). The
 label ``model.num_classes`` is the null label for classifier-free guidance (CFG). CFG runs the
 conditional and unconditional halves in one batched forward, and only on steps whose current
-time t satisfies ``guidance_low <= t <= guidance_high`` (and ``cfg_scale > 1``, as in REPA/REG).
+time t satisfies ``guidance_low <= t <= guidance_high`` (and ``cfg_scale > 1``, as in REPA/REG); the
+multistep solvers step onto the interval's ends instead (multistep_time_grid).
 
 Randomness (SDE only) has one source: ``randn_like(x) -> eps``, a callable returning standard
 normal noise shaped like ``x`` (EDM2's convention). The default is ``torch.randn_like`` (torch's
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from reg.interpolant import check_path_type, interpolant
+from reg.utils import UserError
 
 # SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REG samplers.py, euler_maruyama_sampler).
 T_LAST = 0.04
@@ -382,10 +384,10 @@ def multistep_time_grid(num_steps: int, cfg_scale: float = 1.0, guidance_low: fl
                                                   reverse=True)
     if not switches:
         return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    if num_steps < len(switches) + 1:
-        raise ValueError(f"the guidance interval [{guidance_low}, {guidance_high}] cuts (0, 1) into "
-                         f"{len(switches) + 1} pieces, and the multistep solvers step onto each switch: "
-                         f"num_steps must be >= {len(switches) + 1}, got {num_steps}")
+    if num_steps < len(switches) + 1:  # a UserError: the entry points print it as one line
+        raise UserError(f"the guidance interval [{guidance_low}, {guidance_high}] cuts (0, 1) into "
+                        f"{len(switches) + 1} pieces and the multistep solvers step onto each switch: "
+                        f"num_steps (--num-steps) must be >= {len(switches) + 1}, got {num_steps}")
     ends, pieces = [0], [1.0, *switches, 0.0]
     for j, s in enumerate(switches):  # steps from t = 1 to switch j, strictly increasing, leaving one per piece
         ends.append(min(max(round(num_steps * (1.0 - s)), ends[-1] + 1), num_steps - (len(switches) - j)))

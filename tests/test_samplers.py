@@ -193,7 +193,8 @@ def test_multistep_time_grid_steps_onto_the_guidance_switches():
         for i, j in zip(idx, idx[1:]):  # uniform between switches
             gaps = grid[i:j + 1].diff()
             assert torch.allclose(gaps, gaps[0].expand_as(gaps), rtol=1e-9, atol=0), (steps, low, high)
-    with pytest.raises(ValueError, match="num_steps must be >= 3"):
+    from reg.utils import UserError  # one line from the entry points, naming the flag
+    with pytest.raises(UserError, match=r"num_steps \(--num-steps\) must be >= 3, got 2"):
         multistep_time_grid(2, cfg_scale=2.0, guidance_low=0.2, guidance_high=0.85)
 
 
