@@ -11,7 +11,7 @@ token together. Two guidance settings:
   paper  the paper's: 2.3 on the latents and the class token while t <= 0.85. The flow has no closed form
          there: the reference is classical RK4 on each side of the switch (stepping onto t = 0.85), each side
          with its own field, 400 steps per unit time (its own error is about 1e-10 here).
-CPU, about a minute. tests/test_samplers.py uses the same target and references.
+CPU, about 20 s. tests/test_samplers.py uses the same target and references.
 """
 from __future__ import annotations
 
