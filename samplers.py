@@ -21,7 +21,8 @@ x_t = alpha(t) x0 + sigma(t) eps. The sampler state is float64; the model runs i
 dtype (the dtype of its parameters, or of ``latents`` for a parameter-free callable). The
 label ``model.num_classes`` is the null label for classifier-free guidance (CFG). CFG runs the
 conditional and unconditional halves in one batched forward, and only on steps whose current
-time t satisfies ``guidance_low <= t <= guidance_high`` (and ``cfg_scale > 1``, as in REPA/REG).
+time t satisfies ``guidance_low <= t <= guidance_high`` (and ``cfg_scale > 1``, as in REPA/REG); the
+multistep solvers step onto the interval's ends instead (multistep_time_grid).
 
 Randomness (SDE only) has one source: ``randn_like(x) -> eps``, a callable returning standard
 normal noise shaped like ``x`` (EDM2's convention). The default is ``torch.randn_like`` (torch's
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from reg.interpolant import check_path_type, interpolant
+from reg.utils import UserError
 
 # SDE time grid: linspace(1, T_LAST, num_steps) followed by 0 (REG samplers.py, euler_maruyama_sampler).
 T_LAST = 0.04
@@ -365,6 +367,43 @@ def _unic_weights(h: float, r: float | None) -> tuple[float, float]:
     return rho_prev, b1 - rho_prev
 
 
+def multistep_time_grid(num_steps: int, cfg_scale: float = 1.0, guidance_low: float = 0.0,
+                        guidance_high: float = 1.0) -> torch.Tensor:
+    """The multistep solvers' time grid, (num_steps + 1,) float64 from 1 to 0.
+
+    Without a guidance interval inside (0, 1) (cfg_scale <= 1, or guidance_low <= 0 and guidance_high >= 1)
+    it is euler_sampler's linspace(1, 0, num_steps + 1). Otherwise guidance switches on or off at
+    guidance_high and guidance_low, and the field the ODE follows jumps there: the grid then steps onto
+    each switch time, uniform on each piece between them, with the piece ending at switch s taking
+    round(num_steps (1 - s)) steps in all (at least one per piece). When a switch time lies on the
+    uniform grid (0.85 at a multiple of 20 steps), the grid is the uniform one up to rounding.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    switches = [] if cfg_scale <= 1.0 else sorted({t for t in (guidance_high, guidance_low) if 0.0 < t < 1.0},
+                                                  reverse=True)
+    if not switches:
+        return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    if num_steps < len(switches) + 1:  # a UserError: the entry points print it as one line
+        raise UserError(f"the guidance interval [{guidance_low}, {guidance_high}] cuts (0, 1) into "
+                        f"{len(switches) + 1} pieces and the multistep solvers step onto each switch: "
+                        f"num_steps (--num-steps) must be >= {len(switches) + 1}, got {num_steps}")
+    ends, pieces = [0], [1.0, *switches, 0.0]
+    for j, s in enumerate(switches):  # steps from t = 1 to switch j, strictly increasing, leaving one per piece
+        ends.append(min(max(round(num_steps * (1.0 - s)), ends[-1] + 1), num_steps - (len(switches) - j)))
+    ends.append(num_steps)
+    grid = [torch.linspace(pieces[j], pieces[j + 1], ends[j + 1] - ends[j] + 1, dtype=torch.float64)[:-1]
+            for j in range(len(pieces) - 1)]
+    return torch.cat([*grid, torch.zeros(1, dtype=torch.float64)])
+
+
+def _guided_steps(t_steps: torch.Tensor, cfg_scale: float, guidance_low: float, guidance_high: float) -> list[bool]:
+    """Whether each step of the grid follows the guided field: its midpoint decides, so that a step that
+    ends (or starts) on a switch time is on its own side of it."""
+    return [_in_interval(0.5 * (a + b), cfg_scale, guidance_low, guidance_high)
+            for a, b in zip(t_steps[:-1].tolist(), t_steps[1:].tolist())]
+
+
 @torch.no_grad()
 def multistep_sampler(
     model,
@@ -384,35 +423,41 @@ def multistep_sampler(
     corrector UniC when `corrector` (UniPC-2 with B(h) = e^h - 1), jointly for latents and class
     token: num_steps evaluations either way (twice the batch on guided ones); docs/sampling.md.
 
-    The guided velocity (as in euler_sampler) gives the data prediction D = E[x0 | x_t]
+    The velocity (guided as in euler_sampler) gives the data prediction D = E[x0 | x_t]
     (data_from_velocity). With lambda = log(alpha / sigma), h = lambda_t - lambda_s, a step s -> t is
         x_t = (sigma_t / sigma_s) x_s + (alpha_t - alpha_s sigma_t / sigma_s) D',
         predictor D' = D_s + (D_s - D_prev) / (2 r'),   r' = (lambda_s - lambda_prev) / h,
     exact when D is linear in lambda; the coefficients stay finite at alpha_s = 0 (t = 1) and
     sigma_t = 0 (t = 0). The corrector recomputes x_t with D' = D_s + weights on (D_prev, D_t), D_t
     being the evaluation at the predicted x_t that the next step needs anyway (not redone at the
-    corrected point). First order (DDIM) where the previous point is t = 1 (lambda = -inf: the
-    first two steps) and on the last step to t = 0, which has no corrector (as DPM-Solver++'s
-    lower_order_final). Time grid linspace(1, 0, num_steps + 1), as euler_sampler's; an evaluation
-    at time t is guided when guidance_low <= t <= guidance_high (t is the start of its step).
-    Returns (latents, cls_token) as the other samplers do; it draws no randomness.
+    corrected point). First order (DDIM) where the previous point is t = 1 (lambda = -inf) and on the
+    last step to t = 0, which has no corrector (DPM-Solver++'s lower_order_final).
+
+    Guidance: a step follows the guided field iff cfg_scale > 1 and guidance_low <= t <= guidance_high on
+    it. The grid (multistep_time_grid) steps onto each switch time and the history restarts there, so the
+    jump in the field costs no order; one guided forward at a switch gives both fields (its conditional
+    half is the unguided one). Returns (latents, cls_token) as the other samplers; draws no randomness.
     """
     forward, x, c = _start(model, latents, y, cls_latents, num_steps=num_steps, cfg_scale=cfg_scale,
                            cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                            path_type=path_type)
 
-    velocity = _guided_velocity(forward, y, cfg_scale, cls_cfg_scale)
+    def data(state, t: float, fields: set[bool]) -> dict[bool, tuple]:
+        """D under each field asked for (True: guided, False: conditional only), from one forward."""
+        v, v_u, vc, vc_u = forward(state[0], state[1], y, t, guided=True in fields)
+        out = {}
+        for guided in fields:
+            vel = (_cfg(v, v_u, cfg_scale), _cfg(vc, vc_u, cls_cfg_scale)) if guided else (v, vc)
+            out[guided] = _both(lambda v_, x_: data_from_velocity(v_, x_, t, path_type), vel, state)
+        return out
 
-    def data(state, t: float):
-        v, vc = velocity(state[0], state[1], t, _in_interval(t, cfg_scale, guidance_low, guidance_high))
-        return _both(lambda v_, x_: data_from_velocity(v_, x_, t, path_type), (v, vc), state)
-
-    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    t_steps = multistep_time_grid(num_steps, cfg_scale, guidance_low, guidance_high)
+    guided = _guided_steps(t_steps, cfg_scale, guidance_low, guidance_high)
     alphas, sigmas, _, _ = interpolant(t_steps, path_type)
     alphas = torch.where(t_steps == 1.0, 0.0, alphas)  # the cosine path's cos(pi/2) is 6e-17, not 0
     lams = [_log_snr(a, s) for a, s in zip(alphas.tolist(), sigmas.tolist())]
     state = (x, c)
-    d_cur, d_prev, lam_prev = data(state, 1.0), None, -math.inf
+    d_cur, d_prev, lam_prev = data(state, 1.0, {guided[0]})[guided[0]], None, -math.inf
     for i in range(num_steps):
         a_s, s_s, a_t, s_t = (float(q) for q in (alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]))
         h = lams[i + 1] - lams[i]
@@ -424,14 +469,17 @@ def multistep_sampler(
         if i == num_steps - 1:  # the last step ends at t = 0: no evaluation there to correct with
             state = predicted
             break
-        d_next = data(predicted, float(t_steps[i + 1]))
+        g, g_next = guided[i], guided[i + 1]
+        d_at_next = data(predicted, float(t_steps[i + 1]), {g_next, g} if corrector else {g_next})
         if corrector:
             rho_prev, rho_next = _unic_weights(h, r)
-            d_hat = _both(lambda d, n: d + rho_next * (n - d), d_cur, d_next)
+            d_hat = _both(lambda d, n: d + rho_next * (n - d), d_cur, d_at_next[g])  # D_t of this step's field
             if r is not None:
                 d_hat = _both(lambda d, e: d + rho_prev * e, d_hat, d1)
             predicted = _both(lambda s_, d: ratio * s_ + w * d, state, d_hat)
-        state, d_prev, lam_prev, d_cur = predicted, d_cur, lams[i], d_next
+        # At a switch the next step's history would be in the other field: restart it (first order).
+        d_prev, lam_prev = (None, -math.inf) if g_next != g else (d_cur, lams[i])
+        state, d_cur = predicted, d_at_next[g_next]
 
     x, c = state
     return x.to(latents.dtype), None if c is None else c.to(cls_latents.dtype)

@@ -12,9 +12,12 @@ pretrained 37x37 position table is resampled ONCE, at load time, with
 `timm.layers.pos_embed.resample_abs_pos_embed(pos, [16 * res / 256] * 2)` (bicubic with antialias, the
 class row kept), so DINOv2's own run-time interpolation never runs. Inputs are preprocessed as REG's
 train.py `preprocess_raw_image`: x / 255, ImageNet mean/std, then bicubic to 224 * res / 256
-(CLIP: resize first, then CLIP's mean/std; its tokens WITHOUT the final norm, as REPA's CLIP wrapper).
+(CLIP: resize first, then CLIP's mean/std; OpenAI's QuickGELU; its tokens WITHOUT the final norm, as REPA's
+CLIP wrapper).
 DINOv3 and SigLIP 2 have patch 16: the image goes in at R px as it is (16 R / 256 patches a side).
-SigLIP has no class token: its `cls` is the model's pooled output (the MAP head).
+SigLIP has no class token: its `cls` is the model's pooled output (the MAP head); its GELU is big_vision's tanh one.
+Where timm's default activation is not the original's, EncoderSpec.act_layer sets it (tests/test_encoders.py
+checks every family against the original architecture written out by hand).
 
 Weights (`weights` argument / `--enc-weights`, else the REG_ENC_WEIGHTS environment variable):
     None / "hub"  first the file REG users already have in the torch.hub cache,
@@ -62,6 +65,7 @@ class EncoderSpec:
     patch: int = 14  # pixels a patch: the input side is 16 * res / 256 patches of it (224 px at 256 for 14)
     final_norm: bool = True  # False: the last block's tokens without timm's final norm (REPA's CLIP: no ln_post)
     class_token: bool = True  # False (SigLIP): REG's token is the model's own pooled output (MAP head / mean)
+    act_layer: str | None = None  # timm's activation, where timm's default is not the original model's
 
 
 def _dinov2(size: str, reg: bool) -> EncoderSpec:
@@ -90,16 +94,19 @@ def _siglip2(size: str) -> EncoderSpec:
     """SigLIP 2 image tower at 256 px, patch 16 (timm's `.v2_webli` tags): no class token, a MAP head."""
     arch = {"b": "base", "l": "large", "so400m": "so400m"}[size]
     name = f"vit_{arch}_patch16_siglip_256.v2_webli"
+    # big_vision's ViT (blocks and MAP head) uses flax's nn.gelu, the tanh approximation; timm's SigLIP the exact one
     return EncoderSpec(name, SIGLIP_MEAN, SIGLIP_STD, f"https://huggingface.co/timm/{name}", patch=16,
-                       class_token=False)
+                       class_token=False, act_layer="gelu_tanh")
 
 
 ENCODERS: dict[str, EncoderSpec] = {
     **{f"dinov2-vit-{s}": _dinov2(s, False) for s in "sblg"},
     **{f"dinov2reg-vit-{s}": _dinov2(s, True) for s in "sblg"},
+    # OpenAI's CLIP (REPA: clip.load("ViT-L/14").visual) uses QuickGELU, x sigmoid(1.702 x); timm's .openai
+    # model runs the same weights with GELU unless told (its _quickgelu_ variant is this override)
     "clip-vit-L": EncoderSpec("vit_large_patch14_clip_224.openai", CLIP_MEAN, CLIP_STD,
                               "https://huggingface.co/timm/vit_large_patch14_clip_224.openai", resize_first=True,
-                              final_norm=False),
+                              final_norm=False, act_layer="quick_gelu"),
     **{f"dinov3-vit-{s}": _dinov3(s) for s in ("s", "b", "l", "hplus")},
     **{f"siglip2-vit-{s}": _siglip2(s) for s in ("b", "l", "so400m")},
 }
@@ -260,6 +267,47 @@ def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     return _read_state_dict(Path(path))
 
 
+def _dropped_qkv_bias(sd: dict[str, torch.Tensor], vit: nn.Module) -> list[str]:
+    """DINOv3's own files hold a q, k, v bias with k masked to 0. timm's DINOv3 models without q/v bias
+    drop it while converting, which is exact only where it is zero (as in Meta's released weights):
+    the names of the non-zero ones that would be lost."""
+    if "storage_tokens" not in sd or any(n.endswith("q_bias") for n, _ in vit.named_parameters()):
+        return []
+    return [k for k, v in sd.items() if k.endswith("attn.qkv.bias")
+            and bool((v * sd.get(f"{k}_mask", torch.ones_like(v))).ne(0).any())]
+
+
+def _load_weights(vit: nn.Module, name: str, spec: EncoderSpec, weights: str | None, resolution: int) -> None:
+    """Load pretrained weights into the timm model: the torch.hub cache or the HF hub (weights None / "hub"),
+    or a local file or folder, in timm's naming or the original one."""
+    if weights in (None, "", "hub"):
+        cached = torch_hub_weights(spec)
+        sd = _read_state_dict(cached) if cached is not None else _hub_state_dict(name, spec)
+        source = str(cached) if cached is not None else f"timm/{spec.timm_name}"
+    else:
+        path = Path(os.path.expanduser(weights))
+        if not path.exists():
+            raise WeightsNotFoundError(
+                f"encoder weights {path} do not exist (for {name}: the official file is {spec.official_url})")
+        sd = _read_state_dict(path)
+        source = str(path)
+    if "pos_embed" in sd:
+        # REG's one resample (utils.py load_encoders): done here explicitly, so that timm's
+        # checkpoint_filter_fn below finds the right size and leaves the table alone.
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], patch_grid(resolution))
+    dropped = _dropped_qkv_bias(sd, vit)
+    if dropped:
+        raise UserError(f"encoder weights {source} have a non-zero attention bias ({dropped[0]}, ...) that "
+                        f"{spec.timm_name} has no place for (Meta's released DINOv3 weights have none)")
+    # timm converts torch.hub DINOv2 / DINOv3 / OpenAI CLIP naming to its own (drops mask_token, etc.)
+    sd = sys.modules[type(vit).__module__].checkpoint_filter_fn(sd, vit)  # vision_transformer / eva
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith("head")]
+    if missing or unexpected:
+        raise UserError(f"encoder weights {source} do not match {name} ({spec.timm_name}): "
+                        f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
 def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256,
                  timm_kwargs: dict | None = None) -> VisionEncoder:
     """Build one frozen encoder; see the module docstring for `weights`. `timm_kwargs` override the
@@ -273,34 +321,15 @@ def load_encoder(name: str, *, weights: str | None = None, resolution: int = 256
 
     spec = ENCODERS[name]
     size = patch_grid(resolution) * spec.patch
-    vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0, **(timm_kwargs or {}))
+    arch = {"act_layer": spec.act_layer} if spec.act_layer else {}
+    vit = timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0,
+                            **arch, **(timm_kwargs or {}))
     if weights == "random":
         warnings.warn(
             f"\n{'!' * 78}\n!! encoder {name} uses RANDOM weights: smoke tests only, the REPA/REG losses "
             f"are meaningless !!\n{'!' * 78}", stacklevel=2)
     else:
-        if weights in (None, "", "hub"):
-            cached = torch_hub_weights(spec)
-            sd = _read_state_dict(cached) if cached is not None else _hub_state_dict(name, spec)
-            source = str(cached) if cached is not None else f"timm/{spec.timm_name}"
-        else:
-            path = Path(os.path.expanduser(weights))
-            if not path.exists():
-                raise WeightsNotFoundError(
-                    f"encoder weights {path} do not exist (for {name}: the official file is {spec.official_url})")
-            sd = _read_state_dict(path)
-            source = str(path)
-        if "pos_embed" in sd:
-            # REG's one resample (utils.py load_encoders): done here explicitly, so that timm's
-            # checkpoint_filter_fn below finds the right size and leaves the table alone.
-            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], patch_grid(resolution))
-        # timm converts torch.hub DINOv2 / DINOv3 / OpenAI CLIP naming to its own (drops mask_token, etc.)
-        sd = sys.modules[type(vit).__module__].checkpoint_filter_fn(sd, vit)  # vision_transformer / eva
-        missing, unexpected = vit.load_state_dict(sd, strict=False)
-        unexpected = [k for k in unexpected if not k.startswith("head")]
-        if missing or unexpected:
-            raise UserError(f"encoder weights {source} do not match {name} ({spec.timm_name}): "
-                             f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+        _load_weights(vit, name, spec, weights, resolution)
     if not spec.final_norm:  # REPA's CLIP wrapper returns the last block's tokens, without ln_post
         vit.norm = nn.Identity()
     return VisionEncoder(name, vit, spec, resolution)

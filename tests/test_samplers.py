@@ -3,7 +3,8 @@
 For x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps, (x0, eps, x_t) are jointly Gaussian and
     E[v | x_t] = d_alpha E[x0 | x_t] + d_sigma E[eps | x_t],
     E[x0 | x_t] = mu + alpha s^2 / V (x_t - alpha mu),  E[eps | x_t] = sigma / V (x_t - alpha mu),
-with V = alpha^2 s^2 + sigma^2. That is the exact "model" a perfect network would learn, so
+with V = alpha^2 s^2 + sigma^2 (benchmarks/sampler_accuracy.py's GaussianVelocity, shared with the accuracy
+benchmark). That is the exact "model" a perfect network would learn, so
 the samplers must reproduce N(mu, s^2) up to discretisation and sampling error. With one
 Gaussian per class (a mixture for the null label) it also tests classifier-free guidance.
 
@@ -16,72 +17,10 @@ import math
 import pytest
 import torch
 
+from benchmarks.sampler_accuracy import CLS_DIM, X_SHAPE, flow_map_errors, initial_noise, two_class_model
 from reg.interpolant import interpolant
 from samplers import (T_LAST, data_from_velocity, euler_maruyama_sampler, euler_sampler, multistep_sampler,
-                      per_sample_randn_like, score_from_velocity)
-
-X_SHAPE = (2, 2, 2)  # (C, H, W) latents
-CLS_DIM = 3
-
-
-class GaussianVelocity:
-    """Exact velocity of a per-class Gaussian (x0, c0), independent given the class.
-
-    Labels 0..K-1 are the classes; label K (= num_classes) is the null label, whose exact
-    velocity is that of the equal-weight mixture (class posterior from x and c jointly).
-    Returns (v, zs, v_cls) like SiT; v_cls is None when called with cls_token=None.
-    """
-
-    def __init__(self, mu_x, s_x, mu_c, s_c, path_type="linear"):
-        self.mu_x, self.s_x = mu_x.double(), s_x  # (K, C, H, W)
-        self.mu_c, self.s_c = mu_c.double(), s_c  # (K, CLS_DIM)
-        self.num_classes = mu_x.shape[0]
-        self.path_type = path_type
-        self.batch_sizes: list[int] = []
-        self.labels: list[torch.Tensor] = []
-
-    @staticmethod
-    def _per_class(x, t, mu, s, path_type):
-        """Velocity and log-likelihood of x under each class: (N, K, ...) and (N, K)."""
-        a, sig, da, dsig = (q.reshape(-1, 1, *[1] * (x.dim() - 1)) for q in interpolant(t, path_type))
-        var = a**2 * s**2 + sig**2
-        r = x[:, None] - a * mu[None]
-        v = da * (mu[None] + a * s**2 / var * r) + dsig * sig / var * r
-        dims = tuple(range(2, r.dim()))
-        loglik = (-0.5 * r**2 / var - 0.5 * torch.log(var)).sum(dims)
-        return v, loglik
-
-    def __call__(self, x, t, y, cls_token=None):
-        self.batch_sizes.append(x.shape[0])
-        self.labels.append(y.clone())
-        t = t.double()
-        vx, lx = self._per_class(x.double(), t, self.mu_x, self.s_x, self.path_type)
-        w = torch.softmax(lx, dim=1)
-        vc = lc = None
-        if cls_token is not None:
-            vc, lc = self._per_class(cls_token.double(), t, self.mu_c, self.s_c, self.path_type)
-            w = torch.softmax(lx + lc, dim=1)
-        null = y == self.num_classes
-        onehot = torch.nn.functional.one_hot(y.clamp(max=self.num_classes - 1), self.num_classes).double()
-        weights = torch.where(null[:, None], w, onehot)  # (N, K)
-
-        def mix(v):
-            return (weights.reshape(*weights.shape, *[1] * (v.dim() - 2)) * v).sum(1)
-
-        return mix(vx).to(x.dtype), [], None if vc is None else mix(vc).to(x.dtype)
-
-
-def two_class_model(path_type="linear"):
-    mu_x = torch.stack([torch.linspace(-1.0, 0.5, 8).reshape(X_SHAPE),
-                        torch.linspace(1.5, 0.0, 8).reshape(X_SHAPE)])
-    mu_c = torch.tensor([[-2.0, 0.5, 1.0], [2.0, -0.5, 3.0]])
-    return GaussianVelocity(mu_x, 0.5, mu_c, 1.5, path_type)
-
-
-def initial_noise(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, *X_SHAPE, generator=g, dtype=torch.float64),
-            torch.randn(n, CLS_DIM, generator=g, dtype=torch.float64))
+                      multistep_time_grid, per_sample_randn_like, score_from_velocity)
 
 
 def standardized(samples, mu, s):
@@ -143,34 +82,6 @@ def test_ode_is_the_exact_gaussian_flow(path_type):
     assert 0.35 < errors[False, 100] / errors[False, 50] < 0.65
 
 
-def flow_map_errors(path_type: str, nfes=(10, 20, 40), n: int = 64) -> dict[str, list[float]]:
-    """Max |error| (latents and class token) against the exact flow map, per solver, at equal
-    evaluations: Euler nfe steps, Heun (nfe + 1) // 2 steps (2 steps - 1 evaluations), the
-    multistep solvers nfe steps. Also used by docs/make_sampling_figure.py."""
-    model = two_class_model(path_type)
-    x1, c1 = initial_noise(n, seed=2)
-    y = torch.arange(2).repeat(n // 2)
-    target = (model.mu_x[y] + model.s_x * x1, model.mu_c[y] + model.s_c * c1)
-    solvers = {
-        "euler": lambda k: (k, lambda: euler_sampler(model, x1, y, cls_latents=c1, num_steps=k, path_type=path_type)),
-        "heun": lambda k: (2 * ((k + 1) // 2) - 1, lambda: euler_sampler(
-            model, x1, y, cls_latents=c1, num_steps=(k + 1) // 2, heun=True, path_type=path_type)),
-        "dpm2m": lambda k: (k, lambda: multistep_sampler(model, x1, y, cls_latents=c1, num_steps=k,
-                                                         corrector=False, path_type=path_type)),
-        "unipc": lambda k: (k, lambda: multistep_sampler(model, x1, y, cls_latents=c1, num_steps=k,
-                                                         path_type=path_type)),
-    }
-    errors: dict[str, list[float]] = {name: [] for name in solvers}
-    for name, make in solvers.items():
-        for nfe in nfes:
-            expected_calls, run = make(nfe)
-            model.batch_sizes.clear()
-            out = run()
-            assert len(model.batch_sizes) == expected_calls <= nfe, (name, nfe, len(model.batch_sizes))
-            errors[name].append(max((o - t).abs().max().item() for o, t in zip(out, target)))
-    return errors
-
-
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
 def test_multistep_beats_heun_at_equal_evaluations(path_type):
     """UniPC below Heun (and Euler) at 10, 20 and 40 evaluations; DPM-Solver++(2M) below Euler and
@@ -183,6 +94,33 @@ def test_multistep_beats_heun_at_equal_evaluations(path_type):
     # Second order: 40 -> 80 evaluations divides the error by ~4 (Euler by 2).
     for name in ("dpm2m", "unipc"):
         assert e[name][3] / e[name][2] < 0.4, (name, e[name])
+
+
+def test_dpm2m_alone_is_above_euler_at_4_and_6_evaluations_on_the_cosine_path():
+    """What docs/sampling.md says of DPM-Solver++(2M) without the corrector: below Euler from 8 evaluations on,
+    but above it at 4 and 6 on the cosine path."""
+    e = flow_map_errors("cosine", (4, 6, 8, 10), solvers=("euler", "dpm2m"))
+    assert e["dpm2m"][0] > e["euler"][0] and e["dpm2m"][1] > e["euler"][1], e
+    assert e["dpm2m"][2] < e["euler"][2] and e["dpm2m"][3] < e["euler"][3], e
+    linear = flow_map_errors("linear", (4, 6), solvers=("euler", "dpm2m"))
+    assert all(d < u for d, u in zip(linear["dpm2m"], linear["euler"])), linear
+
+
+def test_accuracy_benchmark_answers_help_and_writes_where_told(tmp_path, capsys, monkeypatch):
+    """--help prints the usage and runs nothing; --out puts the figure there (docs/ untouched)."""
+    from benchmarks import sampler_accuracy as bench
+    figure = bench.ROOT / "docs" / "sampler_accuracy.png"
+    before = figure.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+    fake = {name: [10.0 ** -k for k in range(len(bench.NFES))] for name in bench.LABELS}  # the plumbing only
+    monkeypatch.setattr(bench, "flow_map_errors", lambda path, nfes, guidance: fake)
+    bench.main(["--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_mtime_ns == before
+    table = capsys.readouterr().out
+    assert "| paper | cosine | 40 |" in table and "| none | linear | 10 |" in table
 
 
 def test_data_from_velocity_is_exact():
@@ -202,33 +140,80 @@ def test_data_from_velocity_is_exact():
 
 @pytest.mark.parametrize("corrector", [False, True])
 def test_multistep_guidance_interval_and_one_evaluation_per_step(corrector):
-    """Evaluation k is at grid time t_k (k < num_steps), guided (one batched forward of 2N, null
-    label second) iff guidance_low <= t_k <= guidance_high; an interval between grid times is
-    exactly unguided sampling; cls_cfg_scale acts on the class token only."""
+    """Evaluation k is at grid time t_k (k < num_steps); a guided one is one batched forward of 2N, null
+    label second. Steps inside [guidance_low, guidance_high] follow the guided field; the evaluation at a
+    switch is guided when a step next to it is (for dpm2m only the step after it: without the corrector
+    the step before needs no evaluation there). cls_cfg_scale acts on the class token only."""
     model = two_class_model()
     x1, c1 = initial_noise(6, seed=6)
     y = torch.tensor([0, 1, 0, 1, 1, 0])
     steps = 10
     multistep_sampler(model, x1, y, cls_latents=c1, num_steps=steps, cfg_scale=2.0, guidance_low=0.3,
                       guidance_high=0.7, corrector=corrector)
-    t_grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
-    assert model.batch_sizes == [12 if 0.3 <= t <= 0.7 else 6 for t in t_grid.tolist()]
+    t_grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]  # 0.3 and 0.7 are on it
+    low_edge = 0.3 - 1e-9 if corrector else 0.3 + 1e-9
+    assert model.batch_sizes == [12 if low_edge <= t <= 0.7 else 6 for t in t_grid.tolist()]
     for labels, size in zip(model.labels, model.batch_sizes):
         assert labels[:6].tolist() == y.tolist()
         assert size == 6 or (labels[6:] == model.num_classes).all()
 
+    # An interval narrower than a step is still followed: the grid steps onto both ends (one step inside).
     kw = dict(cls_latents=c1, num_steps=steps, corrector=corrector)
-    inside = multistep_sampler(model, x1, y, cfg_scale=4.0, cls_cfg_scale=4.0, guidance_low=0.55,
+    model.batch_sizes.clear()
+    narrow = multistep_sampler(model, x1, y, cfg_scale=4.0, cls_cfg_scale=4.0, guidance_low=0.55,
                                guidance_high=0.58, **kw)
+    assert len(model.batch_sizes) == steps and 12 in model.batch_sizes
     plain = multistep_sampler(model, x1, y, **kw)
-    assert torch.equal(inside[0], plain[0]) and torch.equal(inside[1], plain[1])
+    assert not torch.allclose(narrow[0], plain[0]) and not torch.allclose(narrow[1], plain[1])
     # cfg_scale <= 1 turns guidance off, whatever cls_cfg_scale (as REG); cls_cfg_scale 0 leaves the
     # class token on its conditional prediction while the latents are guided.
-    cls_only = multistep_sampler(model, x1, y, cfg_scale=1.0, cls_cfg_scale=4.0, **kw)
+    cls_only = multistep_sampler(model, x1, y, cfg_scale=1.0, cls_cfg_scale=4.0, guidance_low=0.3, **kw)
     assert torch.equal(cls_only[0], plain[0]) and torch.equal(cls_only[1], plain[1])
     guided = multistep_sampler(model, x1, y, cfg_scale=3.0, cls_cfg_scale=3.0, **kw)
     lat_only = multistep_sampler(model, x1, y, cfg_scale=3.0, cls_cfg_scale=0.0, **kw)
     assert not torch.allclose(guided[0], plain[0]) and not torch.allclose(guided[1], lat_only[1])
+
+
+def test_multistep_time_grid_steps_onto_the_guidance_switches():
+    """No interval inside (0, 1): euler_sampler's grid exactly. Otherwise each switch time is a grid point,
+    the pieces between them uniform, num_steps + 1 points from 1 to 0."""
+    uniform = torch.linspace(1.0, 0.0, 41, dtype=torch.float64)
+    for kw in [{}, dict(cfg_scale=2.3), dict(cfg_scale=2.3, guidance_low=0.0, guidance_high=1.0),
+               dict(cfg_scale=1.0, guidance_high=0.85)]:  # cfg 1: no guidance, no switch
+        assert torch.equal(multistep_time_grid(40, **kw), uniform), kw
+    on_grid = multistep_time_grid(40, cfg_scale=2.3, guidance_high=0.85)  # 0.85 = 1 - 6/40
+    assert 0.85 in on_grid.tolist() and torch.allclose(on_grid, uniform, rtol=0, atol=1e-15)
+    for steps, low, high in [(7, 0.0, 0.85), (10, 0.2, 0.66), (3, 0.5, 0.51), (25, 0.1, 0.99)]:
+        grid = multistep_time_grid(steps, cfg_scale=2.0, guidance_low=low, guidance_high=high)
+        points = grid.tolist()
+        assert len(points) == steps + 1 and points[0] == 1.0 and points[-1] == 0.0
+        assert all(a > b for a, b in zip(points, points[1:]))
+        cuts = [1.0] + [s for s in (high, low) if 0 < s < 1] + [0.0]
+        idx = [points.index(cut) for cut in cuts]  # every switch is on the grid
+        for i, j in zip(idx, idx[1:]):  # uniform between switches
+            gaps = grid[i:j + 1].diff()
+            assert torch.allclose(gaps, gaps[0].expand_as(gaps), rtol=1e-9, atol=0), (steps, low, high)
+    from reg.utils import UserError  # one line from the entry points, naming the flag
+    with pytest.raises(UserError, match=r"num_steps \(--num-steps\) must be >= 3, got 2"):
+        multistep_time_grid(2, cfg_scale=2.0, guidance_low=0.2, guidance_high=0.85)
+
+
+@pytest.mark.parametrize("guidance", ["paper", dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_low=0.3,
+                                                     guidance_high=0.85)], ids=["paper", "two-switches"])
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_multistep_is_second_order_under_the_papers_guidance(path_type, guidance):
+    """The paper's guidance (2.3 on latents and class token while t <= 0.85): the field jumps at 0.85 (and at
+    0.3 too in the second case). Against RK4 on each side of the switch: DPM-Solver++(2M) and UniPC keep their
+    order (40 -> 80 -> 160 evaluations divide the error by ~4; a history carried across the switch made it ~2,
+    first order) and UniPC stays below Heun at equal evaluations (docs/sampling.md has the table)."""
+    nfes = (40, 80, 160)
+    e = flow_map_errors(path_type, nfes, guidance=guidance, reference_steps=50, solvers=("heun", "dpm2m", "unipc"))
+    for name in ("dpm2m", "unipc"):
+        order = math.log2(e[name][1] / e[name][2])  # measured: 1.8 (2M), 1.8-2.1 (UniPC)
+        assert 1.6 < order < 2.5, (name, order, e[name])
+        assert 1.3 < math.log2(e[name][0] / e[name][1]) < 2.5, (name, e[name])
+    for k, nfe in enumerate(nfes):
+        assert e["unipc"][k] < e["heun"][k], (nfe, e)
 
 
 def test_score_from_velocity_is_exact():
