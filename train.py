@@ -34,8 +34,8 @@ from reg.run_log import METRICS_FILE, append_record, read_metrics, trim_torn_tai
 from reg.throughput import Meter, peak_tflops, training_flops_per_image
 from reg.trackers import REPORT_TO_CHOICES, check_wandb_env, check_wandb_id, parse_report_to, wandb_run
 from reg.train_step import ADAMW_IMPLS, StepConfig, StepSampler, make_optimizer, step_seed, train_step
-from reg.utils import (ArgumentParser, HelpFormatter, UserError, append_text, atomic_json_dump, atomic_write, finite_float,
-                       run_main, set_fp32_precision)
+from reg.utils import (ArgumentParser, HelpFormatter, UserError, append_text, atomic_json_dump, atomic_write,
+                       finite_float, run_main, set_fp32_precision)
 from samplers import SAMPLER_MODES
 
 METHODS = ("reg", "repa", "sit")

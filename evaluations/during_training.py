@@ -52,7 +52,8 @@ class InTrainingEval:
         if accelerator.num_processes > 1:  # the reference is hashed once; every rank must agree on what is done
             broadcast_object_list(settings)
         self.settings = settings[0]
-        self.done = {r["step"] for r in log.read_metrics() if "fid" in r and eval_setting(r) == eval_setting(self.settings)}
+        mine = eval_setting(self.settings)
+        self.done = {r["step"] for r in log.read_metrics() if "fid" in r and eval_setting(r) == mine}
 
     def record_settings(self, ref_sha256: str) -> dict:
         """What an FID of this run depends on besides the weights: stored in every record (EVAL_SETTING_KEYS)."""

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from reg import stop_signals
-from reg.utils import UserError, add_write_check, env_int, initialized_dist
+from reg.utils import STORAGE_ERRNOS, StorageError, UserError, add_write_check, env_int, initialized_dist
 
 LOCK_NAME = ".reg-lock"  # no .json suffix: never taken for a data or results file by a *.json glob
 DEFAULT_HEARTBEAT_S = 30.0
@@ -99,7 +99,8 @@ def _read(path: Path) -> dict | None:
         return {}
     if not isinstance(info, dict):
         return {}
-    bad = [k for k, kind in _FIELDS.items() if k in info and (not isinstance(info[k], kind) or isinstance(info[k], bool))]
+    bad = [k for k, kind in _FIELDS.items()
+           if k in info and (not isinstance(info[k], kind) or isinstance(info[k], bool))]
     numbers = [info[k] for k in ("started", "heartbeat") if k in info]
     return {} if bad or not all(map(math.isfinite, numbers)) else info
 
@@ -171,7 +172,7 @@ class FolderLock:
         self.hint = hint
         self.token = secrets.token_hex(16)
         self.held = False
-        self.watching = False  # another rank's lock, checked before this process writes (see watch)
+        self.watching = False  # rank 0's lock, checked before this process writes (_watch)
         self.lost = False
         self.failing = False  # the heartbeat has failed for half the timeout: a stop was requested
         self._stop = threading.Event()
@@ -194,11 +195,20 @@ class FolderLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:
+                raise StorageError(self.path, e.errno) from e
+            raise
         try:
             os.write(fd, self._content())
             os.fsync(fd)
-        finally:
+        except OSError as e:  # ours, just created: an empty lock would block every rerun until the timeout
             os.close(fd)
+            self.path.unlink(missing_ok=True)
+            if e.errno in STORAGE_ERRNOS:
+                raise StorageError(self.path, e.errno) from e
+            raise
+        os.close(fd)
         return True
 
     def _displace(self, expect_token: str | None) -> dict | None:

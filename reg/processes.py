@@ -33,7 +33,8 @@ def launch_env() -> tuple[int, int, int | None]:
     if has_rank != has_world:
         given, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
         raise UserError(f"environment variable {given}={os.environ[given].strip()!r} is set without {missing}: a "
-                        f"launcher sets both; unset {given} for one process, or start through torchrun / accelerate launch")
+                        f"launcher sets both; unset {given} for one process, or start through torchrun / "
+                        f"accelerate launch")
     world = env_int("WORLD_SIZE", 1, minimum=1)
     rank = env_int("RANK", 0, minimum=0)
     if rank >= world:

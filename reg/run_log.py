@@ -1,7 +1,8 @@
 """metrics.jsonl: the one writer and the one reader of a training run's machine-readable log.
 
 One JSON object per line, each with an integer "step": training lines (loss terms, lr, throughput) every
---log-every steps, evaluation lines (fid, ... and the settings they were measured with) at --eval-every. Lines are strict JSON: a non-finite value
+--log-every steps, evaluation lines (fid, ... and the settings they were measured with) at
+--eval-every. Lines are strict JSON: a non-finite value
 (a NaN loss, an inf FID) is written as null, since `NaN` is not JSON and breaks every other reader.
 
 A process killed mid-append (or a full disk) leaves a torn last line. `read_metrics` skips it and says

@@ -36,7 +36,10 @@ def run_entry(monkeypatch, capsys):
 
     def run(script: str, argv: list, env: dict | None = None) -> tuple[int, str]:
         for k, v in (env or {}).items():
-            monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+            if v is None:
+                monkeypatch.delenv(k, raising=False)
+            else:
+                monkeypatch.setenv(k, v)
         monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
@@ -250,7 +253,8 @@ def test_a_full_disk_or_quota_names_the_file(run_entry, weights, tmp_path, monke
             return getattr(self.f, name)
 
     monkeypatch.setattr(reg.utils, "open", Full, raising=False)  # the atomic writer's own open(), not the loaders'
-    status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s", *GEN])
+    status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s",
+                                            *GEN])
     one_line(status, err, f"cannot write {tmp_path / 's' / 'r' / 'settings.json'}: {words}")
     assert not list((tmp_path / "s" / "r").glob("*.tmp")) and not list((tmp_path / "s" / "r").glob(".*.tmp"))
 
@@ -260,14 +264,16 @@ def test_a_read_only_file_system_names_the_path(run_entry, weights, tmp_path, mo
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
 
     monkeypatch.setattr(reg.utils.tempfile, "mkstemp", read_only)
-    status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s", *GEN])
+    status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s",
+                                            *GEN])
     one_line(status, err, f"cannot write {tmp_path / 's' / 'r' / 'settings.json'}: read-only file system")
     # an OSError of the storage raised anywhere else is named by its own path
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "s"))
 
     monkeypatch.setattr(folder_lock.Path, "mkdir", refuse)
-    status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s", *GEN])
+    status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s",
+                                            *GEN])
     one_line(status, err, f"cannot write {tmp_path / 's'}: read-only file system")
 
 

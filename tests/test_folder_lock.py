@@ -141,7 +141,8 @@ def test_a_holder_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path
         folder_lock.hold_folder(folder)
         atomic_write_bytes(folder / "a.json", b"1")  # still ours: written
         fabricate_lock(folder, token="new-holder")  # taken over between two heartbeats (a frozen holder)
-        with pytest.raises(folder_lock.LockLost, match=r"taken over .*host node-other, pid 12345.*without writing .*b\.json"):
+        lost = r"taken over .*host node-other, pid 12345.*without writing .*b\.json"
+        with pytest.raises(folder_lock.LockLost, match=lost):
             atomic_write_bytes(folder / "b.json", b"2")
         with pytest.raises(folder_lock.LockLost, match="log.txt"):
             append_text(folder / "log.txt", "a line\n")
@@ -211,3 +212,15 @@ def test_a_failing_heartbeat_requests_a_stop_while_the_lock_is_still_ours(tmp_pa
         assert lock.still_mine() and not lock.lost  # stopped well before another node may take it
     err = capsys.readouterr().err
     assert "lock heartbeat failed (OSError: [Errno 28] No space left on device)" in err and "stopping the run" in err
+
+
+def test_a_lock_that_cannot_be_written_names_it_and_leaves_no_empty_lock(tmp_path, monkeypatch):
+    from reg.utils import StorageError
+
+    def full(self):  # what os.write meets on a full disk, after the exclusive create succeeded
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folder_lock.FolderLock, "_content", full)
+    with pytest.raises(StorageError, match=r"cannot write .*\.reg-lock: no space left on the device"):
+        folder_lock.FolderLock(tmp_path / "f").acquire()
+    assert list((tmp_path / "f").iterdir()) == []  # an empty lock would block every rerun until the timeout

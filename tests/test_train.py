@@ -527,17 +527,6 @@ def test_bad_sample_stops_by_default_and_is_replaced_with_the_flag(data_dir, tmp
     assert result["steps"] == 8 and sum(l["bad_samples"] for l in lines) == 1  # met once in 8 x 8 of 64 images
 
 
-@pytest.fixture(scope="module")
-def eval_ref(data_dir, tmp_path_factory):
-    """An ADM-style reference batch: the first 8 training images as uint8 NHWC."""
-    from PIL import Image
-    images = np.stack([np.asarray(Image.open(f).convert("RGB"))
-                       for f in sorted((data_dir / "imagenet_32_vae").rglob("*.png"))[:8]])
-    path = tmp_path_factory.mktemp("ref") / "ref.npz"
-    np.savez(path, arr_0=images)
-    return path
-
-
 def eval_argv(data_dir, out, exp, ref, *extra):
     return tiny_argv(data_dir, out, exp, "--eval-every", "2", "--eval-ref", str(ref), "--eval-samples", "4",
                      "--eval-steps", "2", "--eval-batch-size", "4", "--inception-weights", "random", *extra)
