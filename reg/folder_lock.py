@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from reg import stop_signals
-from reg.utils import STORAGE_ERRNOS, StorageError, UserError, add_write_check, env_int, initialized_dist
+from reg.utils import UserError, add_write_check, env_int, initialized_dist, storage_errors_named
 
 LOCK_NAME = ".reg-lock"  # no .json suffix: never taken for a data or results file by a *.json glob
 DEFAULT_HEARTBEAT_S = 30.0
@@ -191,24 +191,19 @@ class FolderLock:
 
     def _create(self) -> bool:
         """O_CREAT|O_EXCL: exactly one creator wins, also on NFSv3+ and Lustre."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno in STORAGE_ERRNOS:
-                raise StorageError(self.path, e.errno) from e
-            raise
-        try:
-            os.write(fd, self._content())
-            os.fsync(fd)
-        except OSError as e:  # ours, just created: an empty lock would block every rerun until the timeout
+        with storage_errors_named(self.path):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, self._content())
+                os.fsync(fd)
+            except OSError:  # ours, just created: an empty lock would block every rerun until the timeout
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
             os.close(fd)
-            self.path.unlink(missing_ok=True)
-            if e.errno in STORAGE_ERRNOS:
-                raise StorageError(self.path, e.errno) from e
-            raise
-        os.close(fd)
         return True
 
     def _displace(self, expect_token: str | None) -> dict | None:

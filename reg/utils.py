@@ -42,9 +42,21 @@ class StorageError(UserError):
     """A write the storage refused (full disk, quota, read-only file system). The message names the path;
     `errno` keeps the cause's number."""
 
-    def __init__(self, path: str | os.PathLike, code: int, detail: str = ""):
+    def __init__(self, path: str | os.PathLike, code: int):
         self.path, self.errno = os.fspath(path), code
-        super().__init__(f"cannot write {self.path}: {STORAGE_ERRNOS[code]}" + (f" ({detail})" if detail else ""))
+        super().__init__(f"cannot write {self.path}: {STORAGE_ERRNOS[code]}")
+
+
+@contextlib.contextmanager
+def storage_errors_named(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, an OSError of the storage (STORAGE_ERRNOS) becomes a StorageError naming `path`
+    (a write() on a full disk reports no file name of its own)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise StorageError(path, e.errno) from e
+        raise
 
 
 def storage_errno(exc: BaseException) -> int | None:
@@ -91,13 +103,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
     """
     path = Path(path)
     check_write(path)
-    try:
+    with storage_errors_named(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        if e.errno in STORAGE_ERRNOS:
-            raise StorageError(path, e.errno) from e
-        raise
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -121,13 +129,8 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     """Append `text` to a log file in one write() call (a kill leaves at most this text torn), after the write
     checks; a full disk, an exceeded quota or a read-only file system raises StorageError naming `path`."""
     check_write(path)
-    try:
-        with open(path, "a") as f:
-            f.write(text)
-    except OSError as e:
-        if e.errno in STORAGE_ERRNOS:
-            raise StorageError(path, e.errno) from e
-        raise
+    with storage_errors_named(path), open(path, "a") as f:
+        f.write(text)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
