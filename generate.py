@@ -90,7 +90,7 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--encoder-depth", type=int, default=None,
                    help="block after which the projectors run (default: the checkpoint's, else 8); does not "
                         "change the samples")
-    g.add_argument("--projector-embed-dims", type=str, default=None,
+    g.add_argument("--projector-embed-dims", type=_int_list, default=None,
                    help="comma-separated encoder dims, e.g. 768; inferred, checked if given")
     g.add_argument("--cls", type=int, default=None,
                    help="class-token dimension (REG: 768); inferred, checked if given (ignored without a class token)")
@@ -105,6 +105,13 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--vae", type=str, default=None,
                    help="ema | mse | HF hub id | local AutoencoderKL dir | pixel-unshuffle "
                         "(default: ema, as the original, for SD-VAE latents; the checkpoint's own codec otherwise)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(z) for z in text.split(",") if z.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
 def _sampler_flags(g: argparse._ArgumentGroup) -> None:
@@ -177,6 +184,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--class-labels and --balanced both choose the classes: give one of them")
     elif args.class_names is not None:
         raise UserError("--class-names labels the rows of the --class-labels grid: give --class-labels too")
+    # the flags only used at the end, after all sampling, are checked now: a mistake must not cost the run
+    if args.grid < 0:
+        raise UserError(f"--grid must be >= 0 (0: no grid), got {args.grid}")
+    if args.class_names is not None:
+        read_class_names(args.class_names)  # exists and readable
+    if args.npz_path_file is not None and os.path.isdir(args.npz_path_file):
+        raise UserError(f"--npz-path-file {args.npz_path_file} is a folder; give a file name")
+    if args.run_name is not None and (not args.run_name.strip() or args.run_name in (".", "..")):
+        raise UserError(f"--run-name {args.run_name!r} is not a folder name")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,9 +344,8 @@ def save_grid(run_dir: Path, num: int, path: Path) -> None:
 def loader_flags(args: argparse.Namespace) -> dict:
     """reg.loading.load_generator's arguments from the flags: the ones that restate the checkpoint are checked
     (`expect`), the runtime ones win over its metadata (`overrides`)."""
-    dims = None if args.projector_embed_dims is None else [int(z) for z in args.projector_embed_dims.split(",")]
     expect = {"model": args.model, "num_classes": args.num_classes, "qk_norm": args.qk_norm,
-              "cls_token_dim": args.cls, "z_dims": dims, "encoder_depth": args.encoder_depth}
+              "cls_token_dim": args.cls, "z_dims": args.projector_embed_dims, "encoder_depth": args.encoder_depth}
     overrides = {"fused_attn": args.fused_attn, "path_type": args.path_type}
     return dict(use_ema=args.ema, legacy=args.legacy, precision=args.precision, vae=args.vae, expect=expect,
                 overrides=overrides)

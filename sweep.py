@@ -270,13 +270,24 @@ def _sample_features(features, model, codec, mine: list[int], s: dict, args, con
             break
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot be meant before any model is loaded (the grid itself: build_grid)."""
+    if args.num_samples < 2 or args.per_proc_batch_size < 1 or args.eval_batch_size < 1:
+        raise UserError("--num-samples must be >= 2, --per-proc-batch-size and --eval-batch-size >= 1")
+    if args.global_seed < 0:
+        raise UserError(f"--global-seed must be >= 0, got {args.global_seed}")
+    if not os.path.isfile(args.ref_batch):
+        raise UserError(f"--ref-batch {args.ref_batch} is not a file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} exists and is not a folder")
+
+
 @torch.no_grad()
 @processes.command("sweep.py", launcher="torchrun")
 def main(args: argparse.Namespace) -> dict | None:
     from evaluations import evaluator
 
-    if args.num_samples < 2 or args.per_proc_batch_size < 1:
-        raise UserError("--num-samples must be >= 2 and --per-proc-batch-size >= 1")
+    check_args(args)
     requested, distinct = build_grid(args)
     info = processes.init_distributed(args.device)
     try:

@@ -20,21 +20,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import CustomDataset
+from evaluations.during_training import EvalStopped, InTrainingEval  # Inception and the metrics load when asked
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
 from reg import folder_lock, processes, stop_signals
 from reg.checkpoints import CheckpointDir, CheckpointError
 from reg.hub import portable_vae_spec
-from reg.loading import build_model_from_config, read_weights
+from reg.loading import build_model_from_config, load_into, read_weights
 from reg.mixed_precision import resolve_mixed_precision
 from reg.resume_flags import HYPER, check_resume, parse_allow_run_change
 from reg.run_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
 from reg.throughput import Meter, peak_tflops, training_flops_per_image
-from reg.trackers import REPORT_TO_CHOICES, parse_report_to, wandb_run
+from reg.trackers import REPORT_TO_CHOICES, check_wandb_env, check_wandb_id, parse_report_to, wandb_run
 from reg.train_step import ADAMW_IMPLS, StepConfig, StepSampler, make_optimizer, step_seed, train_step
-from reg.utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, finite_float, run_main,
-                       set_fp32_precision)
+from reg.utils import (ArgumentParser, HelpFormatter, UserError, append_text, atomic_json_dump, atomic_write,
+                       finite_float, run_main, set_fp32_precision)
 from samplers import SAMPLER_MODES
 
 METHODS = ("reg", "repa", "sit")
@@ -230,7 +231,21 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--ddp-bucket-mb must be positive")
     if args.init_from and args.resume_step:
         raise UserError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
-    parse_report_to(args.report_to)  # unknown or missing tracker packages fail here, not after start-up
+    if args.projector_dim <= 0 or args.num_classes <= 0:
+        raise UserError("--projector-dim and --num-classes must be positive")
+    if (args.eval_every or args.sample_every) and args.seed < 0:
+        raise UserError(f"--seed {args.seed}: the evaluation and the sample grids draw image i from (--seed, i), "
+                        "which needs --seed >= 0")
+    if args.eval_every and args.eval_samples < 2:
+        raise UserError("--eval-samples must be >= 2 (an FID needs a covariance)")
+    if args.eval_every and not os.path.isfile(args.eval_ref):
+        raise UserError(f"--eval-ref {args.eval_ref} is not a file")
+    if args.wandb_id is not None:  # kept in the run folder: a bad id would fail every rerun
+        check_wandb_id(args.wandb_id, "--wandb-id")
+    if "wandb" in parse_report_to(args.report_to):  # unknown or missing tracker packages fail here, not after start-up
+        check_wandb_env(args.wandb_id)
+    if args.exp_name is not None and (not args.exp_name.strip() or args.exp_name in (".", "..")):
+        raise UserError(f"--exp-name {args.exp_name!r} is not a folder name")
     if args.exp_name is None:
         enc = args.enc_type if args.method != "sit" else "noenc"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.method}-{args.path_type}-{enc}"
@@ -249,8 +264,7 @@ class Logger:
             from tqdm import tqdm
             line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
             tqdm.write(line)
-            with open(self.run_dir / "log.txt", "a") as f:
-                f.write(line + "\n")
+            append_text(self.run_dir / "log.txt", line + "\n")
 
     def metrics(self, record: dict, *, tracker: bool = True) -> None:
         """One line of metrics.jsonl (the machine-readable twin of log.txt) and the tracker."""
@@ -262,18 +276,21 @@ class Logger:
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.run_dir / METRICS_FILE, warn=self.info)
 
-    def truncate_metrics(self, step: int, aside: Path | None) -> None:
-        """Drop metrics.jsonl lines after `step` (a resumed run rewrites them); keep them beside the
-        checkpoints that were set aside, if any."""
+    def set_aside_metrics(self, step: int, ckpts: CheckpointDir, aside: Path | None) -> None:
+        """Move metrics.jsonl lines after `step`, the step this run starts from (0 for a fresh start), into the
+        folder of the set-aside checkpoints, or a new abandoned-<time>/ (never deleted): they are another
+        attempt's, one that ended before its next checkpoint, and this run must not inherit them."""
         if not self.acc.is_main_process:
             return
         records = self.read_metrics()
         later = [r for r in records if r.get("step", 0) > step]
         if not later:
             return
-        if aside is not None:
-            write_records(aside / METRICS_FILE, later)
+        aside = aside or ckpts.aside_folder()
+        write_records(aside / METRICS_FILE, later)
         write_records(self.run_dir / METRICS_FILE, [r for r in records if r.get("step", 0) <= step])
+        self.info(f"{len(later)} metrics.jsonl line(s) after step {step}, of an attempt that ended before its next "
+                  f"checkpoint, moved to {aside / METRICS_FILE}")
 
 
 # ----------------------------------------------------------------------------- set-up pieces
@@ -335,16 +352,20 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     args.history = []
     if ckpt is None:
         if args.init_from:
-            model_sd, _ = read_weights(args.init_from, use_ema=False)
-            ema_sd, _ = read_weights(args.init_from, use_ema=True)
-            model.load_state_dict(model_sd)
-            ema.load_state_dict(ema_sd)
+            hint = "--init-from takes weights of the model this command line builds (--model, --num-classes, ...)"
+            load_into(model, read_weights(args.init_from, use_ema=False)[0], source=f"--init-from {args.init_from}",
+                      hint=hint)
+            load_into(ema, read_weights(args.init_from, use_ema=True)[0], source=f"--init-from {args.init_from}",
+                      hint=hint)
             log.info(f"initialised model and EMA from {args.init_from}; fresh optimizer, step 0")
+        log.set_aside_metrics(0, ckpts, None)
         return 0
     step = int(ckpt["steps"])
     changed = check_resume(ckpt.get("args"), args, step=step, where=str(ckpts.pt(step)))  # refuses run changes
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
+    hint = ("the model this command line builds differs from the run's; --allow-run-change cannot change its "
+            "architecture: start a new run (another --exp-name) with --init-from instead")
+    load_into(model, ckpt["model"], source=f"checkpoint {ckpts.pt(step)}", hint=hint)
+    load_into(ema, ckpt["ema"], source=f"checkpoint {ckpts.pt(step)}", hint=hint)
     opt.load_state_dict(ckpt["opt"])
     keep_label_dropout(ckpt, model, log)
     warn_class_token_source(ckpt, log)
@@ -360,7 +381,7 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     aside = ckpts.set_aside_after(step) if log.acc.is_main_process else None
     if aside is not None:
         log.info(f"resumed from an earlier step than the newest: later checkpoints moved to {aside}")
-    log.truncate_metrics(step, aside)
+    log.set_aside_metrics(step, ckpts, aside)
     log.info(f"resumed from {ckpts.pt(step)} at step {step}")
     return step
 
@@ -454,13 +475,7 @@ def main(args: argparse.Namespace) -> dict:
              f"{args.gradient_accumulation_steps} accumulation, {world} processes, precision "
              f"{accelerator.mixed_precision} (from {precision_source}), compile {use_compile}, {flops / 1e9:.1f} GFLOPs/image, "
              f"steps {step} -> {max_steps}")
-    evaluator = None
-    if args.eval_every:
-        from evaluations.during_training import InTrainingEval  # imports the sampler and the evaluator only when asked
-        evaluator = InTrainingEval(args, config, accelerator, log)
-    write_preview = make_preview_writer(args, config, device, log) if args.sample_every and accelerator.is_main_process else None
-    if evaluator is not None and step and evaluator.due(step, max_steps):
-        evaluator.run(ema, step)  # a run killed during an evaluation does it again on resume
+    evaluator, write_preview = make_samplers(args, config, accelerator, log, ema, step, max_steps)
 
     # ---- the loop
     meter = Meter(accelerator, images_per_step=args.batch_size * args.gradient_accumulation_steps,
@@ -490,7 +505,11 @@ def main(args: argparse.Namespace) -> dict:
                                saved_at=saved_at, final=step == max_steps):
                 saved_at = step
         if evaluator is not None and evaluator.due(step, max_steps):
-            evaluator.run(ema, step)
+            try:
+                evaluator.run(ema, step)
+            except EvalStopped:  # a signal during the evaluation: this step's checkpoint, then exit
+                stop.close()
+                stop_at_step(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at)
         if write_preview is not None and (step % args.sample_every == 0 or step == max_steps):
             write_preview(ema, step, run_dir, accelerator)
         if stop.due(step) and step < max_steps:
@@ -501,6 +520,25 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.end_training()
     log.info(f"done: {step} steps, {meter.skipped_total} skipped; checkpoints in {ckpts.path}")
     return {"steps": step, "history": history, "run_dir": str(run_dir), "skipped": meter.skipped_total}
+
+
+def make_samplers(args: argparse.Namespace, config: dict, accelerator, log: Logger, ema, step: int,
+                  max_steps: int) -> tuple:
+    """(the FID evaluator of --eval-every, the grid writer of --sample-every), each None when off. A run that
+    was stopped or killed during the evaluation or the grid of the step it resumes from makes them now."""
+    evaluator = InTrainingEval(args, config, accelerator, log) if args.eval_every else None
+    write_preview = None
+    if args.sample_every and accelerator.is_main_process:
+        write_preview = make_preview_writer(args, config, accelerator.device, log)
+        if step and step % args.sample_every == 0:
+            write_preview(ema, step, log.run_dir, accelerator, missing_only=True)
+    if evaluator is not None and step and evaluator.due(step, max_steps):
+        try:
+            evaluator.run(ema, step)
+        except EvalStopped:  # its checkpoint exists: nothing else to save
+            raise stop_signals.stopped(f"the evaluation of step {step} runs again on resume",
+                                       is_main=accelerator.is_main_process) from None
+    return evaluator, write_preview
 
 
 def setup_run(args: argparse.Namespace) -> tuple:
@@ -615,9 +653,9 @@ def stop_at_step(accelerator, ckpts: CheckpointDir, step: int, model, ema, opt, 
     """A stop signal: log the steps since the last log line, write a full checkpoint at this step (a normal
     one: pruning, --resume-step and set-aside apply) unless one was just written, and exit with
     reg.stop_signals.EXIT_STOPPED (docs/cluster.md)."""
-    if step % args.log_every:
+    if meter.last_step != step:
         log.metrics(meter.flush(step, opt.param_groups[0]["lr"]))
-    if step % args.checkpointing_steps:
+    if saved_at != step:
         save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log, saved_at=saved_at)
     log.info(f"stopped by {stop_signals.stop_requested() or 'a signal on another process'} at step {step}")
     raise stop_signals.stopped(f"checkpoint {ckpts.pt(step)} written", is_main=accelerator.is_main_process)
@@ -661,7 +699,10 @@ def make_preview_writer(args: argparse.Namespace, config: dict, device: torch.de
 
     vae = load_vae(config["vae"], device=device)  # fails at start-up, not hours into the run
 
-    def sample(ema, step: int, run_dir: Path, accelerator) -> None:
+    def sample(ema, step: int, run_dir: Path, accelerator, missing_only: bool = False) -> None:
+        path = run_dir / "samples" / f"{step:07d}.png"
+        if stop_signals.stop_requested() or (missing_only and path.is_file()):
+            return  # a stop: save the checkpoint first; a resumed run makes the grid it missed
         try:
             images = torch.cat([img for _, img, _ in generate_images(
                 ema, vae, range(16), global_seed=args.seed, num_classes=config["num_classes"], balanced=True,
@@ -671,8 +712,6 @@ def make_preview_writer(args: argparse.Namespace, config: dict, device: torch.de
             log.info(f"WARNING: sample grid at step {step} skipped: {e}")
             return
         grid = make_grid(images.permute(0, 3, 1, 2).float() / 255, nrow=4, padding=0)  # (3, 4H, 4W)
-        path = run_dir / "samples" / f"{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
         trackers = parse_report_to(args.report_to)
         if "tensorboard" in trackers:

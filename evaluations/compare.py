@@ -11,8 +11,10 @@ encoder depth, cls weight, steps, latest FID, best FID and its step) and writes 
 DIR/comparison.json and DIR/comparison.png (FID against step on top, below the loss terms each run
 trains with: a plain SiT's loss_proj and loss_cls, logged as 0, are left out, as is REPA's loss_cls).
 
-FIDs measured with different settings (sampler, guidance, number of samples) are never merged:
-a run evaluated in two ways gets one row per setting, named in the `eval` column. See
+FIDs measured with different settings (reference, sampler, steps, guidance, VAE, number of samples,
+Inception weights, seed, precision: reg.run_log.EVAL_SETTING_KEYS) are never merged: a run evaluated in two
+ways (or resumed under new evaluation settings) gets one row and one curve per setting, named in the `eval`
+column; records written before a setting was recorded form a series of their own. See
 docs/design.md#evaluation for what the numbers are. `paper_reference(model)` returns the paper's
 published numbers for a model size (evaluations/paper_results.json).
 """
@@ -40,8 +42,6 @@ from reg.utils import ArgumentParser, UserError, atomic_json_dump, atomic_write,
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 LOSS_TERMS = ("loss_denoise", "loss_proj", "loss_cls")
 DASH = "–"  # shown for a value a run does not have
-# what makes two FIDs comparable (train.py's in-training evaluation records them all)
-EVAL_SETTING_KEYS = ("eval_mode", "eval_steps", "eval_cfg", "eval_cls_cfg", "eval_samples")
 
 
 class RunError(UserError):
@@ -111,10 +111,9 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict], list[str]]:
     except UserError as e:
         raise RunError(str(e)) from e
     train = [r for r in records if "fid" not in r and "loss" in r]
-    evals = [r for r in records if "fid" in r]
     # A resumed run may repeat steps: keep the last record of each (step, kind, eval setting).
-    return (run_log.latest_per_step(train),
-            run_log.latest_per_step(evals, key=lambda r: (r["step"], _setting_key(r))), notes)
+    evals = [r for series in run_log.eval_series(records).values() for r in series]
+    return run_log.latest_per_step(train), evals, notes
 
 
 def load_run(path: str) -> Run:
@@ -158,20 +157,6 @@ def loss_terms(run: Run) -> tuple[str, ...]:
     return tuple(t for t in LOSS_TERMS if t not in absent)
 
 
-def _setting_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in EVAL_SETTING_KEYS)
-
-
-def _setting_label(key: tuple) -> str:
-    mode, steps, cfg, cls_cfg, samples = key
-    parts = [str(mode) if mode is not None else None,
-             f"{steps} steps" if steps is not None else None,
-             f"cfg {cfg}" if cfg is not None else None,
-             f"cls-cfg {cls_cfg}" if cls_cfg is not None else None,
-             f"{samples} samples" if samples is not None else None]
-    return ", ".join(p for p in parts if p) or DASH
-
-
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -182,6 +167,7 @@ def _finite(x: Any) -> bool:
 
 def summarise(runs: Sequence[Run]) -> list[dict]:
     """One row per run and evaluation setting (a run without evaluations: one row, FID None)."""
+    varying = run_log.varying_settings({run_log.eval_setting(r) for run in runs for r in run.evals})
     rows = []
     for run in runs:
         method = method_of(run)
@@ -198,7 +184,7 @@ def summarise(runs: Sequence[Run]) -> list[dict]:
         groups: dict[tuple, list[dict]] = {}
         for r in run.evals:
             if _finite(r.get("fid")):
-                groups.setdefault(_setting_key(r), []).append(r)
+                groups.setdefault(run_log.eval_setting(r), []).append(r)
         if not groups:
             rows.append(dict(base, eval=DASH, latest_fid=None, latest_step=None, best_fid=None, best_step=None,
                              fid_curve=[], notes=run.notes))
@@ -206,7 +192,8 @@ def summarise(runs: Sequence[Run]) -> list[dict]:
         for key, recs in groups.items():
             latest = recs[-1]
             best = min(recs, key=lambda r: (r["fid"], r["step"]))
-            rows.append(dict(base, eval=_setting_label(key), eval_setting=dict(zip(EVAL_SETTING_KEYS, key)),
+            setting = dict(zip(run_log.EVAL_SETTING_KEYS, key))
+            rows.append(dict(base, eval=run_log.series_label(setting, varying) or DASH, eval_setting=setting,
                              latest_fid=latest["fid"], latest_step=latest["step"],
                              best_fid=best["fid"], best_step=best["step"],
                              fid_curve=[[r["step"], r["fid"]] for r in recs], notes=run.notes))

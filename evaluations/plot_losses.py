@@ -6,7 +6,8 @@
 metrics.jsonl holds one JSON object per log interval: step, loss, loss_denoise, loss_proj,
 loss_cls, grad_norm, lr, ... (each loss is the mean over that interval). Each term gets its own
 panel, because their scales differ: loss_proj is a negative cosine similarity (-1 is perfect
-alignment) while the others are mean squared errors.
+alignment) while the others are mean squared errors. Evaluation metrics (--keys fid,sfid,...) are drawn
+one line per evaluation setting (reg.run_log.EVAL_SETTING_KEYS): FIDs measured differently never share a line.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import argparse
 import math
 
 from reg import run_log
-from reg.utils import ArgumentParser, HelpFormatter, UserError, run_main
+from reg.utils import ArgumentParser, HelpFormatter, UserError, atomic_write, run_main
 
 DEFAULT_KEYS = ("loss", "loss_denoise", "loss_proj", "loss_cls")
 TITLES = {
@@ -32,6 +33,7 @@ TITLES = {
     "loss_denoise": "denoising (velocity MSE)",
     "loss_proj": "alignment (-cos to encoder features)",
     "loss_cls": "class-token velocity MSE",
+    "fid": "FID (one line per evaluation setting)",
 }
 
 
@@ -47,23 +49,42 @@ def read_metrics(path: str) -> list[dict]:
     return run_log.latest_per_step(records)
 
 
-def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_KEYS, title: str | None = None) -> list[str]:
-    """Draw one panel per key present in the records into the PNG `out`; return the keys drawn."""
+def read_eval_series(path: str) -> dict[tuple, list[dict]]:
+    """The evaluation records of a metrics.jsonl by series (reg.run_log.eval_series)."""
+    return run_log.eval_series(run_log.read_metrics(path, missing_ok=False))
+
+
+def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_KEYS, title: str | None = None,
+                series: dict[tuple, list[dict]] | None = None) -> list[str]:
+    """Draw one panel per key present in the records into the PNG `out`; return the keys drawn. Evaluation
+    metrics (run_log.EVAL_METRICS) come from `series` (read_eval_series), one line per evaluation setting."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed (CI, ssh, laptops without a GUI backend)
     import matplotlib.pyplot as plt
 
-    # A key is drawn if some record has a finite value for it (e.g. loss_cls is 0 for --method repa but present).
-    drawn = [k for k in keys if any(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for r in records)]
+    varying = run_log.varying_settings(set(series or {}))
+    # each key's lines: (label or None, points); a key is drawn if some line has a finite value for it
+    # (e.g. loss_cls is 0 for --method repa but present)
+    lines = {k: [(run_log.series_label(dict(zip(run_log.EVAL_SETTING_KEYS, s)), varying), _points(rs, k))
+                 for s, rs in (series or {}).items()] if k in run_log.EVAL_METRICS else [(None, _points(records, k))]
+             for k in keys}
+    drawn = [k for k in keys if any(pts for _, pts in lines[k])]
     if not drawn:
         raise UserError(f"none of the keys {list(keys)} are in the metrics (found {sorted(records[0])})")
     cols = min(len(drawn), 2)
     rows = math.ceil(len(drawn) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False, sharex=True)
     for ax, key in zip(axes.flat, drawn):
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        steps, values = zip(*pts)
-        ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3)
+        for label, pts in lines[key]:
+            if pts:
+                steps, values = zip(*pts)
+                ax.plot(steps, values, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+        if len(lines[key]) > 1:
+            ax.legend(fontsize=6)
         ax.set_title(TITLES.get(key, key), fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(drawn):]:
@@ -73,9 +94,10 @@ def plot_losses(records: list[dict], out: str, keys: tuple[str, ...] = DEFAULT_K
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return drawn
 
 
@@ -95,7 +117,7 @@ def main(args: argparse.Namespace) -> str:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "losses.png")
     title = args.title or os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))
     keys = tuple(k.strip() for k in args.keys.split(",") if k.strip())
-    drawn = plot_losses(records, out, keys, title=title)
+    drawn = plot_losses(records, out, keys, title=title, series=read_eval_series(args.metrics))
     first, last = records[0], records[-1]
     print(f"plot_losses: {', '.join(drawn)} over steps {first['step']}..{last['step']} "
           f"({len(records)} points) -> {out}")

@@ -143,11 +143,22 @@ class CheckpointDir:
                  and int(m.group(1)) > step]
         if not later:
             return None
-        dest = self.path / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-        dest.mkdir(exist_ok=True)
+        dest = self.aside_folder()
         for f in later:
             os.replace(f, dest / f.name)
         return dest
+
+    def aside_folder(self) -> Path:
+        """A new, empty abandoned-<time>/ (a suffix keeps two set-asides of one second apart)."""
+        stem = self.path / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1000):
+            dest = stem.with_name(stem.name + (f"-{n}" if n else ""))
+            try:
+                dest.mkdir(parents=True)
+                return dest
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{stem}: too many set-aside folders of this second")
 
     def load(self, step: int) -> dict:
         """Read checkpoint `step` for resuming: model, ema, opt, steps, and `official` (made by the original

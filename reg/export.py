@@ -21,8 +21,9 @@ import os
 import re
 from pathlib import Path
 
+from reg.checkpoints import CheckpointError
 from reg.hub import portable_vae_spec
-from reg.utils import ArgumentParser, HelpFormatter, atomic_write, finite_float, run_main
+from reg.utils import ArgumentParser, HelpFormatter, UserError, atomic_write, finite_float, run_main
 
 # The paper's sampler settings (REG's eval recipe): shown on the card when no other settings are given.
 PAPER_SAMPLING = "--mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85"
@@ -128,17 +129,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before the checkpoint is read: the output folder and the Hub repo id."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"out_dir {args.out_dir} exists and is not a folder")
+    if args.push_to_hub is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as e:
+            raise UserError(f"--push-to-hub {args.push_to_hub!r}: {e}") from e
+    elif args.private:
+        raise UserError("--private applies to --push-to-hub: give a repo id too")
+
+
+def push(out: Path, repo_id: str, private: bool) -> str:
+    """Upload the folder; a refusal or an unreachable Hub is one line (the folder itself is already written)."""
+    from huggingface_hub import create_repo, upload_folder
+    try:
+        create_repo(repo_id, private=private, exist_ok=True)
+        return str(upload_folder(repo_id=repo_id, folder_path=str(out)))
+    except Exception as e:  # offline mode, no token, no permission, no network: the Hub's own message says which
+        raise UserError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {e}); {out} is written: push it "
+                        f"later with `hf upload {repo_id} {out}`") from e
+
+
 def main(args: argparse.Namespace) -> Path:
+    check_args(args)
     out = export(args.ckpt, args.out_dir, use_ema=args.ema, fid=args.fid, sampling=args.sampling,
                  repo_id=args.push_to_hub, legacy=args.legacy)
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
     if args.push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-        create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        url = upload_folder(repo_id=args.push_to_hub, folder_path=str(out))
-        print(f"pushed to {url}")
+        print(f"pushed to {push(out, args.push_to_hub, args.private)}")
     return out
 
 
 if __name__ == "__main__":
-    run_main(main, parse_args)
+    run_main(main, parse_args, user_errors=(CheckpointError,))

@@ -6,6 +6,11 @@ there. The lock is created with O_CREAT|O_EXCL and holds who holds it and a hear
 rewrites; a second writer fails at once naming the holder; a dead holder's lock is replaced (same host: its
 process is gone; other host: its heartbeat is older than REG_LOCK_TIMEOUT; the same SLURM job, requeued: its
 earlier run). docs/cluster.md describes the protocol and what it relies on.
+
+While it holds the lock, a process checks it before each of its writes into the folder (reg.utils.check_write,
+called by the atomic writer and the log appenders): a lock taken over by another run stops it with LockLost,
+before it writes. A heartbeat that keeps failing requests a stop (reg.stop_signals), so the run saves its work
+and exits while the lock is still its own.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import atexit
 import contextlib
 import datetime
 import json
+import math
 import os
 import secrets
 import shlex
@@ -22,35 +28,81 @@ import threading
 import time
 from pathlib import Path
 
-from reg.utils import UserError, initialized_dist
+from reg import stop_signals
+from reg.utils import UserError, add_write_check, env_int, initialized_dist, storage_errors_named
 
 LOCK_NAME = ".reg-lock"  # no .json suffix: never taken for a data or results file by a *.json glob
 DEFAULT_HEARTBEAT_S = 30.0
 DEFAULT_TIMEOUT_S = 300.0  # ten missed heartbeats; well above NFS attribute caching (60 s by default)
+MIN_HEARTBEAT_S = 0.1  # below this the heartbeat would only load the file server
+MIN_BEATS_PER_TIMEOUT = 3  # a live holder may miss two beats before its lock can look stale
 
 
 class FolderBusy(UserError):
     """The folder is held by another live run."""
 
 
+class LockLost(FolderBusy):
+    """This run's lock was taken over (or removed): it stops before writing into the folder again."""
+
+
 # ----------------------------------------------------------------------------- the folder lock
 
+def _env_seconds(name: str, default: float, minimum: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum:
+        raise UserError(f"environment variable {name}={text!r} must be a finite number of seconds >= {minimum:g} "
+                        f"(default {default:g})")
+    return value
+
+
+def lock_settings() -> tuple[float, float]:
+    """(REG_LOCK_TIMEOUT, REG_LOCK_HEARTBEAT) in seconds, checked: finite, the heartbeat at least MIN_HEARTBEAT_S,
+    the timeout at least MIN_BEATS_PER_TIMEOUT heartbeats (a shorter one lets a second node take a live lock).
+    Anything else is a UserError naming the variable; the commands check this before they start."""
+    heartbeat = _env_seconds("REG_LOCK_HEARTBEAT", DEFAULT_HEARTBEAT_S, MIN_HEARTBEAT_S)
+    timeout = _env_seconds("REG_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S, MIN_HEARTBEAT_S)
+    if timeout < MIN_BEATS_PER_TIMEOUT * heartbeat * (1 - 1e-9):  # (1 - 1e-9): 0.3 is 3 x 0.1
+        raise UserError(f"REG_LOCK_TIMEOUT {timeout:g} s must be at least {MIN_BEATS_PER_TIMEOUT} x "
+                        f"REG_LOCK_HEARTBEAT ({heartbeat:g} s): a live run's lock would look stale to other nodes")
+    return timeout, heartbeat
+
+
 def lock_timeout_s() -> float:
-    return float(os.environ.get("REG_LOCK_TIMEOUT", DEFAULT_TIMEOUT_S))
+    return lock_settings()[0]
 
 
 def heartbeat_s() -> float:
-    return float(os.environ.get("REG_LOCK_HEARTBEAT", DEFAULT_HEARTBEAT_S))
+    return lock_settings()[1]
+
+
+# the fields of a lock file and their types (None allowed for the optional ones)
+_FIELDS = {"host": str, "pid": int, "pid_start": (str, type(None)), "boot_id": (str, type(None)),
+           "started": (int, float), "heartbeat": (int, float), "command": str, "token": str,
+           "user": (str, type(None)), "slurm_job": (str, type(None)), "slurm_restart": int}
 
 
 def _read(path: Path) -> dict | None:
-    """The lock's content; None when there is none. An unreadable or half-written one reads as {}."""
+    """The lock's content; None when there is none. An unreadable, half-written or malformed one (not a JSON
+    object, or a field of the wrong type) reads as {}."""
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {}
+    if not isinstance(info, dict):
+        return {}
+    bad = [k for k, kind in _FIELDS.items()
+           if k in info and (not isinstance(info[k], kind) or isinstance(info[k], bool))]
+    numbers = [info[k] for k in ("started", "heartbeat") if k in info]
+    return {} if bad or not all(map(math.isfinite, numbers)) else info
 
 
 def _boot_id() -> str | None:
@@ -96,7 +148,7 @@ def stale_reason(info: dict, *, timeout: float | None = None, mtime: float = 0.0
     """Why the holder described by `info` is certainly gone (None: it may be alive)."""
     timeout = lock_timeout_s() if timeout is None else timeout
     if info.get("slurm_job") and info["slurm_job"] == os.environ.get("SLURM_JOB_ID") and \
-            int(info.get("slurm_restart", 0)) < int(os.environ.get("SLURM_RESTART_COUNT", 0)):
+            info.get("slurm_restart", 0) < env_int("SLURM_RESTART_COUNT", 0):
         return "it is an earlier run of this requeued SLURM job"
     if info.get("host") == socket.gethostname():
         if info.get("boot_id") and _boot_id() and info["boot_id"] != _boot_id():
@@ -115,11 +167,14 @@ class FolderLock:
 
     def __init__(self, folder: str | os.PathLike, hint: str = ""):
         self.folder = Path(folder)
+        self.roots = {os.path.abspath(folder), os.path.realpath(folder)}  # a write under either is checked
         self.path = self.folder / LOCK_NAME
         self.hint = hint
         self.token = secrets.token_hex(16)
         self.held = False
+        self.watching = False  # rank 0's lock, checked before this process writes (_watch)
         self.lost = False
+        self.failing = False  # the heartbeat has failed for half the timeout: a stop was requested
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,20 +185,24 @@ class FolderLock:
                 "boot_id": _boot_id(), "started": getattr(self, "_started", now), "heartbeat": now,
                 "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "token": self.token,
                 "user": os.environ.get("USER"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+                "slurm_restart": env_int("SLURM_RESTART_COUNT", 0)}
         self._started = info["started"]
         return (json.dumps(info) + "\n").encode()
 
     def _create(self) -> bool:
         """O_CREAT|O_EXCL: exactly one creator wins, also on NFSv3+ and Lustre."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, self._content())
-            os.fsync(fd)
-        finally:
+        with storage_errors_named(self.path):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, self._content())
+                os.fsync(fd)
+            except OSError:  # ours, just created: an empty lock would block every rerun until the timeout
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
             os.close(fd)
         return True
 
@@ -211,21 +270,49 @@ class FolderLock:
         info = _read(self.path)
         return bool(info) and info.get("token") == self.token
 
-    def _beat(self) -> None:
-        interval = heartbeat_s()
-        while not self._stop.wait(interval):
-            if not self.still_mine():
-                if self.folder.is_dir() and not self._stop.is_set():
-                    self.lost = True
-                    print(f"WARNING: {self.folder}: this run's lock {self.path} was removed or replaced by "
-                          f"another process; two runs may now write this folder", file=sys.stderr, flush=True)
+    def check_before_write(self, path: Path) -> None:
+        """Raise LockLost unless the lock file still carries this run's token (read anew: a take-over is seen
+        before the write, not at the next heartbeat). An absent or unreadable file is read again a few
+        times first, so that a slow file server is not taken for a lost lock."""
+        info = _read(self.path)
+        for _ in range(3):
+            if not self.lost and info and info.get("token") == self.token:
                 return
-            try:  # atomic rewrite; the temporary's name is not one clean_stale_tmp removes
+            if self.lost or (info and info.get("token")):
+                break
+            time.sleep(0.05)
+            info = _read(self.path)
+        self.lost = True
+        holder = f"it now belongs to {describe_holder(info)}" if info else "it was removed"
+        raise LockLost(f"{self.folder}: this run's lock {self.path} was taken over by another run ({holder}); "
+                       f"stopping without writing {path}")
+
+    def _beat(self) -> None:
+        timeout, interval = lock_settings()
+        last_ok = time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                if not self.still_mine():
+                    if self.folder.is_dir() and not self._stop.is_set():
+                        self.lost = True
+                        print(f"WARNING: {self.folder}: this run's lock {self.path} was removed or replaced by "
+                              f"another process; this run stops at its next write there", file=sys.stderr, flush=True)
+                    return
+                # atomic rewrite; the temporary's name is not one clean_stale_tmp removes
                 tmp = self.folder / f"{LOCK_NAME}.hb-{self.token}"
                 tmp.write_bytes(self._content())
                 os.replace(tmp, self.path)
-            except OSError as e:
-                print(f"WARNING: {self.folder}: lock heartbeat failed ({e}); retrying", file=sys.stderr)
+                last_ok = time.monotonic()
+            except Exception as e:  # an OSError, or anything else: the thread must not die silently
+                silent = time.monotonic() - last_ok
+                print(f"WARNING: {self.folder}: lock heartbeat failed ({type(e).__name__}: {e}), none written for "
+                      f"{silent:.0f} s; retrying", file=sys.stderr, flush=True)
+                if silent > timeout / 2 and not self.failing:
+                    # soon another node may take the lock: save and stop while it is still ours
+                    self.failing = True
+                    stop_signals.request_stop("a failing lock heartbeat")
+                    print(f"WARNING: {self.folder}: the lock heartbeat has failed for {silent:.0f} s (REG_LOCK_TIMEOUT "
+                          f"{timeout:g} s); stopping the run", file=sys.stderr, flush=True)
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.folder}", daemon=True)
@@ -251,7 +338,19 @@ class FolderLock:
         self.release()
 
 
-_HELD: list[FolderLock] = []
+_HELD: list[FolderLock] = []  # this process's locks, and the locks of rank 0 it watches (hold_folder)
+
+
+def _check_before_write(path: Path) -> None:
+    """reg.utils' write check: a write into a folder whose lock this process holds or watches needs the lock
+    to be still this run's."""
+    where = os.path.abspath(path)
+    for lock in _HELD:
+        if (lock.held or lock.watching) and any(where.startswith(root + os.sep) for root in lock.roots):
+            lock.check_before_write(path)
+
+
+add_write_check(_check_before_write)
 
 
 @atexit.register
@@ -271,10 +370,19 @@ def releasing_new_locks():
             _HELD.pop().release()
 
 
+def _watch(folder: str | os.PathLike, token: str) -> FolderLock:
+    """A rank other than 0: rank 0's lock of `folder`, checked (not held) before this process writes there."""
+    lock = FolderLock(folder)
+    lock.token, lock.watching = token, True
+    return lock
+
+
 def hold_folder(folder: str | os.PathLike, *, hint: str = "", rank: int = 0, world: int = 1) -> FolderLock | None:
     """Take the lock of `folder` for this run, before anything is written there. Rank 0 takes it; the other
-    ranks wait for its outcome and fail with the same error. Released when the enclosing `@command`
-    returns or raises, or at exit; a lock this process already holds is returned again."""
+    ranks wait for its outcome and fail with the same error, else watch it (their writes there are checked
+    too). Released when the enclosing `@command` returns or raises, or at exit; a lock this process already
+    holds is returned again."""
+    lock_settings()  # malformed REG_LOCK_* values are refused before anything is written
     real = os.path.realpath(folder)
     lock, error = None, None
     if rank == 0:
@@ -287,9 +395,12 @@ def hold_folder(folder: str | os.PathLike, *, hint: str = "", rank: int = 0, wor
             except FolderBusy as e:
                 error = str(e)
     if world > 1 and (dist := initialized_dist()) is not None:
-        box = [error]
+        box = [error, lock.token if lock is not None else None]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
+        if error is None and rank != 0:
+            lock = _watch(folder, box[1])
+            _HELD.append(lock)
     if error is not None:
         raise FolderBusy(error)
     return lock

@@ -16,7 +16,7 @@ import torch
 
 from models.sit import SIZES, SiT, build_model, model_depth
 from models.vae import SD_VAE_SCALING_FACTOR, config_decoding_vae, load_vae
-from reg.checkpoints import NonFiniteCheckpointError, clean_state_dict, non_finite, torch_load
+from reg.checkpoints import CheckpointError, NonFiniteCheckpointError, clean_state_dict, non_finite, torch_load
 from reg.hub import HUB_CONFIG, HUB_WEIGHTS, resolve_checkpoint
 from reg.utils import UserError
 
@@ -35,15 +35,15 @@ def build_model_from_config(config: dict) -> SiT:
     return build_model(config["model"], **model_kwargs(config))
 
 
-def infer_config(sd: dict[str, torch.Tensor]) -> dict:
+def infer_config(sd: dict[str, torch.Tensor], source: str = "this") -> dict:
     """Read what a SiT state_dict fixes: sizes, patch, channels, projectors, class token, qk-norm."""
     if "x_embedder.proj.weight" not in sd:
-        raise ValueError("this does not look like a SiT state_dict (no x_embedder.proj.weight)")
+        raise UserError(f"{source} does not look like a SiT state_dict (no x_embedder.proj.weight)")
     hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     size = next((name for name, (d, h, _) in SIZES.items() if (d, h) == (depth, hidden)), None)
     if size is None:
-        raise ValueError(f"no registry size has depth {depth} and width {hidden}")
+        raise UserError(f"{source}: no registry size has depth {depth} and width {hidden}")
     use_cls = "cls_projectors2.weight" in sd
     n_tokens = sd["pos_embed"].shape[1] - int(use_cls)
     grid = int(round(n_tokens ** 0.5))
@@ -85,7 +85,7 @@ def convert_legacy(sd: dict[str, torch.Tensor], encoder_depth: int | None = None
     (REPA utils.py load_legacy_checkpoints). encoder_depth defaults to the number of blocks.* present."""
     encoder_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     if encoder_depth is not None and encoder_depth != encoder_blocks:
-        raise ValueError(f"--legacy: --encoder-depth {encoder_depth} but the checkpoint has {encoder_blocks} "
+        raise UserError(f"--legacy: --encoder-depth {encoder_depth} but the checkpoint has {encoder_blocks} "
                          f"encoder blocks (blocks.*) before its decoder_blocks.*")
     out = {}
     for key, value in sd.items():
@@ -98,12 +98,33 @@ def convert_legacy(sd: dict[str, torch.Tensor], encoder_depth: int | None = None
 
 def load_hub_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, config.json) of a Hub folder; its config holds SiT's keyword arguments and our metadata."""
-    from safetensors.torch import load_file
     missing = [name for name in (HUB_CONFIG, HUB_WEIGHTS) if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint folder {path} has no {' or '.join(missing)}: expected a folder "
                                 f"written by SiT.save_pretrained or `python -m reg.export`")
-    return load_file(str(path / HUB_WEIGHTS)), json.loads((path / HUB_CONFIG).read_text())
+    return read_safetensors(path / HUB_WEIGHTS), read_config_json(path / HUB_CONFIG)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors; a truncated or foreign file is a CheckpointError naming it."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # SafetensorError (a bad header, a short file), or an OSError reading it
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated, or not a safetensors file): {e}") from e
+
+
+def read_config_json(path: Path, text: str | None = None) -> dict:
+    """A checkpoint's config (a JSON object: the file, or `text` stored inside it); malformed is a CheckpointError."""
+    try:
+        config = json.loads(path.read_text() if text is None else text)
+    except ValueError as e:
+        raise CheckpointError(f"the config of checkpoint {path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"the config of checkpoint {path} is a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def read_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
@@ -119,20 +140,19 @@ def read_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
         sd, meta = load_hub_folder(path)
     elif path.suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
+        sd = read_safetensors(path)
         side = path.with_suffix(".json")
         if path.name == HUB_WEIGHTS and not side.is_file():
             side = path.with_name(HUB_CONFIG)  # a Hub folder's weights, named by hf:OWNER/NAME/model.safetensors
         if side.is_file():
-            meta = json.loads(side.read_text())
+            meta = read_config_json(side)
         else:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("config", "{}"))
+                meta = read_config_json(path, (f.metadata() or {}).get("config", "{}"))
     else:
         obj = torch_load(path)
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+            raise UserError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
         if "ema" in obj or "model" in obj:
             key = "ema" if (use_ema and "ema" in obj) or "model" not in obj else "model"
             sd, which = obj[key], key
@@ -148,8 +168,30 @@ def read_weights(spec: str, *, use_ema: bool = True, legacy: bool = False,
     if legacy:
         sd = convert_legacy(sd, encoder_depth)
     elif any(k.startswith("decoder_blocks.") for k in sd):
-        raise ValueError(f"{spec} has REPA's old decoder_blocks.* keys: pass --legacy (legacy=True)")
+        raise UserError(f"{spec} has REPA's old decoder_blocks.* keys: pass --legacy (legacy=True)")
     return sd, meta
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, source: str, hint: str = "") -> None:
+    """model.load_state_dict(sd, strict=True); weights that do not fit the model (another size, number of
+    classes, projector...) are a UserError naming `source` and the keys and shapes that differ."""
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{source}: {e}" + (f"; {hint}" if hint else "")) from e
+
+
+def metadata_disagreements(inferred: dict, meta: dict) -> list[str]:
+    """The settings a checkpoint's metadata (our config, a Hub config.json) states otherwise than its weights
+    fix, as "key: config X, weights Y"; the mixin's size keys (depth, hidden_size, ...) included."""
+    depth, hidden, heads = SIZES[inferred["model"].split("-")[1].split("/")[0]]
+    fixed = {**inferred, "depth": depth, "hidden_size": hidden, "num_heads": heads,
+             "patch_size": int(inferred["model"].rsplit("/", 1)[1])}
+    if not inferred["z_dims"]:
+        fixed.pop("projector_dim")  # no projector: nothing fixes its width
+    norm = lambda v: [int(z) for z in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return [f"{k}: config {meta[k]!r}, weights {fixed[k]!r}" for k in fixed
+            if k in meta and k != "class_dropout_prob" and norm(meta[k]) != norm(fixed[k])]
 
 
 def resolve_config(spec: str, inferred: dict, meta: dict, *, expect: dict, overrides: dict) -> dict:
@@ -165,15 +207,18 @@ def resolve_config(spec: str, inferred: dict, meta: dict, *, expect: dict, overr
         config["encoder_depth"] = expect["encoder_depth"]
     config.update(meta)
     if "num_classes" in meta and int(meta["num_classes"]) != inferred["num_classes"]:
-        raise ValueError(
+        raise UserError(
             f"{spec}: its settings say {meta['num_classes']} classes but the label table has "
             f"{inferred['num_classes'] + 1} rows, not num_classes + 1 (trained without label dropout, so without "
             f"the null row?); such weights cannot be sampled with guidance and are not supported")
+    if differ := metadata_disagreements(inferred, meta):
+        raise UserError(f"{spec}: its config disagrees with its weights ({'; '.join(differ)}): the weights or the "
+                        f"config file were replaced; export the checkpoint again")
     config.update(inferred)
     config.update(overrides)
     depth = model_depth(config["model"])
     if "encoder_depth" in expect and not 1 <= expect["encoder_depth"] <= depth:
-        raise ValueError(f"--encoder-depth {expect['encoder_depth']} is outside [1, {depth}] for {config['model']}")
+        raise UserError(f"--encoder-depth {expect['encoder_depth']} is outside [1, {depth}] for {config['model']}")
     config["encoder_depth"] = min(int(config["encoder_depth"]), depth)
     if not config["use_cls_token"]:
         config.pop("cls_token_dim", None)
@@ -184,7 +229,7 @@ def resolve_config(spec: str, inferred: dict, meta: dict, *, expect: dict, overr
         if key == "z_dims":
             value, actual = [int(z) for z in value], list(actual)
         if value != actual:
-            raise ValueError(f"{CHECKED_FLAGS[key]} {value} does not match the checkpoint {spec} ({actual})")
+            raise UserError(f"{CHECKED_FLAGS[key]} {value} does not match the checkpoint {spec} ({actual})")
     if "resolution" not in config:
         config["resolution"] = config["input_size"] * 8
     return config
@@ -218,9 +263,9 @@ def load_generator(spec: str, *, use_ema: bool = True, legacy: bool = False, exp
     if unknown:
         raise TypeError(f"load_generator: unknown expect/overrides keys {sorted(unknown)}")
     sd, meta = read_weights(spec, use_ema=use_ema, legacy=legacy, encoder_depth=expect.get("encoder_depth"))
-    config = resolve_config(spec, infer_config(sd), meta, expect=expect, overrides=overrides)
+    config = resolve_config(spec, infer_config(sd, spec), meta, expect=expect, overrides=overrides)
     model = build_model_from_config(config)
-    model.load_state_dict(sd, strict=True)
+    load_into(model, sd, source=f"checkpoint {spec}")
     dtype = torch.float64 if precision == "fp64" else torch.float32
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae_spec = vae or config_decoding_vae(config)

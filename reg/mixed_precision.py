@@ -59,6 +59,9 @@ def _config_file_precision() -> tuple[str, str]:
         config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except Exception as e:
         raise UserError(f"accelerate config file {path} is unreadable: {e}") from e
+    if not isinstance(config, (dict, type(None))):  # `accelerate config` writes a mapping of settings
+        raise UserError(f"accelerate config file {path} holds a {type(config).__name__}, not a mapping of settings; "
+                        f"rewrite it with `accelerate config`")
     return str((config or {}).get("mixed_precision") or "").lower(), f"accelerate config {path}"
 
 

@@ -1,6 +1,7 @@
 """How a command's processes start, share work and end.
 
-- `command(name)`: the scope of a command's main(): refuses a bad SLURM launch (reg.slurm), turns SIGTERM/
+- `command(name)`: the scope of a command's main(): refuses a bad launch (malformed RANK / WORLD_SIZE /
+  LOCAL_RANK, srun without a launcher: reg.slurm) and malformed lock settings (reg.folder_lock), turns SIGTERM/
   SIGUSR1 into a stop request (reg.stop_signals) and releases the folder locks taken (reg.folder_lock);
 - `DistInfo`, `init_distributed`: the process setup of generate.py, sweep.py and the encoder (every process
   does its share of the work; one plain process without a launcher);
@@ -17,21 +18,41 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reg.folder_lock import releasing_new_locks
+from reg.folder_lock import lock_settings, releasing_new_locks
 from reg.slurm import check_slurm_launch
 from reg.stop_signals import stop_requests
-from reg.utils import UserError
+from reg.utils import UserError, env_int
 
 # ----------------------------------------------------------------------------- the command scope
 
+def launch_env() -> tuple[int, int, int | None]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK or None) as a launcher (torchrun, accelerate launch,
+    torch.distributed.launch) sets them: all unset for one plain process. A malformed value, a rank outside
+    the world, or RANK without WORLD_SIZE (or the reverse) is a UserError naming the variables."""
+    has_rank, has_world = (bool(os.environ.get(k, "").strip()) for k in ("RANK", "WORLD_SIZE"))
+    if has_rank != has_world:
+        given, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
+        raise UserError(f"environment variable {given}={os.environ[given].strip()!r} is set without {missing}: a "
+                        f"launcher sets both; unset {given} for one process, or start through torchrun / "
+                        f"accelerate launch")
+    world = env_int("WORLD_SIZE", 1, minimum=1)
+    rank = env_int("RANK", 0, minimum=0)
+    if rank >= world:
+        raise UserError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}")
+    local = env_int("LOCAL_RANK", -1, minimum=0) if os.environ.get("LOCAL_RANK", "").strip() else None
+    return rank, world, local
+
+
 def command(name: str, launcher: str = "accelerate") -> Callable:
-    """Decorator for a command's main(): refuses a bad SLURM launch, turns SIGTERM/SIGUSR1 into a stop
-    request for the duration of the call, and releases the folder locks taken during it."""
+    """Decorator for a command's main(): refuses a bad launch and bad lock settings, turns SIGTERM/SIGUSR1 into
+    a stop request for the duration of the call, and releases the folder locks taken during it."""
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            launch_env()
             check_slurm_launch(name, launcher)
+            lock_settings()
             with releasing_new_locks(), stop_requests():
                 return fn(*args, **kwargs)
         return run
@@ -104,17 +125,30 @@ class DistInfo:
             raise error
 
 
+def parse_device(flag: str | None) -> "torch.device":  # noqa: F821
+    """--device: cpu, cuda or cuda:N (None: cuda when there is a GPU, else cpu); a UserError otherwise."""
+    import torch
+    if flag is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError as e:
+        raise UserError(f"--device {flag!r} is not a device (cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {flag}: no CUDA GPU is available here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def init_distributed(device_flag: str | None, local_rank_flag: int = -1) -> DistInfo:
     """Plain torch.distributed from the env:// variables that torch.distributed.launch, torchrun
     and accelerate launch set; a single process without them."""
     import torch
     import torch.distributed as dist
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_flag, 0)))
-    if device_flag is None:
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_flag)
+    rank, world_size, local_rank = launch_env()
+    local_rank = max(local_rank_flag, 0) if local_rank is None else local_rank
+    device = parse_device(device_flag)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.type == "cuda":

@@ -1,7 +1,8 @@
 """metrics.jsonl: the one writer and the one reader of a training run's machine-readable log.
 
 One JSON object per line, each with an integer "step": training lines (loss terms, lr, throughput) every
---log-every steps, evaluation lines (fid, ...) at --eval-every. Lines are strict JSON: a non-finite value
+--log-every steps, evaluation lines (fid, ... and the settings they were measured with) at
+--eval-every. Lines are strict JSON: a non-finite value
 (a NaN loss, an inf FID) is written as null, since `NaN` is not JSON and breaks every other reader.
 
 A process killed mid-append (or a full disk) leaves a torn last line. `read_metrics` skips it and says
@@ -17,9 +18,15 @@ import json
 import os
 from typing import Any, Callable
 
-from reg.utils import UserError, atomic_write_bytes, nan_to_null
+from reg.utils import UserError, append_text, atomic_write_bytes, nan_to_null
 
 METRICS_FILE = "metrics.jsonl"
+# What an evaluation record's FID depends on besides the weights (evaluations/during_training.py writes them
+# all): records that differ in any of them are separate series, never one curve. Older records lack some: None.
+EVAL_SETTING_KEYS = ("eval_ref_sha256", "eval_mode", "eval_steps", "eval_cfg", "eval_cls_cfg", "eval_guidance_low",
+                     "eval_guidance_high", "eval_vae", "eval_samples", "eval_inception", "eval_seed", "eval_dtype")
+# the metrics of an evaluation record
+EVAL_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 def dumps_record(record: dict) -> str:
@@ -29,8 +36,7 @@ def dumps_record(record: dict) -> str:
 
 def append_record(path: str | os.PathLike, record: dict) -> None:
     """Append one line. One write() call of the whole line: a kill leaves at most this line torn."""
-    with open(path, "a") as f:
-        f.write(dumps_record(record) + "\n")
+    append_text(path, dumps_record(record) + "\n")
 
 
 def write_records(path: str | os.PathLike, records: list[dict]) -> None:
@@ -96,3 +102,44 @@ def latest_per_step(records: list[dict], key: Callable[[dict], Any] = lambda r: 
     """The last record of each key (a resumed run may repeat a step), in key order of the step."""
     by_key = {key(r): r for r in records}
     return sorted(by_key.values(), key=lambda r: r["step"])
+
+
+def eval_setting(record: dict) -> tuple:
+    """The series an evaluation record belongs to: its values of EVAL_SETTING_KEYS."""
+    return tuple(record.get(k) for k in EVAL_SETTING_KEYS)
+
+
+def eval_series(records: list[dict]) -> dict[tuple, list[dict]]:
+    """The evaluation records (those with a `fid`) by series (eval_setting), each the last record of each step
+    in step order, series in order of first appearance."""
+    series: dict[tuple, list[dict]] = {}
+    for r in records:
+        if "fid" in r:
+            series.setdefault(eval_setting(r), []).append(r)
+    return {key: latest_per_step(rs) for key, rs in series.items()}
+
+
+def varying_settings(settings: set[tuple]) -> set[str]:
+    """The EVAL_SETTING_KEYS in which some of these series (eval_setting tuples) differ."""
+    return {k for i, k in enumerate(EVAL_SETTING_KEYS) if len({s[i] for s in settings}) > 1}
+
+
+# the settings every series label shows; the others only where the series shown together differ in them
+LABEL_ALWAYS = {"eval_mode": "{}", "eval_steps": "{} steps", "eval_cfg": "cfg {}", "eval_cls_cfg": "cls-cfg {}",
+                "eval_samples": "{} samples"}
+LABEL_WHEN_VARYING = {"eval_ref_sha256": "reference {:.8}", "eval_vae": "VAE {}", "eval_inception": "Inception {:.15}",
+                      "eval_seed": "seed {}", "eval_dtype": "precision {}"}
+
+
+def series_label(setting: dict, varying: set[str]) -> str:
+    """A short name of an evaluation series (`setting`: EVAL_SETTING_KEYS -> value): sampler, steps, guidance,
+    samples, the guidance interval when it is not [0, 1], and each other setting in `varying` ("unknown":
+    not recorded, a record of an older version)."""
+    parts = [form.format(setting[k]) for k, form in LABEL_ALWAYS.items() if setting.get(k) is not None]
+    interval = (setting.get("eval_guidance_low"), setting.get("eval_guidance_high"))
+    if interval != (0.0, 1.0) and (interval[1] is not None or "eval_guidance_high" in varying):
+        parts.append("guidance in [{}, {}]".format(*(v if v is not None else "unknown" for v in interval)))
+    for k, form in LABEL_WHEN_VARYING.items():
+        if k in varying:
+            parts.append(form.format(setting[k]) if setting.get(k) is not None else f"{form.split()[0]} unknown")
+    return ", ".join(parts)

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from reg.utils import UserError
+from reg.utils import UserError, env_int
 
 
 class SlurmLaunchError(UserError):
@@ -20,10 +20,13 @@ def slurm_launch_problem(command: str, launcher: str = "accelerate", env: dict |
     env = os.environ if env is None else env
     if "SLURM_PROCID" not in env or any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
-    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    # the step's counts, else the job's; a malformed value is a UserError naming the variable
+    tasks_var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS", "").strip() else "SLURM_NTASKS"
+    tasks = env_int(tasks_var, 1, minimum=1, env=env)
     if tasks <= 1:
         return None
-    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    nodes_var = "SLURM_STEP_NUM_NODES" if env.get("SLURM_STEP_NUM_NODES", "").strip() else "SLURM_NNODES"
+    nodes = env_int(nodes_var, 1, minimum=1, env=env)
     per_node = max(tasks // nodes, 1)
     args = shlex.join(sys.argv[1:])
     if launcher == "torchrun":

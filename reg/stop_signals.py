@@ -1,7 +1,8 @@
 """Stop signals: SIGTERM and SIGUSR1 (SLURM's warning before the time limit, a preemption) set a flag.
 
 The commands finish their current unit (a training step plus a full checkpoint, a batch of PNGs, a batch of
-latents; a sweep setting is discarded) and exit with EXIT_STOPPED, so that the same command, rerun, resumes.
+latents; a sweep setting and an evaluation during training are discarded after their current batch) and exit
+with EXIT_STOPPED, so that the same command, rerun, resumes.
 Ranks agree on when to stop through a CPU all-reduce (`any_rank_stopping`, `StepStop`).
 """
 from __future__ import annotations
@@ -79,15 +80,19 @@ def _cpu_group(dist):
     return _GLOO["group"]
 
 
+def max_over_ranks(value: int, world: int = 1) -> int:
+    """The largest of every rank's `value` (a CPU all-reduce over gloo). Every rank must call it at the same point."""
+    if world <= 1 or (dist := initialized_dist()) is None:
+        return value
+    import torch
+    t = torch.tensor([int(value)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group(dist))
+    return int(t.item())
+
+
 def any_rank_stopping(world: int = 1) -> bool:
     """Whether any rank received a stop signal. Every rank must call it at the same point."""
-    flag = stop_requested() is not None
-    if world <= 1 or (dist := initialized_dist()) is None:
-        return flag
-    import torch
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group(dist))
-    return bool(t.item())
+    return bool(max_over_ranks(int(stop_requested() is not None), world))
 
 
 class StepStop:

@@ -63,6 +63,29 @@ def parse_report_to(value: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- wandb
 
+WANDB_RESERVED = ":;,#?/'\\"  # wandb refuses the first seven in a run id; a backslash is a path separator too
+WANDB_RESUME_MODES = ("allow", "must", "never", "auto")
+
+
+def check_wandb_id(run_id: str, source: str) -> str:
+    """A wandb run id as wandb accepts it (no reserved character, no whitespace), checked before it is kept in
+    the run folder: a bad one would be kept and fail every rerun. `source` names where it came from."""
+    if not run_id or any(c in WANDB_RESERVED or c.isspace() or not c.isprintable() for c in run_id):
+        raise UserError(f"{source} {run_id!r} is not a wandb run id: it must be non-empty, without whitespace and "
+                        f"without any of {WANDB_RESERVED}")
+    return run_id
+
+
+def check_wandb_env(flag_id: str | None) -> None:
+    """--wandb-id, $WANDB_RUN_ID and $WANDB_RESUME, checked before the run starts."""
+    if flag_id is not None:
+        check_wandb_id(flag_id, "--wandb-id")
+    if env_id := os.environ.get("WANDB_RUN_ID", "").strip():
+        check_wandb_id(env_id, "environment variable WANDB_RUN_ID")
+    resume = os.environ.get("WANDB_RESUME", "").strip()
+    if resume and resume not in WANDB_RESUME_MODES:
+        raise UserError(f"environment variable WANDB_RESUME={resume!r} must be one of {', '.join(WANDB_RESUME_MODES)}")
+
 
 def wandb_run(run_dir: Path, flag_id: str | None, *, write: bool) -> tuple[str, str, str]:
     """(run id, resume mode, where the id came from) for wandb.init.
@@ -73,6 +96,9 @@ def wandb_run(run_dir: Path, flag_id: str | None, *, write: bool) -> tuple[str, 
     exists: one of ours, or the authors' run whose id is passed)."""
     id_file = run_dir / "wandb_run_id.txt"
     kept = id_file.read_text().strip() if id_file.is_file() else ""
+    if kept:
+        check_wandb_id(kept, str(id_file))
+    check_wandb_env(flag_id)
     env_id = os.environ.get("WANDB_RUN_ID", "").strip()
     if flag_id:
         run_id, source = flag_id, "--wandb-id"

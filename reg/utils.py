@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
+import hashlib
 import json
 import math
+import re
 import os
 import sys
 import tempfile
@@ -28,6 +31,64 @@ class UserError(ValueError):
     one line and exit non-zero; bugs raise anything else and keep their traceback."""
 
 
+# ----------------------------------------------------------------------------- storage errors
+
+# What the storage says when it refuses a write: the machine's state, not a bug. Named with the path.
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system"}
+
+
+class StorageError(UserError):
+    """A write the storage refused (full disk, quota, read-only file system). The message names the path;
+    `errno` keeps the cause's number."""
+
+    def __init__(self, path: str | os.PathLike, code: int):
+        self.path, self.errno = os.fspath(path), code
+        super().__init__(f"cannot write {self.path}: {STORAGE_ERRNOS[code]}")
+
+
+@contextlib.contextmanager
+def storage_errors_named(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, an OSError of the storage (STORAGE_ERRNOS) becomes a StorageError naming `path`
+    (a write() on a full disk reports no file name of its own)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise StorageError(path, e.errno) from e
+        raise
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a storage refusal (STORAGE_ERRNOS) behind `exc`, else None: an OSError's own, or the
+    `(os error N)` that Rust I/O errors (safetensors) put in their message."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e.errno
+        if e is not None and (m := re.search(r"\(os error (\d+)\)", str(e))) and int(m.group(1)) in STORAGE_ERRNOS:
+            return int(m.group(1))
+    return None
+
+
+# ----------------------------------------------------------------------------- checks before a write
+
+# Functions called with the destination before every write of atomic_write and check_write's other callers.
+# reg.folder_lock adds one: a run whose folder lock was taken over stops before it writes there again.
+_WRITE_CHECKS: list[Callable[[Path], None]] = []
+
+
+def add_write_check(check: Callable[[Path], None]) -> None:
+    if check not in _WRITE_CHECKS:
+        _WRITE_CHECKS.append(check)
+
+
+def check_write(path: str | os.PathLike) -> None:
+    """Run the write checks on `path` (they raise to refuse the write). Writers that do not go through
+    atomic_write (appends to a log) call it themselves."""
+    for check in _WRITE_CHECKS:
+        check(Path(path))
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -37,11 +98,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
     The temporary file sits in the destination folder (same file system, so os.replace is atomic on
     POSIX) and is named `.NAME.*.tmp`, the pattern `clean_stale_tmp` removes. A process killed at
     any moment leaves either the old file or the new one, never half of one. New files get the
-    usual permissions (0666 & ~umask), not mkstemp's 0600.
+    usual permissions (0666 & ~umask), not mkstemp's 0600. A full disk, an exceeded quota or a read-only
+    file system raises StorageError naming `path` (the old file, if any, is left as it was).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_write(path)
+    with storage_errors_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -53,10 +117,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if (code := storage_errno(e)) is not None:
+            raise StorageError(path, code) from e
         raise
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to a log file in one write() call (a kill leaves at most this text torn), after the write
+    checks; a full disk, an exceeded quota or a read-only file system raises StorageError naming `path`."""
+    check_write(path)
+    with storage_errors_named(path), open(path, "a") as f:
+        f.write(text)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
@@ -68,7 +142,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object, not the path: a full disk then raises OSError(ENOSPC)
+            torch.save(obj, f)      # (torch's own writer reports it as "unexpected pos")
+    atomic_write(path, write)
 
 
 def atomic_json_dump(obj: Any, path: str | os.PathLike, *, sort_keys: bool = True, nan_as_null: bool = False) -> None:
@@ -283,24 +361,70 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, No
                                                 PermissionError, FileExistsError)
 
 
+def _is_user_error(e: BaseException, user_errors: tuple[type[BaseException], ...]) -> bool:
+    return isinstance(e, USER_ERRORS + user_errors) or (isinstance(e, OSError) and e.errno in STORAGE_ERRNOS)
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in STORAGE_ERRNOS:
+        where = e.filename if e.filename is not None else "(the path was not reported)"
+        return f"cannot write {where}: {STORAGE_ERRNOS[e.errno]}"
+    return " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
+
+
+def _prints_errors() -> bool:
+    """Rank 0 of a launch prints a user's error (every rank meets the same flags and files); so does a process
+    whose RANK / WORLD_SIZE are missing or malformed, since no other rank can be relied on to print it."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return True
+    return rank == 0 or not 0 < rank < world
+
+
 def run_main(main: Callable[..., Any], parse_args: Callable[[list[str]], Any] | None = None, *,
              user_errors: tuple[type[BaseException], ...] = ()) -> Any:
     """The `if __name__ == "__main__":` of every entry point: main(parse_args(argv)), or main() when
     parse_args is None.
 
-    A user's mistake (USER_ERRORS, plus `user_errors`, e.g. reg.checkpoints.CheckpointError) is printed
-    as one line, `prog: error: MESSAGE`, and the process exits with status 2, on every rank; only rank
-    0 prints (every rank meets the same flags and files). REG_DEBUG=1 in the environment shows the
-    traceback instead. Any other exception is a bug: its traceback is shown as usual. Returns main's
-    result."""
+    A user's mistake (USER_ERRORS, plus `user_errors`, e.g. reg.checkpoints.CheckpointError, and a write the
+    storage refused: STORAGE_ERRNOS) is printed as one line, `prog: error: MESSAGE`, and the process exits
+    with status 2, on every rank; only rank 0 prints. REG_DEBUG=1 in the environment shows the traceback
+    instead. Any other exception is a bug: its traceback is shown as usual. Returns main's result."""
     prog = os.path.basename(sys.argv[0]) or "python"
     try:
         result = main(parse_args(sys.argv[1:])) if parse_args is not None else main()
-    except USER_ERRORS + tuple(user_errors) as e:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    except Exception as e:
+        if not _is_user_error(e, tuple(user_errors)) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        if os.environ.get("RANK", "0") == "0":
-            message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds
-            print(f"{prog}: error: {message} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        if _prints_errors():
+            print(f"{prog}: error: {_error_line(e)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
     return result
+
+
+# ----------------------------------------------------------------------------- environment values and files
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None, env: dict | None = None) -> int:
+    """An integer environment variable (`default` when unset or empty); anything else is a UserError naming
+    the variable and its value."""
+    text = (os.environ if env is None else env).get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise UserError(f"environment variable {name}={text!r} is not an integer") from e
+    if minimum is not None and value < minimum:
+        raise UserError(f"environment variable {name}={text!r} must be >= {minimum}")
+    return value
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file's content, read in chunks (a 10 GB reference batch never sits in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

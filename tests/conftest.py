@@ -1,7 +1,7 @@
 """Shared test set-up: one thread per test process, and every fixture that more than one test file uses (a
-fresh accelerate state, train.py's tiny data, the FLOP-count memo, sweep.py's folder, a tiny REG checkpoint).
-No fixture here is autouse: a test or module asks for each by name. Plain helpers shared by test files are in
-helpers.py.
+fresh accelerate state, train.py's tiny data and FID reference, the FLOP-count memo, sweep.py's folder, a tiny
+REG checkpoint). No fixture here is autouse: a test or module asks for each by name. Plain helpers shared by
+test files are in helpers.py.
 
 pytest runs on two workers (pytest.ini: -n 2) and the CI machine has two cores. Tiny tensors run as fast on
 one thread, and far faster when the cores are contended (OpenMP threads spin against the other worker), so
@@ -36,6 +36,18 @@ def data_dir(tmp_path_factory):
     module; tests that change the data change a copy)."""
     from helpers import encoded_synthetic_data
     return encoded_synthetic_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def eval_ref(data_dir, tmp_path_factory):
+    """An ADM-style reference batch for --eval-ref: the first 8 images of data_dir as uint8 NHWC."""
+    import numpy as np
+    from PIL import Image
+    images = np.stack([np.asarray(Image.open(f).convert("RGB"))
+                       for f in sorted((data_dir / "imagenet_32_vae").rglob("*.png"))[:8]])
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
+    np.savez(path, arr_0=images)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,32 @@ def test_figure_axes_data(two_runs, tmp_path, monkeypatch):
     real_close(captured["fig"])
 
 
+SETTINGS = {"eval_ref_sha256": "a" * 64, "eval_mode": "ode", "eval_steps": 50, "eval_cfg": 1.0, "eval_cls_cfg": 0.0,
+            "eval_guidance_low": 0.0, "eval_guidance_high": 1.0, "eval_vae": "stabilityai/sd-vae-ft-ema",
+            "eval_samples": 10000, "eval_inception": "sha256:6726825d", "eval_seed": 0, "eval_dtype": "bf16"}
+
+
+@pytest.mark.parametrize("change,label", [
+    ({"eval_ref_sha256": "b" * 64}, "reference bbbbbbbb"),
+    ({"eval_guidance_high": 0.85}, "guidance in [0.0, 0.85]"),
+    ({"eval_vae": "stabilityai/sd-vae-ft-mse"}, "VAE stabilityai/sd-vae-ft-mse"),
+    ({"eval_inception": "random"}, "Inception random"),
+    ({"eval_seed": 1}, "seed 1"),
+    ({"eval_dtype": "fp32"}, "precision fp32"),
+    ({k: None for k in SETTINGS if k not in ("eval_mode", "eval_steps", "eval_cfg", "eval_samples")},
+     "reference unknown"),  # a record of an older version: a series of its own
+])
+def test_fids_measured_differently_are_never_one_curve(tmp_path, change, label):
+    """Same sampler, steps, guidance scale and count: only the reference, the interval, the VAE, ... differ."""
+    first = [dict(_eval_line(s, f), **SETTINGS) for s, f in ((100, 30.0), (200, 20.0))]
+    later = [{**_eval_line(s, f), **SETTINGS, **change} for s, f in ((200, 5.0), (300, 4.0))]
+    _write_run(tmp_path / "run", {"model": "SiT-B/2", "method": "reg"}, _train_lines([100, 200, 300], 0), first + later)
+    rows = cmp.compare([str(tmp_path / "run")], str(tmp_path / "out"))["rows"]
+    assert [(r["best_fid"], r["fid_curve"]) for r in rows] == [(20.0, [[100, 30.0], [200, 20.0]]),
+                                                              (4.0, [[200, 5.0], [300, 4.0]])]
+    assert label in rows[1]["eval"] and label not in rows[0]["eval"] and rows[0]["eval"] != rows[1]["eval"]
+
+
 @pytest.mark.parametrize("args,config,records,terms", [
     ({"method": "repa", "proj_coeff": 0.5}, None, dict(cls=False, absent_as_zero=True), ["loss_denoise", "loss_proj"]),
     ({"method": "reg", "proj_coeff": 0.0, "cls": 0.03}, None, dict(proj=False, absent_as_zero=True),

@@ -237,3 +237,23 @@ def test_plot_losses_skips_evaluation_records(tmp_path):
                {"step": 4, "loss": 0.5, "loss_denoise": 0.4}, {"step": 4, "fid": 40.0}]
     metrics = write_jsonl(tmp_path / "metrics.jsonl", records)
     assert [r["loss"] for r in plot_losses.read_metrics(str(metrics))] == [1.0, 0.5]
+
+
+def test_plot_losses_draws_one_fid_line_per_evaluation_setting(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = {"eval_ref_sha256": "a" * 64, "eval_mode": "ode", "eval_steps": 50, "eval_samples": 4}
+    records = [{"step": 2, "loss": 1.0}, {"step": 2, "fid": 50.0, **settings}, {"step": 4, "loss": 0.5},
+               {"step": 4, "fid": 40.0, **settings}, {"step": 4, "fid": 9.0, **settings, "eval_ref_sha256": "b" * 64},
+               {"step": 6, "fid": 8.0, **settings, "eval_ref_sha256": "b" * 64}]
+    metrics = write_jsonl(tmp_path / "metrics.jsonl", records)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_losses.main(plot_losses.parse_args([str(metrics), "--keys", "loss,fid"]))
+    ax_loss, ax_fid = figures[0].axes[:2]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax_fid.get_lines()}
+    assert lines == {"ode, 50 steps, 4 samples, reference aaaaaaaa": ([2, 4], [50.0, 40.0]),
+                     "ode, 50 steps, 4 samples, reference bbbbbbbb": ([4, 6], [9.0, 8.0])}
+    assert [list(line.get_ydata()) for line in ax_loss.get_lines()] == [[1.0, 0.5]]
+

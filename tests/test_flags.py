@@ -118,10 +118,18 @@ def test_run_main_prints_one_line_for_a_user_error(monkeypatch, capsys):
         assert e.value.code == 2 and err.startswith("tool.py: error: ") and err.count("\n") == 1, err
     with pytest.raises(RuntimeError, match="a bug"):  # bugs keep their traceback
         utils.run_main(fails(RuntimeError("a bug")), parse)
-    monkeypatch.setenv("RANK", "1")  # other ranks exit alike, silently
+    monkeypatch.setenv("RANK", "1")  # other ranks of a launch exit alike, silently
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
         utils.run_main(fails(utils.UserError("bad")), parse)
     assert e.value.code == 2 and capsys.readouterr().err == ""
+    for world in (None, "1", "two"):  # no launch that a rank 0 would print for: this process prints
+        monkeypatch.delenv("WORLD_SIZE") if world is None else monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(SystemExit) as e:
+            utils.run_main(fails(utils.UserError("bad")), parse)
+        assert e.value.code == 2 and capsys.readouterr().err.startswith("tool.py: error: bad"), world
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv(utils.DEBUG_ENV, "1")
     with pytest.raises(utils.UserError):
         utils.run_main(fails(utils.UserError("bad")), parse)

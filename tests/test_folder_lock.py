@@ -130,3 +130,97 @@ def test_second_encode_into_a_held_dest_fails_and_touches_nothing(data_dir, tmp_
     assert f"process {holder.pid} no longer exists" in capsys.readouterr().err
     assert not inflight.exists() and len(list(dest.rglob("*.npy"))) == 64
     assert not (dest / folder_lock.LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------- a lock lost, a heartbeat failing
+
+def test_a_holder_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path):
+    from reg.utils import append_text, atomic_write_bytes
+    folder = tmp_path / "run"
+    with folder_lock.releasing_new_locks():
+        folder_lock.hold_folder(folder)
+        atomic_write_bytes(folder / "a.json", b"1")  # still ours: written
+        fabricate_lock(folder, token="new-holder")  # taken over between two heartbeats (a frozen holder)
+        lost = r"taken over .*host node-other, pid 12345.*without writing .*b\.json"
+        with pytest.raises(folder_lock.LockLost, match=lost):
+            atomic_write_bytes(folder / "b.json", b"2")
+        with pytest.raises(folder_lock.LockLost, match="log.txt"):
+            append_text(folder / "log.txt", "a line\n")
+        with pytest.raises(folder_lock.LockLost):  # a subfolder is the folder's too
+            atomic_write_bytes(folder / "checkpoints" / "0000010.pt", b"3")
+        atomic_write_bytes(tmp_path / "elsewhere.json", b"4")  # writes outside the folder are not its business
+    assert sorted(p.name for p in folder.iterdir()) == [folder_lock.LOCK_NAME, "a.json"]
+    assert json.loads((folder / folder_lock.LOCK_NAME).read_text())["token"] == "new-holder"  # left alone
+    with folder_lock.releasing_new_locks():  # a removed lock counts as lost too
+        folder_lock.hold_folder(tmp_path / "other")
+        (tmp_path / "other" / folder_lock.LOCK_NAME).unlink()
+        with pytest.raises(folder_lock.LockLost, match="it was removed"):
+            atomic_write_bytes(tmp_path / "other" / "x", b"")
+
+
+def _watcher(rank, port, out):
+    """Rank 0 holds the lock, rank 1 watches it; after a take-over neither writes into the folder."""
+    import torch.distributed as dist
+
+    from reg.utils import atomic_write_bytes
+    folder = Path(os.environ["REG_TEST_FOLDER"])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+    outcome = []
+    with folder_lock.releasing_new_locks():
+        folder_lock.hold_folder(folder, rank=rank, world=2)
+        atomic_write_bytes(folder / f"before-{rank}", b"")
+        dist.barrier()
+        if rank == 0:
+            fabricate_lock(folder, token="new-holder")
+        dist.barrier()
+        try:
+            atomic_write_bytes(folder / f"after-{rank}", b"")
+            outcome.append("wrote")
+        except folder_lock.LockLost:
+            outcome.append("lost")
+        dist.barrier()
+    out.put((rank, outcome[0]))
+    dist.destroy_process_group()
+
+
+def test_every_rank_checks_rank_0s_lock_before_writing(tmp_path, monkeypatch):
+    from helpers import run_two_processes
+    monkeypatch.setenv("REG_TEST_FOLDER", str(tmp_path / "f"))
+    assert sorted(run_two_processes(_watcher)) == [(0, "lost"), (1, "lost")]
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [folder_lock.LOCK_NAME, "before-0", "before-1"]
+
+
+def test_a_failing_heartbeat_requests_a_stop_while_the_lock_is_still_ours(tmp_path, monkeypatch, capsys):
+    from reg import stop_signals
+    monkeypatch.setenv("REG_LOCK_HEARTBEAT", "0.1")
+    monkeypatch.setenv("REG_LOCK_TIMEOUT", "0.6")
+    real = folder_lock.FolderLock._content
+
+    def full_disk_once_held(self):
+        if self.held:  # the heartbeat's rewrites fail, the first write of the lock did not
+            raise OSError(28, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(folder_lock.FolderLock, "_content", full_disk_once_held)
+    with stop_signals.stop_requests(), folder_lock.releasing_new_locks():
+        lock = folder_lock.hold_folder(tmp_path / "f")
+        deadline = time.time() + 10
+        while stop_signals.stop_requested() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert stop_signals.stop_requested() == "a failing lock heartbeat" and lock.failing
+        assert lock.still_mine() and not lock.lost  # stopped well before another node may take it
+    err = capsys.readouterr().err
+    assert "lock heartbeat failed (OSError: [Errno 28] No space left on device)" in err and "stopping the run" in err
+
+
+def test_a_lock_that_cannot_be_written_names_it_and_leaves_no_empty_lock(tmp_path, monkeypatch):
+    from reg.utils import StorageError
+
+    def full(self):  # what os.write meets on a full disk, after the exclusive create succeeded
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folder_lock.FolderLock, "_content", full)
+    with pytest.raises(StorageError, match=r"cannot write .*\.reg-lock: no space left on the device"):
+        folder_lock.FolderLock(tmp_path / "f").acquire()
+    assert list((tmp_path / "f").iterdir()) == []  # an empty lock would block every rerun until the timeout

@@ -227,7 +227,7 @@ ORIGINAL_EVAL_SH_ARGS = [  # the original eval.sh's generate.py flags, verbatim
 def test_original_flags_defaults_and_run_name():
     args = generate.parse_args(ORIGINAL_EVAL_SH_ARGS)
     assert (args.model, args.encoder_depth, args.projector_embed_dims, args.cls, args.local_rank) == \
-        ("SiT-XL/2", 8, "768", 768, 0)
+        ("SiT-XL/2", 8, [768], 768, 0)  # the dims parsed (and checked) with the flags
     name = generate.default_run_name(args, args.model, 256, "ema")
     assert name == "SiT-XL-2-4000000-size-256-vae-ema-cfg-2.3-seed-0-sde-0.85-2.3"  # what the original eval.sh reads
     assert generate.vae_name("stabilityai/sd-vae-ft-mse") == "mse"

@@ -153,3 +153,108 @@ def test_sweep_discards_the_setting_in_progress_on_a_signal_and_resumes(sweep_se
     monkeypatch.setattr(evaluator.FeatureAccumulator, "add", real)
     run_sweep(sweep_setup, *small)
     assert len(list((out / "settings").glob("*.json"))) == 2 and (out / "results.json").is_file()
+
+
+# ----------------------------------------------------------------------------- evaluations and grids during training
+
+@pytest.mark.usefixtures("fresh_accelerate_state", "flops_counted_once_per_architecture")
+def test_a_signal_during_an_evaluation_ends_it_after_the_batch_and_checkpoints_the_step(data_dir, tmp_path, eval_ref,
+                                                                                         monkeypatch):
+    from evaluations import evaluator
+    real_add, adds = evaluator.FeatureAccumulator.add, []
+
+    def add(self, images):
+        adds.append(len(images))
+        if len(adds) == signal_at_batch[0]:
+            os.kill(os.getpid(), signal.SIGUSR1)  # mid-evaluation
+        return real_add(self, images)
+
+    monkeypatch.setattr(evaluator.FeatureAccumulator, "add", add)
+    # 6 images in batches of 2 at steps 4 and 6; checkpoints only at the last step (100 is never reached)
+    argv = tiny_argv(data_dir, tmp_path, "ev", "--max-train-steps", "6", "--checkpointing-steps", "100",
+                     "--eval-every", "4", "--eval-ref", str(eval_ref), "--eval-samples", "6", "--eval-steps", "2",
+                     "--eval-batch-size", "2", "--inception-weights", "random", "--sample-every", "4")
+    run = tmp_path / "ev"
+
+    def fids():
+        return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+
+    signal_at_batch = [1 + 2]  # the reference is read in 1 batch (8 images); then step 4's 2nd batch
+    with pytest.raises(SystemExit) as e:
+        train.main(train.parse_args(argv))
+    assert e.value.code == stop_signals.EXIT_STOPPED
+    assert adds == [8, 2, 2]  # step 4's evaluation ended after the batch the signal came in, not after all 3
+    assert (run / "checkpoints/0000004.pt").is_file() and fids() == []  # its step's checkpoint; no FID of step 4
+    assert not (run / "samples/0000004.png").exists()  # the grid of step 4 waits: the checkpoint goes first
+    # the resumed run evaluates step 4 first; a signal there ends it too, with nothing more to save
+    adds.clear()
+    signal_at_batch[0] = 1
+    with pytest.raises(SystemExit) as e:
+        train.main(train.parse_args(argv))
+    assert e.value.code == stop_signals.EXIT_STOPPED and adds == [2] and fids() == []
+    assert sorted(p.name for p in (run / "checkpoints").glob("[0-9]*.pt")) == ["0000004.opt.pt", "0000004.pt"]
+    signal_at_batch[0] = 0
+    train.main(train.parse_args(argv))
+    assert fids() == [4, 6] and (run / "samples/0000004.png").is_file()  # the missed grid is made on resume
+
+
+def _uneven_shares(rank, port, out):
+    """Two ranks evaluate 5 images in batches of 2 (shares of 3 and 2: 2 and 1 batches); rank 1 is signalled
+    during its only batch, after which it has nothing left to sample: both still stop at the same round."""
+    import argparse as ap
+
+    import torch.distributed as dist
+
+    from evaluations import during_training, evaluator
+    from reg import seeded_images
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+
+    def fake_generate(model, vae, indices, *, batch_size, **kwargs):
+        indices = list(indices)
+        for b in range(0, len(indices), batch_size):
+            if rank == 1:
+                stop_signals.request_stop("SIGTERM")
+            yield indices[b:b + batch_size], torch.zeros(len(indices[b:b + batch_size]), 8, 8, 3), None
+
+    seeded_images.generate_images = fake_generate
+    evaluator.FeatureAccumulator = lambda model: type("F", (), {"add": lambda s, x: None, "features": lambda s: {}})()
+    ev = object.__new__(during_training.InTrainingEval)
+    ev.args = ap.Namespace(eval_samples=5, seed=0, eval_mode="ode", eval_steps=2, eval_cfg=1.0, eval_cls_cfg=0.0,
+                           eval_guidance_high=1.0, eval_batch_size=2)
+    ev.accelerator = ap.Namespace(process_index=rank, num_processes=2, is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    ev.config = {"num_classes": 4, "path_type": "linear", "latents_scale": 1.0}
+    ev.vae, ev.inception, ev.dtype = None, None, None
+    try:
+        ev.sample_features(None, 10)
+        outcome = "finished"
+    except during_training.EvalStopped:
+        outcome = "stopped"
+    out.put((rank, outcome))
+    dist.destroy_process_group()
+
+
+def test_every_rank_ends_an_evaluation_at_the_same_batch():
+    assert sorted(run_two_processes(_uneven_shares)) == [(0, "stopped"), (1, "stopped")]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state", "flops_counted_once_per_architecture")
+def test_a_failing_lock_heartbeat_stops_training_with_a_checkpoint(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("REG_LOCK_HEARTBEAT", "0.1")
+    monkeypatch.setenv("REG_LOCK_TIMEOUT", "0.3")
+    real = folder_lock.FolderLock._content
+
+    def failing_once_held(self):
+        if self.held:
+            raise OSError(122, "Disk quota exceeded")
+        return real(self)
+
+    monkeypatch.setattr(folder_lock.FolderLock, "_content", failing_once_held)
+    with pytest.raises(SystemExit) as e:
+        train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "hb", "--max-train-steps", "300",
+                                              "--checkpointing-steps", "1000")))
+    assert e.value.code == stop_signals.EXIT_STOPPED and "a failing lock heartbeat" in str(e.value)
+    (stopped,) = [int(p.name[:7]) for p in (tmp_path / "hb/checkpoints").glob("[0-9]*[0-9].pt")]
+    log = (tmp_path / "hb/log.txt").read_text()
+    assert 0 < stopped < 300 and f"stopped by a failing lock heartbeat at step {stopped}" in log

@@ -527,17 +527,6 @@ def test_bad_sample_stops_by_default_and_is_replaced_with_the_flag(data_dir, tmp
     assert result["steps"] == 8 and sum(l["bad_samples"] for l in lines) == 1  # met once in 8 x 8 of 64 images
 
 
-@pytest.fixture(scope="module")
-def eval_ref(data_dir, tmp_path_factory):
-    """An ADM-style reference batch: the first 8 training images as uint8 NHWC."""
-    from PIL import Image
-    images = np.stack([np.asarray(Image.open(f).convert("RGB"))
-                       for f in sorted((data_dir / "imagenet_32_vae").rglob("*.png"))[:8]])
-    path = tmp_path_factory.mktemp("ref") / "ref.npz"
-    np.savez(path, arr_0=images)
-    return path
-
-
 def eval_argv(data_dir, out, exp, ref, *extra):
     return tiny_argv(data_dir, out, exp, "--eval-every", "2", "--eval-ref", str(ref), "--eval-samples", "4",
                      "--eval-steps", "2", "--eval-batch-size", "4", "--inception-weights", "random", *extra)
@@ -564,9 +553,16 @@ def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir
     evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "fid" in r]
     assert [r["step"] for r in evals] == [2, 4] and calls == [2, 4, 4]
+    from reg.run_log import EVAL_SETTING_KEYS
+    from reg.utils import file_sha256
     for r in evals:
         assert r["eval_samples"] == 4 and np.isfinite(r["fid"]) and r["eval_time_s"] > 0
         assert {"sfid", "inception_score", "precision", "recall"} <= set(r)
+        # everything the value depends on, the reference by its content
+        assert {k: r[k] for k in EVAL_SETTING_KEYS} == {
+            "eval_ref_sha256": file_sha256(eval_ref), "eval_mode": "ode", "eval_steps": 2, "eval_cfg": 1.0,
+            "eval_cls_cfg": 0.0, "eval_guidance_low": 0.0, "eval_guidance_high": 1.0, "eval_vae": "pixel-unshuffle",
+            "eval_samples": 4, "eval_inception": "random", "eval_seed": 0, "eval_dtype": "fp32"}
     # the same per-image seeds at every evaluation: the same model scores the same at any step
     from accelerate import Accelerator
 
@@ -580,3 +576,48 @@ def test_fid_during_training_same_seeds_and_resume_during_an_evaluation(data_dir
     other = copy.deepcopy(ema)
     other.final_layer.linear.bias.data += 0.5  # another model, same seeds: other images
     assert not np.array_equal(ev.sample_features(other)[1]["pool"], fa["pool"])
+
+
+def test_a_resumed_run_evaluated_under_new_settings_starts_a_new_series(data_dir, tmp_path, eval_ref):
+    from evaluations import compare
+    argv = eval_argv(data_dir, tmp_path, "series", eval_ref, "--max-train-steps", "4", "--checkpointing-steps", "2")
+    train.main(train.parse_args(argv))
+    train.main(train.parse_args(argv + ["--eval-steps", "3"]))  # step 4 was evaluated, but not with 3 steps
+    evals = [r for r in map(json.loads, (tmp_path / "series/metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    assert [(r["step"], r["eval_steps"]) for r in evals] == [(2, 2), (4, 2), (4, 3)]
+    rows = compare.compare([str(tmp_path / "series")], str(tmp_path / "cmp"))["rows"]
+    assert [(r["eval"], r["fid_curve"]) for r in rows] == [
+        ("ode, 2 steps, cfg 1.0, cls-cfg 0.0, 4 samples", [[2, evals[0]["fid"]], [4, evals[1]["fid"]]]),
+        ("ode, 3 steps, cfg 1.0, cls-cfg 0.0, 4 samples", [[4, evals[2]["fid"]]])]
+
+
+def test_a_dead_attempts_metrics_are_set_aside_never_inherited(data_dir, tmp_path, eval_ref):
+    run = tmp_path / "dead"
+    # an attempt killed before its first checkpoint: its lines (a FID at step 2 among them) but no checkpoint
+    train.main(train.parse_args(eval_argv(data_dir, tmp_path, "dead", eval_ref, "--max-train-steps", "2")))
+    shutil.rmtree(run / "checkpoints")
+    dead = (run / "metrics.jsonl").read_text()
+    # a fresh start in that folder, with another learning rate: evaluates step 2 itself and keeps none of those lines
+    train.main(train.parse_args(eval_argv(data_dir, tmp_path, "dead", eval_ref, "--max-train-steps", "2",
+                                          "--learning-rate", "3e-4")))
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [("fid" in r, r["step"]) for r in lines] == [(False, 2), (True, 2)]
+    assert not set((run / "metrics.jsonl").read_text().splitlines()) & set(dead.splitlines())
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert (aside / "metrics.jsonl").read_text() == dead  # moved aside, never deleted
+
+
+def test_lines_after_the_checkpoint_a_run_resumes_from_are_kept_aside(data_dir, tmp_path):
+    argv = tiny_argv(data_dir, tmp_path, "kept", "--max-train-steps", "6", "--checkpointing-steps", "2")
+    train.main(train.parse_args(argv))
+    run = tmp_path / "kept"
+    for f in (run / "checkpoints").glob("*000000[46]*"):  # as if killed before checkpoint 4 was written
+        f.unlink()
+    later = [l for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] > 2]
+    assert [json.loads(l)["step"] for l in later] == [4, 6]
+    train.main(train.parse_args(argv))
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert (aside / "metrics.jsonl").read_text().splitlines() == later  # the dead attempt's lines, kept
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6] and "moved to" in (run / "log.txt").read_text()
+
