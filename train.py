@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from reg.checkpoints import CheckpointDir, CheckpointError
 from reg.hub import portable_vae_spec
 from reg.loading import build_model_from_config, read_weights
 from reg.mixed_precision import resolve_mixed_precision
-from reg.resume_flags import HYPER, check_resume, parse_allow_run_change
+from reg.resume_flags import HYPER, check_resume, parse_allow_run_change, run_folder_argv
 from reg.run_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
 from reg.throughput import Meter, peak_tflops, training_flops_per_image
 from reg.trackers import REPORT_TO_CHOICES, parse_report_to, wandb_run
@@ -52,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_precision_args(p.add_argument_group("precision and speed"))
     _add_logging_args(p.add_argument_group("logging and checkpoints"))
     _add_eval_args(p.add_argument_group("evaluation during training (FID of the EMA model)"))
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if (run_dir := p.parse_known_args(argv)[0].resume) is not None:
+            argv = [*run_folder_argv(run_dir, p), *argv]  # the recorded flags first: the command line's win
+        args = p.parse_args(argv)
         validate_args(args)
     except ValueError as e:  # UserError, and the encoder table's ValueError
         p.error(str(e))
@@ -145,6 +149,9 @@ def _add_logging_args(g) -> None:
     g.add_argument("--checkpointing-steps", type=int, default=10_000, help="model + EMA are kept at every one")
     g.add_argument("--keep-last", type=int, default=3, help="optimizer states kept (older ones are pruned)")
     g.add_argument("--resume-step", type=int, default=0, help="resume from this step; 0 = newest complete checkpoint")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="resume the run in RUN_DIR with the flags of its args.json; flags given here win (classed as "
+                        "on any resume, docs/resuming.md), --resume-step is not carried over")
     g.add_argument("--init-from", default=None,
                    help="start from these weights (any checkpoint generate.py loads) with a fresh optimizer at step 0")
     g.add_argument("--sample-every", "--sampling-steps", dest="sample_every", type=int, default=0,
@@ -228,6 +235,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--device-skip needs --adamw fused and no fp16 (whose GradScaler skips steps itself)")
     if args.ddp_bucket_mb is not None and args.ddp_bucket_mb <= 0:
         raise UserError("--ddp-bucket-mb must be positive")
+    if args.resume and os.path.abspath(os.path.join(args.output_dir, args.exp_name)) != os.path.abspath(args.resume):
+        raise UserError(f"--resume {args.resume} and --output-dir/--exp-name "
+                        f"{os.path.join(args.output_dir, args.exp_name)} name different run folders: give one")
     if args.init_from and args.resume_step:
         raise UserError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
     parse_report_to(args.report_to)  # unknown or missing tracker packages fail here, not after start-up
@@ -485,6 +495,7 @@ def main(args: argparse.Namespace) -> dict:
             check_bad_step(args, meter, step, ckpts, log, fp16=accelerator.scaler is not None)
         if step % args.log_every == 0 or step == max_steps:
             history.append(log_interval(args, meter, step, opt, ckpts, log))
+            bar.set_postfix_str(progress_text(history[-1]), refresh=False)  # the interval's average: no extra sync
         if step % args.checkpointing_steps == 0 or step == max_steps:
             if save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log,
                                saved_at=saved_at, final=step == max_steps):
@@ -576,6 +587,11 @@ def log_interval(args: argparse.Namespace, meter: Meter, step: int, opt, ckpts: 
     if meter.longest_run:
         check_bad_interval(args, meter, step, ckpts, log)
     return record
+
+
+def progress_text(record: dict) -> str:
+    """The progress bar's loss: the average of the last log interval (`record`, from Meter.flush)."""
+    return f"loss={record['loss']:.4f}" if "loss" in record else "loss=n/a (every step skipped)"
 
 
 def check_bad_step(args, meter: Meter, step: int, ckpts: CheckpointDir, log: Logger, fp16: bool) -> None:
