@@ -30,7 +30,7 @@ from reg.hub import portable_vae_spec
 from reg.loading import build_model_from_config, read_weights
 from reg.mixed_precision import resolve_mixed_precision
 from reg.resume_flags import HYPER, check_resume, parse_allow_run_change, run_folder_argv
-from reg.run_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
+from reg.run_log import METRICS_FILE, append_record, best_fid_step, read_metrics, trim_torn_tail, write_records
 from reg.throughput import Meter, peak_tflops, training_flops_per_image
 from reg.trackers import REPORT_TO_CHOICES, parse_report_to, wandb_run
 from reg.train_step import ADAMW_IMPLS, StepConfig, StepSampler, make_optimizer, step_seed, train_step
@@ -148,6 +148,12 @@ def _add_logging_args(g) -> None:
                         "per step, see docs/compat.md)")
     g.add_argument("--checkpointing-steps", type=int, default=10_000, help="model + EMA are kept at every one")
     g.add_argument("--keep-last", type=int, default=3, help="optimizer states kept (older ones are pruned)")
+    g.add_argument("--keep-weights-every", type=int, default=0, metavar="STEPS",
+                   help="prune model checkpoints: keep those at multiples of STEPS (a multiple of "
+                        "--checkpointing-steps), the newest --keep-weights-last, the best FID and pinned ones "
+                        "(docs/training.md#disk); 0 keeps every checkpoint")
+    g.add_argument("--keep-weights-last", type=int, default=3, metavar="N",
+                   help="with --keep-weights-every: the newest N checkpoints are kept too")
     g.add_argument("--resume-step", type=int, default=0, help="resume from this step; 0 = newest complete checkpoint")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="resume the run in RUN_DIR with the flags of its args.json; flags given here win (classed as "
@@ -229,6 +235,7 @@ def validate_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     parse_allow_run_change(args.allow_run_change)
+    check_retention(args)
     if args.eval_every and not args.eval_ref:
         raise UserError("--eval-every needs --eval-ref (an ADM reference batch .npz or a --save-stats file)")
     if args.device_skip and (args.adamw != "fused" or args.mixed_precision == "fp16"):
@@ -244,6 +251,17 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.exp_name is None:
         enc = args.enc_type if args.method != "sit" else "noenc"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.method}-{args.path_type}-{enc}"
+
+
+def check_retention(args: argparse.Namespace) -> None:
+    """--keep-weights-every / --keep-weights-last (the retention policy of model checkpoints)."""
+    every = args.keep_weights_every
+    if every < 0 or every % args.checkpointing_steps:
+        raise UserError(f"--keep-weights-every {every} must be 0 (keep every checkpoint) or a multiple of "
+                        f"--checkpointing-steps {args.checkpointing_steps}")
+    if args.keep_weights_last < 1:
+        raise UserError(f"--keep-weights-last must be >= 1 (the newest checkpoint is always kept), got "
+                        f"{args.keep_weights_last}")
 
 
 # ----------------------------------------------------------------------------- logging
@@ -661,8 +679,21 @@ def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, op
         ckpts.save(step, model=cpu(model), ema=cpu(ema), opt=opt.state_dict(), config=config, args=vars(args))
         ckpts.prune_optimizer_states(args.keep_last)
         log.info(f"saved checkpoint {ckpts.pt(step)}")
+        apply_retention(args, ckpts, log)
     accelerator.wait_for_everyone()
     return True
+
+
+def apply_retention(args: argparse.Namespace, ckpts: CheckpointDir, log: Logger) -> None:
+    """The retention policy, after a checkpoint is written (main process): besides the steps it keeps, the
+    checkpoint of the best FID in metrics.jsonl stays, and pinned ones (reg.checkpoints.pin_checkpoint)."""
+    if not args.keep_weights_every:
+        return
+    best = best_fid_step(log.read_metrics())
+    protect = [] if best is None else [best]
+    if pruned := ckpts.prune_weights(args.keep_weights_every, args.keep_weights_last, protect=protect):
+        log.info(f"pruned checkpoints {', '.join(map(str, pruned))} (--keep-weights-every {args.keep_weights_every}, "
+                 f"--keep-weights-last {args.keep_weights_last})")
 
 
 # ----------------------------------------------------------------------------- EMA samples and evaluation

@@ -91,6 +91,8 @@ FLAG_CLASSES: dict[str, tuple[str, str]] = {
     "log_every": (OPERATIONAL, "log interval"),
     "checkpointing_steps": (OPERATIONAL, "checkpoint interval"),
     "keep_last": (OPERATIONAL, "optimizer states kept"),
+    "keep_weights_every": (OPERATIONAL, "model checkpoints kept (the retention policy)"),
+    "keep_weights_last": (OPERATIONAL, "model checkpoints kept (the retention policy)"),
     "resume_step": (OPERATIONAL, "which checkpoint to resume from"),
     "init_from": (OPERATIONAL, "ignored when resuming"),
     "sample_every": (OPERATIONAL, "sample grid interval"),

@@ -14,6 +14,7 @@ benchmarks all read through here, and the last three start without torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -96,3 +97,9 @@ def latest_per_step(records: list[dict], key: Callable[[dict], Any] = lambda r: 
     """The last record of each key (a resumed run may repeat a step), in key order of the step."""
     by_key = {key(r): r for r in records}
     return sorted(by_key.values(), key=lambda r: r["step"])
+
+
+def best_fid_step(records: list[dict]) -> int | None:
+    """The step of the lowest FID among metrics.jsonl's evaluation records (None: no finite one yet)."""
+    scored = [r for r in records if isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"])]
+    return int(min(scored, key=lambda r: r["fid"])["step"]) if scored else None
