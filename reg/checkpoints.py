@@ -158,7 +158,7 @@ class CheckpointDir:
         digest = hashlib.sha1(os.path.abspath(owner).encode()).hexdigest()[:12]
         return self.path / f"{step:07d}{PIN}-{digest}"
 
-    def _pruning(self, step: int) -> Path:
+    def pruning_path(self, step: int) -> Path:
         return self.path / f"{step:07d}{PRUNING}"
 
     def prune_weights(self, every: int, last: int, protect: Iterable[int] = ()) -> list[int]:
@@ -176,16 +176,16 @@ class CheckpointDir:
         back; then the other files go, the renamed .pt last. A kill leaves the .pruning file: finish_pruning."""
         if self.pins(step):
             return False
-        os.replace(self.pt(step), self._pruning(step))
+        os.replace(self.pt(step), self.pruning_path(step))
         if self.pins(step):  # a reader pinned it between the two checks
-            os.replace(self._pruning(step), self.pt(step))
+            os.replace(self.pruning_path(step), self.pt(step))
             return False
         self._delete(step)
         return True
 
     def _delete(self, step: int) -> None:
         ema = self.path / f"ema_{step:07d}.safetensors"
-        for f in (self.opt_path(step), ema, ema.with_suffix(".json"), self._pruning(step)):  # the marker last
+        for f in (self.opt_path(step), ema, ema.with_suffix(".json"), self.pruning_path(step)):  # the marker last
             f.unlink(missing_ok=True)
 
     def finish_pruning(self) -> list[int]:
@@ -193,7 +193,7 @@ class CheckpointDir:
         steps = sorted(int(f.name[:7]) for f in self.path.glob("[0-9]" * 7 + PRUNING)) if self.path.is_dir() else []
         for step in steps:
             if self.pins(step):
-                os.replace(self._pruning(step), self.pt(step))
+                os.replace(self.pruning_path(step), self.pt(step))
             else:
                 self._delete(step)
         return steps
@@ -262,7 +262,7 @@ class CheckpointDir:
 
 def training_checkpoint(spec: str) -> tuple[CheckpointDir, int] | None:
     """(its folder, its step) when `spec` names a checkpoint file of a train.py run folder (…/checkpoints/
-    {step:07d}.pt or ema_{step:07d}.safetensors / .json), else None (Hub folders, hf:, other files)."""
+    {step:07d}.pt or ema_{step:07d}.safetensors), else None (Hub folders, hf:, other files)."""
     match = CHECKPOINT_FILE.fullmatch(os.path.basename(spec))
     path = Path(os.path.abspath(os.path.expanduser(spec)))
     if match is None or spec.startswith("hf:") or path.parent.name != "checkpoints":
@@ -280,7 +280,7 @@ def pin_checkpoint(spec: str, owner: str | os.PathLike, *, by: str, wait_s: floa
     if found is None:
         return None
     ckpts, step = found
-    if not ckpts.pt(step).is_file() and not ckpts._pruning(step).exists():
+    if not ckpts.pt(step).is_file() and not ckpts.pruning_path(step).exists():
         if os.path.exists(os.path.expanduser(spec)):
             return None  # e.g. only the safetensors were kept: prune_weights only removes checkpoints with a .pt
         raise CheckpointError(f"checkpoint {spec} was deleted (pruned by its training run?) after it was loaded")
@@ -294,7 +294,7 @@ def pin_checkpoint(spec: str, owner: str | os.PathLike, *, by: str, wait_s: floa
         return None
     deadline = time.monotonic() + wait_s
     while not ckpts.pt(step).is_file():  # after the pin: a pruning that began before it puts it back or ends
-        if not ckpts._pruning(step).exists() or time.monotonic() > deadline:
+        if not ckpts.pruning_path(step).exists() or time.monotonic() > deadline:
             pin.unlink(missing_ok=True)
             raise CheckpointError(f"checkpoint {spec} is being pruned by its training run (--keep-weights-every); "
                                   f"sample from a checkpoint it keeps, or pin one first (docs/training.md#disk)")

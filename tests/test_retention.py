@@ -128,7 +128,7 @@ def test_a_pin_after_the_pruning_decided_is_refused(tmp_path):
     are gone (its pin removed); a checkpoint deleted after it was loaded is refused too."""
     ckpts = folder(tmp_path, [10, 20])
     spec = str(ckpts.path / "0000010.pt")
-    os.replace(ckpts.pt(10), ckpts.path / "0000010.pt.pruning")
+    os.replace(ckpts.pt(10), ckpts.pruning_path(10))  # what _prune does first
     threading.Timer(0.3, ckpts._delete, args=(10,)).start()
     with pytest.raises(CheckpointError, match="is being pruned by its training run"):
         pin_checkpoint(spec, tmp_path / "out", by="t")
@@ -151,7 +151,9 @@ def test_pins_only_for_checkpoints_of_a_training_folder(tmp_path, monkeypatch):
     info = json.loads(pin.read_text())
     assert info["by"] == "generate.py" and info["for"] == str(tmp_path / "o") and info["pid"] == os.getpid()
     assert pin_checkpoint(str(ckpts.pt(20)), tmp_path / "o", by="t") == pin  # the same owner: the same pin
-    monkeypatch.setattr(checkpoints, "atomic_json_dump", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "no")))
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(checkpoints, "atomic_json_dump", read_only)
     with pytest.warns(UserWarning, match="cannot pin"):
         assert pin_checkpoint(str(ckpts.pt(20)), tmp_path / "other-owner", by="t") is None
 
@@ -160,11 +162,9 @@ def _reader(path: str, owner: str, stop, failures) -> None:
     """Pin, check the checkpoint is complete while pinned, unpin; count what went wrong."""
     while not stop.is_set():
         try:
-            pin = pin_checkpoint(path, owner, by="race", wait_s=5)
+            pin_checkpoint(path, owner, by="race", wait_s=5)
         except CheckpointError:
-            continue  # refused: it was being pruned
-        if pin is None:
-            continue  # it was already gone
+            continue  # refused: it was being pruned, or is gone
         ckpts = CheckpointDir(Path(path).parent)
         if not all(f.exists() for f in files_of(ckpts, 10)):
             failures.value += 1
@@ -182,7 +182,7 @@ def test_two_processes_racing_a_reader_never_loses_its_pinned_checkpoint(tmp_pat
     deadline = time.monotonic() + 4
     try:
         while time.monotonic() < deadline:
-            if not ckpts.pt(10).exists() and not ckpts._pruning(10).exists():
+            if not ckpts.pt(10).exists() and not ckpts.pruning_path(10).exists():
                 ckpts.save(10, model=TINY, ema=TINY, opt={}, config={}, args={})
             if ckpts.prune_weights(20, 1):
                 pruned += 1
