@@ -31,7 +31,7 @@ import torch
 from reg.utils import UserError, atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp, safe_globals
 
 PIN = ".keep"  # {step:07d}.keep (a user's) or {step:07d}.keep-OWNER (pin_checkpoint): never pruned
-PRUNING = ".pt.pruning"  # {step:07d}.pt renamed while that checkpoint's files are deleted
+PRUNING = ".pruning"  # {step:07d}.pruning: an empty mark while that checkpoint's files are deleted
 CHECKPOINT_FILE = re.compile(r"(?:ema_)?(\d{7})\.(?:pt|safetensors)")  # the files of one training checkpoint
 
 # ----------------------------------------------------------------------------- safe loading
@@ -102,7 +102,7 @@ class CheckpointDir:
         ema_{step:07d}.safetensors    the EMA weights to share and sample from (+ .json, the model config)
         {step:07d}.keep[-OWNER]       a pin: that checkpoint is never pruned (a user's, or generate.py's / sweep.py's
                                       while their results are unfinished: pin_checkpoint)
-        {step:07d}.pt.pruning         the .pt of a checkpoint being pruned (prune_weights), until its files are gone
+        {step:07d}.pruning            marks a checkpoint being pruned (prune_weights), until its files are gone
         abandoned-<time>/             checkpoints after a step the run was resumed from (never deleted)
 
     Checkpoints written by the original code hold the optimizer state inside {step:07d}.pt; they resume too.
@@ -171,29 +171,30 @@ class CheckpointDir:
         return [s for s in steps if s not in keep and self._prune(s)]
 
     def _prune(self, step: int) -> bool:
-        """Rename the .pt (the completeness marker) first: from then on the checkpoint is neither resumed nor
-        pinnable (pin_checkpoint waits, then refuses), so pins are checked again after it and a late pin puts it
-        back; then the other files go, the renamed .pt last. A kill leaves the .pruning file: finish_pruning."""
+        """Mark the checkpoint (an empty {step}.pruning; pin_checkpoint waits while it exists), check the pins
+        again (a pin taken meanwhile cancels), then delete its .pt first (from then on it is incomplete: never
+        resumed, never pinned), the other files, and the mark last. A kill leaves the mark: finish_pruning."""
         if self.pins(step):
             return False
-        os.replace(self.pt(step), self.pruning_path(step))
+        self.pruning_path(step).touch()
         if self.pins(step):  # a reader pinned it between the two checks
-            os.replace(self.pruning_path(step), self.pt(step))
+            self.pruning_path(step).unlink()
             return False
         self._delete(step)
         return True
 
     def _delete(self, step: int) -> None:
         ema = self.path / f"ema_{step:07d}.safetensors"
-        for f in (self.opt_path(step), ema, ema.with_suffix(".json"), self.pruning_path(step)):  # the marker last
+        for f in (self.pt(step), self.opt_path(step), ema, ema.with_suffix(".json"), self.pruning_path(step)):
             f.unlink(missing_ok=True)
 
     def finish_pruning(self) -> list[int]:
-        """Prunings a killed run left half done: put back when pinned since, else finished. Returns their steps."""
+        """Prunings a killed run left half done: cancelled when pinned since and nothing is deleted yet (its .pt,
+        deleted first, is there), else finished. Returns their steps."""
         steps = sorted(int(f.name[:7]) for f in self.path.glob("[0-9]" * 7 + PRUNING)) if self.path.is_dir() else []
         for step in steps:
-            if self.pins(step):
-                os.replace(self.pruning_path(step), self.pt(step))
+            if self.pins(step) and self.pt(step).is_file():
+                self.pruning_path(step).unlink()
             else:
                 self._delete(step)
         return steps
@@ -283,7 +284,7 @@ def pin_checkpoint(spec: str, owner: str | os.PathLike, *, by: str, wait_s: floa
     if not ckpts.pt(step).is_file() and not ckpts.pruning_path(step).exists():
         if os.path.exists(os.path.expanduser(spec)):
             return None  # e.g. only the safetensors were kept: prune_weights only removes checkpoints with a .pt
-        raise CheckpointError(f"checkpoint {spec} was deleted (pruned by its training run?) after it was loaded")
+        raise CheckpointError(f"checkpoint {spec} was deleted after it was loaded (pruned by its training run?)")
     pin = ckpts.pin_path(step, owner)
     try:
         atomic_json_dump({"by": by, "for": os.path.abspath(owner), "host": socket.gethostname(), "pid": os.getpid(),
@@ -293,12 +294,17 @@ def pin_checkpoint(spec: str, owner: str | os.PathLike, *, by: str, wait_s: floa
                       f"rerun of this command may not find it")
         return None
     deadline = time.monotonic() + wait_s
-    while not ckpts.pt(step).is_file():  # after the pin: a pruning that began before it puts it back or ends
-        if not ckpts.pruning_path(step).exists() or time.monotonic() > deadline:
+    while ckpts.pruning_path(step).exists():  # a pruning that began before the pin: cancelled by it, or completed
+        if time.monotonic() > deadline:
             pin.unlink(missing_ok=True)
-            raise CheckpointError(f"checkpoint {spec} is being pruned by its training run (--keep-weights-every); "
-                                  f"sample from a checkpoint it keeps, or pin one first (docs/training.md#disk)")
+            raise CheckpointError(f"checkpoint {spec} is being pruned by its training run (--keep-weights-every), "
+                                  f"or a pruning of it was interrupted; sample from a checkpoint it keeps "
+                                  f"(docs/training.md#disk)")
         time.sleep(0.05)
+    if not ckpts.pt(step).is_file():
+        pin.unlink(missing_ok=True)
+        raise CheckpointError(f"checkpoint {spec} was pruned by its training run (--keep-weights-every); sample from "
+                              f"a checkpoint it keeps, or pin one first (docs/training.md#disk)")
     return pin
 
 
