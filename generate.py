@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from models.sit import SiT_models
 from reg import folder_lock, processes, stop_signals
-from reg.checkpoints import CheckpointError
+from reg.checkpoints import CheckpointError, pin_checkpoint, unpin_checkpoint
 from reg.class_grid import grid_rows, labelled_grid, parse_class_labels, read_class_names, row_label
 from reg.hub import OFFICIAL_HUB_REPO, is_repo_id, resolve_checkpoint
 from reg.loading import LoadedGenerator, load_generator
@@ -501,6 +501,7 @@ def _prepare_folder(run: RunFiles, settings: dict) -> None:
     bad = remove_incomplete_pngs(run.dir)
     if bad:
         print(f"{run.dir}: {len(bad)} truncated PNG(s) removed, to be generated again: {bad[:10]}")
+    pin_checkpoint(settings["ckpt"], run.dir, by="generate.py")  # kept from its run's pruning until the npz is written
 
 
 def _pack(args: argparse.Namespace, run: RunFiles, settings: dict, summary: dict, make: Callable[[list[int]], None],
@@ -530,6 +531,7 @@ def _pack(args: argparse.Namespace, run: RunFiles, settings: dict, summary: dict
         atomic_write_bytes(args.npz_path_file, f"{npz_path.resolve()}\n".encode())
     print(f"wrote {npz_path} {shape}; sampled {summary['generated']} images in {summary['seconds']:.1f} s: "
           f"{summary['images_per_second']:.2f} images/s ({world_size} process(es), decode and PNG included)")
+    unpin_checkpoint(settings["ckpt"], run.dir)
     print(f"NPZ_PATH={npz_path.resolve()}", flush=True)
 
 

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from reg import folder_lock, processes, stop_signals
-from reg.checkpoints import CheckpointError
+from reg.checkpoints import CheckpointError, pin_checkpoint, unpin_checkpoint
 from reg.hub import OFFICIAL_HUB_REPO
 from reg.loading import LoadedGenerator, load_generator
 from reg.processes import gather_features
@@ -313,6 +313,7 @@ def _sweep(args, info: processes.DistInfo, requested: list[dict], distinct: list
         nonlocal ref
         settings_dir.mkdir(parents=True, exist_ok=True)
         check_manifest(out, manifest)
+        pin_checkpoint(args.ckpt, out, by="sweep.py")  # kept from its run's pruning until the table is written
         ref = evaluator.load_reference(args.ref_batch, inception, cache_path=str(out / "reference-stats.npz"),
                                        batch_size=args.eval_batch_size)
 
@@ -332,6 +333,7 @@ def _sweep(args, info: processes.DistInfo, requested: list[dict], distinct: list
     rows = _collect_rows(requested, settings_dir)
     summary = write_table(out, rows, manifest, paper_numbers(loaded.config["model"]))
     write_plot(out, rows)
+    unpin_checkpoint(args.ckpt, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'fid.png'}")
     return summary
 

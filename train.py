@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from reg.checkpoints import CheckpointDir, CheckpointError
 from reg.hub import portable_vae_spec
 from reg.loading import build_model_from_config, load_into, read_weights
 from reg.mixed_precision import resolve_mixed_precision
-from reg.resume_flags import HYPER, check_resume, parse_allow_run_change
-from reg.run_log import METRICS_FILE, append_record, read_metrics, trim_torn_tail, write_records
+from reg.resume_flags import HYPER, check_resume, parse_allow_run_change, run_folder_argv
+from reg.run_log import METRICS_FILE, append_record, best_fid_step, read_metrics, trim_torn_tail, write_records
 from reg.throughput import Meter, peak_tflops, training_flops_per_image
 from reg.trackers import REPORT_TO_CHOICES, check_wandb_env, check_wandb_id, parse_report_to, wandb_run
 from reg.train_step import ADAMW_IMPLS, StepConfig, StepSampler, make_optimizer, step_seed, train_step
@@ -53,8 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_precision_args(p.add_argument_group("precision and speed"))
     _add_logging_args(p.add_argument_group("logging and checkpoints"))
     _add_eval_args(p.add_argument_group("evaluation during training (FID of the EMA model)"))
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if (run_dir := p.parse_known_args(argv)[0].resume) is not None:
+            argv = [*run_folder_argv(run_dir, p), *argv]  # the recorded flags first: the command line's win
+        args = p.parse_args(argv)
         validate_args(args)
     except ValueError as e:  # UserError, and the encoder table's ValueError
         p.error(str(e))
@@ -145,7 +149,16 @@ def _add_logging_args(g) -> None:
                         "per step, see docs/compat.md)")
     g.add_argument("--checkpointing-steps", type=int, default=10_000, help="model + EMA are kept at every one")
     g.add_argument("--keep-last", type=int, default=3, help="optimizer states kept (older ones are pruned)")
+    g.add_argument("--keep-weights-every", type=int, default=0, metavar="STEPS",
+                   help="prune model checkpoints: keep those at multiples of STEPS (a multiple of "
+                        "--checkpointing-steps), the newest --keep-weights-last, the best FID and pinned ones "
+                        "(docs/training.md#disk); 0 keeps every checkpoint")
+    g.add_argument("--keep-weights-last", type=int, default=3, metavar="N",
+                   help="with --keep-weights-every: the newest N checkpoints are kept too")
     g.add_argument("--resume-step", type=int, default=0, help="resume from this step; 0 = newest complete checkpoint")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="resume the run in RUN_DIR with the flags of its args.json; flags given here win (classed as "
+                        "on any resume, docs/resuming.md), --resume-step is not carried over")
     g.add_argument("--init-from", default=None,
                    help="start from these weights (any checkpoint generate.py loads) with a fresh optimizer at step 0")
     g.add_argument("--sample-every", "--sampling-steps", dest="sample_every", type=int, default=0,
@@ -223,12 +236,16 @@ def validate_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     parse_allow_run_change(args.allow_run_change)
+    check_retention(args)
     if args.eval_every and not args.eval_ref:
         raise UserError("--eval-every needs --eval-ref (an ADM reference batch .npz or a --save-stats file)")
     if args.device_skip and (args.adamw != "fused" or args.mixed_precision == "fp16"):
         raise UserError("--device-skip needs --adamw fused and no fp16 (whose GradScaler skips steps itself)")
     if args.ddp_bucket_mb is not None and args.ddp_bucket_mb <= 0:
         raise UserError("--ddp-bucket-mb must be positive")
+    if args.resume and os.path.abspath(os.path.join(args.output_dir, args.exp_name)) != os.path.abspath(args.resume):
+        raise UserError(f"--resume {args.resume} and --output-dir/--exp-name "
+                        f"{os.path.join(args.output_dir, args.exp_name)} name different run folders: give one")
     if args.init_from and args.resume_step:
         raise UserError("--init-from starts a new run at step 0; it cannot be combined with --resume-step")
     if args.projector_dim <= 0 or args.num_classes <= 0:
@@ -249,6 +266,17 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.exp_name is None:
         enc = args.enc_type if args.method != "sit" else "noenc"
         args.exp_name = f"{args.model.replace('/', '-')}-{args.method}-{args.path_type}-{enc}"
+
+
+def check_retention(args: argparse.Namespace) -> None:
+    """--keep-weights-every / --keep-weights-last (the retention policy of model checkpoints)."""
+    every = args.keep_weights_every
+    if every < 0 or every % args.checkpointing_steps:
+        raise UserError(f"--keep-weights-every {every} must be 0 (keep every checkpoint) or a multiple of "
+                        f"--checkpointing-steps {args.checkpointing_steps}")
+    if args.keep_weights_last < 1:
+        raise UserError(f"--keep-weights-last must be >= 1 (the newest checkpoint is always kept), got "
+                        f"{args.keep_weights_last}")
 
 
 # ----------------------------------------------------------------------------- logging
@@ -500,6 +528,7 @@ def main(args: argparse.Namespace) -> dict:
             check_bad_step(args, meter, step, ckpts, log, fp16=accelerator.scaler is not None)
         if step % args.log_every == 0 or step == max_steps:
             history.append(log_interval(args, meter, step, opt, ckpts, log))
+            bar.set_postfix_str(progress_text(history[-1]), refresh=False)  # the interval's average: no extra sync
         if step % args.checkpointing_steps == 0 or step == max_steps:
             if save_checkpoint(accelerator, ckpts, step, model, ema, opt, config, args, meter, log,
                                saved_at=saved_at, final=step == max_steps):
@@ -616,6 +645,11 @@ def log_interval(args: argparse.Namespace, meter: Meter, step: int, opt, ckpts: 
     return record
 
 
+def progress_text(record: dict) -> str:
+    """The progress bar's loss: the average of the last log interval (`record`, from Meter.flush)."""
+    return f"loss={record['loss']:.4f}" if "loss" in record else "loss=n/a (every step skipped)"
+
+
 def check_bad_step(args, meter: Meter, step: int, ckpts: CheckpointDir, log: Logger, fp16: bool) -> None:
     hint = " (fp16 loss-scale overflows are normal in the first steps)" if fp16 else ""
     log.info(f"step {step}: non-finite loss or gradient, update skipped ({meter.skipped_run} in a row, "
@@ -683,8 +717,21 @@ def save_checkpoint(accelerator, ckpts: CheckpointDir, step: int, model, ema, op
         ckpts.save(step, model=cpu(model), ema=cpu(ema), opt=opt.state_dict(), config=config, args=vars(args))
         ckpts.prune_optimizer_states(args.keep_last)
         log.info(f"saved checkpoint {ckpts.pt(step)}")
+        apply_retention(args, ckpts, log)
     accelerator.wait_for_everyone()
     return True
+
+
+def apply_retention(args: argparse.Namespace, ckpts: CheckpointDir, log: Logger) -> None:
+    """The retention policy, after a checkpoint is written (main process): besides the steps it keeps, the
+    checkpoint of the best FID in metrics.jsonl stays, and pinned ones (reg.checkpoints.pin_checkpoint)."""
+    if not args.keep_weights_every:
+        return
+    best = best_fid_step(log.read_metrics())
+    protect = [] if best is None else [best]
+    if pruned := ckpts.prune_weights(args.keep_weights_every, args.keep_weights_last, protect=protect):
+        log.info(f"pruned checkpoints {', '.join(map(str, pruned))} (--keep-weights-every {args.keep_weights_every}, "
+                 f"--keep-weights-last {args.keep_weights_last})")
 
 
 # ----------------------------------------------------------------------------- EMA samples and evaluation

@@ -7,7 +7,8 @@ Run records     resume_flags (what each train.py flag does on resume), trackers,
 Checkpoints     checkpoints (files and the training folder), hub (local paths and the HF Hub),
                 loading (the one loader of a generator), export (Hub folders and model cards)
 Training        train_step (one optimisation step, exactly resumable), throughput (FLOPs, MFU)
-Sampling        seeded_images (images from per-image seeds), class_grid (--class-labels and labelled grids)
+Sampling        seeded_images (images from per-image seeds), class_grid (--class-labels and labelled grids),
+                pipeline (REGPipeline: one-call sampling in Python)
 Set-up          constraints (install around a cluster's own torch), prefetch (fill the caches for offline nodes)
 Ground          interpolant (the path alpha(t), sigma(t)), utils (atomic writes, command-line helpers)
 

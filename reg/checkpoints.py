@@ -14,17 +14,25 @@ a file is reg.loading's job; finding a file on the Hub is reg.hub's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
 import re
+import socket
 import time
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from reg.utils import UserError, atomic_json_dump, atomic_torch_save, atomic_write, clean_stale_tmp, safe_globals
+
+PIN = ".keep"  # {step:07d}.keep (a user's) or {step:07d}.keep-OWNER (pin_checkpoint): never pruned
+PRUNING = ".pruning"  # {step:07d}.pruning: an empty mark while that checkpoint's files are deleted
+CHECKPOINT_FILE = re.compile(r"(?:ema_)?(\d{7})\.(?:pt|safetensors)")  # the files of one training checkpoint
 
 # ----------------------------------------------------------------------------- safe loading
 
@@ -92,6 +100,9 @@ class CheckpointDir:
                                       kept at every --checkpointing-steps
         {step:07d}.opt.pt             the optimizer state; only the newest --keep-last are kept
         ema_{step:07d}.safetensors    the EMA weights to share and sample from (+ .json, the model config)
+        {step:07d}.keep[-OWNER]       a pin: that checkpoint is never pruned (a user's, or generate.py's / sweep.py's
+                                      while their results are unfinished: pin_checkpoint)
+        {step:07d}.pruning            marks a checkpoint being pruned (prune_weights), until its files are gone
         abandoned-<time>/             checkpoints after a step the run was resumed from (never deleted)
 
     Checkpoints written by the original code hold the optimizer state inside {step:07d}.pt; they resume too.
@@ -113,7 +124,8 @@ class CheckpointDir:
         return sorted(int(f.name[:7]) for f in self.path.glob("[0-9]" * 7 + ".pt"))
 
     def clean_stale(self) -> list[Path]:
-        """Remove the temporary files of writes that a killed run left half done."""
+        """Remove the temporary files of writes that a killed run left half done, and settle its half-done prunings."""
+        self.finish_pruning()
         return clean_stale_tmp(self.path)
 
     def save(self, step: int, *, model: dict, ema: dict, opt: dict, config: dict, args: dict) -> None:
@@ -135,6 +147,57 @@ class CheckpointDir:
         for f in removed:
             f.unlink()
         return removed
+
+    # -- the retention policy of model checkpoints (train.py --keep-weights-every / --keep-weights-last)
+
+    def pins(self, step: int) -> list[Path]:
+        return sorted(self.path.glob(f"{step:07d}{PIN}*"))
+
+    def pin_path(self, step: int, owner: str | os.PathLike) -> Path:
+        """The pin of checkpoint `step` held for the results folder `owner` (the same name on every rerun)."""
+        digest = hashlib.sha1(os.path.abspath(owner).encode()).hexdigest()[:12]
+        return self.path / f"{step:07d}{PIN}-{digest}"
+
+    def pruning_path(self, step: int) -> Path:
+        return self.path / f"{step:07d}{PRUNING}"
+
+    def prune_weights(self, every: int, last: int, protect: Iterable[int] = ()) -> list[int]:
+        """Delete every file of the checkpoints that the policy does not keep; returns their steps. Kept: steps
+        that are multiples of `every`, the newest `last` (at least 1: the newest, which a resume starts from),
+        the steps in `protect`, and pinned ones (`{step}.keep*`). Safe under a kill at any moment (see _prune)."""
+        self.finish_pruning()
+        steps = self.steps()
+        keep = {s for s in steps if s % every == 0} | set(steps[-max(last, 1):]) | set(protect)
+        return [s for s in steps if s not in keep and self._prune(s)]
+
+    def _prune(self, step: int) -> bool:
+        """Mark the checkpoint (an empty {step}.pruning; pin_checkpoint waits while it exists), check the pins
+        again (a pin taken meanwhile cancels), then delete its .pt first (from then on it is incomplete: never
+        resumed, never pinned), the other files, and the mark last. A kill leaves the mark: finish_pruning."""
+        if self.pins(step):
+            return False
+        self.pruning_path(step).touch()
+        if self.pins(step):  # a reader pinned it between the two checks
+            self.pruning_path(step).unlink()
+            return False
+        self._delete(step)
+        return True
+
+    def _delete(self, step: int) -> None:
+        ema = self.path / f"ema_{step:07d}.safetensors"
+        for f in (self.pt(step), self.opt_path(step), ema, ema.with_suffix(".json"), self.pruning_path(step)):
+            f.unlink(missing_ok=True)
+
+    def finish_pruning(self) -> list[int]:
+        """Prunings a killed run left half done: cancelled when pinned since and nothing is deleted yet (its .pt,
+        deleted first, is there), else finished. Returns their steps."""
+        steps = sorted(int(f.name[:7]) for f in self.path.glob("[0-9]" * 7 + PRUNING)) if self.path.is_dir() else []
+        for step in steps:
+            if self.pins(step) and self.pt(step).is_file():
+                self.pruning_path(step).unlink()
+            else:
+                self._delete(step)
+        return steps
 
     def set_aside_after(self, step: int) -> Path | None:
         """Move every checkpoint file of a step after `step` into abandoned-<time>/ (a run resumed from an
@@ -205,3 +268,58 @@ class CheckpointDir:
         if failed:
             raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(failed))
         return None
+
+
+# ----------------------------------------------------------------------------- pins: readers of a training folder
+
+def training_checkpoint(spec: str) -> tuple[CheckpointDir, int] | None:
+    """(its folder, its step) when `spec` names a checkpoint file of a train.py run folder (…/checkpoints/
+    {step:07d}.pt or ema_{step:07d}.safetensors), else None (Hub folders, hf:, other files)."""
+    match = CHECKPOINT_FILE.fullmatch(os.path.basename(spec))
+    path = Path(os.path.abspath(os.path.expanduser(spec)))
+    if match is None or spec.startswith("hf:") or path.parent.name != "checkpoints":
+        return None
+    return CheckpointDir(path.parent), int(match.group(1))
+
+
+def pin_checkpoint(spec: str, owner: str | os.PathLike, *, by: str, wait_s: float = 30.0) -> Path | None:
+    """Keep the checkpoint `spec` from its training run's pruning (--keep-weights-every) until
+    unpin_checkpoint(spec, owner): generate.py and sweep.py pin what they sample from, for their results folder
+    `owner`, until their results are complete (a preempted, requeued job finds it again). Returns the pin, or None
+    when `spec` is no checkpoint of a training folder, or one that no pruning will touch (it has no .pt).
+    Raises CheckpointError when the checkpoint is being, or was, pruned. A folder we may not write is warned about."""
+    found = training_checkpoint(spec)
+    if found is None:
+        return None
+    ckpts, step = found
+    if not ckpts.pt(step).is_file() and not ckpts.pruning_path(step).exists():
+        if os.path.exists(os.path.expanduser(spec)):
+            return None  # e.g. only the safetensors were kept: prune_weights only removes checkpoints with a .pt
+        raise CheckpointError(f"checkpoint {spec} was deleted after it was loaded (pruned by its training run?)")
+    pin = ckpts.pin_path(step, owner)
+    try:
+        atomic_json_dump({"by": by, "for": os.path.abspath(owner), "host": socket.gethostname(), "pid": os.getpid(),
+                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}, pin)
+    except OSError as e:
+        warnings.warn(f"cannot pin {spec} ({e}): if its training run prunes checkpoints (--keep-weights-every), a "
+                      f"rerun of this command may not find it")
+        return None
+    deadline = time.monotonic() + wait_s
+    while ckpts.pruning_path(step).exists():  # a pruning that began before the pin: cancelled by it, or completed
+        if time.monotonic() > deadline:
+            pin.unlink(missing_ok=True)
+            raise CheckpointError(f"checkpoint {spec} is being pruned by its training run (--keep-weights-every), "
+                                  f"or a pruning of it was interrupted; sample from a checkpoint it keeps "
+                                  f"(docs/training.md#disk)")
+        time.sleep(0.05)
+    if not ckpts.pt(step).is_file():
+        pin.unlink(missing_ok=True)
+        raise CheckpointError(f"checkpoint {spec} was pruned by its training run (--keep-weights-every); sample from "
+                              f"a checkpoint it keeps, or pin one first (docs/training.md#disk)")
+    return pin
+
+
+def unpin_checkpoint(spec: str, owner: str | os.PathLike) -> None:
+    """Release the pin of pin_checkpoint(spec, owner), if any (its results are complete)."""
+    if (found := training_checkpoint(spec)) is not None:
+        found[0].pin_path(found[1], owner).unlink(missing_ok=True)

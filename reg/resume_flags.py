@@ -20,8 +20,10 @@ code, and importable by the docs test without torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from reg.utils import UserError
@@ -89,6 +91,8 @@ FLAG_CLASSES: dict[str, tuple[str, str]] = {
     "log_every": (OPERATIONAL, "log interval"),
     "checkpointing_steps": (OPERATIONAL, "checkpoint interval"),
     "keep_last": (OPERATIONAL, "optimizer states kept"),
+    "keep_weights_every": (OPERATIONAL, "model checkpoints kept (the retention policy)"),
+    "keep_weights_last": (OPERATIONAL, "model checkpoints kept (the retention policy)"),
     "resume_step": (OPERATIONAL, "which checkpoint to resume from"),
     "init_from": (OPERATIONAL, "ignored when resuming"),
     "sample_every": (OPERATIONAL, "sample grid interval"),
@@ -104,9 +108,13 @@ FLAG_CLASSES: dict[str, tuple[str, str]] = {
     "eval_batch_size": (OPERATIONAL, "evaluation batch"),
     "inception_weights": (OPERATIONAL, "where the Inception weights are found"),
     "allow_run_change": (OPERATIONAL, "this override itself"),
+    "resume": (OPERATIONAL, "the run folder whose args.json gives the other flags (not carried to the next --resume)"),
 }
 
 HISTORY_KEY = "history"  # in args.json and in the checkpoints' args: not a flag
+# Choices of one launch, not of the run: `train.py --resume RUN` never takes them from args.json (a recorded
+# --resume-step would set aside every checkpoint written since).
+LAUNCH_ONLY = ("resume", "resume_step")
 # The authors' train.py calls a few flags otherwise (their args Namespace is stored in their checkpoints).
 OFFICIAL_NAMES = {"sampling_steps": "sample_every"}
 
@@ -192,6 +200,40 @@ def check_resume(saved: Any, args: argparse.Namespace, *, step: int, where: str)
     history += [{"step": int(step), "flag": c.flag, "old": c.old, "new": c.new} for c in applied]
     args.history = history
     return applied
+
+
+def run_folder_argv(run_dir: str | os.PathLike, parser: argparse.ArgumentParser) -> list[str]:
+    """`train.py --resume RUN_DIR`: the flags recorded in RUN_DIR/args.json (ours, or the authors' names) as a
+    command line of `parser`, to be followed by the command line's own flags, which win. The run folder is
+    RUN_DIR as it is now (--output-dir and --exp-name from its path: it may have moved); LAUNCH_ONLY flags and
+    flags args.json does not record keep their defaults."""
+    run_dir = Path(os.path.abspath(run_dir))
+    path = run_dir / "args.json"
+    try:
+        saved = saved_args(json.loads(path.read_text()))
+    except FileNotFoundError as e:
+        hint = f"; to resume from step {run_dir.name}, use --resume-step" if run_dir.name.isdigit() else ""
+        raise UserError(f"--resume {run_dir}: no args.json there, so it is no run folder of train.py{hint}") from e
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {run_dir}: cannot read {path} ({e})") from e
+    if saved is None:
+        raise UserError(f"--resume {run_dir}: {path} does not hold the flags of a run (a JSON object)")
+    saved.update(output_dir=str(run_dir.parent), exp_name=run_dir.name)
+    argv = []
+    for action in parser._actions:
+        value = saved.get(action.dest)
+        if not action.option_strings or value is None or action.dest in LAUNCH_ONLY:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            argv.append(f"{flag}={value}")  # one token: a value starting with '-' is not read as a flag
+        else:
+            raise UserError(f"--resume {run_dir}: {path} holds {action.dest} = {value!r}, not a value of {flag}")
+    return argv
 
 
 def markdown_table() -> str:

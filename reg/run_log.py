@@ -15,6 +15,7 @@ benchmarks all read through here, and the last three start without torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -143,3 +144,9 @@ def series_label(setting: dict, varying: set[str]) -> str:
         if k in varying:
             parts.append(form.format(setting[k]) if setting.get(k) is not None else f"{form.split()[0]} unknown")
     return ", ".join(parts)
+
+
+def best_fid_step(records: list[dict]) -> int | None:
+    """The step of the lowest FID among metrics.jsonl's evaluation records (None: no finite one yet)."""
+    scored = [r for r in records if isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"])]
+    return int(min(scored, key=lambda r: r["fid"])["step"]) if scored else None

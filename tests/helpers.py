@@ -92,6 +92,28 @@ def encoded_synthetic_data(root, *, num_images: int = 64, resolution: int = 32, 
     return root
 
 
+def offline_hf_cache(tmp_path, monkeypatch, repo: str, folder) -> Path:
+    """An HF cache (HF_HUB_CACHE in tmp, offline) holding `folder`'s files as the main revision of `repo`; returns
+    the cache folder (HF_HUB_CACHE for a subprocess)."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+    cache = tmp_path / "hf-cache"
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    commit = "2" * 40
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    from huggingface_hub import scan_cache_dir
+    report = scan_cache_dir(cache)  # huggingface_hub's own reader accepts the layout
+    assert not report.warnings and [r.repo_id for r in report.repos] == [repo]
+    return cache
+
+
 # The SiT-T/2 the checkpoint and loading tests save and load: 10 classes, a 32-d projection, 4x4 latents.
 CHECKPOINT_SIT = dict(input_size=4, in_channels=4, num_classes=10, z_dims=[32], encoder_depth=2, projector_dim=48)
 

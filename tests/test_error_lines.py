@@ -133,13 +133,6 @@ def test_export_into_a_file_is_refused_before_reading_the_checkpoint(run_entry, 
     one_line(*run_entry("reg.export", [weights / "ema.safetensors", weights / "ema.json"]), "ema.json", "not a folder")
 
 
-def test_export_push_failure_is_one_line_and_keeps_the_folder(run_entry, weights, tmp_path):
-    status, err = run_entry("reg.export", [weights / "ema.safetensors", tmp_path / "out", "--push-to-hub", "me/x"],
-                            {"HF_HUB_OFFLINE": "1"})
-    one_line(status, err, "--push-to-hub me/x: upload failed", "offline", str(tmp_path / "out"))
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"config.json", "model.safetensors", "README.md"}
-
-
 def test_debug_keeps_the_traceback(run_entry, weights, tmp_path):
     from reg.checkpoints import CheckpointError
     with pytest.raises(CheckpointError, match="trunc.safetensors"):

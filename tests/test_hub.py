@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from helpers import save_tiny_reg_checkpoint
+from helpers import offline_hf_cache, save_tiny_reg_checkpoint
 from models.sit import SiT, SiT_models
 from reg import export
 from reg.checkpoints import CheckpointDir
@@ -99,6 +99,8 @@ def test_export_writes_config_card_and_portable_vae(tmp_path, monkeypatch):
         assert torch.equal(loaded.state_dict()[k], v), k
     # --push-to-hub: the repo is created and the folder uploaded (the hub calls are stubbed: no network)
     import huggingface_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # else refused before the export (tests/test_export.py)
+    monkeypatch.setenv("HF_TOKEN", "hf_stub")
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: calls.append(("create", repo, kw)))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)) or "url")
@@ -113,30 +115,10 @@ def test_export_writes_config_card_and_portable_vae(tmp_path, monkeypatch):
     assert portable_vae_spec("ema") == "ema" and portable_vae_spec("org/vae") == "org/vae"
 
 
-def _offline_cache(tmp_path, monkeypatch, repo: str, folder) -> None:
-    """An HF cache (HF_HUB_CACHE in tmp, offline) holding `folder`'s files as the main revision of `repo`."""
-    import shutil
-
-    import huggingface_hub.constants as hub_constants
-    cache = tmp_path / "hf-cache"
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    commit = "2" * 40
-    shutil.copytree(folder, repo_dir / "snapshots" / commit)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    from huggingface_hub import scan_cache_dir
-    report = scan_cache_dir(cache)  # huggingface_hub's own reader accepts the layout
-    assert not report.warnings and [r.repo_id for r in report.repos] == [repo]
-
-
 def test_generate_takes_a_folder_or_a_repo_id_with_the_same_images(tmp_path, monkeypatch):
     ckpt = save_tiny_reg_checkpoint(tmp_path / "ema_0000010.safetensors", perturb=0.05)
     folder = export.export(str(ckpt), tmp_path / "tiny-reg")
-    _offline_cache(tmp_path, monkeypatch, "someone/tiny-reg", folder)
+    offline_hf_cache(tmp_path, monkeypatch, "someone/tiny-reg", folder)
     monkeypatch.chdir(tmp_path)
 
     def images(spec, name):

@@ -3,6 +3,7 @@ refused, hyperparameters applied after the optimizer state and recorded; diverge
 a torn metrics.jsonl line trimmed on resume."""
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -117,3 +118,61 @@ def test_divergence_is_never_checkpointed(data_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "div/checkpoints").glob("0*.pt")) == [
         "0000002.opt.pt", "0000002.pt", "0000004.opt.pt", "0000004.pt"]
     assert "not saving checkpoint 6" in (tmp_path / "div/log.txt").read_text()
+
+
+def test_resume_short_form_reads_the_run_folder(data_dir, tmp_path, capsys):
+    """`train.py --resume RUN_DIR` resumes with the flags of RUN_DIR/args.json, the command line's winning, in the
+    folder as it is now (moved here); --resume-step is not carried over."""
+    first = tiny_argv(data_dir, tmp_path / "old", "run", "--max-train-steps", "2", "--checkpointing-steps", "2",
+                      "--cls", "0.05", "--learning-rate", "2e-4", "--qk-norm", "--skip-bad-samples", "--resume-step",
+                      "0")
+    started = train.main(train.parse_args(first))
+    moved = tmp_path / "new" / "run"
+    moved.parent.mkdir()
+    os.replace(tmp_path / "old" / "run", moved)
+    saved = json.loads((moved / "args.json").read_text())
+    (moved / "args.json").write_text(json.dumps({**saved, "resume_step": 2}))  # as a run started with --resume-step 2
+
+    args = train.parse_args(["--resume", str(moved), "--max-train-steps", "4", "--learning-rate", "1e-4"])
+    expected = {**saved, "max_train_steps": 4, "learning_rate": 1e-4, "resume": str(moved), "resume_step": 0,
+                "output_dir": str(moved.parent), "exp_name": "run"}
+    assert vars(args) == {k: v for k, v in expected.items() if k != "history"}
+    assert (args.cls, args.qk_norm, args.skip_bad_samples) == (0.05, True, True)
+    result = train.main(args)
+    assert started["steps"] == 2 and result["steps"] == 4 and result["run_dir"] == str(moved)
+    log = (moved / "log.txt").read_text()
+    assert f"resumed from {moved / 'checkpoints' / '0000002.pt'} at step 2" in log
+    assert "--learning-rate 0.0002 -> 0.0001" in log and not list((moved / "checkpoints").glob("abandoned-*"))
+    # the command line's run-defining flags are checked as on any resume
+    with pytest.raises(UserError, match=r"--path-type 'linear' -> 'cosine'"):
+        train.main(train.parse_args(["--resume", str(moved), "--path-type", "cosine", "--max-train-steps", "6"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "{tmp}/nothing"], "no args.json there, so it is no run folder of train.py"),
+    (["--resume", "400000"], "to resume from step 400000, use --resume-step"),
+    (["--resume", "{tmp}/run", "--exp-name", "other"], "name different run folders"),
+    (["--resume", "{tmp}/broken"], "cannot read"),
+])
+def test_resume_short_form_refusals(tmp_path, capsys, argv, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text(json.dumps({"model": "SiT-B/2"}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "args.json").write_text('{"model": ')
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_resume_short_form_reads_the_authors_args_json(tmp_path):
+    """Their args.json: their names (--sampling-steps is our --sample-every), keys that are no flag of ours skipped;
+    the same folder named again by --output-dir/--exp-name is accepted."""
+    run = tmp_path / "exps" / "theirs"
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"model": "SiT-B/2", "encoder_depth": 4, "sampling_steps": 500,
+                                               "mixed_precision": "fp16", "exp_name": "elsewhere", "ops_head": 16,
+                                               "resume_step": 100, "their_own_key": [1, 2]}))
+    args = train.parse_args(["--resume", str(run), "--output-dir", str(tmp_path / "exps"), "--exp-name", "theirs"])
+    assert (args.model, args.encoder_depth, args.sample_every, args.mixed_precision) == ("SiT-B/2", 4, 500, "fp16")
+    assert (args.exp_name, args.resume_step) == ("theirs", 0) and not hasattr(args, "their_own_key")

@@ -59,6 +59,21 @@ def test_loss_falls(data_dir, tmp_path):
     assert json.loads((run / "checkpoints" / "ema_0000020.json").read_text()) == ckpt["config"]
 
 
+def test_progress_bar_shows_the_last_interval_loss(data_dir, tmp_path, capsys, monkeypatch):
+    """The bar's postfix is the loss of the last log line (Meter's average, no sync of its own)."""
+    from reg.throughput import Meter
+    flushes = []
+    real_flush = Meter.flush
+    monkeypatch.setattr(Meter, "flush", lambda self, *a: flushes.append(a) or real_flush(self, *a))
+    result = train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "bar", "--max-train-steps", "5",
+                                                   "--checkpointing-steps", "100")))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    final = [line for line in bar if line.startswith("train: 100%")][-1]
+    assert final.endswith(f"loss={result['history'][-1]['loss']:.4f}]"), final
+    assert result["history"][-1]["step"] == 5 and len(flushes) == 3  # steps 2, 4 and the last: one per log line
+    assert train.progress_text({"step": 2, "lr": 1e-4}) == "loss=n/a (every step skipped)"
+
+
 def test_resume_is_exact(data_dir, tmp_path):
     common = ["--checkpointing-steps", "3", "--learning-rate", "1e-3", "--keep-last", "10"]
     train.main(train.parse_args(tiny_argv(data_dir, tmp_path, "straight", "--max-train-steps", "6", *common)))
