@@ -9,21 +9,30 @@ On-disk layout (what REPA/REG users already have; read as is; docs/design.md#dat
 
 The image folder may also be REG's `imagenet_256_vae` at any resolution (REG dataset.py reads that
 name even at 512 px) or REPA's `images`; `CustomDataset.layout` says which one was found.
-Either folder may instead be an uncompressed zip holding the same relative paths
+Either folder may instead be a zip holding the same relative paths
 (DATA/imagenet_{R}_vae.zip, DATA/vae-sd.zip); zips move better on cluster file systems.
 Images and latents pair up by the index in their names (img00000005.png <-> img-mean-std-00000005.npy);
 a file without a partner is an error. The optional "vae" entry is written by our
 `preprocessing/dataset_tools.py encode`; without it (official data) the SD-VAE defaults hold:
 4 latent channels, scaling factor 0.18215.
+
+The listing (pairs, labels, where each zip member lies) is kept in an index file beside the data
+(reg/data_index.py, docs/data.md#the-index), built once and memory-mapped by every process;
+`check_content` compares the data with what encode recorded (docs/data.md#the-data-check).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
+import time
 import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import PIL.Image
 import numpy as np
@@ -31,7 +40,9 @@ import torch
 from torch.utils.data import Dataset
 
 from models.vae import SD_VAE_SCALING_FACTOR, VAE_STRIDE
-from reg.utils import UserError
+from preprocessing.records import ENCODE_CONFIG, HASH_DIR, first_difference, read_content_records
+from reg import data_index
+from reg.utils import DEBUG_ENV, UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +90,12 @@ def is_image_name(name: str) -> bool:
 
 
 class FileTree:
-    """Read-only access to a folder or an uncompressed zip by '/'-separated relative names.
+    """Read-only access to a folder or a zip by '/'-separated relative names.
 
-    The zip handle is opened lazily and re-opened in each process (DataLoader workers fork:
-    a ZipFile shared across processes would interleave seeks on one file descriptor).
+    A zip's member list is read on first use (an indexed dataset never reads it); its handle is opened
+    lazily and re-opened in each process (DataLoader workers fork: a ZipFile shared across processes
+    would interleave seeks on one file descriptor). Two members of one name are refused: which one is
+    meant is unknown (zipfile would hand out the last one for both).
     """
 
     def __init__(self, path: str):
@@ -90,16 +103,13 @@ class FileTree:
         self.is_zip = os.path.isfile(self.path) and self.path.lower().endswith(".zip")
         if not self.is_zip and not os.path.isdir(self.path):
             raise FileNotFoundError(f"no such folder or .zip: {self.path}")
-        self.prefix = ""
+        self._prefix: str | None = None
+        self._names: list[str] | None = None
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
-        if self.is_zip:
-            names = [n for n in self._zipfile().namelist() if not n.endswith("/")]
-            # `zip -r vae-sd.zip vae-sd` puts everything under "vae-sd/": accept that too.
-            stem = os.path.splitext(os.path.basename(self.path))[0] + "/"
-            if names and all(n.startswith(stem) for n in names):
-                self.prefix = stem
-            self._names = sorted(n[len(self.prefix):] for n in names)
+        # A folder's directories below its root and their stat, as the last full list() met them (each stat
+        # taken before the directory was read): the index's fingerprint of the folder (reg/data_index.py).
+        self.dir_stats: list[tuple[str, os.stat_result]] = []
 
     def __repr__(self) -> str:
         return f"FileTree({self.path!r})"
@@ -115,14 +125,37 @@ class FileTree:
         state["_zip"], state["_zip_pid"] = None, None
         return state
 
-    def list(self) -> list[str]:
-        """All file names, sorted, relative to the root, '/'-separated."""
+    @property
+    def prefix(self) -> str:
+        """The folder every member of a zip sits in (`zip -r vae-sd.zip vae-sd` puts all under "vae-sd/"), or ""."""
+        if self.is_zip and self._prefix is None:
+            self._read_members()
+        return self._prefix or ""
+
+    def _read_members(self) -> None:
+        names = [n for n in self._zipfile().namelist() if not n.endswith("/")]
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            twice = next(n for n in names if n in seen or seen.add(n))
+            raise UserError(f"{self.path} holds two members named {twice!r}: which one is meant is unknown; "
+                            "rebuild the zip")
+        stem = os.path.splitext(os.path.basename(self.path))[0] + "/"
+        self._prefix = stem if names and all(n.startswith(stem) for n in names) else ""
+        self._names = sorted(n[len(self._prefix):] for n in names)
+
+    def list(self, under: str = "") -> list[str]:
+        """All file names (in the folder `under`, if given), sorted, relative to the root, '/'-separated."""
         if self.is_zip:
-            return list(self._names)
-        names = []
+            if self._names is None:
+                self._read_members()
+            return [n for n in self._names if n.startswith(under + "/")] if under else list(self._names)
+        names, stats = [], []
+        start = os.path.join(self.path, under)
+        if under and not os.path.isdir(start):
+            return []
         # Symlinked folders are followed (a class folder b -> elsewhere/ is a class like any other; not
         # following it would drop class b and shift every later label), refusing a link into its own ancestry.
-        for root, dirs, files in os.walk(self.path, followlinks=True):
+        for root, dirs, files in os.walk(start, followlinks=True):
             rel = os.path.relpath(root, self.path)
             real = os.path.realpath(root)
             for d in dirs:
@@ -130,8 +163,13 @@ class FileTree:
                 if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
                     raise UserError(f"{os.path.join(root, d)} is a symbolic link to {target}, a folder that "
                                     f"contains it: the listing of {self.path} would never end; remove the link")
+                # before os.walk reads it: a change after this stat shows in the folder's fingerprint
+                stats.append((os.path.join(rel, d).replace(os.sep, "/") if rel != "." else d,
+                              os.stat(os.path.join(root, d))))
             for f in files:
                 names.append(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/"))
+        if not under:
+            self.dir_stats = stats
         return sorted(names)
 
     def exists(self, name: str) -> bool:
@@ -148,6 +186,11 @@ class FileTree:
         if self.is_zip:
             return self._zipfile().getinfo(self.prefix + name).file_size
         return os.path.getsize(os.path.join(self.path, name))
+
+    def infos(self, names: Sequence[str]) -> list[zipfile.ZipInfo]:
+        """The zip entries of these members (a zip's only)."""
+        z, prefix = self._zipfile(), self.prefix
+        return [z.getinfo(prefix + n) for n in names]
 
     def open(self, name: str):
         """A binary file object (use as a context manager)."""
@@ -204,11 +247,33 @@ def parse_labels(meta: dict, where: str) -> dict[str, int] | None:
         name, cls = entry
         if isinstance(cls, bool) or not isinstance(cls, int):
             raise UserError(f"{where}: the label of {name!r} is {cls!r}, not an integer class")
+        if not -2**63 <= cls < 2**63:  # JSON integers have no bound; a class table has
+            raise UserError(f"{where}: the label of {name!r} is {cls}, outside any class range")
         name = name.replace("\\", "/")
         if name in out:
             raise UserError(f"{where}: {name!r} is listed twice")
         out[name] = cls
     return out
+
+
+def vae_description(meta: dict, where: str, resolution: int) -> dict:
+    """dataset.json's "vae" entry over the SD-VAE defaults, its values checked; it must be for `resolution`."""
+    entry = meta.get("vae") or {}
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: \"vae\" must be an object, got {entry!r}")
+    info = {**SD_VAE_INFO, "resolution": resolution, **entry}
+    for key in ("latent_channels", "resolution"):
+        if isinstance(info[key], bool) or not isinstance(info[key], int) or info[key] <= 0:
+            raise UserError(f"{where}: \"vae\": {key} is {info[key]!r}, not a positive integer")
+    scale = info["scaling_factor"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise UserError(f"{where}: \"vae\": scaling_factor is {scale!r}, not a positive number")
+    if info["name"] is not None and not isinstance(info["name"], str):
+        raise UserError(f"{where}: \"vae\": name is {info['name']!r}, not a string")
+    if info["resolution"] != resolution:
+        raise UserError(f"{where} says the latents are for resolution {info['resolution']}, but "
+                        f"resolution={resolution} was asked for")
+    return info
 
 
 def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
@@ -227,7 +292,21 @@ ALPHA_MODES = ("RGBA", "LA", "PA")  # alpha dropped, the stored colour kept: con
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 0..65535 -> the high byte, as PIL reads 16-bit RGB
 
 
-class UnsupportedImageMode(UserError):
+class UnreadableSample(UserError, RuntimeError):
+    """A file of the data that cannot be read, or is not what the data promises; the message names it.
+
+    A DataLoader worker's error reaches the main process as its type built from the worker's whole
+    traceback text; this type keeps only its own last message, so that the entry points print one line
+    (REG_DEBUG=1 keeps everything). Also a RuntimeError, as these errors were before."""
+
+    def __init__(self, message: str = ""):
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message and os.environ.get(DEBUG_ENV, "") in ("", "0"):
+            message = message[message.rindex(marker) + len(marker):].strip()
+        super().__init__(message)
+
+
+class UnsupportedImageMode(UnreadableSample):
     """An image whose pixel format has no unambiguous 8-bit RGB meaning (float, 32-bit, premultiplied)."""
 
 
@@ -268,7 +347,7 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     except UnsupportedImageMode:
         raise
     except Exception as e:  # PIL raises many types for broken files
-        raise RuntimeError(f"corrupt or unreadable image {where}: {e}") from e
+        raise UnreadableSample(f"corrupt or unreadable image {where}: {e}") from e
 
 
 def _pair_key(name: str, pattern: re.Pattern, tree: FileTree, what: str) -> int:
@@ -290,6 +369,309 @@ def _index_names(names: list[str], pattern: re.Pattern, tree: FileTree, what: st
     return out
 
 
+def pair_files(images: FileTree, latents: FileTree) -> tuple[list[str], list[str]]:
+    """The image and latent names, paired by the index in the names (REG/REPA pair by sorted position,
+    which silently shifts every later pair when one file is missing), in the latents' sorted order."""
+    image_names = [n for n in images.list() if is_image_name(n)]
+    latent_names = [n for n in latents.list() if n.endswith(".npy")]
+    if not latent_names and not image_names:
+        raise UserError(f"no images/latents found in {images.path} and {latents.path}")
+    by_image = _index_names(image_names, _IMAGE_INDEX, images, "image")
+    by_latent = _index_names(latent_names, _LATENT_INDEX, latents, "latent")
+    lonely_latents = sorted(set(by_latent) - set(by_image))
+    lonely_images = sorted(set(by_image) - set(by_latent))
+    if lonely_latents or lonely_images:
+        parts = []
+        if lonely_latents:
+            parts.append(f"{len(lonely_latents)} latent file(s) without an image, e.g. "
+                         f"{latents.describe(by_latent[lonely_latents[0]])}")
+        if lonely_images:
+            parts.append(f"{len(lonely_images)} image(s) without a latent file, e.g. "
+                         f"{images.describe(by_image[lonely_images[0]])}")
+        raise UserError(f"images and latents do not pair up ({len(image_names)} images in {images.path}, "
+                        f"{len(latent_names)} .npy files in {latents.path}): " + "; ".join(parts))
+    keys = sorted(by_latent, key=lambda k: by_latent[k])  # the latents' sorted order, as REG's
+    return [by_image[k] for k in keys], [by_latent[k] for k in keys]
+
+
+def label_array(labels: dict[str, int] | None, latent_names: list[str], json_where: str,
+                latents: FileTree) -> np.ndarray | None:
+    """The labels of latent_names (int64), from dataset.json's; one per file, none for a file that is not
+    there. None for an unlabelled dataset."""
+    if labels is None:
+        return None
+    missing = [n for n in latent_names if n not in labels]
+    if missing:
+        raise UserError(f"{len(missing)} latent file(s) have no label in {json_where}, e.g. {missing[0]}")
+    if len(labels) != len(latent_names):
+        extra = sorted(set(labels) - set(latent_names))
+        raise UserError(f"{json_where} labels {len(extra)} file(s) that are not in {latents.path}, "
+                        f"e.g. {extra[0]} (an incomplete copy?)")
+    return np.array([labels[n] for n in latent_names], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- the listing and its index
+
+MEMBER_FIELDS = ("offset", "stored", "size", "crc", "method")  # where a zip member's bytes are, and their check
+SIDES = ("image", "latent")
+
+
+@dataclass
+class Listing:
+    """What start-up learns about a data folder: the two trees, the pairs (in the latents' sorted order),
+    the labels, dataset.json's "vae" entry and, from an index, where each zip member lies.
+
+    From an index the names, labels and member tables are memory-mapped arrays (reg/data_index.py);
+    listed without one (`list_plain`, the reader as it always was) they are Python lists."""
+    images: FileTree
+    latents: FileTree
+    layout: str
+    image_names: Sequence[str]
+    latent_names: Sequence[str]
+    labels: np.ndarray  # int64 (N,); zeros when unlabelled
+    labelled: bool
+    vae_entry: dict | None
+    members: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # side -> MEMBER_FIELDS (zips)
+    index_path: str | None = None
+    fingerprint: dict | None = None
+    _arrays: dict | None = None  # file sizes and the encode record, when not in an index file
+
+    def names(self, side: str) -> Sequence[str]:
+        return self.image_names if side == "image" else self.latent_names
+
+    def tree(self, side: str) -> FileTree:
+        return self.images if side == "image" else self.latents
+
+    def stored_arrays(self) -> dict[str, np.ndarray]:
+        """File sizes (`image_size`, `latent_size`) and the encode record (`record_*`, when there is one): from
+        the index file, mapped afresh (dropping them unmaps them), else computed now."""
+        if self.index_path is not None:
+            return self._reload()
+        if self._arrays is None:
+            self._arrays = {**file_sizes(self), **record_arrays(self)}
+        return self._arrays
+
+    def _reload(self) -> dict[str, np.ndarray]:
+        meta, arrays = data_index.load(self.index_path, verify=False)
+        if meta["fingerprint"] != self.fingerprint:
+            raise UserError(f"the data index {self.index_path} was rebuilt for other data while this process "
+                            "used it; start again")
+        return arrays
+
+    def __getstate__(self):  # spawn-style workers map the index file again instead of copying its arrays
+        state = self.__dict__.copy()
+        if self.index_path is not None:
+            state.update(image_names=None, latent_names=None, labels=None, members=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.index_path is not None and self.labels is None:
+            _adopt_arrays(self, self._reload())
+
+
+def list_plain(data_dir: str, resolution: int, latents: FileTree) -> Listing:
+    """The listing read from the trees themselves, every start-up check of the data in its order; the
+    index is built from it."""
+    meta = read_dataset_json(latents)
+    json_where = latents.describe("dataset.json")
+    vae_description(meta, json_where, resolution)  # first: a resolution mismatch explains a missing image folder
+    image_base, layout = find_image_dir(data_dir, resolution)
+    images = open_tree(data_dir, image_base)
+    image_names, latent_names = pair_files(images, latents)
+    labels = label_array(parse_labels(meta, json_where), latent_names, json_where, latents)
+    return Listing(images, latents, layout, image_names, latent_names,
+                   labels if labels is not None else np.zeros(len(latent_names), np.int64), labels is not None,
+                   meta.get("vae"))
+
+
+def file_sizes(listing: Listing) -> dict[str, np.ndarray]:
+    """Every file's size in bytes (a zip member's uncompressed size)."""
+    return {f"{side}_size": np.fromiter((listing.tree(side).size(n) for n in listing.names(side)), np.int64,
+                                        len(listing.names(side))) for side in SIDES}
+
+
+def record_arrays(listing: Listing) -> dict[str, np.ndarray]:
+    """The encode record (preprocessing/records.py) of each item, as arrays: `record_status` (0: recorded
+    from this item's image, 1: no row, 2: recorded from another image), the sha256s, sizes (-1: not
+    recorded) and label (-1: unlabelled). Empty when the latent folder holds no per-file record."""
+    if not listing.latents.exists(ENCODE_CONFIG):
+        return {}
+    records = read_content_records(listing.latents)
+    if not records:  # encode_config.json alone: a .zip of an older encode
+        return {}
+    rows = [records.get(n) for n in listing.latent_names]
+    n, none = len(rows), "0" * 64
+    status = [0 if r is not None and r.image == image else 1 if r is None else 2
+              for r, image in zip(rows, listing.image_names)]
+
+    def sha(attr: str) -> np.ndarray:
+        hexes = "".join((getattr(r, attr) if r is not None else None) or none for r in rows)
+        return np.frombuffer(bytes.fromhex(hexes), np.uint8).reshape(n, 32).copy()
+
+    def number(attr: str) -> np.ndarray:
+        values = (getattr(r, attr) if r is not None else None for r in rows)
+        return np.fromiter((-1 if v is None else v for v in values), np.int64, n)
+    return {"record_status": np.array(status, np.int8), "record_image_sha256": sha("image_sha256"),
+            "record_latent_sha256": sha("latent_sha256"), "record_image_size": number("image_size"),
+            "record_latent_size": number("latent_size"), "record_label": number("label")}
+
+
+class _NotIndexable(Exception):
+    pass
+
+
+def _index_arrays(listing: Listing) -> dict[str, np.ndarray]:
+    """The arrays of an index file: names, labels, where each zip member lies, sizes, the encode record."""
+    arrays = {"labels": listing.labels, **file_sizes(listing), **record_arrays(listing)}
+    for side in SIDES:
+        tree, names = listing.tree(side), listing.names(side)
+        arrays[f"{side}_names"], arrays[f"{side}_name_offsets"] = data_index.pack_names(names)
+        if not tree.is_zip:
+            continue
+        infos = tree.infos(names)
+        odd = next((i for i in infos if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+                    or i.flag_bits & 0x1), None)
+        if odd is not None:
+            raise _NotIndexable(f"{tree.path}:{odd.filename} is encrypted or compressed with method "
+                                f"{odd.compress_type} (the index reads stored and deflated members)")
+        arrays[f"{side}_offset"] = data_index.zip_data_offsets(tree.path, infos)
+        arrays[f"{side}_stored"] = np.array([i.compress_size for i in infos], np.int64)
+        arrays[f"{side}_crc"] = np.array([i.CRC for i in infos], np.uint32)
+        arrays[f"{side}_method"] = np.array([i.compress_type for i in infos], np.uint8)
+    return arrays
+
+
+def _adopt_arrays(listing: Listing, arrays: dict[str, np.ndarray]) -> None:
+    """Point the listing at an index's arrays (names as NameTables: no Python object per entry)."""
+    listing.image_names = data_index.NameTable(arrays["image_names"], arrays["image_name_offsets"])
+    listing.latent_names = data_index.NameTable(arrays["latent_names"], arrays["latent_name_offsets"])
+    listing.labels = arrays["labels"]
+    listing.members = {side: {f: arrays[f"{side}_{f}"] for f in MEMBER_FIELDS}
+                       for side in SIDES if listing.tree(side).is_zip}
+
+
+def _file_digests(images: FileTree, latents: FileTree) -> dict:
+    """The part of an index's fingerprint read from files (reg/data_index.py): each zip's directory digest, each
+    folder's root entries, and the sha256 of a latent folder's label and encode-settings files."""
+    fp = {key: data_index.zip_digest(tree.path) if tree.is_zip else data_index.entries_digest(tree.path)
+          for key, tree in (("images", images), ("latents", latents))}
+    if not latents.is_zip:
+        fp.update({name: data_index.file_digest(os.path.join(latents.path, name))
+                   for name in ("dataset.json", ENCODE_CONFIG)})
+    return fp
+
+
+def _folder_digests(images: FileTree, latents: FileTree, dirs: dict) -> dict:
+    """The part of an index's fingerprint from the folders: their directories below the root (dirs[key]), stat now."""
+    return {f"{key} folders": data_index.folder_digest(data_index.stat_folders(tree.path, dirs[key]))
+            for key, tree in (("images", images), ("latents", latents)) if not tree.is_zip}
+
+
+def open_listing(data_dir: str, resolution: int, *, use_index: bool = True,
+                 report: Callable[[str], None] = log.info) -> Listing:
+    """The listing of DATA for `resolution`: from its index when that is still the data's, else listed and
+    indexed (once; the index is written beside the data, else in the cache folder); `use_index=False` lists
+    without one, as the reader always did. Any problem of the data raises the same error either way."""
+    latents = open_tree(data_dir, LATENT_DIR)
+    if not use_index:
+        return list_plain(data_dir, resolution, latents)
+    try:
+        image_base, _ = find_image_dir(data_dir, resolution)
+        images = open_tree(data_dir, image_base)
+        before = _file_digests(images, latents)
+    except (UserError, OSError, zipfile.BadZipFile):
+        return list_plain(data_dir, resolution, latents)  # raises the error of the data, as it always did
+    places = data_index.locations(data_dir, image_base)
+    reasons = []
+    for path in places:
+        if not path.is_file():
+            continue
+        try:
+            t0 = time.perf_counter()
+            meta, arrays = data_index.load(path)
+            if meta["fingerprint"] == {**before, **_folder_digests(images, latents, meta["dirs"])}:
+                listing = Listing(images, latents, meta["layout"], (), (), arrays["labels"], meta["labelled"],
+                                  meta["vae_entry"], index_path=str(path), fingerprint=meta["fingerprint"])
+                images._prefix, latents._prefix = meta["prefixes"]
+                _adopt_arrays(listing, arrays)
+                report(f"data index {path}: {len(listing.labels)} items, checked and loaded in "
+                       f"{time.perf_counter() - t0:.2f} s")
+                return listing
+            reasons.append(f"{path} is stale (the data changed since it was built)")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            reasons.append(f"{path} is unreadable ({type(e).__name__}: {e})")
+    return _build_index(data_dir, resolution, latents, images.path, before, places, reasons, report)
+
+
+def _build_index(data_dir: str, resolution: int, latents: FileTree, images_path: str, before: dict, places: list,
+                 reasons: list[str], report: Callable[[str], None]) -> Listing:
+    """List DATA (list_plain), then write its index to the first of `places` that takes it."""
+    report("data index: " + "; ".join(reasons + [f"building it for {data_dir} (once; about half a minute per "
+                                                 "million files)"]))
+    t0 = time.perf_counter()
+    listing = list_plain(data_dir, resolution, latents)
+    try:
+        arrays = _index_arrays(listing)
+    except _NotIndexable as e:
+        report(f"data index: none ({e}); the data is listed at every start")
+        return listing
+    dirs = {key: [d for d, _ in tree.dir_stats] for key, tree in (("images", listing.images), ("latents", latents))}
+    walked = {f"{key} folders": data_index.folder_digest(tree.dir_stats)
+              for key, tree in (("images", listing.images), ("latents", latents)) if not tree.is_zip}
+    fp = {**before, **walked}
+    meta = {"fingerprint": fp, "dirs": dirs, "layout": listing.layout, "labelled": listing.labelled,
+            "vae_entry": listing.vae_entry, "prefixes": [listing.images.prefix, latents.prefix]}
+    now = {**_file_digests(listing.images, latents), **_folder_digests(listing.images, latents, dirs)}
+    if now != fp or listing.images.path != images_path:  # changed while it was listed: trust none of it
+        report("data index: the data changed while it was listed; no index written")
+        return listing
+    failures = []
+    for path in places:
+        try:
+            data_index.save(path, meta, arrays)
+        except OSError as e:
+            failures.append(f"{path}: {e}")
+            continue
+        report(f"data index of {len(listing.labels)} items built in {time.perf_counter() - t0:.1f} s, written to "
+               f"{path}" + (f" (not beside the data: {failures[0]})" if failures else ""))
+        listing.index_path, listing.fingerprint = str(path), fp
+        _adopt_arrays(listing, data_index.load(path, verify=False)[1])  # what every later start reads
+        return listing
+    report(f"data index: could not be written ({'; '.join(failures)}); kept in memory, rebuilt at every start")
+    listing._arrays = arrays
+    _adopt_arrays(listing, arrays)
+    return listing
+
+
+class _Files:
+    """The bytes of one side ("image" or "latent") of each item: positioned reads at the index's offsets in a
+    zip (os.pread on one descriptor per process), else through the tree (a folder's files by name, a zip
+    through zipfile, as the reader always did)."""
+
+    def __init__(self, listing: Listing, side: str):
+        self.listing, self.side = listing, side
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def describe(self, i: int) -> str:
+        return self.listing.tree(self.side).describe(self.listing.names(self.side)[i])
+
+    def read(self, i: int) -> bytes:
+        m = self.listing.members.get(self.side)
+        if m is None:
+            return self.listing.tree(self.side).read(self.listing.names(self.side)[i])
+        if self._pid != os.getpid():  # a forked worker: its own descriptor
+            self._fd, self._pid = os.open(self.listing.tree(self.side).path, os.O_RDONLY), os.getpid()
+        return data_index.read_member(self._fd, int(m["offset"][i]), int(m["stored"][i]), int(m["size"][i]),
+                                      int(m["crc"][i]), int(m["method"][i]))
+
+
+# ----------------------------------------------------------------------------- the dataset
+
 class CustomDataset(Dataset):
     """Training items: images paired with their VAE posterior moments and class labels.
 
@@ -299,19 +681,22 @@ class CustomDataset(Dataset):
     replaced by the next index that reads fine (wrapping around), with `replaced=True` so that the
     trainer can count them. The replacement depends only on the files, never on timing or worker
     order, so a resumed run reads exactly the same batches. With `skip_bad_samples=False` (the
-    default, and REG's behaviour) a bad item raises an error naming the file.
+    default, and REG's behaviour) a bad item raises UnreadableSample naming the file.
 
     Images and latents are paired by the index in their names (img00000005.png <->
     img-mean-std-00000005.npy), never by position; a file without a partner is an error. Labels come
     from vae-sd/dataset.json and must be integers in [0, num_classes); an unlabelled dataset
     ("labels": null) is only accepted with num_classes == 1 (every label 0).
 
-    Start-up validation is cheap: two listings, dataset.json, and the headers of the first image
-    and the first latent file. Everything else is checked per item as it is read.
+    Start-up is cheap: the index (open_listing; built once), dataset.json's "vae" entry, the labels'
+    range, and the first image and latent file. Everything else is checked per item as it is read;
+    `check_content` compares the files with encode's record. `use_index=False` lists the folders at
+    every start instead, as the reader always did; `report` receives the index's log lines.
     """
 
     def __init__(self, data_dir: str, *, resolution: int = 256, num_classes: int = 1000,
-                 latent_channels: int | None = None, skip_bad_samples: bool = False):
+                 latent_channels: int | None = None, skip_bad_samples: bool = False, use_index: bool = True,
+                 report: Callable[[str], None] = log.info):
         self.data_dir = str(data_dir)
         self.resolution = resolution
         self.num_classes = num_classes
@@ -320,70 +705,36 @@ class CustomDataset(Dataset):
         self._reported: set[str] = set()  # files already logged as bad (per process)
         if resolution % VAE_STRIDE:
             raise UserError(f"resolution {resolution} is not a multiple of the VAE stride {VAE_STRIDE}")
-
-        # The VAE description first: a resolution mismatch explains a missing image folder.
-        self.latents = open_tree(self.data_dir, LATENT_DIR)
-        meta = read_dataset_json(self.latents)
+        self.listing = open_listing(self.data_dir, resolution, use_index=use_index, report=report)
+        self.images, self.latents, self.layout = self.listing.images, self.listing.latents, self.listing.layout
         json_where = self.latents.describe("dataset.json")
-        self.vae_info = {**SD_VAE_INFO, "resolution": resolution, **(meta.get("vae") or {})}
-        if int(self.vae_info["resolution"]) != resolution:
-            raise UserError(f"{json_where} says the latents are for resolution "
-                             f"{self.vae_info['resolution']}, but resolution={resolution} was asked for")
-
-        image_base, self.layout = find_image_dir(self.data_dir, resolution)
-        self.images = open_tree(self.data_dir, image_base)
-        log.info(f"dataset: {self.layout} in {self.data_dir}")
-        self.image_names, self.latent_names = self._pair_files()
-        self.labels = self._read_labels(meta, json_where)
+        self.vae_info = vae_description({"vae": self.listing.vae_entry}, json_where, resolution)
+        report(f"dataset: {self.layout} in {self.data_dir}")
+        self._files = {side: _Files(self.listing, side) for side in SIDES}
+        self._check_labels(json_where)
         self._check_first_files(latent_channels, json_where)
 
-    def _pair_files(self) -> tuple[list[str], list[str]]:
-        """The image and latent names, paired by the index in the names (REG/REPA pair by sorted position,
-        which silently shifts every later pair when one file is missing), in the latents' sorted order."""
-        image_names = [n for n in self.images.list() if is_image_name(n)]
-        latent_names = [n for n in self.latents.list() if n.endswith(".npy")]
-        if not latent_names and not image_names:
-            raise UserError(f"no images/latents found in {self.images.path} and {self.latents.path}")
-        by_image = _index_names(image_names, _IMAGE_INDEX, self.images, "image")
-        by_latent = _index_names(latent_names, _LATENT_INDEX, self.latents, "latent")
-        lonely_latents = sorted(set(by_latent) - set(by_image))
-        lonely_images = sorted(set(by_image) - set(by_latent))
-        if lonely_latents or lonely_images:
-            parts = []
-            if lonely_latents:
-                parts.append(f"{len(lonely_latents)} latent file(s) without an image, e.g. "
-                             f"{self.latents.describe(by_latent[lonely_latents[0]])}")
-            if lonely_images:
-                parts.append(f"{len(lonely_images)} image(s) without a latent file, e.g. "
-                             f"{self.images.describe(by_image[lonely_images[0]])}")
-            raise UserError(f"images and latents do not pair up ({len(image_names)} images in {self.images.path}, "
-                             f"{len(latent_names)} .npy files in {self.latents.path}): " + "; ".join(parts))
-        keys = sorted(by_latent, key=lambda k: by_latent[k])  # the latents' sorted order, as REG's
-        return [by_image[k] for k in keys], [by_latent[k] for k in keys]
+    @property
+    def image_names(self) -> Sequence[str]:
+        return self.listing.image_names
 
-    def _read_labels(self, meta: dict, json_where: str) -> np.ndarray:
-        """The labels of self.latent_names, from vae-sd/dataset.json: one per file, in [0, num_classes)."""
-        num_classes = self.num_classes
-        labels = parse_labels(meta, json_where)
-        if labels is None:
-            if num_classes != 1:
-                raise UserError(f"{json_where} has no labels (\"labels\": null: an unlabelled dataset); train it "
-                                 f"unconditionally with --num-classes 1, or re-encode from labelled images")
-            labels = {n: 0 for n in self.latent_names}
-        missing = [n for n in self.latent_names if n not in labels]
-        if missing:
-            raise UserError(f"{len(missing)} latent file(s) have no label in {json_where}, e.g. {missing[0]}")
-        if len(labels) != len(self.latent_names):
-            extra = sorted(set(labels) - set(self.latent_names))
-            raise UserError(f"{json_where} labels {len(extra)} file(s) that are not in {self.latents.path}, "
-                             f"e.g. {extra[0]} (an incomplete copy?)")
-        array = np.array([labels[n] for n in self.latent_names], dtype=np.int64)
-        bad = np.flatnonzero((array < 0) | (array >= num_classes))
+    @property
+    def latent_names(self) -> Sequence[str]:
+        return self.listing.latent_names
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.listing.labels
+
+    def _check_labels(self, json_where: str) -> None:
+        if not self.listing.labelled and self.num_classes != 1:
+            raise UserError(f"{json_where} has no labels (\"labels\": null: an unlabelled dataset); train it "
+                            f"unconditionally with --num-classes 1, or re-encode from labelled images")
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
         if bad.size:
             i = int(bad[0])
-            raise UserError(f"{bad.size} label(s) outside [0, {num_classes}), e.g. {self.latent_names[i]} "
-                             f"has label {array[i]} (set num_classes to match the data)")
-        return array
+            raise UserError(f"{bad.size} label(s) outside [0, {self.num_classes}), e.g. {self.latent_names[i]} "
+                            f"has label {self.labels[i]} (set num_classes to match the data)")
 
     def _check_first_files(self, latent_channels: int | None, json_where: str) -> None:
         """The channel count (asked for, else from dataset.json) against the first latent file's header,
@@ -392,39 +743,37 @@ class CustomDataset(Dataset):
         info_channels = int(self.vae_info["latent_channels"])
         if latent_channels is not None and latent_channels != info_channels:
             raise UserError(f"latent_channels={latent_channels} was asked for, but "
-                             f"{json_where} describes {info_channels}-channel latents")
+                            f"{json_where} describes {info_channels}-channel latents")
         self._channels = info_channels
         side = resolution // VAE_STRIDE
         self.moments_shape = (2 * info_channels, side, side)
         first = self.latent_names[0]
         try:
-            with self.latents.open(first) as f:
-                shape, dtype = read_npy_header(f)
-        except ValueError as e:
-            raise RuntimeError(f"corrupt latent file {self.latents.describe(first)}: {e}") from e
+            shape, dtype = read_npy_header(io.BytesIO(self._files["latent"].read(0)))
+        except (OSError, ValueError) as e:
+            raise UnreadableSample(f"corrupt latent file {self.latents.describe(first)}: {e}") from e
         self._check_moments_shape(tuple(shape), first)
         self._check_moments_dtype(dtype, first)
-        with self.images.open(self.image_names[0]) as f:
-            try:
-                size = PIL.Image.open(f).size
-            except Exception as e:
-                raise RuntimeError(f"corrupt or unreadable image {self.images.describe(self.image_names[0])}: {e}") from e
+        where = self._files["image"].describe(0)
+        try:
+            size = PIL.Image.open(io.BytesIO(self._files["image"].read(0))).size
+        except Exception as e:
+            raise UnreadableSample(f"corrupt or unreadable image {where}: {e}") from e
         if size != (resolution, resolution):
-            raise UserError(f"{self.images.describe(self.image_names[0])} is {size[0]}x{size[1]}, "
-                             f"expected {resolution}x{resolution}")
+            raise UserError(f"{where} is {size[0]}x{size[1]}, expected {resolution}x{resolution}")
 
     def _check_moments_shape(self, shape: tuple[int, ...], name: str) -> None:
         if shape != self.moments_shape:
             c = self._channels
-            raise UserError(f"{self.latents.describe(name)} has shape {shape}, expected {self.moments_shape} "
-                             f"(mean||std of {c}-channel latents at {self.resolution}/{VAE_STRIDE})")
+            raise UnreadableSample(f"{self.latents.describe(name)} has shape {shape}, expected {self.moments_shape} "
+                                   f"(mean||std of {c}-channel latents at {self.resolution}/{VAE_STRIDE})")
 
     def _check_moments_dtype(self, dtype: np.dtype, name: str) -> None:
         """Moments are floats; an integer (or bool, complex) file is refused, never cast: it was written by
         something else (quantised or label data), and a cast would train on it silently."""
         if not np.issubdtype(dtype, np.floating):
-            raise UserError(f"{self.latents.describe(name)} holds {dtype} values, not floating-point VAE moments "
-                            f"(mean||std); re-encode it with preprocessing/dataset_tools.py encode")
+            raise UnreadableSample(f"{self.latents.describe(name)} holds {dtype} values, not floating-point VAE "
+                                   f"moments (mean||std); re-encode it with preprocessing/dataset_tools.py encode")
 
     @property
     def latent_channels(self) -> int:
@@ -432,28 +781,40 @@ class CustomDataset(Dataset):
         return self._channels
 
     def __len__(self) -> int:
-        return len(self.latent_names)
+        return len(self.labels)
+
+    def read_bytes(self, side: str, idx: int) -> bytes:
+        """The stored bytes of item idx's image or latent file ("image", "latent")."""
+        return self._files[side].read(idx)
 
     def _read(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One item; every failure raises an error that names the file."""
-        image_name, latent_name = self.image_names[idx], self.latent_names[idx]
-        where = self.images.describe(image_name)
+        """One item; every failure raises UnreadableSample naming the file."""
+        files, latent_name = self._files, self.latent_names[idx]
+        where = files["image"].describe(idx)
         try:
-            data = self.images.read(image_name)
+            data = files["image"].read(idx)
         except OSError as e:
-            raise RuntimeError(f"cannot read image {where}: {e}") from e
+            raise UnreadableSample(f"cannot read image {where}: {e}") from e
         image = decode_image(data, where)
         if image.shape != (self.resolution, self.resolution, 3):
-            raise UserError(f"{where} is {image.shape[1]}x{image.shape[0]}, expected {self.resolution}x{self.resolution}")
+            raise UnreadableSample(f"{where} is {image.shape[1]}x{image.shape[0]}, expected "
+                                   f"{self.resolution}x{self.resolution}")
         try:
-            moments = np.load(io.BytesIO(self.latents.read(latent_name)), allow_pickle=False)
+            moments = np.load(io.BytesIO(files["latent"].read(idx)), allow_pickle=False)
         except Exception as e:
-            raise RuntimeError(f"corrupt or unreadable latent file {self.latents.describe(latent_name)}: {e}") from e
+            raise UnreadableSample(f"corrupt or unreadable latent file {files['latent'].describe(idx)}: {e}") from e
         self._check_moments_shape(moments.shape, latent_name)
         self._check_moments_dtype(moments.dtype, latent_name)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(moments.astype(np.float32, copy=False)),
                 torch.tensor(self.labels[idx], dtype=torch.int64))
+
+    def readable(self, idx: int) -> bool:
+        try:
+            self._read(idx)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return True
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, ...]:
         if not self.skip_bad_samples:
@@ -470,4 +831,101 @@ class CustomDataset(Dataset):
                     log.warning(f"skipping a bad sample (item {j}, replaced by the next readable one): {e}")
                 continue
             return (*item, torch.tensor(k > 0))
-        raise RuntimeError(f"no item of {self.images.path} / {self.latents.path} can be read")
+        raise UnreadableSample(f"no item of {self.images.path} / {self.latents.path} can be read")
+
+
+# ----------------------------------------------------------------------------- the data against encode's record
+
+DATA_CHECKS = ("sample", "full", "off")  # train.py --data-check
+SAMPLE_SIZE = 1000  # items whose two files the default check hashes (docs/data.md#the-data-check)
+
+
+def check_content(ds: CustomDataset, mode: str, *, seed: int | Sequence[int] = 0, rank: int = 0, world: int = 1,
+                  sample_size: int = SAMPLE_SIZE, threads: int = 8) -> tuple[str | None, str]:
+    """The data against what encode recorded in the latent folder (preprocessing/records.py): (the first
+    difference, naming a file, or None; what was checked, for the log).
+
+    "sample": every item's pairing, label and both file sizes, and the sha256 of both files of
+    `sample_size` items drawn with `seed` (process `rank` of `world` hashes every world-th of them);
+    "full": the sha256 of every file; "off": nothing. A file that differs but cannot be read at all is let
+    through with `skip_bad_samples` (training replaces it); a readable one is never."""
+    if mode not in DATA_CHECKS:
+        raise UserError(f"data check {mode!r}: choose from {', '.join(DATA_CHECKS)}")
+    if mode == "off":
+        return None, "data check off (--data-check off): the files are not compared with the encode record"
+    t0 = time.perf_counter()
+    arrays = ds.listing.stored_arrays()
+    if "record_status" not in arrays:
+        if mode == "full":
+            raise UserError(f"--data-check full: {ds.latents.path} has no encode record ({HASH_DIR}/), so there is "
+                            "nothing to check the files against; use --data-check sample")
+        return None, (f"data check: {ds.latents.path} has no encode record (data written by the authors' tools, or a "
+                      ".zip of an older encode): the images cannot be checked against what the latents were "
+                      "encoded from; their pairing and labels were checked as listed")
+    n = len(ds)
+    items = (np.arange(n) if mode == "full"
+             else np.sort(np.random.default_rng(seed).choice(n, min(sample_size, n), replace=False)))
+    problem = _record_difference(ds, arrays) or _hash_difference(ds, arrays, items[rank::world], threads)
+    hashed = f"all {n} items" if mode == "full" else f"{len(items)} of {n} items (seed {seed})"
+    return problem, (f"data check ({mode}): the pairing, labels and sizes of all {n} items, and the sha256 of both "
+                     f"files of {hashed}, over {world} process(es), match the encode record in {ds.latents.path} "
+                     f"({time.perf_counter() - t0:.1f} s)")
+
+
+def _record_difference(ds: CustomDataset, arrays: dict[str, np.ndarray]) -> str | None:
+    """The first item whose pairing, label or file sizes differ from the record (compared over all at once)."""
+    status = arrays["record_status"]
+    labels = np.asarray(ds.labels) if ds.listing.labelled else np.full(len(ds), -1)
+    checks = [("pairing", status != 0), ("label", arrays["record_label"] != labels)]
+    for side in SIDES:
+        recorded = arrays[f"record_{side}_size"]
+        checks.append((side, (recorded >= 0) & (recorded != arrays[f"{side}_size"])))
+    for i in np.flatnonzero(np.logical_or.reduce([bad for _, bad in checks])).tolist():
+        what = next(what for what, bad in checks if bad[i])
+        if what in SIDES and ds.skip_bad_samples and not ds.readable(i):
+            continue  # unreadable: replaced in training (--skip-bad-samples), never mixed in
+        return _record_message(ds, arrays, i, what, labels)
+    return None
+
+
+def _record_message(ds: CustomDataset, arrays: dict[str, np.ndarray], i: int, what: str, labels: np.ndarray) -> str:
+    latent, image = ds.latents.describe(ds.latent_names[i]), ds.images.describe(ds.image_names[i])
+    if what == "pairing" and arrays["record_status"][i] == 1:
+        return f"{latent} has no row in the encode record ({HASH_DIR}/): written by an interrupted encode? rerun it"
+    if what == "pairing":
+        encoded_from = read_content_records(ds.latents)[ds.latent_names[i]].image
+        return f"{latent} was encoded from {encoded_from}, but pairs with {image}: not the images encode read"
+    if what == "label":
+        return (f"{ds.latents.describe('dataset.json')} gives {ds.latent_names[i]} the label "
+                f"{labels[i] if labels[i] >= 0 else None}, but it was encoded with "
+                f"{arrays['record_label'][i] if arrays['record_label'][i] >= 0 else None}")
+    where = image if what == "image" else latent
+    return (f"{where} is {arrays[f'{what}_size'][i]} bytes, but {arrays[f'record_{what}_size'][i]} when encoded: "
+            f"{_not_encoded(what)}")
+
+
+def _not_encoded(side: str) -> str:
+    return ("not the image its latent was encoded from; put back the images encode read, or encode these into a new "
+            "latent folder" if side == "image" else
+            "not the file encode wrote (overwritten since?); re-encode into a new latent folder")
+
+
+def _hash_difference(ds: CustomDataset, arrays: dict[str, np.ndarray], items: np.ndarray, threads: int) -> str | None:
+    """The first of `items` whose image or latent bytes are not the ones encode hashed."""
+    def differs(i: int) -> str | None:
+        for side in SIDES:
+            if side == "latent" and arrays["record_latent_size"][i] < 0:
+                continue  # an older encode recorded no latent hashes
+            want = arrays[f"record_{side}_sha256"][i].tobytes()
+            try:
+                now = hashlib.sha256(ds.read_bytes(side, i)).digest()
+            except OSError:
+                now = b""
+            if now == want or (ds.skip_bad_samples and not ds.readable(i)):  # unreadable: replaced in training
+                continue
+            where = ds._files[side].describe(i)
+            return f"{where} has other content than when encoded (sha256 {now.hex()[:12] or 'unreadable'} now, " \
+                   f"{want.hex()[:12]} then): {_not_encoded(side)}"
+        return None
+
+    return first_difference(differs, items.tolist(), threads)

@@ -3,7 +3,8 @@
 Run safety      folder_lock (one writer per folder), slurm (launch checks), stop_signals (SIGTERM/SIGUSR1),
                 processes (a command's scope, the process setup of the sampling commands)
 Run records     resume_flags (what each train.py flag does on resume), trackers, mixed_precision,
-                run_log (metrics.jsonl), run_identity (what a results folder was made from)
+                run_log (metrics.jsonl), run_identity (what a results folder was made from),
+                data_index (the data reader's listing as memory-mapped arrays)
 Checkpoints     checkpoints (files and the training folder), hub (local paths and the HF Hub),
                 loading (the one loader of a generator), export (Hub folders and model cards)
 Training        train_step (one optimisation step, exactly resumable), throughput (FLOPs, MFU)

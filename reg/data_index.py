@@ -1,0 +1,223 @@
+"""The data reader's index file: a data folder's listing as numpy arrays, memory-mapped (docs/data.md#the-index).
+
+A listing of ImageNet's 1.28M images and latents held as Python objects takes ~40 s to build and ~1.5 GB per
+process, and every DataLoader worker copies the pages its reference counts touch. Here it is a handful of
+arrays (names as one byte blob plus offsets, member offsets, sizes, CRC-32s, labels) in one uncompressed npz,
+written once and memory-mapped by every process: nothing per entry is a Python object, and forked workers
+share the pages.
+
+What decides whether an index is still the data's (`zip_digest`, `folder_digest`, `file_digest`):
+- a zip: the sha256 of its central directory and end records (every member's name, offset, sizes and
+  CRC-32) and of the file's size, so a zip rewritten with the same names and sizes but other bytes,
+  other offsets or another prefix has another digest; a copy elsewhere keeps it;
+- a folder: the names in its root (its lock and temporary files aside), and the inode, mtime and ctime of
+  every directory below: a file added, removed, renamed or replaced by a rename changes its directory's
+  ctime, which nothing can set back; a file rewritten in place does not (the reader opens it by name and
+  reads all of it, so the index stays true but for that file's size; its content is what the data check of
+  docs/data.md looks at);
+- the label file and the encode record's settings: the sha256 of their bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from reg.folder_lock import LOCK_NAME
+from reg.utils import atomic_write
+
+INDEX_VERSION = 1  # bump when the arrays or their meaning change: older files are then rebuilt
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: sig, disks, entries, cd size, cd offset, comment
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")  # sig, size, versions, disks, entries, entries, cd size, cd offset
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header: sig ... name length, extra length (30 bytes)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def zip_digest(path: str) -> str:
+    """sha256 of a zip's size and of everything from its central directory to the end."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_len = min(size, _EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size + _ZIP64_EOCD.size)
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        pos = tail.rfind(b"PK\x05\x06")
+        if pos < 0 or pos + _EOCD.size > len(tail):
+            raise zipfile.BadZipFile(f"{path}: no end of central directory record")
+        cd_size, end = _EOCD.unpack_from(tail, pos)[5], pos
+        locator = pos - _ZIP64_LOCATOR.size
+        if locator >= _ZIP64_EOCD.size and tail[locator:locator + 4] == b"PK\x06\x07":
+            end = locator - _ZIP64_EOCD.size  # the zip64 record sits right before its locator
+            if tail[end:end + 4] != b"PK\x06\x06":
+                raise zipfile.BadZipFile(f"{path}: corrupt zip64 end of central directory record")
+            cd_size = _ZIP64_EOCD.unpack_from(tail, end)[8]
+        start = size - tail_len + end - cd_size
+        if start < 0:
+            raise zipfile.BadZipFile(f"{path}: the central directory size exceeds the file")
+        h = hashlib.sha256(f"{size}:{start}:".encode())
+        f.seek(start)
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def entries_digest(folder: str) -> str:
+    """sha256 of the names in a folder, its lock and temporary files aside (reg/folder_lock.py's, and
+    reg.utils.atomic_write's `.NAME.*.tmp`): a data folder's root, whose own ctime every lock heartbeat moves."""
+    names = sorted(n for n in os.listdir(folder)
+                   if not (n.startswith(LOCK_NAME) or (n.startswith(".") and n.endswith(".tmp"))))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def stat_folders(root: str, dirs: Sequence[str]) -> list[tuple[str, os.stat_result]] | None:
+    """(name, stat) of each directory under root; None when one of them is gone."""
+    try:
+        return [(d, os.stat(os.path.join(root, d))) for d in dirs]
+    except OSError:
+        return None
+
+
+def folder_digest(stats: Sequence[tuple[str, os.stat_result]] | None) -> str | None:
+    """sha256 of (name, inode, mtime, ctime) of each directory (stat_folders, or FileTree.dir_stats)."""
+    if stats is None:
+        return None
+    h = hashlib.sha256()
+    for d, st in stats:
+        h.update(f"{d}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str | None:
+    """sha256 of a file's bytes; None when there is no such file."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):  # hashlib.file_digest is Python >= 3.11
+                h.update(chunk)
+    except FileNotFoundError:
+        return None
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- zip members
+
+def zip_data_offsets(path: str, infos: Sequence[zipfile.ZipInfo]) -> np.ndarray:
+    """Where each member's stored bytes start: its local header's offset plus the header, name and extra
+    field, read from the local header itself (its extra field may differ from the central directory's).
+    -1 for a member whose local header is not what the central directory says (read as an error)."""
+    out = np.full(len(infos), -1, np.int64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in sorted(range(len(infos)), key=lambda k: infos[k].header_offset):  # in file order
+            info = infos[i]
+            name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+            head = os.pread(fd, _LOCAL.size + len(name), info.header_offset)
+            if len(head) == _LOCAL.size + len(name) and head[:4] == b"PK\x03\x04" and head[_LOCAL.size:] == name:
+                name_len, extra_len = _LOCAL.unpack_from(head)[-2:]
+                out[i] = info.header_offset + _LOCAL.size + name_len + extra_len
+    finally:
+        os.close(fd)
+    return out
+
+
+def read_member(fd: int, offset: int, stored: int, size: int, crc: int, method: int) -> bytes:
+    """One zip member's bytes by a positioned read (no seek: one descriptor serves every thread), inflated if
+    deflated, checked against its size and CRC-32 as zipfile checks them; OSError when they disagree."""
+    if offset < 0:
+        raise OSError("its local zip header does not match the central directory")
+    data = os.pread(fd, stored, offset)
+    if len(data) != stored:
+        raise OSError(f"truncated zip: {len(data)} of {stored} bytes")
+    if method == zipfile.ZIP_DEFLATED:
+        try:
+            data = zlib.decompress(data, -15)
+        except zlib.error as e:
+            raise OSError(f"bad deflate data ({e})") from e
+    if len(data) != size or zlib.crc32(data) != crc:
+        raise OSError(f"fails its CRC-32 check (stored {crc:08x}, read {zlib.crc32(data):08x})")
+    return data
+
+
+# ----------------------------------------------------------------------------- names without Python objects
+
+def pack_names(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(utf-8 bytes of all names back to back (uint8), start offsets (int64, len + 1))."""
+    encoded = [n.encode() for n in names]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+class NameTable(Sequence):
+    """Names packed by pack_names, read one at a time: a list's interface without a str per entry."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.blob[start:end].tobytes().decode()
+
+
+# ----------------------------------------------------------------------------- the file
+
+def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """meta (JSON) and the arrays in one uncompressed npz, written atomically."""
+    blob = np.frombuffer(json.dumps({**meta, "version": INDEX_VERSION}, sort_keys=True).encode(), np.uint8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=blob, **arrays)
+    atomic_write(path, write)
+
+
+def load(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, arrays memory-mapped read-only) of a file written by save. With `verify`, every member's CRC-32
+    is checked first (reading the file, not through the maps, so that no page stays mapped); ValueError,
+    OSError or zipfile.BadZipFile when the file is damaged, foreign or of another version."""
+    path = str(path)
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip() if verify else None
+        if bad is not None:
+            raise ValueError(f"{path}: member {bad} fails its CRC-32 check")
+        infos = z.infolist()
+    arrays = {}
+    with open(path, "rb") as f:
+        for info, start in zip(infos, zip_data_offsets(path, infos)):
+            if info.compress_type != zipfile.ZIP_STORED or start < 0 or not info.filename.endswith(".npy"):
+                raise ValueError(f"{path}: {info.filename} is not a stored .npy member")
+            f.seek(start)
+            read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {info.filename} holds Python objects")
+            key = info.filename[:-4]
+            arrays[key] = (np.memmap(path, dtype, "r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
+                           if int(np.prod(shape)) else np.zeros(shape, dtype))
+    meta = json.loads(np.asarray(arrays.pop("meta")).tobytes())
+    if meta.get("version") != INDEX_VERSION:
+        raise ValueError(f"{path}: index version {meta.get('version')}, this code writes {INDEX_VERSION}")
+    return meta, arrays
+
+
+def locations(data_dir: str, name: str) -> list[Path]:
+    """Where the index of DATA/name is kept: beside the data, else in the user's cache folder
+    ($XDG_CACHE_HOME or ~/.cache, under reg/data-index/, named after the data folder's real path)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or ""
+    cache_root = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"  # XDG: a relative value is ignored
+    key = hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()[:16]
+    return [Path(data_dir) / f"reg-index-{name}.npz", cache_root / "reg" / "data-index" / f"{key}-{name}.npz"]
