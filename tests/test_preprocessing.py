@@ -17,6 +17,7 @@ from dataset import CustomDataset
 from preprocessing import dataset_tools as dt
 from preprocessing import transforms
 from preprocessing.synthetic import COLOURS, render, write_dataset
+from reg.utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,6 +126,19 @@ def test_convert_zip_to_zip_matches_folder(tmp_path):
         assert json.loads(z.read("dataset.json")) == json.loads((tmp_path / "a" / "dataset.json").read_text())
         for name, _ in json.loads(z.read("dataset.json"))["labels"]:
             assert z.read(name) == (tmp_path / "a" / name).read_bytes()
+
+
+def test_convert_refuses_a_source_zip_with_two_members_of_one_name(tmp_path):
+    make_imagenet_folder(tmp_path / "src")
+    first, second = sorted((tmp_path / "src" / "n01").iterdir())[:2]
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        for path in sorted(p for p in (tmp_path / "src").rglob("*") if p.is_file()):
+            z.write(path, path.relative_to(tmp_path / "src").as_posix())
+        z.write(second, first.relative_to(tmp_path / "src").as_posix())  # another image under the first's name
+    with pytest.raises(UserError, match=rf"src.zip holds two members named 'n01/{first.name}'"):
+        dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src.zip"), "--dest", str(tmp_path / "out"),
+                               "--resolution", "32", "--num-workers", "0"]))
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------- encode
