@@ -125,6 +125,13 @@ class FileTree:
         state["_zip"], state["_zip_pid"] = None, None
         return state
 
+    def release(self) -> None:
+        """Forget the member list and close the zip (with its entry per member): an index reads without them."""
+        self.prefix  # noqa: B018  known before the list goes
+        if self._zip is not None:
+            self._zip.close()
+        self._zip, self._zip_pid, self._names, self.dir_stats = None, None, None, []
+
     @property
     def prefix(self) -> str:
         """The folder every member of a zip sits in (`zip -r vae-sd.zip vae-sd` puts all under "vae-sd/"), or ""."""
@@ -412,8 +419,13 @@ def label_array(labels: dict[str, int] | None, latent_names: list[str], json_whe
 
 # ----------------------------------------------------------------------------- the listing and its index
 
-MEMBER_FIELDS = ("offset", "stored", "size", "crc", "method")  # where a zip member's bytes are, and their check
 SIDES = ("image", "latent")
+# One row per item in the index, read with one positioned read: its label and, for a zip, where each of its two
+# files lies (offset -1 for a folder's file, read by name) and what to check its bytes against.
+ITEM = np.dtype([("label", "<i8")] + [(f"{side}_{f}", t) for side in SIDES for f, t in (
+    ("offset", "<i8"), ("stored", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("method", "u1"))])
+RECORD_KEYS = ("record_status", "record_image_sha256", "record_latent_sha256", "record_image_size",
+               "record_latent_size", "record_label")
 
 
 @dataclass
@@ -421,20 +433,24 @@ class Listing:
     """What start-up learns about a data folder: the two trees, the pairs (in the latents' sorted order),
     the labels, dataset.json's "vae" entry and, from an index, where each zip member lies.
 
-    From an index the names, labels and member tables are memory-mapped arrays (reg/data_index.py);
-    listed without one (`list_plain`, the reader as it always was) they are Python lists."""
+    Listed without an index (`list_plain`, the reader as it always was) the names are Python lists and
+    the labels an array; from an index (`tables`, reg/data_index.py) the names are NameTables and each
+    item's row is read when the item is."""
     images: FileTree
     latents: FileTree
     layout: str
     image_names: Sequence[str]
     latent_names: Sequence[str]
-    labels: np.ndarray  # int64 (N,); zeros when unlabelled
     labelled: bool
     vae_entry: dict | None
-    members: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # side -> MEMBER_FIELDS (zips)
+    labels: np.ndarray | None = None  # int64 (N,), zeros when unlabelled; None when in `tables`
+    tables: data_index.Tables | None = None
     index_path: str | None = None
     fingerprint: dict | None = None
-    _arrays: dict | None = None  # file sizes and the encode record, when not in an index file
+    _arrays: dict | None = None  # file sizes and the encode record of a listing without an index
+
+    def __len__(self) -> int:
+        return len(self.latent_names)
 
     def names(self, side: str) -> Sequence[str]:
         return self.image_names if side == "image" else self.latent_names
@@ -442,32 +458,32 @@ class Listing:
     def tree(self, side: str) -> FileTree:
         return self.images if side == "image" else self.latents
 
+    def label_array(self) -> np.ndarray:
+        """Every label (from an index: memory-mapped; drop it after use)."""
+        return self.labels if self.tables is None else self.tables.array("labels")
+
+    def row(self, i: int) -> np.void | None:
+        """Item i's row of the index (ITEM), or None without one."""
+        return None if self.tables is None else self.tables.rows("items", i, i + 1)[0]
+
     def stored_arrays(self) -> dict[str, np.ndarray]:
-        """File sizes (`image_size`, `latent_size`) and the encode record (`record_*`, when there is one): from
-        the index file, mapped afresh (dropping them unmaps them), else computed now."""
-        if self.index_path is not None:
-            return self._reload()
-        if self._arrays is None:
-            self._arrays = {**file_sizes(self), **record_arrays(self)}
-        return self._arrays
+        """File sizes (`image_size`, `latent_size`) and the encode record (RECORD_KEYS, when there is one):
+        from the index (memory-mapped: drop them after use), else computed now."""
+        if self.tables is None:
+            if self._arrays is None:
+                self._arrays = {**file_sizes(self), **record_arrays(self)}
+            return self._arrays
+        items = self.tables.array("items")
+        return {**{f"{side}_size": items[f"{side}_size"] for side in SIDES},
+                **{key: self.tables.array(key) for key in RECORD_KEYS if key in self.tables}}
 
-    def _reload(self) -> dict[str, np.ndarray]:
-        meta, arrays = data_index.load(self.index_path, verify=False)
-        if meta["fingerprint"] != self.fingerprint:
-            raise UserError(f"the data index {self.index_path} was rebuilt for other data while this process "
-                            "used it; start again")
-        return arrays
-
-    def __getstate__(self):  # spawn-style workers map the index file again instead of copying its arrays
-        state = self.__dict__.copy()
-        if self.index_path is not None:
-            state.update(image_names=None, latent_names=None, labels=None, members=None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.index_path is not None and self.labels is None:
-            _adopt_arrays(self, self._reload())
+    def use_index(self, tables: data_index.Tables, path: str | None, fingerprint: dict) -> None:
+        """Read from now on through the index's arrays (no Python object per entry)."""
+        self.tables, self.index_path, self.fingerprint, self.labels = tables, path, fingerprint, None
+        self.image_names = data_index.NameTable(tables, "image")
+        self.latent_names = data_index.NameTable(tables, "latent")
+        self.images.release()
+        self.latents.release()
 
 
 def list_plain(data_dir: str, resolution: int, latents: FileTree) -> Listing:
@@ -480,20 +496,19 @@ def list_plain(data_dir: str, resolution: int, latents: FileTree) -> Listing:
     images = open_tree(data_dir, image_base)
     image_names, latent_names = pair_files(images, latents)
     labels = label_array(parse_labels(meta, json_where), latent_names, json_where, latents)
-    return Listing(images, latents, layout, image_names, latent_names,
-                   labels if labels is not None else np.zeros(len(latent_names), np.int64), labels is not None,
-                   meta.get("vae"))
+    return Listing(images, latents, layout, image_names, latent_names, labels is not None, meta.get("vae"),
+                   labels if labels is not None else np.zeros(len(latent_names), np.int64))
 
 
 def file_sizes(listing: Listing) -> dict[str, np.ndarray]:
-    """Every file's size in bytes (a zip member's uncompressed size)."""
+    """Every file's size in bytes (a zip member's uncompressed size), read now."""
     return {f"{side}_size": np.fromiter((listing.tree(side).size(n) for n in listing.names(side)), np.int64,
                                         len(listing.names(side))) for side in SIDES}
 
 
 def record_arrays(listing: Listing) -> dict[str, np.ndarray]:
-    """The encode record (preprocessing/records.py) of each item, as arrays: `record_status` (0: recorded
-    from this item's image, 1: no row, 2: recorded from another image), the sha256s, sizes (-1: not
+    """The encode record (preprocessing/records.py) of each item, as the arrays RECORD_KEYS: `record_status` (0:
+    recorded from this item's image, 1: no row, 2: recorded from another image), the sha256s, sizes (-1: not
     recorded) and label (-1: unlabelled). Empty when the latent folder holds no per-file record."""
     if not listing.latents.exists(ENCODE_CONFIG):
         return {}
@@ -512,9 +527,11 @@ def record_arrays(listing: Listing) -> dict[str, np.ndarray]:
     def number(attr: str) -> np.ndarray:
         values = (getattr(r, attr) if r is not None else None for r in rows)
         return np.fromiter((-1 if v is None else v for v in values), np.int64, n)
-    return {"record_status": np.array(status, np.int8), "record_image_sha256": sha("image_sha256"),
-            "record_latent_sha256": sha("latent_sha256"), "record_image_size": number("image_size"),
-            "record_latent_size": number("latent_size"), "record_label": number("label")}
+    arrays = {"record_status": np.array(status, np.int8), "record_image_sha256": sha("image_sha256"),
+              "record_latent_sha256": sha("latent_sha256"), "record_image_size": number("image_size"),
+              "record_latent_size": number("latent_size"), "record_label": number("label")}
+    assert tuple(arrays) == RECORD_KEYS
+    return arrays
 
 
 class _NotIndexable(Exception):
@@ -522,12 +539,16 @@ class _NotIndexable(Exception):
 
 
 def _index_arrays(listing: Listing) -> dict[str, np.ndarray]:
-    """The arrays of an index file: names, labels, where each zip member lies, sizes, the encode record."""
-    arrays = {"labels": listing.labels, **file_sizes(listing), **record_arrays(listing)}
+    """The arrays of an index file: the items' rows (ITEM), the labels alone, the names, the encode record."""
+    items = np.zeros(len(listing), ITEM)
+    items["label"] = listing.labels
+    arrays = {"items": items, "labels": listing.labels, **record_arrays(listing)}
     for side in SIDES:
         tree, names = listing.tree(side), listing.names(side)
         arrays[f"{side}_names"], arrays[f"{side}_name_offsets"] = data_index.pack_names(names)
+        items[f"{side}_offset"] = -1
         if not tree.is_zip:
+            items[f"{side}_size"] = [os.path.getsize(os.path.join(tree.path, n)) for n in names]
             continue
         infos = tree.infos(names)
         odd = next((i for i in infos if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
@@ -535,20 +556,11 @@ def _index_arrays(listing: Listing) -> dict[str, np.ndarray]:
         if odd is not None:
             raise _NotIndexable(f"{tree.path}:{odd.filename} is encrypted or compressed with method "
                                 f"{odd.compress_type} (the index reads stored and deflated members)")
-        arrays[f"{side}_offset"] = data_index.zip_data_offsets(tree.path, infos)
-        arrays[f"{side}_stored"] = np.array([i.compress_size for i in infos], np.int64)
-        arrays[f"{side}_crc"] = np.array([i.CRC for i in infos], np.uint32)
-        arrays[f"{side}_method"] = np.array([i.compress_type for i in infos], np.uint8)
+        items[f"{side}_offset"] = data_index.zip_data_offsets(tree.path, infos)
+        for field, attr in (("stored", "compress_size"), ("size", "file_size"), ("crc", "CRC"),
+                            ("method", "compress_type")):
+            items[f"{side}_{field}"] = [getattr(i, attr) for i in infos]
     return arrays
-
-
-def _adopt_arrays(listing: Listing, arrays: dict[str, np.ndarray]) -> None:
-    """Point the listing at an index's arrays (names as NameTables: no Python object per entry)."""
-    listing.image_names = data_index.NameTable(arrays["image_names"], arrays["image_name_offsets"])
-    listing.latent_names = data_index.NameTable(arrays["latent_names"], arrays["latent_name_offsets"])
-    listing.labels = arrays["labels"]
-    listing.members = {side: {f: arrays[f"{side}_{f}"] for f in MEMBER_FIELDS}
-                       for side in SIDES if listing.tree(side).is_zip}
 
 
 def _file_digests(images: FileTree, latents: FileTree) -> dict:
@@ -589,13 +601,12 @@ def open_listing(data_dir: str, resolution: int, *, use_index: bool = True,
             continue
         try:
             t0 = time.perf_counter()
-            meta, arrays = data_index.load(path)
+            meta, tables = data_index.load(path)
             if meta["fingerprint"] == {**before, **_folder_digests(images, latents, meta["dirs"])}:
-                listing = Listing(images, latents, meta["layout"], (), (), arrays["labels"], meta["labelled"],
-                                  meta["vae_entry"], index_path=str(path), fingerprint=meta["fingerprint"])
                 images._prefix, latents._prefix = meta["prefixes"]
-                _adopt_arrays(listing, arrays)
-                report(f"data index {path}: {len(listing.labels)} items, checked and loaded in "
+                listing = Listing(images, latents, meta["layout"], (), (), meta["labelled"], meta["vae_entry"])
+                listing.use_index(tables, str(path), meta["fingerprint"])
+                report(f"data index {path}: {len(listing)} items, checked and loaded in "
                        f"{time.perf_counter() - t0:.2f} s")
                 return listing
             reasons.append(f"{path} is stale (the data changed since it was built)")
@@ -607,8 +618,8 @@ def open_listing(data_dir: str, resolution: int, *, use_index: bool = True,
 def _build_index(data_dir: str, resolution: int, latents: FileTree, images_path: str, before: dict, places: list,
                  reasons: list[str], report: Callable[[str], None]) -> Listing:
     """List DATA (list_plain), then write its index to the first of `places` that takes it."""
-    report("data index: " + "; ".join(reasons + [f"building it for {data_dir} (once; about half a minute per "
-                                                 "million files)"]))
+    report("data index: " + "; ".join(reasons + [f"building it for {data_dir} (once; about a minute per million "
+                                                 "items)"]))
     t0 = time.perf_counter()
     listing = list_plain(data_dir, resolution, latents)
     try:
@@ -633,14 +644,12 @@ def _build_index(data_dir: str, resolution: int, latents: FileTree, images_path:
         except OSError as e:
             failures.append(f"{path}: {e}")
             continue
-        report(f"data index of {len(listing.labels)} items built in {time.perf_counter() - t0:.1f} s, written to "
+        report(f"data index of {len(listing)} items built in {time.perf_counter() - t0:.1f} s, written to "
                f"{path}" + (f" (not beside the data: {failures[0]})" if failures else ""))
-        listing.index_path, listing.fingerprint = str(path), fp
-        _adopt_arrays(listing, data_index.load(path, verify=False)[1])  # what every later start reads
+        listing.use_index(data_index.load(path, verify=False)[1], str(path), fp)  # what every later start reads
         return listing
     report(f"data index: could not be written ({'; '.join(failures)}); kept in memory, rebuilt at every start")
-    listing._arrays = arrays
-    _adopt_arrays(listing, arrays)
+    listing.use_index(data_index.Tables(arrays), None, fp)
     return listing
 
 
@@ -660,14 +669,16 @@ class _Files:
     def describe(self, i: int) -> str:
         return self.listing.tree(self.side).describe(self.listing.names(self.side)[i])
 
-    def read(self, i: int) -> bytes:
-        m = self.listing.members.get(self.side)
-        if m is None:
-            return self.listing.tree(self.side).read(self.listing.names(self.side)[i])
+    def read(self, i: int, row: np.void | None = None) -> bytes:
+        """Item i's file; `row`: its row of the index, when already read."""
+        tree, side = self.listing.tree(self.side), self.side
+        row = self.listing.row(i) if row is None and tree.is_zip else row
+        if row is None or row[f"{side}_offset"] == -1 and not tree.is_zip:
+            return tree.read(self.listing.names(side)[i])
         if self._pid != os.getpid():  # a forked worker: its own descriptor
-            self._fd, self._pid = os.open(self.listing.tree(self.side).path, os.O_RDONLY), os.getpid()
-        return data_index.read_member(self._fd, int(m["offset"][i]), int(m["stored"][i]), int(m["size"][i]),
-                                      int(m["crc"][i]), int(m["method"][i]))
+            self._fd, self._pid = os.open(tree.path, os.O_RDONLY), os.getpid()
+        return data_index.read_member(self._fd, *(int(row[f"{side}_{f}"]) for f in
+                                                  ("offset", "stored", "size", "crc", "method")))
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -724,17 +735,19 @@ class CustomDataset(Dataset):
 
     @property
     def labels(self) -> np.ndarray:
-        return self.listing.labels
+        """Every item's label (from an index: memory-mapped; drop it after use)."""
+        return self.listing.label_array()
 
     def _check_labels(self, json_where: str) -> None:
         if not self.listing.labelled and self.num_classes != 1:
             raise UserError(f"{json_where} has no labels (\"labels\": null: an unlabelled dataset); train it "
                             f"unconditionally with --num-classes 1, or re-encode from labelled images")
-        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
+        labels = self.labels
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
         if bad.size:
             i = int(bad[0])
             raise UserError(f"{bad.size} label(s) outside [0, {self.num_classes}), e.g. {self.latent_names[i]} "
-                            f"has label {self.labels[i]} (set num_classes to match the data)")
+                            f"has label {labels[i]} (set num_classes to match the data)")
 
     def _check_first_files(self, latent_channels: int | None, json_where: str) -> None:
         """The channel count (asked for, else from dataset.json) against the first latent file's header,
@@ -781,7 +794,7 @@ class CustomDataset(Dataset):
         return self._channels
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.listing)
 
     def read_bytes(self, side: str, idx: int) -> bytes:
         """The stored bytes of item idx's image or latent file ("image", "latent")."""
@@ -789,10 +802,10 @@ class CustomDataset(Dataset):
 
     def _read(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One item; every failure raises UnreadableSample naming the file."""
-        files, latent_name = self._files, self.latent_names[idx]
+        files, latent_name, row = self._files, self.latent_names[idx], self.listing.row(idx)
         where = files["image"].describe(idx)
         try:
-            data = files["image"].read(idx)
+            data = files["image"].read(idx, row)
         except OSError as e:
             raise UnreadableSample(f"cannot read image {where}: {e}") from e
         image = decode_image(data, where)
@@ -800,14 +813,14 @@ class CustomDataset(Dataset):
             raise UnreadableSample(f"{where} is {image.shape[1]}x{image.shape[0]}, expected "
                                    f"{self.resolution}x{self.resolution}")
         try:
-            moments = np.load(io.BytesIO(files["latent"].read(idx)), allow_pickle=False)
+            moments = np.load(io.BytesIO(files["latent"].read(idx, row)), allow_pickle=False)
         except Exception as e:
             raise UnreadableSample(f"corrupt or unreadable latent file {files['latent'].describe(idx)}: {e}") from e
         self._check_moments_shape(moments.shape, latent_name)
         self._check_moments_dtype(moments.dtype, latent_name)
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 torch.from_numpy(moments.astype(np.float32, copy=False)),
-                torch.tensor(self.labels[idx], dtype=torch.int64))
+                torch.tensor(int(row["label"] if row is not None else self.listing.labels[idx]), dtype=torch.int64))
 
     def readable(self, idx: int) -> bool:
         try:

@@ -156,20 +156,79 @@ def pack_names(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
 
 
-class NameTable(Sequence):
-    """Names packed by pack_names, read one at a time: a list's interface without a str per entry."""
+class Tables:
+    """Named arrays: an index kept in memory (one that could not be written anywhere). IndexFile reads the
+    same from a file."""
 
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
-        self.blob, self.offsets = blob, offsets
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.arrays
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.arrays[key].shape
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self.arrays[key][start:stop]
+
+    def array(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+
+class IndexFile(Tables):
+    """The arrays of an index file. Rows are read by positioned reads (one descriptor per process), so that
+    no page of the file is mapped into a DataLoader worker: the kernel maps whole page-cache folios around a
+    mapped read (~130 KB per random row here), and a worker would soon hold all of it. A whole array is
+    memory-mapped for a one-off pass over it (dropping the map unmaps it)."""
+
+    def __init__(self, path: str, members: dict[str, tuple[int, np.dtype, tuple[int, ...]]]):
+        self.path, self.members = path, members  # key -> (offset of the data in the file, dtype, shape)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self):  # a spawned worker opens its own descriptor
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.members
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.members[key][2]
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        offset, dtype, shape = self.members[key]
+        row = dtype.itemsize * int(np.prod(shape[1:]))
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, (stop - start) * row, offset + start * row)
+        return np.frombuffer(data, dtype).reshape(-1, *shape[1:])
+
+    def array(self, key: str) -> np.ndarray:
+        offset, dtype, shape = self.members[key]
+        return np.memmap(self.path, dtype, "r", offset=offset, shape=shape) if int(np.prod(shape)) else \
+            np.zeros(shape, dtype)
+
+
+class NameTable(Sequence):
+    """Names packed by pack_names into tables[KEY_names] and tables[KEY_name_offsets], read one at a time:
+    a list's interface without a str per entry."""
+
+    def __init__(self, tables: Tables, key: str):
+        self.tables, self.key = tables, key
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return self.tables.shape(f"{self.key}_name_offsets")[0] - 1
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return self.blob[start:end].tobytes().decode()
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"name {i} of {n}")
+        i = int(i) % n
+        start, end = self.tables.rows(f"{self.key}_name_offsets", i, i + 2).tolist()
+        return self.tables.rows(f"{self.key}_names", start, end).tobytes().decode()
 
 
 # ----------------------------------------------------------------------------- the file
@@ -184,17 +243,16 @@ def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> 
     atomic_write(path, write)
 
 
-def load(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, arrays memory-mapped read-only) of a file written by save. With `verify`, every member's CRC-32
-    is checked first (reading the file, not through the maps, so that no page stays mapped); ValueError,
-    OSError or zipfile.BadZipFile when the file is damaged, foreign or of another version."""
+def load(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, IndexFile]:
+    """(meta, the arrays) of a file written by save. With `verify`, every member's CRC-32 is checked first;
+    ValueError, OSError or zipfile.BadZipFile when the file is damaged, foreign or of another version."""
     path = str(path)
     with zipfile.ZipFile(path) as z:
         bad = z.testzip() if verify else None
         if bad is not None:
             raise ValueError(f"{path}: member {bad} fails its CRC-32 check")
         infos = z.infolist()
-    arrays = {}
+    members = {}
     with open(path, "rb") as f:
         for info, start in zip(infos, zip_data_offsets(path, infos)):
             if info.compress_type != zipfile.ZIP_STORED or start < 0 or not info.filename.endswith(".npy"):
@@ -203,15 +261,14 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict[st
             read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(f)
-            if dtype.hasobject:
-                raise ValueError(f"{path}: {info.filename} holds Python objects")
-            key = info.filename[:-4]
-            arrays[key] = (np.memmap(path, dtype, "r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
-                           if int(np.prod(shape)) else np.zeros(shape, dtype))
-    meta = json.loads(np.asarray(arrays.pop("meta")).tobytes())
+            if dtype.hasobject or (fortran and len(shape) > 1):
+                raise ValueError(f"{path}: {info.filename} is not a C-ordered array of plain values")
+            members[info.filename[:-4]] = (f.tell(), dtype, tuple(shape))
+    index = IndexFile(path, members)
+    meta = json.loads(index.rows("meta", 0, index.shape("meta")[0]).tobytes())
     if meta.get("version") != INDEX_VERSION:
         raise ValueError(f"{path}: index version {meta.get('version')}, this code writes {INDEX_VERSION}")
-    return meta, arrays
+    return meta, index
 
 
 def locations(data_dir: str, name: str) -> list[Path]:
