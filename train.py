@@ -537,7 +537,7 @@ def load_dataset(args: argparse.Namespace, accelerator, log: Logger) -> CustomDa
     if accelerator.is_main_process:
         try:
             dataset = make()
-        except Exception as e:  # noqa: BLE001  re-raised below, after the barrier
+        except Exception as e:  # re-raised below, after the barrier
             error = e
     accelerator.wait_for_everyone()
     if error is not None:
