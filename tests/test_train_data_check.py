@@ -78,6 +78,16 @@ def test_a_sample_catches_a_swap_of_all_images_one_image_only_the_full_check(dat
     assert any(found) and not all(found)
 
 
+def test_ranks_hash_their_own_shares(data):
+    """Each rank hashes every world-th item of the sample: one changed file is found by one rank only, which is
+    why train.py gathers the ranks' findings before any of them goes on."""
+    victim = data / "vae-sd" / "00000" / "img-mean-std-00000031.npy"
+    np.save(victim, np.load(victim) + 1)
+    ds = open_data(data)
+    found = [check_content(ds, "full", rank=rank, world=2)[0] for rank in (0, 1)]
+    assert [p is not None for p in found] == [False, True] and "img-mean-std-00000031.npy" in found[1]
+
+
 def test_a_latent_overwritten_after_encode_is_refused_by_training_and_by_encode(data):
     victim = data / "vae-sd" / "00000" / "img-mean-std-00000021.npy"
     np.save(victim, np.load(victim) * 1.01)  # the same size, other values
