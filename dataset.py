@@ -18,11 +18,10 @@ a file without a partner is an error. The optional "vae" entry is written by our
 
 The listing (pairs, labels, where each zip member lies) is kept in an index file beside the data
 (reg/data_index.py, docs/data.md#the-index), built once and memory-mapped by every process;
-`check_content` compares the data with what encode recorded (docs/data.md#the-data-check).
+reg/data_check.py compares the data with what encode recorded (docs/data.md#the-data-check).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -40,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.vae import SD_VAE_SCALING_FACTOR, VAE_STRIDE
-from preprocessing.records import ENCODE_CONFIG, HASH_DIR, first_difference, read_content_records
+from preprocessing.records import ENCODE_CONFIG, RECORD_KEYS, record_arrays
 from reg import data_index
 from reg.utils import DEBUG_ENV, UserError
 
@@ -424,8 +423,6 @@ SIDES = ("image", "latent")
 # files lies (offset -1 for a folder's file, read by name) and what to check its bytes against.
 ITEM = np.dtype([("label", "<i8")] + [(f"{side}_{f}", t) for side in SIDES for f, t in (
     ("offset", "<i8"), ("stored", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("method", "u1"))])
-RECORD_KEYS = ("record_status", "record_image_sha256", "record_latent_sha256", "record_image_size",
-               "record_latent_size", "record_label")
 
 
 @dataclass
@@ -471,7 +468,8 @@ class Listing:
         from the index (memory-mapped: drop them after use), else computed now."""
         if self.tables is None:
             if self._arrays is None:
-                self._arrays = {**file_sizes(self), **record_arrays(self)}
+                self._arrays = {**file_sizes(self),
+                                **record_arrays(self.latents, self.latent_names, self.image_names)}
             return self._arrays
         items = self.tables.array("items")
         return {**{f"{side}_size": items[f"{side}_size"] for side in SIDES},
@@ -506,34 +504,6 @@ def file_sizes(listing: Listing) -> dict[str, np.ndarray]:
                                         len(listing.names(side))) for side in SIDES}
 
 
-def record_arrays(listing: Listing) -> dict[str, np.ndarray]:
-    """The encode record (preprocessing/records.py) of each item, as the arrays RECORD_KEYS: `record_status` (0:
-    recorded from this item's image, 1: no row, 2: recorded from another image), the sha256s, sizes (-1: not
-    recorded) and label (-1: unlabelled). Empty when the latent folder holds no per-file record."""
-    if not listing.latents.exists(ENCODE_CONFIG):
-        return {}
-    records = read_content_records(listing.latents)
-    if not records:  # encode_config.json alone: a .zip of an older encode
-        return {}
-    rows = [records.get(n) for n in listing.latent_names]
-    n, none = len(rows), "0" * 64
-    status = [0 if r is not None and r.image == image else 1 if r is None else 2
-              for r, image in zip(rows, listing.image_names)]
-
-    def sha(attr: str) -> np.ndarray:
-        hexes = "".join((getattr(r, attr) if r is not None else None) or none for r in rows)
-        return np.frombuffer(bytes.fromhex(hexes), np.uint8).reshape(n, 32).copy()
-
-    def number(attr: str) -> np.ndarray:
-        values = (getattr(r, attr) if r is not None else None for r in rows)
-        return np.fromiter((-1 if v is None else v for v in values), np.int64, n)
-    arrays = {"record_status": np.array(status, np.int8), "record_image_sha256": sha("image_sha256"),
-              "record_latent_sha256": sha("latent_sha256"), "record_image_size": number("image_size"),
-              "record_latent_size": number("latent_size"), "record_label": number("label")}
-    assert tuple(arrays) == RECORD_KEYS
-    return arrays
-
-
 class _NotIndexable(Exception):
     pass
 
@@ -542,7 +512,8 @@ def _index_arrays(listing: Listing) -> dict[str, np.ndarray]:
     """The arrays of an index file: the items' rows (ITEM), the labels alone, the names, the encode record."""
     items = np.zeros(len(listing), ITEM)
     items["label"] = listing.labels
-    arrays = {"items": items, "labels": listing.labels, **record_arrays(listing)}
+    arrays = {"items": items, "labels": listing.labels,
+              **record_arrays(listing.latents, listing.latent_names, listing.image_names)}
     for side in SIDES:
         tree, names = listing.tree(side), listing.names(side)
         arrays[f"{side}_names"], arrays[f"{side}_name_offsets"] = data_index.pack_names(names)
@@ -701,7 +672,7 @@ class CustomDataset(Dataset):
 
     Start-up is cheap: the index (open_listing; built once), dataset.json's "vae" entry, the labels'
     range, and the first image and latent file. Everything else is checked per item as it is read;
-    `check_content` compares the files with encode's record. `use_index=False` lists the folders at
+    reg/data_check.py compares the files with encode's record. `use_index=False` lists the folders at
     every start instead, as the reader always did; `report` receives the index's log lines.
     """
 
@@ -800,6 +771,10 @@ class CustomDataset(Dataset):
         """The stored bytes of item idx's image or latent file ("image", "latent")."""
         return self._files[side].read(idx)
 
+    def describe(self, side: str, idx: int) -> str:
+        """Where item idx's image or latent file lives, for messages."""
+        return self._files[side].describe(idx)
+
     def _read(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One item; every failure raises UnreadableSample naming the file."""
         files, latent_name, row = self._files, self.latent_names[idx], self.listing.row(idx)
@@ -845,100 +820,3 @@ class CustomDataset(Dataset):
                 continue
             return (*item, torch.tensor(k > 0))
         raise UnreadableSample(f"no item of {self.images.path} / {self.latents.path} can be read")
-
-
-# ----------------------------------------------------------------------------- the data against encode's record
-
-DATA_CHECKS = ("sample", "full", "off")  # train.py --data-check
-SAMPLE_SIZE = 1000  # items whose two files the default check hashes (docs/data.md#the-data-check)
-
-
-def check_content(ds: CustomDataset, mode: str, *, seed: int | Sequence[int] = 0, rank: int = 0, world: int = 1,
-                  sample_size: int = SAMPLE_SIZE, threads: int = 8) -> tuple[str | None, str]:
-    """The data against what encode recorded in the latent folder (preprocessing/records.py): (the first
-    difference, naming a file, or None; what was checked, for the log).
-
-    "sample": every item's pairing, label and both file sizes, and the sha256 of both files of
-    `sample_size` items drawn with `seed` (process `rank` of `world` hashes every world-th of them);
-    "full": the sha256 of every file; "off": nothing. A file that differs but cannot be read at all is let
-    through with `skip_bad_samples` (training replaces it); a readable one is never."""
-    if mode not in DATA_CHECKS:
-        raise UserError(f"data check {mode!r}: choose from {', '.join(DATA_CHECKS)}")
-    if mode == "off":
-        return None, "data check off (--data-check off): the files are not compared with the encode record"
-    t0 = time.perf_counter()
-    arrays = ds.listing.stored_arrays()
-    if "record_status" not in arrays:
-        if mode == "full":
-            raise UserError(f"--data-check full: {ds.latents.path} has no encode record ({HASH_DIR}/), so there is "
-                            "nothing to check the files against; use --data-check sample")
-        return None, (f"data check: {ds.latents.path} has no encode record (data written by the authors' tools, or a "
-                      ".zip of an older encode): the images cannot be checked against what the latents were "
-                      "encoded from; their pairing and labels were checked as listed")
-    n = len(ds)
-    items = (np.arange(n) if mode == "full"
-             else np.sort(np.random.default_rng(seed).choice(n, min(sample_size, n), replace=False)))
-    problem = _record_difference(ds, arrays) or _hash_difference(ds, arrays, items[rank::world], threads)
-    hashed = f"all {n} items" if mode == "full" else f"{len(items)} of {n} items (seed {seed})"
-    return problem, (f"data check ({mode}): the pairing, labels and sizes of all {n} items, and the sha256 of both "
-                     f"files of {hashed}, over {world} process(es), match the encode record in {ds.latents.path} "
-                     f"({time.perf_counter() - t0:.1f} s)")
-
-
-def _record_difference(ds: CustomDataset, arrays: dict[str, np.ndarray]) -> str | None:
-    """The first item whose pairing, label or file sizes differ from the record (compared over all at once)."""
-    status = arrays["record_status"]
-    labels = np.asarray(ds.labels) if ds.listing.labelled else np.full(len(ds), -1)
-    checks = [("pairing", status != 0), ("label", arrays["record_label"] != labels)]
-    for side in SIDES:
-        recorded = arrays[f"record_{side}_size"]
-        checks.append((side, (recorded >= 0) & (recorded != arrays[f"{side}_size"])))
-    for i in np.flatnonzero(np.logical_or.reduce([bad for _, bad in checks])).tolist():
-        what = next(what for what, bad in checks if bad[i])
-        if what in SIDES and ds.skip_bad_samples and not ds.readable(i):
-            continue  # unreadable: replaced in training (--skip-bad-samples), never mixed in
-        return _record_message(ds, arrays, i, what, labels)
-    return None
-
-
-def _record_message(ds: CustomDataset, arrays: dict[str, np.ndarray], i: int, what: str, labels: np.ndarray) -> str:
-    latent, image = ds.latents.describe(ds.latent_names[i]), ds.images.describe(ds.image_names[i])
-    if what == "pairing" and arrays["record_status"][i] == 1:
-        return f"{latent} has no row in the encode record ({HASH_DIR}/): written by an interrupted encode? rerun it"
-    if what == "pairing":
-        encoded_from = read_content_records(ds.latents)[ds.latent_names[i]].image
-        return f"{latent} was encoded from {encoded_from}, but pairs with {image}: not the images encode read"
-    if what == "label":
-        return (f"{ds.latents.describe('dataset.json')} gives {ds.latent_names[i]} the label "
-                f"{labels[i] if labels[i] >= 0 else None}, but it was encoded with "
-                f"{arrays['record_label'][i] if arrays['record_label'][i] >= 0 else None}")
-    where = image if what == "image" else latent
-    return (f"{where} is {arrays[f'{what}_size'][i]} bytes, but {arrays[f'record_{what}_size'][i]} when encoded: "
-            f"{_not_encoded(what)}")
-
-
-def _not_encoded(side: str) -> str:
-    return ("not the image its latent was encoded from; put back the images encode read, or encode these into a new "
-            "latent folder" if side == "image" else
-            "not the file encode wrote (overwritten since?); re-encode into a new latent folder")
-
-
-def _hash_difference(ds: CustomDataset, arrays: dict[str, np.ndarray], items: np.ndarray, threads: int) -> str | None:
-    """The first of `items` whose image or latent bytes are not the ones encode hashed."""
-    def differs(i: int) -> str | None:
-        for side in SIDES:
-            if side == "latent" and arrays["record_latent_size"][i] < 0:
-                continue  # an older encode recorded no latent hashes
-            want = arrays[f"record_{side}_sha256"][i].tobytes()
-            try:
-                now = hashlib.sha256(ds.read_bytes(side, i)).digest()
-            except OSError:
-                now = b""
-            if now == want or (ds.skip_bad_samples and not ds.readable(i)):  # unreadable: replaced in training
-                continue
-            where = ds._files[side].describe(i)
-            return f"{where} has other content than when encoded (sha256 {now.hex()[:12] or 'unreadable'} now, " \
-                   f"{want.hex()[:12]} then): {_not_encoded(side)}"
-        return None
-
-    return first_difference(differs, items.tolist(), threads)

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import DATA_CHECKS, SAMPLE_SIZE, CustomDataset, check_content
+from dataset import CustomDataset
 from models.encoders import ENCODERS, load_encoders, parse_enc_type
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
 from reg import folder_lock, processes, stop_signals
 from reg.checkpoints import CheckpointDir, CheckpointError
+from reg.data_check import DATA_CHECKS, SAMPLE_SIZE, check_content
 from reg.hub import portable_vae_spec
 from reg.loading import build_model_from_config, read_weights
 from reg.mixed_precision import resolve_mixed_precision
@@ -551,7 +552,7 @@ def load_dataset(args: argparse.Namespace, accelerator, log: Logger) -> CustomDa
 
 
 def check_data(args: argparse.Namespace, dataset: CustomDataset, step: int, accelerator, log: Logger) -> None:
-    """--data-check: the data against encode's record (dataset.check_content), each rank hashing its share of a
+    """--data-check: the data against encode's record (reg.data_check.check_content), each rank hashing its share of a
     sample seeded by (--seed, step); the first difference on any rank stops every rank, naming the file."""
     from accelerate.utils import gather_object
     rank, world = accelerator.process_index, accelerator.num_processes

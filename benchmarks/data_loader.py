@@ -132,7 +132,8 @@ def measure(data: str | None, resolution: int, use_index: bool, workers: int, ba
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dataset import CustomDataset, check_content
+    from dataset import CustomDataset
+    from reg.data_check import check_content
     from reg.train_step import StepSampler
 
     rss0, t0 = rss_mb(), time.perf_counter()
@@ -165,7 +166,8 @@ def measure_throughput(data: str, resolution: int, batch: int, batches: int) -> 
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from dataset import CustomDataset, check_content
+    from dataset import CustomDataset
+    from reg.data_check import check_content
     ds = CustomDataset(data, resolution=resolution, num_classes=1000, report=lambda m: None)
     check_content(ds, "full", threads=4)  # the files into the page cache
     t0 = time.perf_counter()

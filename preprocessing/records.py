@@ -15,13 +15,17 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, NamedTuple, TypeVar
+from typing import Callable, Iterable, NamedTuple, Sequence, TypeVar
+
+import numpy as np
 
 from reg.utils import UserError, atomic_json_dump
 
 T = TypeVar("T")
 ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
 HASH_DIR = "image-hashes"
+RECORD_KEYS = ("record_status", "record_image_sha256", "record_latent_sha256", "record_image_size",
+               "record_latent_size", "record_label")  # record_arrays's, as the data index stores them
 
 
 class Record(NamedTuple):
@@ -56,6 +60,30 @@ def read_content_records(tree) -> dict[str, Record]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read the encode record {tree.describe(name)} ({type(e).__name__}: {e})") from e
     return records
+
+
+def record_arrays(tree, latent_names: Sequence[str], image_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The record of each item (latent_names[i] paired with image_names[i]) in `tree` (a dataset.FileTree) as the
+    arrays RECORD_KEYS: `record_status` (0: recorded from this image, 1: no row, 2: recorded from another image),
+    the sha256s (zeros when not recorded), sizes (-1: not recorded) and label (-1: unlabelled). Empty when the
+    folder holds no per-file record (data of the authors' tools; encode_config.json alone: an older encode's zip)."""
+    records = read_content_records(tree) if tree.exists(ENCODE_CONFIG) else {}
+    if not records:
+        return {}
+    rows = [records.get(n) for n in latent_names]
+    n = len(rows)
+    status = [0 if r is not None and r.image == image else 1 if r is None else 2 for r, image in zip(rows, image_names)]
+
+    def field(attr: str) -> list:
+        return [getattr(r, attr) if r is not None else None for r in rows]
+
+    def sha(attr: str) -> np.ndarray:
+        return np.frombuffer(bytes.fromhex("".join(v or "0" * 64 for v in field(attr))), np.uint8).reshape(n, 32).copy()
+
+    def number(attr: str) -> np.ndarray:
+        return np.array([-1 if v is None else v for v in field(attr)], np.int64)
+    return dict(zip(RECORD_KEYS, (np.array(status, np.int8), sha("image_sha256"), sha("latent_sha256"),
+                                  number("image_size"), number("latent_size"), number("label"))))
 
 
 def first_difference(differs: Callable[[T], str | None], items: Iterable[T], threads: int) -> str | None:

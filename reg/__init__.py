@@ -7,7 +7,8 @@ Run records     resume_flags (what each train.py flag does on resume), trackers,
                 data_index (the data reader's listing as memory-mapped arrays)
 Checkpoints     checkpoints (files and the training folder), hub (local paths and the HF Hub),
                 loading (the one loader of a generator), export (Hub folders and model cards)
-Training        train_step (one optimisation step, exactly resumable), throughput (FLOPs, MFU)
+Training        train_step (one optimisation step, exactly resumable), throughput (FLOPs, MFU),
+                data_check (the data against encode's record, before the first step)
 Sampling        seeded_images (images from per-image seeds), class_grid (--class-labels and labelled grids)
 Ground          interpolant (the path alpha(t), sigma(t)), utils (atomic writes, command-line helpers)
 

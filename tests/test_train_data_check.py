@@ -1,5 +1,5 @@
 """train.py's data at start and on resume (docs/data.md#the-data-check): the files are compared with what encode
-recorded (dataset.check_content, --data-check), so that another image folder of the same names, sizes and labels,
+recorded (reg/data_check.py, --data-check), so that another image folder of the same names, sizes and labels,
 or a latent file overwritten since, is refused before the first step, naming a file; and the data's mistakes
 met in training end in one line."""
 from __future__ import annotations
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 import train
-from dataset import CustomDataset, check_content
+from dataset import CustomDataset
 from helpers import encoded_synthetic_data, make_data, tiny_argv, zip_folder
 from preprocessing import dataset_tools as dt
 from preprocessing.records import HASH_DIR
 from preprocessing.synthetic import write_dataset
+from reg.data_check import check_content
 from reg.utils import UserError, run_main
 
 OTHER_CONTENT = r"has other content than when encoded \(sha256 \w{12} now, \w{12} then\)"
