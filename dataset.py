@@ -419,6 +419,7 @@ def label_array(labels: dict[str, int] | None, latent_names: list[str], json_whe
 # ----------------------------------------------------------------------------- the listing and its index
 
 SIDES = ("image", "latent")
+INDEX_KEYS = ("items", "labels", "image_names", "image_name_offsets", "latent_names", "latent_name_offsets")
 # One row per item in the index, read with one positioned read: its label and, for a zip, where each of its two
 # files lies (offset -1 for a folder's file, read by name) and what to check its bytes against.
 ITEM = np.dtype([("label", "<i8")] + [(f"{side}_{f}", t) for side in SIDES for f, t in (
@@ -573,6 +574,9 @@ def open_listing(data_dir: str, resolution: int, *, use_index: bool = True,
         try:
             t0 = time.perf_counter()
             meta, tables = data_index.load(path)
+            missing = [key for key in INDEX_KEYS if key not in tables]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
             if meta["fingerprint"] == {**before, **_folder_digests(images, latents, meta["dirs"])}:
                 images._prefix, latents._prefix = meta["prefixes"]
                 listing = Listing(images, latents, meta["layout"], (), (), meta["labelled"], meta["vae_entry"])
