@@ -578,6 +578,7 @@ def open_listing(data_dir: str, resolution: int, *, use_index: bool = True,
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")
             if meta["fingerprint"] == {**before, **_folder_digests(images, latents, meta["dirs"])}:
+                data_index.verify(path)  # its bytes too, once it is the data's
                 images._prefix, latents._prefix = meta["prefixes"]
                 listing = Listing(images, latents, meta["layout"], (), (), meta["labelled"], meta["vae_entry"])
                 listing.use_index(tables, str(path), meta["fingerprint"])
@@ -621,7 +622,7 @@ def _build_index(data_dir: str, resolution: int, latents: FileTree, images_path:
             continue
         report(f"data index of {len(listing)} items built in {time.perf_counter() - t0:.1f} s, written to "
                f"{path}" + (f" (not beside the data: {failures[0]})" if failures else ""))
-        listing.use_index(data_index.load(path, verify=False)[1], str(path), fp)  # what every later start reads
+        listing.use_index(data_index.load(path)[1], str(path), fp)  # what every later start reads
         return listing
     report(f"data index: could not be written ({'; '.join(failures)}); kept in memory, rebuilt at every start")
     listing.use_index(data_index.Tables(arrays), None, fp)
@@ -635,11 +636,8 @@ class _Files:
 
     def __init__(self, listing: Listing, side: str):
         self.listing, self.side = listing, side
-        self._fd: int | None = None
-        self._pid: int | None = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_fd": None, "_pid": None}
+        tree = listing.tree(side)
+        self.file = data_index.PinnedFile(tree.path) if tree.is_zip and listing.tables is not None else None
 
     def describe(self, i: int) -> str:
         return self.listing.tree(self.side).describe(self.listing.names(self.side)[i])
@@ -647,13 +645,11 @@ class _Files:
     def read(self, i: int, row: np.void | None = None) -> bytes:
         """Item i's file; `row`: its row of the index, when already read."""
         tree, side = self.listing.tree(self.side), self.side
-        row = self.listing.row(i) if row is None and tree.is_zip else row
-        if row is None or row[f"{side}_offset"] == -1 and not tree.is_zip:
+        row = self.listing.row(i) if row is None and self.file is not None else row
+        if self.file is None:
             return tree.read(self.listing.names(side)[i])
-        if self._pid != os.getpid():  # a forked worker: its own descriptor
-            self._fd, self._pid = os.open(tree.path, os.O_RDONLY), os.getpid()
-        return data_index.read_member(self._fd, *(int(row[f"{side}_{f}"]) for f in
-                                                  ("offset", "stored", "size", "crc", "method")))
+        return data_index.read_member(self.file, *(int(row[f"{side}_{f}"]) for f in
+                                                   ("offset", "stored", "size", "crc", "method")))
 
 
 # ----------------------------------------------------------------------------- the dataset

@@ -128,12 +128,38 @@ def zip_data_offsets(path: str, infos: Sequence[zipfile.ZipInfo]) -> np.ndarray:
     return out
 
 
-def read_member(fd: int, offset: int, stored: int, size: int, crc: int, method: int) -> bytes:
-    """One zip member's bytes by a positioned read (no seek: one descriptor serves every thread), inflated if
-    deflated, checked against its size and CRC-32 as zipfile checks them; OSError when they disagree."""
+class PinnedFile:
+    """A file read by positioned reads (no seek: one descriptor serves every thread) on one descriptor per
+    process, and always the file that was there when this object was made: a process that opens it later (a
+    DataLoader worker) refuses a file replaced since (an index rebuilt by another job, a zip copied over) rather
+    than read other bytes at the old offsets."""
+
+    def __init__(self, path: str):
+        st = os.stat(path)
+        self.path, self.identity = path, (st.st_dev, st.st_ino, st.st_size)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self):  # a spawned worker opens its own descriptor
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if self._pid != os.getpid():
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size) != self.identity:
+                os.close(fd)
+                raise OSError(f"{self.path} was replaced after this run opened it; start again")
+            self._fd, self._pid = fd, os.getpid()
+        return os.pread(self._fd, size, offset)
+
+
+def read_member(file: PinnedFile, offset: int, stored: int, size: int, crc: int, method: int) -> bytes:
+    """One zip member's bytes, inflated if deflated, checked against its size and CRC-32 as zipfile checks
+    them; OSError when they disagree."""
     if offset < 0:
         raise OSError("its local zip header does not match the central directory")
-    data = os.pread(fd, stored, offset)
+    data = file.pread(stored, offset)
     if len(data) != stored:
         raise OSError(f"truncated zip: {len(data)} of {stored} bytes")
     if method == zipfile.ZIP_DEFLATED:
@@ -184,11 +210,7 @@ class IndexFile(Tables):
 
     def __init__(self, path: str, members: dict[str, tuple[int, np.dtype, tuple[int, ...]]]):
         self.path, self.members = path, members  # key -> (offset of the data in the file, dtype, shape)
-        self._fd: int | None = None
-        self._pid: int | None = None
-
-    def __getstate__(self):  # a spawned worker opens its own descriptor
-        return {**self.__dict__, "_fd": None, "_pid": None}
+        self.file = PinnedFile(path)
 
     def __contains__(self, key: str) -> bool:
         return key in self.members
@@ -199,9 +221,7 @@ class IndexFile(Tables):
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
         offset, dtype, shape = self.members[key]
         row = dtype.itemsize * int(np.prod(shape[1:]))
-        if self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        data = os.pread(self._fd, (stop - start) * row, offset + start * row)
+        data = self.file.pread((stop - start) * row, offset + start * row)
         return np.frombuffer(data, dtype).reshape(-1, *shape[1:])
 
     def array(self, key: str) -> np.ndarray:
@@ -243,14 +263,19 @@ def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> 
     atomic_write(path, write)
 
 
-def load(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, IndexFile]:
-    """(meta, the arrays) of a file written by save. With `verify`, every member's CRC-32 is checked first;
-    ValueError, OSError or zipfile.BadZipFile when the file is damaged, foreign or of another version."""
+def verify(path: str | os.PathLike) -> None:
+    """Every member's CRC-32 (reading the file, not mapping it); ValueError when one fails."""
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"{path}: member {bad} fails its CRC-32 check")
+
+
+def load(path: str | os.PathLike) -> tuple[dict, IndexFile]:
+    """(meta, the arrays) of a file written by save (`verify` checks its bytes); ValueError, OSError or
+    zipfile.BadZipFile when the file is damaged, foreign or of another version."""
     path = str(path)
     with zipfile.ZipFile(path) as z:
-        bad = z.testzip() if verify else None
-        if bad is not None:
-            raise ValueError(f"{path}: member {bad} fails its CRC-32 check")
         infos = z.infolist()
     members = {}
     with open(path, "rb") as f:

@@ -287,6 +287,21 @@ def test_a_corrupt_member_is_named_not_read(tmp_path):
         ds[2]
 
 
+def test_a_zip_replaced_while_a_run_reads_it_is_refused_by_its_workers(tmp_path):
+    """The parent read the zip through its descriptor; a worker opened later finds another file at the path (same
+    names and sizes, other bytes): it refuses it by name instead of reading other bytes at the index's offsets."""
+    make_data(tmp_path / "a", n=4, seed=0)
+    make_data(tmp_path / "b", n=4, seed=1)
+    root = zip_layout(tmp_path / "a", tmp_path / "zip")
+    ds = CustomDataset(str(root), resolution=32, num_classes=10)
+    first = ds[1]
+    zip_folder(tmp_path / "b" / "vae-sd", tmp_path / "other.zip")
+    os.replace(tmp_path / "other.zip", root / "vae-sd.zip")  # a new file (inode) at the same path
+    assert all(torch.equal(x, y) for x, y in zip(ds[1], first))  # this process keeps reading what it opened
+    with pytest.raises(dataset.UnreadableSample, match=r"vae-sd.zip was replaced after this run opened it"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)))
+
+
 @pytest.mark.slow
 def test_benchmark_quick_mode(tmp_path):
     out = tmp_path / "figures.json"
