@@ -1,12 +1,14 @@
-"""The data reader's index file: a data folder's listing as numpy arrays, memory-mapped (docs/data.md#the-index).
+"""The data reader's index file: a data folder's listing as numpy arrays, read without a Python object per entry
+(docs/data.md#the-index).
 
-A listing of ImageNet's 1.28M images and latents held as Python objects takes ~40 s to build and ~1.5 GB per
-process, and every DataLoader worker copies the pages its reference counts touch. Here it is a handful of
-arrays (names as one byte blob plus offsets, member offsets, sizes, CRC-32s, labels) in one uncompressed npz,
-written once and memory-mapped by every process: nothing per entry is a Python object, and forked workers
-share the pages.
+A listing of ImageNet's 1.28M images and latents held as Python objects takes 35-58 s to build and ~1.5 GB per
+process, and every DataLoader worker built its own. Here it is a handful of arrays in one uncompressed npz,
+written once: one row per item (label; where its zip members lie, their sizes and CRC-32s), the names as one
+byte blob plus offsets, the labels, encode's record. A process reads an item's row with one positioned read
+(IndexFile.rows); whole arrays are memory-mapped only for a one-off pass (the labels' range, the data check).
 
-What decides whether an index is still the data's (`zip_digest`, `folder_digest`, `file_digest`):
+What decides whether an index is still the data's (`zip_digest`, `entries_digest`, `folder_digest`,
+`file_digest`):
 - a zip: the sha256 of its central directory and end records (every member's name, offset, sizes and
   CRC-32) and of the file's size, so a zip rewritten with the same names and sizes but other bytes,
   other offsets or another prefix has another digest; a copy elsewhere keeps it;
@@ -42,6 +44,17 @@ _LOCAL = struct.Struct("<4s5H3L2H")  # local file header: sig ... name length, e
 
 # ----------------------------------------------------------------------------- fingerprints
 
+def _end_record_at(tail: bytes) -> int:
+    """Where the end of central directory record starts in `tail` (a file's last bytes), or -1: the last
+    signature whose record and comment end exactly at the end (the comment may hold the signature too)."""
+    pos = tail.rfind(b"PK\x05\x06")
+    while pos >= 0:
+        if pos + _EOCD.size <= len(tail) and pos + _EOCD.size + _EOCD.unpack_from(tail, pos)[7] == len(tail):
+            return pos
+        pos = tail.rfind(b"PK\x05\x06", 0, pos)
+    return -1
+
+
 def zip_digest(path: str) -> str:
     """sha256 of a zip's size and of everything from its central directory to the end."""
     with open(path, "rb") as f:
@@ -49,8 +62,8 @@ def zip_digest(path: str) -> str:
         tail_len = min(size, _EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size + _ZIP64_EOCD.size)
         f.seek(size - tail_len)
         tail = f.read(tail_len)
-        pos = tail.rfind(b"PK\x05\x06")
-        if pos < 0 or pos + _EOCD.size > len(tail):
+        pos = _end_record_at(tail)
+        if pos < 0:
             raise zipfile.BadZipFile(f"{path}: no end of central directory record")
         cd_size, end = _EOCD.unpack_from(tail, pos)[5], pos
         locator = pos - _ZIP64_LOCATOR.size
