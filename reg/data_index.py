@@ -44,17 +44,6 @@ _LOCAL = struct.Struct("<4s5H3L2H")  # local file header: sig ... name length, e
 
 # ----------------------------------------------------------------------------- fingerprints
 
-def _end_record_at(tail: bytes) -> int:
-    """Where the end of central directory record starts in `tail` (a file's last bytes), or -1: the last
-    signature whose record and comment end exactly at the end (the comment may hold the signature too)."""
-    pos = tail.rfind(b"PK\x05\x06")
-    while pos >= 0:
-        if pos + _EOCD.size <= len(tail) and pos + _EOCD.size + _EOCD.unpack_from(tail, pos)[7] == len(tail):
-            return pos
-        pos = tail.rfind(b"PK\x05\x06", 0, pos)
-    return -1
-
-
 def zip_digest(path: str) -> str:
     """sha256 of a zip's size and of everything from its central directory to the end."""
     with open(path, "rb") as f:
@@ -62,8 +51,8 @@ def zip_digest(path: str) -> str:
         tail_len = min(size, _EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size + _ZIP64_EOCD.size)
         f.seek(size - tail_len)
         tail = f.read(tail_len)
-        pos = _end_record_at(tail)
-        if pos < 0:
+        pos = tail.rfind(b"PK\x05\x06")  # as zipfile finds it (a comment holding the signature defeats both)
+        if pos < 0 or pos + _EOCD.size > len(tail):
             raise zipfile.BadZipFile(f"{path}: no end of central directory record")
         cd_size, end = _EOCD.unpack_from(tail, pos)[5], pos
         locator = pos - _ZIP64_LOCATOR.size
