@@ -27,6 +27,7 @@ from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, mo
 from models.vae import decoding_vae
 from reg import folder_lock, processes, stop_signals
 from reg.checkpoints import CheckpointDir, CheckpointError
+from reg.data_check import DATA_CHECKS, SAMPLE_SIZE, check_content
 from reg.hub import portable_vae_spec
 from reg.loading import build_model_from_config, load_into, read_weights
 from reg.mixed_precision import resolve_mixed_precision
@@ -85,6 +86,10 @@ def _add_data_args(g) -> None:
     g.add_argument("--num-workers", type=int, default=4)
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="replace an unreadable image/latent (deterministically, logged once, counted) instead of stopping")
+    g.add_argument("--data-check", default="sample", choices=DATA_CHECKS,
+                   help=f"before the first step, compare the data with encode's record (docs/data.md#the-data-check): "
+                        f"sample = pairing, labels and sizes of every item and the sha256 of {SAMPLE_SIZE} seeded items; "
+                        "full = the sha256 of every file; off = pairing and labels only")
 
 
 def _add_encoder_args(g) -> None:
@@ -483,9 +488,9 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(step_seed(args.seed, 0, -1))
 
     # ---- data, encoders, model, EMA, optimizer
-    dataset = CustomDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes,
-                            skip_bad_samples=args.skip_bad_samples)
+    dataset = load_dataset(args, accelerator, log)
     model, ema, opt, encoders, config, step = build_models(args, dataset, ckpts, log, device)
+    check_data(args, dataset, step, accelerator, log)  # at every start and resume, before the first step
     flops = training_flops_per_image(model, encoders, cls_dim=config["cls_token_dim"], resolution=args.resolution)
 
     # ---- wrap for DDP / mixed precision / compile, and the data order that follows from the step
@@ -588,6 +593,41 @@ def setup_run(args: argparse.Namespace) -> tuple:
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     return accelerator, precision_source, log, ckpts
+
+
+def load_dataset(args: argparse.Namespace, accelerator, log: Logger) -> CustomDataset:
+    """The dataset; rank 0 first, so that only it builds the data index (once) and the others load it. An error
+    of rank 0 is raised by every rank after the barrier, none left waiting."""
+    def make() -> CustomDataset:
+        return CustomDataset(args.data_dir, resolution=args.resolution, num_classes=args.num_classes,
+                             skip_bad_samples=args.skip_bad_samples, report=log.info)
+    dataset, error = None, None
+    if accelerator.is_main_process:
+        try:
+            dataset = make()
+        except Exception as e:  # re-raised below, after the barrier
+            error = e
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    if dataset is None:
+        dataset = make()
+    if len(dataset) < args.batch_size:
+        raise UserError(f"--data-dir {args.data_dir} holds {len(dataset)} items, fewer than one global batch "
+                        f"(--batch-size {args.batch_size})")
+    return dataset
+
+
+def check_data(args: argparse.Namespace, dataset: CustomDataset, step: int, accelerator, log: Logger) -> None:
+    """--data-check: the data against encode's record (reg.data_check.check_content), each rank hashing its share of a
+    sample seeded by (--seed, step); the first difference on any rank stops every rank, naming the file."""
+    from accelerate.utils import gather_object
+    rank, world = accelerator.process_index, accelerator.num_processes
+    problem, checked = check_content(dataset, args.data_check, seed=(args.seed, step), rank=rank, world=world)
+    problems = [p for p in (gather_object([problem]) if world > 1 else [problem]) if p]
+    if problems:
+        raise UserError(problems[0])
+    log.info(checked)
 
 
 def build_models(args: argparse.Namespace, dataset: CustomDataset, ckpts: CheckpointDir, log: Logger,

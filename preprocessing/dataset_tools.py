@@ -32,7 +32,6 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, [sys.executable, "-m", "preprocessing.dataset_tools", *sys.argv[1:]], _env)
 
 import argparse
-import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -49,16 +48,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import FileTree, UnsupportedImageMode, decode_image, is_image_name, parse_labels, read_dataset_json, to_rgb
+from dataset import (LATENT_DIR, FileTree, UnsupportedImageMode, decode_image, find_image_dir, is_image_name,
+                     open_listing, parse_labels, read_dataset_json, to_rgb)
 from models.vae import load_vae
 from preprocessing import image_name
+from preprocessing.records import (ENCODE_CONFIG, HASH_DIR, content_hash, first_difference, read_content_records,
+                                   write_content_record)
 from preprocessing.transforms import TRANSFORMS, check_output_size, make_transform, parse_resolution
 from reg import folder_lock, processes, stop_signals
 from reg.utils import (ArgumentParser, HelpFormatter, UserError, atomic_json_dump, atomic_write, atomic_write_bytes,
                        clean_stale_tmp, fp32_precision, run_main)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ENCODE_CONFIG = "encode_config.json"  # what the destination was made from and with, checked on every rerun
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # EDM2 / REG / REPA dataset_tools.py encode default
 _SHARD_DIR = re.compile(r"\d+")  # convert's 00000/, 00001/ ... folders: shards, not classes
 
@@ -260,7 +261,7 @@ def shards_for_rank(num_items: int, shard_size: int, rank: int, world_size: int)
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """(index, uint8 (3, R, R), sha256 of the file's bytes) for the given indices of a converted dataset."""
+    """(index, uint8 (3, R, R), sha256 of the file's bytes, its size) for the given indices of a converted dataset."""
 
     def __init__(self, tree: FileTree, names: list[str], indices: list[int], resolution: int):
         self.tree, self.names, self.indices, self.resolution = tree, names, indices, resolution
@@ -268,7 +269,7 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, str, int]:
         i = self.indices[k]
         where = self.tree.describe(self.names[i])
         data = self.tree.read(self.names[i])
@@ -276,7 +277,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         if img.shape[:2] != (self.resolution, self.resolution):
             raise UserError(f"{where} is {img.shape[1]}x{img.shape[0]}, expected {self.resolution}x{self.resolution} "
                             "like the first image")
-        return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), content_hash(data)
+        return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), content_hash(data), len(data)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -313,56 +314,28 @@ def _check_destination(work: str, config: dict, source_info: dict) -> None:
 
 
 # Content check (docs/data.md#content-check-on-encode-resume): the sha256 of every image's bytes as encode
-# read them, and its label, are stored per shard in DEST/image-hashes/; a rerun verifies every stored one
-# against --source before it writes anything, so a source replaced by another of the same names and sizes
-# is refused.
-HASH_DIR = "image-hashes"
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_content_record(work: str, entries: list[list]) -> None:
-    """One shard's [latent name, image name, sha256, label] rows, written atomically after its latents."""
-    name = os.path.join(work, HASH_DIR, os.path.basename(entries[0][0])[:-len(".npy")] + ".json")
-    atomic_json_dump({"algorithm": "sha256", "images": entries}, name)
-
-
-def read_content_records(work: str) -> dict[str, tuple[str, str, int | None]]:
-    """{latent name: (image name, sha256, label)} of every shard recorded in the destination."""
-    folder = os.path.join(work, HASH_DIR)
-    records: dict[str, tuple[str, str, int | None]] = {}
-    if not os.path.isdir(folder):
-        return records
-    for f in sorted(os.listdir(folder)):
-        if not f.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(folder, f)) as fh:
-                rows = json.load(fh)["images"]
-            records.update({latent: (image, digest, label) for latent, image, digest, label in rows})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read {os.path.join(folder, f)} ({type(e).__name__}: {e}); "
-                            "use another --dest") from e
-    return records
+# read them, its label and size, and the sha256 and size of the latent file written, are stored per shard in
+# DEST/image-hashes/ (preprocessing/records.py); a rerun verifies every stored one against --source and DEST
+# before it writes anything, so a source replaced by another of the same names and sizes is refused, and so is
+# a latent file overwritten since.
 
 
 def verify_content(work: str, source: FileTree, records: dict, by_latent: dict[str, str],
                    labels: dict[str, int] | None, rank: int, world: int, threads: int) -> str | None:
-    """The first difference between --source and what the destination was encoded from, or None.
+    """The first difference between --source and what the destination was encoded from, or None; also a
+    latent file of the destination that is not what encode wrote.
 
     Every process checks the names and labels of all records (in memory) and re-hashes its share
-    (records[rank::world]) of the images on `threads` threads (file reads and sha256 release the GIL)."""
+    (records[rank::world]) of the images and latent files on `threads` threads."""
     def describe(latent: str, image: str, what: str) -> str:
         return (f"--source {source.path} is not what --dest {work} was encoded from: {source.describe(image)} {what} "
                 f"(encoded into {latent}); refusing to mix datasets: use another --dest")
-    for latent, (image, _digest, label) in records.items():
-        if by_latent.get(latent) != image:
-            return describe(latent, image, "is no longer the image of that latent file")
-        now = None if labels is None else labels[image]
-        if now != label:
-            return describe(latent, image, f"has label {now} now, {label} when encoded")
+    for latent, rec in records.items():
+        if by_latent.get(latent) != rec.image:
+            return describe(latent, rec.image, "is no longer the image of that latent file")
+        now = None if labels is None else labels[rec.image]
+        if now != rec.label:
+            return describe(latent, rec.image, f"has label {now} now, {rec.label} when encoded")
     dest_labels = os.path.join(work, "dataset.json")  # the labels already written, if any
     if os.path.isfile(dest_labels):
         with open(dest_labels) as f:
@@ -371,23 +344,26 @@ def verify_content(work: str, source: FileTree, records: dict, by_latent: dict[s
             image = by_latent.get(latent)
             if image is not None and labels is not None and labels[image] != label:
                 return describe(latent, image, f"has label {labels[image]} now, {label} in {dest_labels}")
-    mine = sorted(records.items())[rank::world]
 
     def differs(item) -> str | None:
-        latent, (image, digest, _label) = item
+        latent, rec = item
         try:
-            now = content_hash(source.read(image))
+            now = content_hash(source.read(rec.image))
         except OSError as e:
-            return describe(latent, image, f"cannot be read ({e})")
-        return None if now == digest else describe(
-            latent, image, f"has other content (sha256 {now[:12]} now, {digest[:12]} when encoded)")
+            return describe(latent, rec.image, f"cannot be read ({e})")
+        if now != rec.image_sha256:
+            return describe(latent, rec.image, f"has other content (sha256 {now[:12]} now, {rec.image_sha256[:12]} "
+                                               "when encoded)")
+        path = os.path.join(work, latent)
+        if rec.latent_sha256 is None or not os.path.isfile(path):  # an older record; a missing file is made again
+            return None
+        with open(path, "rb") as f:
+            now = content_hash(f.read())
+        return None if now == rec.latent_sha256 else (
+            f"--dest {work}: {path} is not the file encode wrote (sha256 {now[:12]} now, {rec.latent_sha256[:12]} "
+            "when written): overwritten since? remove it, and rerun to encode it again")
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        for start in range(0, len(mine), 1024):  # in chunks: not a million futures at once
-            problem = next((p for p in pool.map(differs, mine[start:start + 1024]) if p is not None), None)
-            if problem is not None:
-                return problem
-    return None
+    return first_difference(differs, sorted(records.items())[rank::world], threads)
 
 
 def encode(args: argparse.Namespace) -> dict:
@@ -442,7 +418,7 @@ def _prepare_destination(work: str, config: dict, source_info: dict, source: Fil
     # Every rank checks (so that none is left waiting at a barrier); rank 0 records the settings and
     # the source, and removes stale temporaries. Nothing is written before the check passes.
     _check_destination(work, config, source_info)
-    records = read_content_records(work)
+    records = read_content_records(FileTree(work)) if os.path.isdir(work) else {}
     problem = verify_content(work, source, records, dict(zip(all_latent_names, all_names)), labels, rank, world,
                              threads=max(num_workers, 4))
     problems = [p for p in gather_object([problem]) if p is not None]
@@ -485,13 +461,15 @@ def _encode_shards(args: argparse.Namespace, state, work: str, source: FileTree,
     bar = tqdm(total=len(indices), desc=f"encode (rank {rank})", unit="img", disable=not state.is_main_process)
     # fp32 means fp32: TF32 convolutions would make the moments depend on the batch size.
     with fp32_precision("ieee") if dtype == torch.float32 else contextlib.nullcontext():
-        for idx, images, digests in loader:
+        for idx, images, digests, sizes in loader:
             mean, std = codec.encode_moments(images.to(state.device, non_blocking=True))
             moments = torch.cat([mean, std], dim=1).cpu().numpy()  # (N, 2C, h, w) float32
-            for i, m, digest in zip(idx.tolist(), moments, digests):
-                atomic_write_bytes(os.path.join(work, latent_names[i]), npy_bytes(m))
+            for i, m, digest, size in zip(idx.tolist(), moments, digests, sizes.tolist()):
+                data = npy_bytes(m)
+                atomic_write_bytes(os.path.join(work, latent_names[i]), data)
                 rows = pending.setdefault(shard_of[i], [])
-                rows.append([latent_names[i], names[i], digest, None if labels is None else labels[names[i]]])
+                rows.append([latent_names[i], names[i], digest, None if labels is None else labels[names[i]],
+                             size, content_hash(data), len(data)])  # preprocessing.records.Record's fields
                 if len(rows) == len(todo[shard_of[i]]):  # the shard is complete: record it
                     write_content_record(work, pending.pop(shard_of[i]))
             bar.update(len(idx))
@@ -529,13 +507,37 @@ def _finish_destination(args: argparse.Namespace, work: str, all_names: list[str
     if to_zip:
         def write_zip(tmp: str) -> None:
             with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED) as z:
-                for n in sorted(covered) + ["dataset.json", ENCODE_CONFIG]:
+                hashes = os.path.join(work, HASH_DIR)
+                records = sorted(f"{HASH_DIR}/{f}" for f in os.listdir(hashes)) if os.path.isdir(hashes) else []
+                for n in sorted(covered) + ["dataset.json", ENCODE_CONFIG] + records:
                     z.write(os.path.join(work, n), n)
         atomic_write(args.dest, write_zip)
         shutil.rmtree(work)
     print(f"encode: wrote {new} latent files ({before} already done) to {args.dest}: "
           f"{len(covered)} in all, {codec.name}, {w}x{w} -> {2 * codec.latent_channels}x{w // codec.downsample}"
           f"x{w // codec.downsample}")
+    write_index(args.dest, args.source, w)
+
+
+def write_index(dest: str, source: str, resolution: int) -> None:
+    """The training reader's index of DATA (dataset.open_listing, docs/data.md#the-index), when --dest is
+    DATA/vae-sd (or .zip) and --source the image folder train.py finds beside it; else train.py builds it at
+    its first start."""
+    data_dir, base = os.path.split(os.path.abspath(dest))
+    later = "encode: no data index written ({}); train.py builds it at its first start"
+    if (base[:-4] if base.lower().endswith(".zip") else base) != LATENT_DIR:
+        print(later.format(f"--dest is not named {LATENT_DIR}"), file=sys.stderr)
+        return
+    try:
+        image_base, _ = find_image_dir(data_dir, resolution)
+        found = next(p for p in (os.path.join(data_dir, image_base), os.path.join(data_dir, image_base + ".zip"))
+                     if os.path.exists(p))
+        if os.path.realpath(found) != os.path.realpath(source):
+            print(later.format(f"train.py would read the images of {found}, not --source"), file=sys.stderr)
+            return
+        open_listing(data_dir, resolution, report=lambda line: print(f"encode: {line}"))
+    except (UserError, OSError) as e:
+        print(later.format(e), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

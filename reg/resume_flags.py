@@ -70,6 +70,7 @@ FLAG_CLASSES: dict[str, tuple[str, str]] = {
     "ops_head": (OPERATIONAL, "unused (accepted for the original's command lines)"),
     "num_workers": (OPERATIONAL, "data loading processes"),
     "skip_bad_samples": (OPERATIONAL, "what to do with an unreadable file"),
+    "data_check": (OPERATIONAL, "how much of the data is compared with its encode record at start"),
     "enc_weights": (OPERATIONAL, "where the encoder weights are found (--enc-type says which encoder)"),
     "epochs": (OPERATIONAL, "when to stop"),
     "max_train_steps": (OPERATIONAL, "when to stop"),

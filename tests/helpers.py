@@ -1,7 +1,7 @@
 """Plain helpers shared by several test files (not production code, and no fixtures: those are in
 conftest.py): tiny stand-ins for pretrained weights, checkpoints and data, train.py's tiny settings, sweep.py's
-stand-in Inception, a two-process launcher, a check that every changed setting is refused, and the list of
-command-line tools (found by reading the repository's files).
+stand-in Inception, a two-process launcher, a check that every changed setting is refused, the list of
+command-line tools (found by reading the repository's files), and data folders written by hand.
 
 Import with `from helpers import save_tiny_vae` (pytest puts tests/ on sys.path). A test file never imports
 from another test file: what two of them share lives here or in conftest.py.
@@ -280,3 +280,46 @@ def command_line_tools() -> tuple[Cli, ...]:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         clis += [Cli(path, (word,)) for word in subs[0].choices] if subs else [Cli(path, ())]
     return tuple(clis)
+
+
+# ----------------------------------------------------------------------------- data folders written by hand
+
+def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None, vae=None, seed: int = 0):
+    """Write DATA/imagenet_{res}_vae/ and DATA/vae-sd/ by hand (random pixels and moments, no encode record,
+    as the authors' tools leave a folder); return (images, moments, labels)."""
+    import json
+
+    import PIL.Image
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8)
+    moments = rng.standard_normal((n, 2 * channels, res // 8, res // 8)).astype(np.float32)
+    labels = list(rng.integers(0, 10, n)) if labels is None else labels
+    entry_label = (lambda i: 0) if labels == "null" else (lambda i: labels[i])
+    entries = []
+    for i in range(n):
+        s = f"{i:08d}"
+        img_path = os.path.join(root, f"imagenet_{res}_vae", s[:5], f"img{s}.png")
+        npy_name = f"{s[:5]}/img-mean-std-{s}.npy"
+        os.makedirs(os.path.dirname(img_path), exist_ok=True)
+        os.makedirs(os.path.join(root, "vae-sd", s[:5]), exist_ok=True)
+        PIL.Image.fromarray(images[i]).save(img_path)
+        np.save(os.path.join(root, "vae-sd", npy_name), moments[i])
+        label = entry_label(i)
+        entries.append([npy_name, label if isinstance(label, float) else int(label)])
+    meta = {"labels": entries if labels != "null" else None}
+    if vae is not None:
+        meta["vae"] = vae
+    with open(os.path.join(root, "vae-sd", "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    return images, moments, labels
+
+
+def zip_folder(folder, archive, prefix: str = "", compression: int = 0):
+    """An uncompressed zip of a folder's files (`compression`: zipfile.ZIP_DEFLATED for a compressed one), each
+    under `prefix` + its relative path."""
+    import zipfile
+    with zipfile.ZipFile(archive, "w", compression=compression) as z:
+        for dirpath, _dirs, files in os.walk(folder):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                z.write(path, prefix + os.path.relpath(path, folder).replace(os.sep, "/"))

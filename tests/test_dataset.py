@@ -12,41 +12,8 @@ import pytest
 import torch
 
 from dataset import CustomDataset
+from helpers import make_data, zip_folder
 from reg.utils import UserError  # a data folder's mistakes print as one line from every entry point
-
-
-def make_data(root, n: int = 6, res: int = 32, channels: int = 4, *, labels=None, vae=None, seed: int = 0):
-    """Write DATA/imagenet_{res}_vae/ and DATA/vae-sd/ by hand; return (images, moments, labels)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8)
-    moments = rng.standard_normal((n, 2 * channels, res // 8, res // 8)).astype(np.float32)
-    labels = list(rng.integers(0, 10, n)) if labels is None else labels
-    entry_label = (lambda i: 0) if labels == "null" else (lambda i: labels[i])
-    entries = []
-    for i in range(n):
-        s = f"{i:08d}"
-        img_path = os.path.join(root, f"imagenet_{res}_vae", s[:5], f"img{s}.png")
-        npy_name = f"{s[:5]}/img-mean-std-{s}.npy"
-        os.makedirs(os.path.dirname(img_path), exist_ok=True)
-        os.makedirs(os.path.join(root, "vae-sd", s[:5]), exist_ok=True)
-        PIL.Image.fromarray(images[i]).save(img_path)
-        np.save(os.path.join(root, "vae-sd", npy_name), moments[i])
-        label = entry_label(i)
-        entries.append([npy_name, label if isinstance(label, float) else int(label)])
-    meta = {"labels": entries if labels != "null" else None}
-    if vae is not None:
-        meta["vae"] = vae
-    with open(os.path.join(root, "vae-sd", "dataset.json"), "w") as f:
-        json.dump(meta, f)
-    return images, moments, labels
-
-
-def zip_folder(folder, archive, prefix: str = ""):
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:
-        for dirpath, _dirs, files in os.walk(folder):
-            for f in files:
-                path = os.path.join(dirpath, f)
-                z.write(path, prefix + os.path.relpath(path, folder).replace(os.sep, "/"))
 
 
 def test_items_match_files(tmp_path):

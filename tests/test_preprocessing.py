@@ -17,6 +17,7 @@ from dataset import CustomDataset
 from preprocessing import dataset_tools as dt
 from preprocessing import transforms
 from preprocessing.synthetic import COLOURS, render, write_dataset
+from reg.utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +128,19 @@ def test_convert_zip_to_zip_matches_folder(tmp_path):
             assert z.read(name) == (tmp_path / "a" / name).read_bytes()
 
 
+def test_convert_refuses_a_source_zip_with_two_members_of_one_name(tmp_path):
+    make_imagenet_folder(tmp_path / "src")
+    first, second = sorted((tmp_path / "src" / "n01").iterdir())[:2]
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        for path in sorted(p for p in (tmp_path / "src").rglob("*") if p.is_file()):
+            z.write(path, path.relative_to(tmp_path / "src").as_posix())
+        z.write(second, first.relative_to(tmp_path / "src").as_posix())  # another image under the first's name
+    with pytest.raises(UserError, match=rf"src.zip holds two members named 'n01/{first.name}'"):
+        dt.main(dt.parse_args(["convert", "--source", str(tmp_path / "src.zip"), "--dest", str(tmp_path / "out"),
+                               "--resolution", "32", "--num-workers", "0"]))
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- encode
 
 def test_round_trip_exact_moments(converted, tiny_vae_dir, tmp_path):
@@ -164,21 +178,22 @@ def test_encode_resume_skips_finished_shards(converted, tmp_path):
     assert out["written"] == 20 and out["already_done"] == 0
     full = load_moments(dest)
     # Simulate a run killed inside shard 1 (images 8..15): two of its files and dataset.json missing,
-    # a stale temporary left. Mark a file of finished shard 0 so we can see it is not rewritten.
+    # a stale temporary left. A file of finished shard 0 is watched: it must not be rewritten (same inode and
+    # mtime; overwriting it would be refused, tests/test_datacheck.py).
     os.remove(dest / "dataset.json")
     for i in (9, 14):
         os.remove(dest / "00000" / f"img-mean-std-{i:08d}.npy")
     (dest / "00000" / ".img-mean-std-00000009.npy.x1y2.tmp").write_bytes(b"partial")  # utils.atomic_write's name
     marker = dest / "00000" / "img-mean-std-00000002.npy"
-    np.save(marker, np.full_like(full["00000/img-mean-std-00000002.npy"], 7.0))
+    os.utime(marker, ns=(1, 1))  # an mtime no rewrite can give it
+    stamp = (marker.stat().st_ino, marker.stat().st_mtime_ns)
 
     out = run_encode(src, dest, "pixel-unshuffle", "--shard-size", "8", "--batch-size", "5")
     assert out["written"] == 8 and out["already_done"] == 12  # only shard 1 was redone
     again = load_moments(dest)
-    assert np.all(again["00000/img-mean-std-00000002.npy"] == 7.0)  # shard 0 untouched
+    assert (marker.stat().st_ino, marker.stat().st_mtime_ns) == stamp  # shard 0 untouched
     for n in full:
-        if n != "00000/img-mean-std-00000002.npy":
-            assert np.array_equal(again[n], full[n])
+        assert np.array_equal(again[n], full[n])
     assert not [n for n in os.listdir(dest / "00000") if ".tmp" in n]
     assert len(json.loads((dest / "dataset.json").read_text())["labels"]) == 20
     # a resume with another VAE is refused instead of mixing latent spaces

@@ -200,6 +200,7 @@ def _nan_copy(data_dir, dest, which):
         a = np.load(f)
         a[:] = np.nan
         np.save(f, a)
+    shutil.rmtree(dest / "vae-sd" / "image-hashes")  # not what encode wrote any more: data without its record
     return dest
 
 
