@@ -179,7 +179,7 @@ def test_encode_resume_skips_finished_shards(converted, tmp_path):
     full = load_moments(dest)
     # Simulate a run killed inside shard 1 (images 8..15): two of its files and dataset.json missing,
     # a stale temporary left. A file of finished shard 0 is watched: it must not be rewritten (same inode and
-    # mtime; overwriting it would be refused, tests/test_datacheck.py).
+    # mtime; overwriting it would be refused, tests/test_encode_content.py).
     os.remove(dest / "dataset.json")
     for i in (9, 14):
         os.remove(dest / "00000" / f"img-mean-std-{i:08d}.npy")
