@@ -287,10 +287,10 @@ def initialized_dist():
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every flag's default in --help (a None default whose help
-    already says what None means, "(None: ...)", is not repeated)."""
+    already says what None means, "(None: ...)" or "(default: ...)", is not repeated)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None and "None" in (action.help or ""):
+        if action.default is None and ("None" in (action.help or "") or "(default: " in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
 

@@ -70,6 +70,9 @@ def test_help_shows_every_flags_default(name, capsys, monkeypatch):
     for action in flags:
         entry = entries.get(action.option_strings[0])
         assert entry is not None, f"{name}: {action.option_strings[0]} is not in --help"
-        # a None default may instead be explained in words ("None: the newest checkpoint"), as HelpFormatter allows
-        shown = f"(default: {action.default})" in entry or (action.default is None and "None" in entry)
+        # a None default may instead be explained in words ("None: the newest checkpoint", "(default: the
+        # checkpoint's)"), as HelpFormatter allows; then "(default: None)" is not added after it
+        worded = action.default is None and ("None" in entry or "(default: " in entry)
+        shown = f"(default: {action.default})" in entry or worded
+        assert entry.count("(default: ") <= 1, f"{name}: {action.option_strings[0]} states two defaults: {entry}"
         assert shown, f"{name}: {action.option_strings[0]} does not show its default {action.default!r}: {entry}"
