@@ -10,6 +10,7 @@
 # setting below can be overridden from the environment, and PYTHON names the interpreter (default: python,
 # as in train.sh). Multi-node: set LAUNCHER, e.g.
 #   LAUNCHER="torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500"
+# and REPORT_DIR, a folder every node sees (default: TMPDIR or /tmp, this node's own).
 # Outputs, in SAMPLE_DIR: RUN/ (PNGs), RUN.npz, RUN.json (settings) and RUN-metrics.json (FID, sFID,
 # IS, precision, recall); RUN is the original generate.py's name unless RUN_NAME is set. Re-running
 # resumes the sampling.
@@ -44,8 +45,10 @@ if ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
     exit 1
 fi
 if [[ "$SKIP_EVAL" != 1 && ! -f "$REF_BATCH" ]]; then
-    echo "eval.sh: reference batch REF_BATCH=$REF_BATCH not found (get VIRTUAL_imagenet${RESOLUTION:-256}_labeled.npz" \
-         "from openai/guided-diffusion's evaluations page), or set SKIP_EVAL=1" >&2
+    ref_name=VIRTUAL_imagenet${RESOLUTION:-256}_labeled.npz  # ADM's names; its 512 batch has no "_labeled"
+    [[ "$RESOLUTION" == 512 ]] && ref_name=VIRTUAL_imagenet512.npz
+    echo "eval.sh: reference batch REF_BATCH=$REF_BATCH not found (get $ref_name from openai/guided-diffusion's" \
+         "evaluations page, or run python -m reg.prefetch), or set SKIP_EVAL=1" >&2
     exit 1
 fi
 
@@ -78,8 +81,10 @@ gen_args=(
 [[ -n "$PATH_TYPE" ]] && gen_args+=(--path-type "$PATH_TYPE")
 
 # generate.py writes the path of the npz it made here: extra arguments (--sample-dir, --cfg-scale, ...)
-# change that name, and the evaluator must score exactly that file.
-npz_file=$(mktemp "${TMPDIR:-/tmp}/eval-sh-npz.XXXXXX")
+# change that name, and the evaluator must score exactly that file. Its rank 0 writes it, on whichever node
+# the launcher put rank 0 (torchrun's c10d ranks nodes by host name), so with several nodes REPORT_DIR must
+# be a folder every node sees (slurm/eval.sbatch sets it).
+npz_file=$(mktemp "${REPORT_DIR:-${TMPDIR:-/tmp}}/eval-sh-npz.XXXXXX")
 trap 'rm -f "$npz_file"' EXIT
 "${launch[@]}" "$ROOT/generate.py" "${gen_args[@]}" "$@" --npz-path-file "$npz_file"
 NPZ=$(cat "$npz_file")

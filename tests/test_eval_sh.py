@@ -99,6 +99,9 @@ def test_eval_sh_refuses_bad_settings(tiny_ckpt, tmp_path):
     out = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=tmp_path,
                          env={**env, "REF_BATCH": str(tmp_path / "missing.npz")}, capture_output=True, text=True)
     assert out.returncode != 0 and "VIRTUAL_imagenet256_labeled.npz" in out.stderr
+    out = subprocess.run(["bash", str(ROOT / "eval.sh")], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "REF_BATCH": str(tmp_path / "missing.npz"), "RESOLUTION": "512"})
+    assert out.returncode != 0 and "get VIRTUAL_imagenet512.npz from" in out.stderr  # ADM's 512 name: no _labeled
 
 
 def _hub_cache_with_tiny_vae(cache: Path, which: str = "ema", seed: int = 0) -> None:

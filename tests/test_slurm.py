@@ -126,6 +126,8 @@ def test_eval_sbatch_samples_on_every_node_then_scores_and_requeues_on_stop(fake
     assert len(torchrun) == 2  # one launcher a node
     for line in torchrun:
         assert " --num-fid-samples 50000 " in line and " --mode unipc --num-steps 20 --npz-path-file " in line
+        # rank 0 may run on another node than this script: its report goes to the shared submit folder
+        assert f" --npz-path-file {tmp_path}/eval-sh-npz." in line, line
         assert line.endswith("USR1=trap -- '' SIGUSR1")
     # then the evaluator, once, on this node, scoring exactly the npz generate.py reported
     assert calls[-1] == (f"python -m evaluations.evaluator --ref_batch {ref} --sample_batch {samples}/run.npz "
