@@ -309,10 +309,11 @@ class FolderLock:
                       f"{silent:.0f} s; retrying", file=sys.stderr, flush=True)
                 if silent > timeout / 2 and not self.failing:
                     # soon another node may take the lock: save and stop while it is still ours
+                    # (the message first: the stop may end the process before this thread runs again)
                     self.failing = True
-                    stop_signals.request_stop("a failing lock heartbeat")
                     print(f"WARNING: {self.folder}: the lock heartbeat has failed for {silent:.0f} s (REG_LOCK_TIMEOUT "
                           f"{timeout:g} s); stopping the run", file=sys.stderr, flush=True)
+                    stop_signals.request_stop("a failing lock heartbeat")
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.folder}", daemon=True)
