@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from dataset import CustomDataset
 from evaluations.during_training import EvalStopped, InTrainingEval  # Inception and the metrics load when asked
-from models.encoders import ENCODERS, load_encoders, parse_enc_type
+from models.encoders import ENCODERS, encoder_activations, load_encoders, parse_enc_type
 from models.sit import CLASS_DROPOUT_PROB, SiT_models, default_encoder_depth, model_depth
 from models.vae import decoding_vae
 from reg import folder_lock, processes, stop_signals
@@ -370,6 +370,7 @@ def model_config(args: argparse.Namespace, dataset: CustomDataset, encoders: lis
         "encode_vae": portable_vae_spec(vae.get("name")) if vae.get("name") else None,
         "vae": portable_vae_spec(args.vae or decoding_vae(vae.get("name"))),
         "enc_type": args.enc_type if encoders else None,
+        "encoder_acts": encoder_activations(args.enc_type) if encoders else None,  # warn_encoder_activations
         "method": args.method,
     }
 
@@ -402,6 +403,7 @@ def restore(args: argparse.Namespace, ckpts: CheckpointDir, model, ema, opt, log
     opt.load_state_dict(ckpt["opt"])
     keep_label_dropout(ckpt, model, log)
     warn_class_token_source(ckpt, log)
+    warn_encoder_activations(ckpt, log)
     apply_optimizer_flags(args, opt)  # after the state: load_state_dict restored the old lr, betas, ...
     if changed:
         log.info(f"resumed with changed flags (applied from step {step}, recorded in args.json): "
@@ -427,6 +429,26 @@ def keep_label_dropout(ckpt: dict, model, log: Logger) -> None:
         model.y_embedder.dropout_prob = float(stored)
         log.info(f"label dropout {stored} kept from the checkpoint (it was --cfg-prob when this run started; "
                  f"new runs always use {CLASS_DROPOUT_PROB}, as the original)")
+
+
+def warn_encoder_activations(ckpt: dict, log: Logger) -> None:
+    """A run whose encoders now run another activation than when it started (its config's `encoder_acts`;
+    runs of ours from before it was recorded ran timm's exact GELU in CLIP-L and SigLIP 2, which now use
+    QuickGELU and the tanh GELU of their originals): its REPA and class-token targets change from this step."""
+    config = ckpt["config"] if not ckpt["official"] else {}
+    if not config or not config.get("enc_type"):
+        return
+    try:
+        now = encoder_activations(config["enc_type"])
+    except UserError:
+        return  # an encoder this version does not know: the command line's --enc-type is refused elsewhere
+    then = config.get("encoder_acts") or dict.fromkeys(now, "default")
+    changed = {n: (then.get(n, "default"), a) for n, a in now.items() if then.get(n, "default") != a}
+    if changed:
+        log.info("WARNING: this run started with other encoder activations ("
+                 + ", ".join(f"{n}: {old} -> {new}" for n, (old, new) in changed.items())
+                 + "; 'default' is timm's exact GELU): its REPA and class-token targets change from this step on "
+                   "(docs/encoders.md); finish it with the version it started with to keep them")
 
 
 def warn_class_token_source(ckpt: dict, log: Logger) -> None:

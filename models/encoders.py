@@ -112,6 +112,13 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+def encoder_activations(enc_type: str) -> dict[str, str]:
+    """The MLP activation of each encoder of --enc-type ("default": timm's own), recorded in a run's config so
+    that a resume sees when the towers that make its targets changed (CLIP-L and SigLIP 2 ran timm's exact GELU
+    before they got their originals' activations)."""
+    return {n: ENCODERS[n].act_layer or "default" for n in parse_enc_type(enc_type)}
+
+
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights are not available locally (and could not be downloaded)."""
 

@@ -73,6 +73,7 @@ def test_class_token_comes_from_the_last_encoder():
                                                    "scaling_factor": 1.0})
     config = train.model_config(args, data, encoders)
     assert (config["z_dims"], config["cls_token_dim"]) == ([384, 768], 768)
+    assert config["encoder_acts"] == {"dinov2-vit-s": "default", "dinov2-vit-b": "default"}  # recorded for resumes
     model = build_model_from_config(config)
     _, zs_pred, cls_v = model(torch.randn(2, 48, 4, 4), torch.rand(2), torch.zeros(2, dtype=torch.long), cls_token=cls)
     assert cls_v.shape == (2, 768) and [z.shape for z in zs_pred] == [z.shape for z in zs]
@@ -86,3 +87,23 @@ def test_old_multi_encoder_run_is_told_its_class_token_changed():
                              False), (None, True)):
         train.warn_class_token_source({"official": official, "config": config}, log)
     assert len(lines) == 1 and "from the first encoder" in lines[0]
+
+
+def test_a_run_resumed_with_other_encoder_activations_is_told():
+    """Runs of ours from before `encoder_acts` was recorded ran CLIP-L and SigLIP 2 with timm's exact GELU; their
+    towers now run QuickGELU and the tanh GELU, so a resume says that the targets changed. DINOv2 runs did not
+    change; a recorded activation that differs from today's is told too."""
+    lines = []
+    log = SimpleNamespace(info=lines.append)
+    old = {"use_cls_token": True, "enc_type": "dinov2-vit-b,clip-vit-L", "encode_vae": None}
+    quiet = [{**old, "enc_type": "dinov2-vit-b"}, {**old, "encoder_acts": {"dinov2-vit-b": "default",
+             "clip-vit-L": "quick_gelu"}}, {**old, "enc_type": None}, {**old, "enc_type": "not-an-encoder"}]
+    for config in quiet:
+        train.warn_encoder_activations({"official": False, "config": config}, log)
+    train.warn_encoder_activations({"official": True, "config": None}, log)
+    assert lines == []
+    train.warn_encoder_activations({"official": False, "config": old}, log)
+    train.warn_encoder_activations({"official": False, "config": {**old, "enc_type": "siglip2-vit-b", "encoder_acts":
+                                    {"siglip2-vit-b": "gelu"}}}, log)
+    assert len(lines) == 2 and "clip-vit-L: default -> quick_gelu" in lines[0] and "dinov2" not in lines[0]
+    assert "siglip2-vit-b: gelu -> gelu_tanh" in lines[1]
