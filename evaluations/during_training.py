@@ -47,8 +47,9 @@ class InTrainingEval:
         self.ref, settings = None, [None]
         if accelerator.is_main_process:
             cache = Path(args.output_dir) / args.exp_name / "eval_reference.npz"
-            self.ref = load_reference(args.eval_ref, self.inception, cache_path=str(cache))
-            settings = [self.record_settings(file_sha256(args.eval_ref))]
+            sha = file_sha256(args.eval_ref)
+            self.ref = load_reference(args.eval_ref, self.inception, cache_path=str(cache), source_sha256=sha)
+            settings = [self.record_settings(sha)]
         if accelerator.num_processes > 1:  # the reference is hashed once; every rank must agree on what is done
             broadcast_object_list(settings)
         self.settings = settings[0]

@@ -20,7 +20,7 @@ from evaluations.common import FEATURES_KEY, POOL_DIM, SPATIAL_DIM, EvalInputErr
 from evaluations.inception import InceptionV3
 from evaluations.metrics import compute_statistics, frechet_distance, inception_score, precision_recall
 from evaluations.npz import BatchInfo, NpzImageReader, inspect_batch, open_npz, read_stored_meta, read_stored_statistics
-from reg.utils import atomic_write, fp32_precision
+from reg.utils import atomic_write, file_sha256, fp32_precision
 
 
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
@@ -270,14 +270,17 @@ def _source_record(path: str) -> dict:
     return {"source": os.path.basename(path), "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
-def save_statistics(path: str, batch: BatchFeatures, model: InceptionV3) -> None:
+def save_statistics(path: str, batch: BatchFeatures, model: InceptionV3, *, source_sha256: str | None = None) -> None:
     """mu/sigma/mu_s/sigma_s (ADM's keys) + per-image pool_3 features for precision/recall, so the
-    file can stand in for its batch later (e.g. a reference batch, computed once). Written atomically."""
+    file can stand in for its batch later (e.g. a reference batch, computed once). Written atomically.
+    `source_sha256`: the content hash of the batch's file, recorded for load_reference's check."""
     meta = {"source": os.path.basename(batch.info.path), "num_images": batch.info.num_images,
             "inception_weights": model.weights, "inception_weights_id": model.weights_id,
             "random_inception_weights": model.random_weights}
     if os.path.isfile(batch.info.path):
         meta.update(_source_record(batch.info.path))
+    if source_sha256 is not None:
+        meta["source_sha256"] = source_sha256
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
@@ -287,31 +290,53 @@ def save_statistics(path: str, batch: BatchFeatures, model: InceptionV3) -> None
 
 
 def load_reference(path: str, model: InceptionV3, *, cache_path: Optional[str] = None, batch_size: int = 100,
-                   verbose: bool = True) -> BatchFeatures:
+                   verbose: bool = True, source_sha256: str | None = None) -> BatchFeatures:
     """The reference side of compute_metrics(): an ADM reference npz (its stored statistics are used, as
     ADM does) or a --save-stats file.
 
     With `cache_path`, the reference's features are computed once: an existing cache is read if it was
-    made from this very file (name, size, modification time) with the same Inception weights (their
-    sha256, or "random"); a missing one is computed and written atomically. A cache made from another
-    file or other weights is refused, never overwritten (it may belong to another run)."""
-    if cache_path is None or not os.path.exists(cache_path):
-        info = inspect_batch(path)
-        ref = load_batch(info, model, batch_size, need_logits=False, verbose=verbose)
-        if cache_path is not None:
-            save_statistics(cache_path, ref, model)
-            log(f"cached the reference statistics of {path} in {cache_path}", verbose)
+    made from a file of this content (its sha256; `source_sha256` if the caller has it) with the same
+    Inception weights (their sha256, or "random"); a missing one is computed and written atomically. A cache
+    made from other content or other weights is refused, never overwritten (it may belong to another run).
+    A cache of an older version, which recorded only the file's name, size and modification time, is
+    checked by computing the statistics again: kept (with the hash added) if they agree, else refused."""
+    if cache_path is None:
+        return load_batch(inspect_batch(path), model, batch_size, need_logits=False, verbose=verbose)
+    sha = source_sha256 or file_sha256(path)
+    if not os.path.exists(cache_path):
+        ref = load_batch(inspect_batch(path), model, batch_size, need_logits=False, verbose=verbose)
+        save_statistics(cache_path, ref, model, source_sha256=sha)
+        log(f"cached the reference statistics of {path} in {cache_path}", verbose)
         return ref
-    want = {**_source_record(path), "inception_weights_id": model.weights_id}
     try:
         meta = read_stored_meta(cache_path) or {}
     except Exception as e:
         raise EvalInputError(f"reference cache {cache_path} (for {path}) is unreadable "
                              f"({type(e).__name__}: {e}); delete it to recompute") from e
+    want = {"source_sha256": sha, "inception_weights_id": model.weights_id}
+    if "source_sha256" not in meta:  # an older cache: its identity was the name, size and mtime
+        want = {**_source_record(path), "inception_weights_id": model.weights_id}
     got = {k: meta.get(k) for k in want}
     if got != want:
         diff = ", ".join(f"{k}: cache {got[k]!r} vs now {want[k]!r}" for k in want if got[k] != want[k])
         raise EvalInputError(f"reference cache {cache_path} was not made from {path} with these Inception "
                              f"weights ({diff}); pass another cache path, or delete the cache to recompute")
+    if "source_sha256" not in meta:
+        return _check_older_cache(path, cache_path, model, batch_size, verbose, sha)
     log(f"reading the cached reference statistics {cache_path}", verbose)
     return load_batch(inspect_batch(cache_path), model, batch_size, need_logits=False, verbose=verbose)
+
+
+def _check_older_cache(path: str, cache_path: str, model: InceptionV3, batch_size: int, verbose: bool,
+                       sha: str) -> BatchFeatures:
+    """A cache without the source's hash: the same name, size and mtime do not prove the same content (a copy
+    with `cp -p`, a file rewritten in place), so the statistics are computed again and compared."""
+    log(f"reference cache {cache_path} has no content hash (an older version's): checking it against {path}", verbose)
+    ref = load_batch(inspect_batch(path), model, batch_size, need_logits=False, verbose=verbose)
+    cached = load_batch(inspect_batch(cache_path), model, batch_size, need_logits=False, verbose=False)
+    for key in ("mu", "sigma"):  # other content moves them by far more than a recomputation's rounding
+        if not np.allclose(getattr(ref, key), getattr(cached, key), rtol=1e-3, atol=1e-5):
+            raise EvalInputError(f"reference cache {cache_path} was made from other content than {path} (same name, "
+                                 f"size and modification time, other statistics); delete the cache to recompute")
+    save_statistics(cache_path, ref, model, source_sha256=sha)  # the same statistics, now with the hash
+    return ref

@@ -20,6 +20,7 @@ from evaluations import features
 from evaluations.common import STAT_KEYS, EvalInputError
 from evaluations.metrics import compute_statistics
 from evaluations.npz import NpzImageReader, inspect_batch, read_stored_meta
+from reg.utils import file_sha256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,11 +130,50 @@ def test_load_reference_cache(random_inception, tmp_path):
         np.testing.assert_array_equal(a.mu, batch.mu)
         np.testing.assert_array_equal(a.pool, batch.pool)
 
-    # Another source under the same name (new content, new mtime): refused, cache kept.
+    # The same content touched (a copy without -p): still this reference.
     os.utime(ref_path, ns=(1, 1))
-    with pytest.raises(EvalInputError, match="ref_stats.npz was not made from .*ref.npz.*source_mtime_ns"):
+    assert features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False).info.path \
+        == str(cache)
+    # Another reference of the same name, size and modification time: refused by its content, cache kept.
+    _stats_file(tmp_path / "other" / "ref.npz", 99, random_inception)  # written as the first: the same size
+    os.replace(tmp_path / "other" / "ref.npz", ref_path)
+    size = os.path.getsize(ref_path)
+    os.utime(ref_path, ns=(1, 1))
+    assert (meta["source_size"], os.stat(ref_path).st_mtime_ns) == (size, 1)
+    with pytest.raises(EvalInputError, match="ref_stats.npz was not made from .*ref.npz.*source_sha256"):
         features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
-    assert cache.is_file()
+    assert read_stored_meta(str(cache))["source_sha256"] == meta["source_sha256"]  # not overwritten
+
+
+def _strip_hash(cache):
+    """The cache as an older version wrote it: no source_sha256 in its meta."""
+    with np.load(cache) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    del meta["source_sha256"]
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_an_older_reference_cache_is_checked_by_its_statistics(random_inception, tmp_path):
+    """A cache without the content hash matched by name, size and mtime alone: recomputed and compared. The
+    same content is kept (the hash added); other content of the same name, size and mtime is refused."""
+    ref_path, cache = tmp_path / "ref.npz", tmp_path / "ref_stats.npz"
+    _stats_file(ref_path, 24, random_inception)
+    features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
+    _strip_hash(cache)
+    features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
+    assert read_stored_meta(str(cache))["source_sha256"] == file_sha256(ref_path)  # upgraded
+    _strip_hash(cache)
+    stamp = os.stat(ref_path).st_mtime_ns
+    _stats_file(tmp_path / "other" / "ref.npz", 25, random_inception)  # other statistics, written as the first
+    os.replace(tmp_path / "other" / "ref.npz", ref_path)
+    assert os.path.getsize(ref_path) == read_stored_meta(str(cache))["source_size"]
+    os.utime(ref_path, ns=(stamp, stamp))
+    with pytest.raises(EvalInputError, match="made from other content than .*ref.npz .same name, size and mod"):
+        features.load_reference(str(ref_path), random_inception, cache_path=str(cache), verbose=False)
+    assert "source_sha256" not in read_stored_meta(str(cache))  # left as it was
 
 
 def test_load_reference_cache_refuses_other_weights(random_inception, tmp_path, monkeypatch):
