@@ -45,10 +45,10 @@ if ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
     exit 1
 fi
 if [[ "$SKIP_EVAL" != 1 && ! -f "$REF_BATCH" ]]; then
-    ref_name=VIRTUAL_imagenet${RESOLUTION:-256}_labeled.npz  # ADM's names; its 512 batch has no "_labeled"
-    [[ "$RESOLUTION" == 512 ]] && ref_name=VIRTUAL_imagenet512.npz
+    ref_name=$(cd "$ROOT" && "$PY" -c "from reg.prefetch import REF_BATCH_FILES; print(REF_BATCH_FILES[${RESOLUTION:-256}])" \
+               2>/dev/null) || ref_name="ADM's VIRTUAL_imagenet*.npz"  # ADM's names (the 512 one has no _labeled)
     echo "eval.sh: reference batch REF_BATCH=$REF_BATCH not found (get $ref_name from openai/guided-diffusion's" \
-         "evaluations page, or run python -m reg.prefetch), or set SKIP_EVAL=1" >&2
+         "evaluations page, or with $PY -m reg.prefetch --ref-batch ${RESOLUTION:-256}), or set SKIP_EVAL=1" >&2
     exit 1
 fi
 

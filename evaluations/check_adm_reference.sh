@@ -15,8 +15,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ADM_DIR=${ADM_DIR:-data/adm_reference}
-BASE_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256
-REF=$ADM_DIR/VIRTUAL_imagenet256_labeled.npz
+# ADM's address and reference name, from the one place that states them (reg/prefetch.py)
+BASE_URL=$(python -c "from reg.prefetch import ADM_REF_BATCHES; print(ADM_REF_BATCHES)")/256
+REF=$ADM_DIR/$(python -c "from reg.prefetch import REF_BATCH_FILES; print(REF_BATCH_FILES[256])")
 SAMPLE=$ADM_DIR/admnet_guided_upsampled_imagenet256.npz
 OUT=$ADM_DIR/adm_reference_check.json
 
