@@ -244,22 +244,27 @@ def torch_hub_weights(spec: EncoderSpec) -> Path | None:
 def local_weights(name: str) -> str | None:
     """Where `load_encoder(name)` (no weights given) would find pretrained weights without the network:
     the torch.hub cache file, else the HF cache file; None if neither is there. For scripts that
-    decide between pretrained and random weights offline (the demo)."""
+    decide between pretrained and random weights offline (the demo, reg.prefetch)."""
+    return pretrained_weights(name, download=False)
+
+
+def pretrained_weights(name: str, *, download: bool = True) -> str | None:
+    """The one lookup of an encoder's pretrained file: the torch.hub cache (where REG's torch.hub.load put
+    the official file), else timm's file in the HF cache; with `download` (and HF_HUB_OFFLINE unset), the HF
+    hub. Without `download`, None when neither cache has it; with it, a WeightsNotFoundError that says where
+    the weights may come from."""
     spec = ENCODERS[name]
     cached = torch_hub_weights(spec)
     if cached is not None:
         return str(cached)
-    from huggingface_hub import try_to_load_from_cache
-    found = try_to_load_from_cache(f"timm/{spec.timm_name}", "model.safetensors",
-                                   cache_dir=os.environ.get("HF_HUB_CACHE"))  # read now, not at import
-    return found if isinstance(found, str) else None
-
-
-def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     repo = f"timm/{spec.timm_name}"
+    if not download:
+        found = try_to_load_from_cache(repo, "model.safetensors",
+                                       cache_dir=os.environ.get("HF_HUB_CACHE"))  # read now, not at import
+        return found if isinstance(found, str) else None
     try:
-        path = hf_hub_download(repo_id=repo, filename="model.safetensors", local_files_only=hub_offline())
+        return hf_hub_download(repo_id=repo, filename="model.safetensors", local_files_only=hub_offline())
     except Exception as e:  # offline, gated, missing: one clear message that keeps the hub's reason
         where = (f" or {Path(torch.hub.get_dir()) / 'checkpoints' / spec.torch_hub_file}"
                  if spec.torch_hub_file else "")
@@ -271,7 +276,6 @@ def _hub_state_dict(name: str, spec: EncoderSpec) -> dict[str, torch.Tensor]:
             f"  or the official file {spec.official_url}\n"
             f"  and pass it with --enc-weights /path/to/file (or set REG_ENC_WEIGHTS)."
         ) from e
-    return _read_state_dict(Path(path))
 
 
 def _dropped_qkv_bias(sd: dict[str, torch.Tensor], vit: nn.Module) -> list[str]:
@@ -288,16 +292,13 @@ def _load_weights(vit: nn.Module, name: str, spec: EncoderSpec, weights: str | N
     """Load pretrained weights into the timm model: the torch.hub cache or the HF hub (weights None / "hub"),
     or a local file or folder, in timm's naming or the original one."""
     if weights in (None, "", "hub"):
-        cached = torch_hub_weights(spec)
-        sd = _read_state_dict(cached) if cached is not None else _hub_state_dict(name, spec)
-        source = str(cached) if cached is not None else f"timm/{spec.timm_name}"
+        path = Path(pretrained_weights(name))
     else:
         path = Path(os.path.expanduser(weights))
         if not path.exists():
             raise WeightsNotFoundError(
                 f"encoder weights {path} do not exist (for {name}: the official file is {spec.official_url})")
-        sd = _read_state_dict(path)
-        source = str(path)
+    sd, source = _read_state_dict(path), str(path)
     if "pos_embed" in sd:
         # REG's one resample (utils.py load_encoders): done here explicitly, so that timm's
         # checkpoint_filter_fn below finds the right size and leaves the table alone.
