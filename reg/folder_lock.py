@@ -309,7 +309,7 @@ class FolderLock:
                       f"{silent:.0f} s; retrying", file=sys.stderr, flush=True)
                 if silent > timeout / 2 and not self.failing:
                     # soon another node may take the lock: save and stop while it is still ours
-                    # (the message first: the stop may end the process before this thread runs again)
+                    # (the message first, so that it precedes the messages of the stop it causes)
                     self.failing = True
                     print(f"WARNING: {self.folder}: the lock heartbeat has failed for {silent:.0f} s (REG_LOCK_TIMEOUT "
                           f"{timeout:g} s); stopping the run", file=sys.stderr, flush=True)
