@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from reg.folder_lock import lock_settings, releasing_new_locks
 from reg.slurm import check_slurm_launch
-from reg.stop_signals import stop_requests
+from reg.stop_signals import stop_file, stop_requests
 from reg.utils import UserError, env_int
 
 # ----------------------------------------------------------------------------- the command scope
@@ -44,8 +44,9 @@ def launch_env() -> tuple[int, int, int | None]:
 
 
 def command(name: str, launcher: str = "accelerate") -> Callable:
-    """Decorator for a command's main(): refuses a bad launch and bad lock settings, turns SIGTERM/SIGUSR1 into
-    a stop request for the duration of the call, and releases the folder locks taken during it."""
+    """Decorator for a command's main(): refuses a bad launch, bad lock settings and a bad REG_STOP_FILE, turns
+    SIGTERM/SIGUSR1 into a stop request for the duration of the call, and releases the folder locks taken during
+    it."""
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -53,6 +54,7 @@ def command(name: str, launcher: str = "accelerate") -> Callable:
             launch_env()
             check_slurm_launch(name, launcher)
             lock_settings()
+            stop_file()
             with releasing_new_locks(), stop_requests():
                 return fn(*args, **kwargs)
         return run

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from reg.utils import atomic_write_bytes, initialized_dist
+from reg.utils import UserError, atomic_write_bytes, initialized_dist
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal after a clean unit; rerun to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -126,6 +126,18 @@ class StepStop:
             self.work = None
 
 
+def stop_file() -> str | None:
+    """REG_STOP_FILE (where a stopped command writes its exit status for slurm/*.sbatch), checked: its folder must
+    exist and the path must not be a folder. The commands check this before they start, since the file is only
+    written at the stop, when a bad path would cost the job its requeue."""
+    path = os.environ.get("REG_STOP_FILE")
+    if not path:
+        return None
+    if os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"environment variable REG_STOP_FILE={path!r} must name a file in an existing folder")
+    return path
+
+
 def stopped(message: str, *, is_main: bool = True) -> Stopped:
     """The exception to raise once the current unit is complete: prints the message (main process) and,
     when REG_STOP_FILE is set, writes the exit status there: launchers (accelerate, torchrun) turn a
@@ -134,6 +146,6 @@ def stopped(message: str, *, is_main: bool = True) -> Stopped:
     text = f"stopped by {signame}: {message}; rerun the same command to resume (exit status {EXIT_STOPPED})"
     if is_main:
         print(text, file=sys.stderr, flush=True)
-        if os.environ.get("REG_STOP_FILE"):
-            atomic_write_bytes(os.environ["REG_STOP_FILE"], f"{EXIT_STOPPED}\n".encode())
+        if path := stop_file():
+            atomic_write_bytes(path, f"{EXIT_STOPPED}\n".encode())
     return Stopped(text)

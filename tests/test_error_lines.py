@@ -158,6 +158,8 @@ GEN = ["--num-fid-samples", "2", "--num-steps", "2", "--device", "cpu", "--run-n
     ({"REG_LOCK_HEARTBEAT": "0"}, ["REG_LOCK_HEARTBEAT='0'"]),
     ({"REG_LOCK_HEARTBEAT": "inf"}, ["REG_LOCK_HEARTBEAT='inf'"]),
     ({"REG_LOCK_TIMEOUT": "60", "REG_LOCK_HEARTBEAT": "30"}, ["REG_LOCK_TIMEOUT 60 s must be at least 3 x"]),
+    ({"REG_STOP_FILE": "/no-such-folder-of-reg/.reg-stop-1"}, ["REG_STOP_FILE='/no-such-folder-of-reg/.reg-stop-1'"]),
+    ({"REG_STOP_FILE": "/"}, ["REG_STOP_FILE='/'", "in an existing folder"]),
 ])
 def test_malformed_environment_is_refused_before_anything_is_written(run_entry, weights, tmp_path, env, names):
     status, err = run_entry("generate.py", ["--ckpt", weights / "ema.safetensors", "--sample-dir", tmp_path / "s",
