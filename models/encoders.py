@@ -348,10 +348,11 @@ def load_encoders(enc_type: str, *, weights: str | None = None, resolution: int 
     """Comma-separated `enc_type` -> encoders. `weights` is one value or a comma-separated list
     of the same length; falls back to the REG_ENC_WEIGHTS environment variable."""
     names = parse_enc_type(enc_type)
+    source = "--enc-weights" if weights is not None else "REG_ENC_WEIGHTS"
     weights = weights if weights is not None else os.environ.get("REG_ENC_WEIGHTS")
     per = [w.strip() for w in weights.split(",")] if weights else [None] * len(names)
     if len(per) == 1 and len(names) > 1 and per[0] in ("random", "hub"):
         per = per * len(names)
     if len(per) != len(names):
-        raise UserError(f"{len(names)} encoders but {len(per)} --enc-weights entries")
+        raise UserError(f"{len(names)} encoders but {len(per)} {source} entries ({weights!r})")
     return [load_encoder(n, weights=w, resolution=resolution).to(device) for n, w in zip(names, per)]

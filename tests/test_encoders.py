@@ -9,6 +9,7 @@ from timm.layers.pos_embed import resample_abs_pos_embed
 
 from models.encoders import (ENCODERS, WeightsNotFoundError, encoder_resolution, load_encoder, load_encoders,
                              local_weights, parse_enc_type, resample_pos_embed)
+from reg.utils import UserError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -564,3 +565,13 @@ def test_siglip2_is_big_visions_tower(tmp_path, res):
     assert_close_tokens(cls, want_cls)
     exact_gelu = siglip_tokens(sd, images, heads=2, gelu_tanh=False)[1]
     assert (exact_gelu - patches).abs().max() > 10 * TOKEN_RTOL * patches.abs().max()
+
+
+def test_a_weights_list_of_the_wrong_length_names_where_it_came_from(monkeypatch):
+    """--enc-weights, or REG_ENC_WEIGHTS when the flag is not given: refused before any encoder is built,
+    naming the one the value came from."""
+    monkeypatch.setenv("REG_ENC_WEIGHTS", "a.pth,b.pth,c.pth")
+    with pytest.raises(UserError, match=r"2 encoders but 3 REG_ENC_WEIGHTS entries \('a.pth,b.pth,c.pth'\)"):
+        load_encoders("dinov2-vit-s,dinov2-vit-b")
+    with pytest.raises(UserError, match=r"2 encoders but 1 --enc-weights entries \('a.pth'\)"):
+        load_encoders("dinov2-vit-s,dinov2-vit-b", weights="a.pth")
