@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from reg.folder_lock import LOCK_NAME
-from reg.utils import atomic_write
+from reg.utils import atomic_write, file_sha256
 
 INDEX_VERSION = 1  # bump when the arrays or their meaning change: older files are then rebuilt
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory: sig, disks, entries, cd size, cd offset, comment
@@ -98,15 +98,11 @@ def folder_digest(stats: Sequence[tuple[str, os.stat_result]] | None) -> str | N
 
 
 def file_digest(path: str) -> str | None:
-    """sha256 of a file's bytes; None when there is no such file."""
-    h = hashlib.sha256()
+    """sha256 of a file's bytes (reg.utils.file_sha256); None when there is no such file."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):  # hashlib.file_digest is Python >= 3.11
-                h.update(chunk)
+        return file_sha256(path)
     except FileNotFoundError:
         return None
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- zip members
